@@ -1,0 +1,71 @@
+"""The one error catalogue: every failure a client can see, with its HTTP status and retryability."""
+
+from __future__ import annotations
+
+from typing import Final
+
+import msgspec
+
+
+class ErrorSpec(msgspec.Struct, frozen=True):
+    code: str
+    http_status: int
+    type: str
+    retryable: bool
+
+
+_SPECS: Final = (
+    ErrorSpec("invalid_request", 400, "invalid_request_error", False),
+    ErrorSpec("unsupported_parameter", 400, "invalid_request_error", False),
+    ErrorSpec("context_length_exceeded", 400, "invalid_request_error", False),
+    ErrorSpec("invalid_api_key", 401, "authentication_error", False),
+    ErrorSpec("permission_denied", 403, "permission_error", False),
+    ErrorSpec("model_not_found", 404, "invalid_request_error", False),
+    ErrorSpec("not_found", 404, "invalid_request_error", False),
+    ErrorSpec("request_too_large", 413, "invalid_request_error", False),
+    ErrorSpec("rate_limited", 429, "rate_limit_error", True),
+    ErrorSpec("overloaded", 503, "server_error", True),
+    ErrorSpec("no_worker", 503, "server_error", True),
+    ErrorSpec("cancelled", 499, "server_error", False),
+    ErrorSpec("stream_broken", 502, "server_error", True),
+    ErrorSpec("worker_timeout", 504, "server_error", True),
+    ErrorSpec("deadline_exceeded", 504, "timeout_error", False),
+    ErrorSpec("engine_error", 500, "server_error", True),
+    ErrorSpec("internal_error", 500, "server_error", True),
+)
+
+CATALOGUE: Final[dict[str, ErrorSpec]] = {spec.code: spec for spec in _SPECS}
+
+
+class InferBusError(Exception):
+    """A typed, client-visible failure. Transports map it; nothing else invents status codes."""
+
+    def __init__(self, code: str, message: str, *, param: str | None = None) -> None:
+        if code not in CATALOGUE:
+            raise ValueError(f"unknown error code {code!r}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+
+    @property
+    def spec(self) -> ErrorSpec:
+        return CATALOGUE[self.code]
+
+    @property
+    def http_status(self) -> int:
+        return self.spec.http_status
+
+    @property
+    def retryable(self) -> bool:
+        return self.spec.retryable
+
+    def openai_body(self) -> dict[str, dict[str, str | None]]:
+        return {"error": {"message": self.message, "type": self.spec.type, "code": self.code, "param": self.param}}
+
+    def __repr__(self) -> str:
+        return f"InferBusError({self.code!r}, {self.message!r})"
+
+
+def invalid(message: str, param: str | None = None) -> InferBusError:
+    return InferBusError("invalid_request", message, param=param)

@@ -1,0 +1,52 @@
+"""Subject builders for the bus: the only place subject strings are spelled."""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+KINDS: Final = frozenset({"llm", "embed", "asr", "tts", "vision"})
+_UNSAFE = re.compile(r"[.*>\s]")
+
+
+def token(name: str) -> str:
+    """A model or version name as one subject token."""
+    cleaned = _UNSAFE.sub("_", name.strip())
+    if not cleaned:
+        raise ValueError("empty subject token")
+    return cleaned
+
+
+def _kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}")
+    return kind
+
+
+def infer(kind: str, model: str, version: str | None = None, worker_id: str | None = None) -> str:
+    parts = ["infer", _kind(kind), token(model)]
+    if version is not None:
+        parts.append(token(version))
+        if worker_id is not None:
+            parts.append(token(worker_id))
+    return ".".join(parts)
+
+
+def queue_group(kind: str, model: str, version: str) -> str:
+    return f"{_kind(kind)}.{token(model)}.{token(version)}"
+
+
+def cancel(request_id: str) -> str:
+    return f"infer.cancel.{token(request_id)}"
+
+
+CANCEL_ALL: Final = "infer.cancel.*"
+
+
+def heartbeat(kind: str, model: str, version: str, worker_id: str) -> str:
+    return f"registry.heartbeat.{_kind(kind)}.{token(model)}.{token(version)}.{token(worker_id)}"
+
+
+HEARTBEAT_ALL: Final = "registry.heartbeat.>"
+
+ADMIN_KEYS_CREATE: Final = "admin.keys.create"

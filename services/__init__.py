@@ -1,0 +1,1 @@
+"""InferBus services: the edge gateway, workers and the control plane."""

@@ -1,0 +1,49 @@
+"""Build the aiohttp application and run the gateway process."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from services.gateway import openai_routes, websocket
+from services.gateway.errors import error_middleware
+from services.gateway.state import GATEWAY, Gateway, GatewaySettings
+from services.runtime import logging as log
+from services.runtime import metrics, service, settings
+
+
+def build_app(gw: Gateway) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=gw.settings.max_body_bytes)
+    app[GATEWAY] = gw
+    app.add_routes(openai_routes.routes)
+    app.add_routes(websocket.routes)
+    app.router.add_get("/metrics", metrics.metrics_handler)
+    return app
+
+
+async def serve(gw: Gateway) -> web.AppRunner:
+    runner = web.AppRunner(build_app(gw), access_log=None, handler_cancellation=True, shutdown_timeout=5)
+    await runner.setup()
+    await web.TCPSite(runner, gw.settings.host, gw.settings.port, backlog=1024).start()
+    return runner
+
+
+async def main(stop: asyncio.Event) -> None:
+    cfg = settings.load(GatewaySettings, "gateway")
+    log.configure("gateway", cfg.log_level)
+    gw = Gateway(cfg)
+    await gw.start()
+    runner = await serve(gw)
+    log.get("gateway").info("gateway_ready", url=f"http://{cfg.host}:{cfg.port}")
+    await stop.wait()
+    await runner.cleanup()
+    await gw.close()
+
+
+def run() -> None:
+    service.run(main)
+
+
+if __name__ == "__main__":
+    run()

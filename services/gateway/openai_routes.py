@@ -1,0 +1,173 @@
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from contracts.errors import InferBusError, invalid
+from contracts.llm import (
+    Accepted,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Delta,
+    Final,
+    GenerateRequest,
+    chat_to_generate,
+    completion_to_generate,
+)
+from services.gateway.errors import from_validation, json_response
+from services.gateway.formats import DONE, ChatFormat, CompletionFormat, error_event
+from services.gateway.state import GATEWAY, Gateway
+from services.runtime import logging as log
+
+VERSION_HEADER = "x-inferbus-model-version"
+TIMEOUT_HEADER = "x-inferbus-timeout"
+
+routes = web.RouteTableDef()
+
+
+async def _decode(request: web.Request, cls: type[Any]) -> Any:
+    if request.content_type not in ("application/json", ""):
+        raise invalid(f"Unsupported content type {request.content_type!r}: send application/json")
+    body = await request.read()
+    if not body:
+        raise invalid("The request body is empty: send a JSON object")
+    try:
+        return msgspec.json.decode(body, type=cls)
+    except msgspec.MsgspecError as exc:
+        raise from_validation(exc) from None
+
+
+def _timeout(request: web.Request, gw: Gateway) -> float:
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return gw.settings.request_timeout_s
+    try:
+        value = float(raw)
+    except ValueError:
+        raise invalid(f"{TIMEOUT_HEADER} must be a number of seconds", TIMEOUT_HEADER) from None
+    if not 0 < value <= gw.settings.max_request_timeout_s:
+        raise invalid(f"{TIMEOUT_HEADER} must be in (0, {gw.settings.max_request_timeout_s}]", TIMEOUT_HEADER)
+    return value
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    await gw.authorize(request)
+    req = await _decode(request, ChatCompletionRequest)
+    rid = "chatcmpl-" + secrets.token_hex(12)
+    gen = chat_to_generate(req, rid, gw.settings.default_max_tokens)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    fmt = ChatFormat(rid, req.model, int(time.time()), include_usage)
+    return await _respond(request, gw, gen, fmt, bool(req.stream))
+
+
+@routes.post("/v1/completions")
+async def completions(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    await gw.authorize(request)
+    req = await _decode(request, CompletionRequest)
+    rid = "cmpl-" + secrets.token_hex(12)
+    gen = completion_to_generate(req, rid, gw.settings.default_max_tokens)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    fmt = CompletionFormat(rid, req.model, int(time.time()), include_usage)
+    return await _respond(request, gw, gen, fmt, bool(req.stream))
+
+
+async def _respond(
+    request: web.Request, gw: Gateway, gen: GenerateRequest, fmt: ChatFormat | CompletionFormat, stream: bool
+) -> web.StreamResponse:
+    with log.bound(request_id=gen.request_id, model=gen.model):
+        timeout = _timeout(request, gw)
+        chunks = gw.dispatcher.generate(gen, kind="llm", timeout_s=timeout, headers=gw.trace_headers(request))
+        try:
+            first = await anext(chunks)  # errors before the first byte keep their HTTP status
+            assert isinstance(first, Accepted)
+            headers = {VERSION_HEADER: first.version, "x-request-id": gen.request_id}
+            if stream:
+                return await _stream(request, chunks, fmt, headers)
+            parts: list[str] = []
+            async for chunk in chunks:
+                if isinstance(chunk, Delta):
+                    parts.append(chunk.text)
+                elif isinstance(chunk, Final):
+                    return json_response(200, fmt.whole("".join(parts), chunk.finish_reason, chunk.usage), headers)
+            raise InferBusError("stream_broken", "the stream ended without a final chunk")
+        finally:
+            await chunks.aclose()
+
+
+async def _stream(
+    request: web.Request, chunks: Any, fmt: ChatFormat | CompletionFormat, headers: dict[str, str]
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers}
+    )
+    await response.prepare(request)
+    start = fmt.start()
+    if start:
+        await response.write(start)
+    try:
+        async for chunk in chunks:
+            if isinstance(chunk, Delta):
+                if chunk.text:
+                    await response.write(fmt.delta(chunk.text))
+            elif isinstance(chunk, Final):
+                tail = fmt.finish(chunk.finish_reason)
+                if fmt.include_usage:
+                    tail += fmt.usage(chunk.usage)
+                await response.write(tail + DONE)
+    except InferBusError as exc:
+        # Mid-stream failure: a terminal error event, never a clean [DONE].
+        log.get("gateway").warning("stream_failed", code=exc.code, error=exc.message)
+        await response.write(error_event(exc.openai_body()))
+    return response
+
+
+@routes.get("/v1/models")
+async def list_models(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    await gw.authorize(request)
+    data = [
+        {
+            "id": entry.name,
+            "object": "model",
+            "created": gw.catalogue.created,
+            "owned_by": entry.owned_by,
+            "kind": entry.kind,
+            "version": entry.version,
+            "workers": len(workers),
+        }
+        for entry, workers in gw.catalogue.listing()
+    ]
+    return json_response(200, {"object": "list", "data": data})
+
+
+@routes.get("/v1/models/{model}")
+async def get_model(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    await gw.authorize(request)
+    name = request.match_info["model"]
+    for entry, workers in gw.catalogue.listing():
+        if entry.name == name:
+            return json_response(200, {"id": entry.name, "object": "model", "created": gw.catalogue.created,
+                                       "owned_by": entry.owned_by, "version": entry.version, "workers": len(workers)})
+    raise InferBusError("model_not_found", f"The model '{name}' does not exist", param="model")
+
+
+@routes.get("/healthz")
+async def healthz(_: web.Request) -> web.Response:
+    return json_response(200, {"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    problems = await request.app[GATEWAY].readiness()
+    return json_response(503 if problems else 200, {"status": "not_ready" if problems else "ready",
+                                                    "problems": problems})

@@ -1,0 +1,171 @@
+"""/v1/ws: many concurrent generations per socket, keyed by client id, with cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from typing import Any, Literal
+
+import msgspec
+from aiohttp import WSMsgType, web
+
+from contracts.errors import InferBusError, invalid
+from contracts.llm import (
+    Accepted,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Delta,
+    Final,
+    chat_to_generate,
+    completion_to_generate,
+)
+from services.gateway.auth import KeyRecord, bearer
+from services.gateway.errors import from_validation
+from services.gateway.formats import usage_body
+from services.gateway.state import GATEWAY, Gateway
+from services.runtime import logging as log
+
+routes = web.RouteTableDef()
+
+
+class ClientEvent(msgspec.Struct, forbid_unknown_fields=True):
+    type: Literal["request", "cancel", "auth"]
+    id: str | None = None
+    endpoint: Literal["chat.completions", "completions"] = "chat.completions"
+    body: msgspec.Raw | None = None
+    api_key: str | None = None
+
+
+_event_decoder = msgspec.json.Decoder(ClientEvent)
+_encode = msgspec.json.encode
+
+
+def _error(exc: InferBusError, rid: str | None) -> dict[str, Any]:
+    return {"type": "error", "id": rid, **exc.openai_body()}
+
+
+class Socket:
+    def __init__(self, gw: Gateway, ws: web.WebSocketResponse, key: KeyRecord | None) -> None:
+        self.gw = gw
+        self.ws = ws
+        self.key = key
+        self.outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.running: dict[str, asyncio.Task[None]] = {}
+
+    def send(self, event: dict[str, Any]) -> None:
+        self.outbox.put_nowait(_encode(event))
+
+    async def writer(self) -> None:
+        while (data := await self.outbox.get()) is not None:
+            await self.ws.send_str(data.decode())
+
+    async def handle(self, raw: str | bytes) -> None:
+        try:
+            event = _event_decoder.decode(raw)
+        except msgspec.MsgspecError as exc:
+            self.send(_error(from_validation(exc), None))
+            return
+        if event.type == "auth":
+            await self._auth(event)
+        elif event.type == "cancel":
+            task = self.running.get(event.id or "")
+            if task is None:
+                self.send(_error(InferBusError("not_found", f"no running request with id {event.id!r}"), event.id))
+            else:
+                task.cancel()
+        else:
+            self._start(event)
+
+    async def _auth(self, event: ClientEvent) -> None:
+        try:
+            assert self.gw.keys is not None
+            self.key = await self.gw.keys.authenticate(event.api_key or "")
+            self.send({"type": "authenticated"})
+        except InferBusError as exc:
+            self.send(_error(exc, None))
+
+    def _start(self, event: ClientEvent) -> None:
+        rid = event.id
+        try:
+            if self.key is None:
+                raise InferBusError("invalid_api_key", "authenticate first: send {'type': 'auth', 'api_key': ...}")
+            if not rid:
+                raise invalid("request events need an id", "id")
+            if rid in self.running:
+                raise invalid(f"id {rid!r} is already running on this socket", "id")
+            if len(self.running) >= self.gw.settings.ws_max_in_flight:
+                raise InferBusError("rate_limited", "too many requests in flight on this socket")
+            if event.body is None:
+                raise invalid("request events need a body", "body")
+            gen = self._generate_request(event)
+        except InferBusError as exc:
+            self.send(_error(exc, rid))
+            return
+        assert rid is not None
+        task = asyncio.create_task(self._run(rid, gen))
+        self.running[rid] = task
+        task.add_done_callback(lambda _: self.running.pop(rid, None))
+
+    def _generate_request(self, event: ClientEvent) -> Any:
+        cfg = self.gw.settings
+        assert event.body is not None
+        try:
+            if event.endpoint == "completions":
+                creq = msgspec.json.decode(event.body, type=CompletionRequest)
+                return completion_to_generate(creq, "cmpl-" + secrets.token_hex(12), cfg.default_max_tokens)
+            req = msgspec.json.decode(event.body, type=ChatCompletionRequest)
+            return chat_to_generate(req, "chatcmpl-" + secrets.token_hex(12), cfg.default_max_tokens)
+        except msgspec.MsgspecError as exc:
+            raise from_validation(exc) from None
+
+    async def _run(self, rid: str, gen: Any) -> None:
+        seq = 0
+        chunks = self.gw.dispatcher.generate(gen, kind="llm", timeout_s=self.gw.settings.request_timeout_s)
+        try:
+            async for chunk in chunks:
+                if isinstance(chunk, Accepted):
+                    self.send({"type": "accepted", "id": rid, "request_id": gen.request_id, "version": chunk.version})
+                elif isinstance(chunk, Delta):
+                    self.send({"type": "delta", "id": rid, "seq": seq, "text": chunk.text})
+                    seq += 1
+                elif isinstance(chunk, Final):
+                    self.send({"type": "done", "id": rid, "finish_reason": chunk.finish_reason,
+                               "usage": usage_body(chunk.usage), "version": chunk.version})
+        except InferBusError as exc:
+            self.send(_error(exc, rid))
+        except asyncio.CancelledError:
+            self.send(_error(InferBusError("cancelled", "cancelled by the client"), rid))
+        finally:
+            await chunks.aclose()
+
+    async def close(self) -> None:
+        for task in list(self.running.values()):
+            task.cancel()
+        await asyncio.gather(*self.running.values(), return_exceptions=True)
+        self.outbox.put_nowait(None)
+
+
+@routes.get("/v1/ws")
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    gw = request.app[GATEWAY]
+    key: KeyRecord | None = None
+    if "Authorization" in request.headers:
+        assert gw.keys is not None
+        key = await gw.keys.authenticate(bearer(request.headers["Authorization"]))
+    ws = web.WebSocketResponse(heartbeat=20, max_msg_size=gw.settings.max_body_bytes)
+    await ws.prepare(request)
+    sock = Socket(gw, ws, key)
+    writer = asyncio.create_task(sock.writer())
+    try:
+        async for msg in ws:
+            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                await sock.handle(msg.data)
+            elif msg.type == WSMsgType.ERROR:
+                log.get("gateway").warning("ws_error", error=str(ws.exception()))
+    finally:
+        await sock.close()
+        try:
+            await asyncio.wait_for(writer, timeout=2)
+        except (TimeoutError, ConnectionError):
+            writer.cancel()
+    return ws

@@ -1,0 +1,1 @@
+"""LLM worker: serves generation streams on the bus from one engine."""

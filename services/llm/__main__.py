@@ -1,0 +1,3 @@
+from services.llm.main import run
+
+run()

@@ -1,0 +1,40 @@
+"""Deterministic benchmark engine: no model, fixed tokens at a fixed rate. For overhead benchmarks only."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from contracts.llm import GenerateRequest
+from services.llm.engines.base import Piece, Prepared, Progress
+
+
+class BenchmarkEngine:
+    name = "benchmark"
+
+    def __init__(self, *, tokens_per_s: float = 0.0, capacity: int = 4096, token_text: str = " tok") -> None:
+        self.tokens_per_s = tokens_per_s
+        self.capacity = capacity
+        self.token_text = token_text
+
+    async def load(self, progress: Progress) -> None:
+        progress("benchmark engine ready (no model)", 1.0)
+
+    def prepare(self, request: GenerateRequest) -> Prepared:
+        text = request.prompt if request.prompt is not None else " ".join(m.content for m in request.messages or [])
+        return Prepared(prompt=None, prompt_tokens=len(text.split()))
+
+    async def generate(self, prepared: Prepared, request: GenerateRequest) -> AsyncIterator[Piece]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        count = request.max_tokens
+        for i in range(count):
+            if self.tokens_per_s > 0:
+                delay = start + (i + 1) / self.tokens_per_s - loop.time()
+                await asyncio.sleep(max(delay, 0))
+            elif i % 32 == 31:
+                await asyncio.sleep(0)
+            yield Piece(self.token_text, 1, "length" if i == count - 1 else None)
+
+    async def close(self) -> None:
+        return None

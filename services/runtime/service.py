@@ -1,0 +1,103 @@
+"""Service lifecycle: connect, register as a NATS micro service, serve /metrics, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats.micro
+from nats.micro.request import Request
+from nats.micro.service import EndpointStats
+from nats.micro.service import Service as MicroService
+
+from services.runtime import bus, metrics
+from services.runtime import logging as log
+from services.runtime.settings import CommonSettings
+
+VERSION = "0.1.0"
+StatsSource = Callable[[], dict[str, Any]]
+MicroHandler = Callable[[Request], Awaitable[None]]
+
+
+class Service:
+    """One running service process: its bus connection, micro registration and metrics port."""
+
+    def __init__(self, name: str, settings: CommonSettings, *, description: str = "") -> None:
+        self.name = name
+        self.settings = settings
+        self.description = description
+        self.instance_id = uuid.uuid4().hex[:12]
+        self.metadata: dict[str, str] = {}
+        self.stats_source: StatsSource = dict
+        self.nc: bus.Connection | None = None
+        self.micro: MicroService | None = None
+        self.metrics_port = 0
+        self._metrics_runner: Any = None
+        self.stopping = asyncio.Event()
+        self.logger = log.get(name)
+
+    @property
+    def bus(self) -> bus.Connection:
+        assert self.nc is not None, "service not started"
+        return self.nc
+
+    async def connect(self) -> None:
+        self.nc = await bus.connect(self.settings.nats_url, f"{self.name}-{self.instance_id}")
+        self._metrics_runner, self.metrics_port = await metrics.serve(
+            self.settings.metrics_host, self.settings.metrics_port
+        )
+        self.logger.info("connected", nats=self.settings.nats_url, metrics_port=self.metrics_port)
+
+    async def register(self, endpoints: list[tuple[str, str, MicroHandler, str | None]]) -> None:
+        """Register as a micro service. Each endpoint: (name, subject, handler, queue group)."""
+        self.metadata.setdefault("instance", self.instance_id)
+        self.metadata["metrics_port"] = str(self.metrics_port)
+        self.micro = await nats.micro.add_service(
+            self.bus,
+            name=self.name,
+            version=VERSION,
+            description=self.description,
+            metadata=self.metadata,
+            stats_handler=self._stats,
+        )
+        await self.micro.add_endpoint(
+            name="health", subject=f"admin.health.{self.name}.{self.micro.id}", handler=self._health
+        )
+        for name, subject, handler, queue in endpoints:
+            await self.micro.add_endpoint(name=name, subject=subject, handler=handler, queue_group=queue)
+        await self.bus.flush()
+
+    def _stats(self, _: EndpointStats) -> dict[str, Any]:
+        return self.stats_source()
+
+    async def _health(self, request: Request) -> None:
+        await request.respond(json.dumps({"status": "ok", **self.stats_source()}).encode())
+
+    async def close(self) -> None:
+        if self.micro is not None:
+            await self.micro.stop()
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await asyncio.wait_for(self.nc.drain(), timeout=5)
+            except (TimeoutError, Exception):
+                await self.nc.close()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+        self.logger.info("stopped")
+
+
+def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run `main(stop)` until it returns; SIGTERM/SIGINT set `stop` so it can drain."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    asyncio.run(runner())

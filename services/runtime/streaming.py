@@ -1,0 +1,120 @@
+"""Caller side of the streaming protocol: one muxed inbox, seq checks, timeouts, cancel on abandon."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+import msgspec
+from nats.aio.msg import Msg
+
+from contracts import headers as h
+from contracts import subjects
+from contracts.errors import InferBusError
+from contracts.llm import (
+    Accepted,
+    Chunk,
+    ErrorChunk,
+    Final,
+    GenerateRequest,
+    Heartbeat,
+    chunk_decoder,
+    request_encoder,
+)
+from services.runtime.bus import Connection
+
+
+class StreamClient:
+    """Opens generation streams on the bus. One wildcard inbox subscription serves every stream."""
+
+    def __init__(self, nc: Connection, *, first_chunk_timeout: float = 3.0, idle_timeout: float = 1.5) -> None:
+        self.nc = nc
+        self.first_chunk_timeout = first_chunk_timeout
+        self.idle_timeout = idle_timeout
+        self._prefix = f"_INBOX.{secrets.token_hex(8)}"
+        self._queues: dict[str, asyncio.Queue[Msg]] = {}
+        self._sub: object | None = None
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe(self._prefix + ".*", cb=self._route)
+        await self.nc.flush()
+
+    async def _route(self, msg: Msg) -> None:
+        queue = self._queues.get(msg.subject[len(self._prefix) + 1 :])
+        if queue is not None:
+            queue.put_nowait(msg)
+
+    async def stream(
+        self,
+        subject: str,
+        request: GenerateRequest,
+        *,
+        deadline: float | None = None,
+        extra_headers: dict[str, str] | None = None,
+    ) -> AsyncIterator[Chunk]:
+        """Yield Accepted, Delta... then Final; raise InferBusError on an error chunk or a broken stream.
+
+        `deadline` is absolute, in time.time() seconds. Leaving the iterator before the terminal
+        chunk publishes a cancel for the request, which frees the worker's engine slot.
+        """
+        token = secrets.token_hex(8)
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._queues[token] = queue
+        hdrs = {h.REQUEST_ID: request.request_id}
+        if deadline is not None:
+            hdrs[h.DEADLINE] = str(int(deadline * 1000))
+        if extra_headers:
+            hdrs.update(extra_headers)
+        finished = False
+        try:
+            await self.nc.publish(
+                subject, request_encoder.encode(request), reply=f"{self._prefix}.{token}", headers=hdrs
+            )
+            expected = 0
+            timeout = self.first_chunk_timeout
+            while True:
+                wait = timeout
+                if deadline is not None:
+                    left = deadline - time.time()
+                    if left <= 0:
+                        raise InferBusError("deadline_exceeded", "the request deadline passed")
+                    wait = min(wait, left)
+                try:
+                    async with asyncio.timeout(wait):
+                        msg = await queue.get()
+                except TimeoutError:
+                    if deadline is not None and deadline - time.time() <= 0:
+                        raise InferBusError("deadline_exceeded", "the request deadline passed") from None
+                    if expected == 0:
+                        raise InferBusError("worker_timeout", "no worker answered in time") from None
+                    raise InferBusError("stream_broken", "the worker stopped answering mid-stream") from None
+                if msg.headers and msg.headers.get(h.STATUS) == h.NO_RESPONDERS and not msg.data:
+                    finished = True
+                    raise InferBusError("no_worker", f"no worker is serving {request.model!r} right now")
+                try:
+                    chunk = chunk_decoder.decode(msg.data)
+                except msgspec.DecodeError:
+                    raise InferBusError("stream_broken", "undecodable chunk from worker") from None
+                if chunk.seq != expected:
+                    raise InferBusError("stream_broken", f"chunk gap: expected seq {expected}, got {chunk.seq}")
+                expected += 1
+                timeout = self.idle_timeout
+                if isinstance(chunk, Heartbeat):
+                    continue
+                if isinstance(chunk, ErrorChunk):
+                    finished = True
+                    raise chunk.to_error()
+                if isinstance(chunk, Final):
+                    finished = True
+                    yield chunk
+                    return
+                yield chunk
+        finally:
+            del self._queues[token]
+            if not finished and not self.nc.is_closed:
+                await self.nc.publish(subjects.cancel(request.request_id), b"")
+
+
+__all__ = ["Accepted", "StreamClient"]
