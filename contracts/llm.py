@@ -85,7 +85,7 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True, forbid_unknown_fields
 
 
 class CompletionRequest(_SamplingFields, kw_only=True, forbid_unknown_fields=True):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[Any]
     max_tokens: MaxTokens | None = 16
     echo: bool | None = None
     suffix: str | None = None
@@ -164,7 +164,7 @@ Chunk = Accepted | Delta | Heartbeat | Final | ErrorChunk
 TERMINAL = (Final, ErrorChunk)
 
 chunk_encoder = msgspec.msgpack.Encoder()
-chunk_decoder = msgspec.msgpack.Decoder(Chunk)  # type: ignore[arg-type]
+chunk_decoder = msgspec.msgpack.Decoder(Chunk)
 request_encoder = msgspec.msgpack.Encoder()
 request_decoder = msgspec.msgpack.Decoder(GenerateRequest)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from contracts import subjects
 from contracts.errors import InferBusError
@@ -24,7 +24,7 @@ class Dispatcher:
 
     async def generate(
         self, request: GenerateRequest, *, kind: str, timeout_s: float, headers: dict[str, str] | None = None
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         entry = self.catalogue.resolve(request.model, kind)
         subject = subjects.infer(kind, entry.name, entry.version)
         deadline = time.time() + timeout_s

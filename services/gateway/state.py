@@ -46,7 +46,7 @@ class Gateway:
         self.catalogue = Catalogue(cfg.models)
         self.pool: asyncpg.Pool | None = None
         self.keys: KeyStore | None = None
-        self.dispatcher: Dispatcher | None = None  # type: ignore[assignment]
+        self._dispatcher: Dispatcher | None = None
         self.in_flight = 0
         self.logger = log.get("gateway")
 
@@ -64,10 +64,15 @@ class Gateway:
         await nc.subscribe(subjects.HEARTBEAT_ALL, cb=self._on_heartbeat)
         client = StreamClient(nc, first_chunk_timeout=cfg.first_chunk_timeout_s, idle_timeout=cfg.idle_timeout_s)
         await client.start()
-        self.dispatcher = Dispatcher(client, self.catalogue)
+        self._dispatcher = Dispatcher(client, self.catalogue)
         self.service.stats_source = self.stats
         self.service.metadata.update({"http": f"http://{cfg.host}:{cfg.port}"})
         await self.service.register([("keys-create", subjects.ADMIN_KEYS_CREATE, self._create_key, "gateway")])
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        assert self._dispatcher is not None, "gateway not started"
+        return self._dispatcher
 
     async def close(self) -> None:
         await self.service.close()

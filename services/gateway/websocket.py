@@ -32,7 +32,7 @@ class ClientEvent(msgspec.Struct, forbid_unknown_fields=True):
     type: Literal["request", "cancel", "auth"]
     id: str | None = None
     endpoint: Literal["chat.completions", "completions"] = "chat.completions"
-    body: msgspec.Raw | None = None
+    body: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
     api_key: str | None = None
 
 
@@ -95,7 +95,7 @@ class Socket:
                 raise invalid(f"id {rid!r} is already running on this socket", "id")
             if len(self.running) >= self.gw.settings.ws_max_in_flight:
                 raise InferBusError("rate_limited", "too many requests in flight on this socket")
-            if event.body is None:
+            if not event.body:
                 raise invalid("request events need a body", "body")
             gen = self._generate_request(event)
         except InferBusError as exc:
@@ -108,7 +108,6 @@ class Socket:
 
     def _generate_request(self, event: ClientEvent) -> Any:
         cfg = self.gw.settings
-        assert event.body is not None
         try:
             if event.endpoint == "completions":
                 creq = msgspec.json.decode(event.body, type=CompletionRequest)

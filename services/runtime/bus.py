@@ -6,7 +6,7 @@ import asyncio
 import json
 from typing import Any
 
-import nats
+import nats.errors
 from nats.aio.client import Client
 
 from services.runtime import logging as log
@@ -14,29 +14,32 @@ from services.runtime import logging as log
 Connection = Client
 
 
-async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> Client:
+async def connect(url: str, name: str, *, connect_timeout: int = 5) -> Client:
     logger = log.get("bus")
 
     async def on_error(exc: Exception) -> None:
         logger.warning("nats_error", error=str(exc))
 
     async def on_disconnect() -> None:
-        logger.warning("nats_disconnected")
+        if not (nc.is_closed or nc.is_draining):
+            logger.warning("nats_disconnected")
 
     async def on_reconnect() -> None:
         logger.info("nats_reconnected")
 
-    return await nats.connect(
+    nc = Client()
+    await nc.connect(
         url,
         name=name,
         connect_timeout=connect_timeout,
         max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
+        reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py annotates int, takes float
         allow_reconnect=True,
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
     )
+    return nc
 
 
 async def discover(nc: Client, verb: str = "STATS", name: str | None = None, wait: float = 0.5) -> list[dict[str, Any]]:

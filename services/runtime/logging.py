@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -17,7 +18,7 @@ def redact(text: str) -> str:
     return BEARER_PATTERN.sub(r"\1***", KEY_PATTERN.sub("ib-***", text))
 
 
-def _redact_processor(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _redact_processor(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key, value in event.items():
         if isinstance(value, str):
             event[key] = redact(value)

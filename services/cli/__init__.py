@@ -1,0 +1,1 @@
+"""The ops CLI: `inferbus up | status | keys`."""

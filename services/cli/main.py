@@ -1,0 +1,107 @@
+"""`inferbus` entry point."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+import msgspec
+
+from contracts import subjects
+from contracts.control import CreateKeyReply, CreateKeyRequest
+from services.cli import state
+from services.runtime import bus
+
+
+async def _status() -> int:
+    url = state.nats_url()
+    try:
+        nc = await bus.connect(url, "inferbus-cli", connect_timeout=2)
+    except Exception as exc:
+        print(f"cannot reach NATS at {url}: {exc}. Is `inferbus up` running?", file=sys.stderr)
+        return 2
+    try:
+        found = await bus.discover(nc, "STATS", wait=0.5)
+        if not found:
+            print("no InferBus services answered", file=sys.stderr)
+            return 1
+        rows = [("SERVICE", "ID", "VERSION", "HEALTH", "DETAILS")]
+        for svc in sorted(found, key=lambda s: (s.get("name", ""), s.get("id", ""))):
+            health = await _health(nc, svc)
+            data = _data(svc)
+            details = " ".join(f"{k}={v}" for k, v in data.items() if k in (
+                "model", "version", "engine", "in_flight", "queued", "served", "models"))
+            rows.append((svc.get("name", "?"), svc.get("id", "?")[:12], svc.get("version", "?"), health, details))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        return 0
+    finally:
+        await nc.close()
+
+
+def _data(svc: dict[str, Any]) -> dict[str, Any]:
+    for endpoint in svc.get("endpoints", []):
+        if endpoint.get("data"):
+            return dict(endpoint["data"])
+    return {}
+
+
+async def _health(nc: bus.Connection, svc: dict[str, Any]) -> str:
+    try:
+        reply = await nc.request(f"admin.health.{svc['name']}.{svc['id']}", b"", timeout=1)
+        return str(json.loads(reply.data).get("status", "?"))
+    except Exception:
+        return "unreachable"
+
+
+async def _keys_create(name: str, scopes: list[str]) -> int:
+    nc = await bus.connect(state.nats_url(), "inferbus-cli", connect_timeout=2)
+    try:
+        payload = msgspec.json.encode(CreateKeyRequest(name=name, scopes=scopes))
+        msg = await nc.request(subjects.ADMIN_KEYS_CREATE, payload, timeout=5)
+        reply = msgspec.json.decode(msg.data, type=CreateKeyReply)
+        if reply.error:
+            print(f"error: {reply.error.message}", file=sys.stderr)
+            return 1
+        print(f"key id: {reply.key_id}\nkey:    {reply.key}\n(shown once: store it now)")
+        return 0
+    finally:
+        await nc.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="inferbus", description="InferBus inference platform")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_up = sub.add_parser("up", help="start the whole platform on this machine")
+    p_up.add_argument("--port", type=int, default=None, help="gateway port (default 8080, or INFERBUS_GATEWAY_PORT)")
+    p_up.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for readiness")
+    sub.add_parser("status", help="list running services and their health")
+    p_keys = sub.add_parser("keys", help="API keys")
+    keys_sub = p_keys.add_subparsers(dest="keys_command", required=True)
+    p_create = keys_sub.add_parser("create", help="create an API key (printed once)")
+    p_create.add_argument("--name", required=True)
+    p_create.add_argument("--scope", action="append", dest="scopes", help="inference (default) or admin; repeatable")
+    args = parser.parse_args(argv)
+
+    if args.command == "up":
+        from services.cli import up
+
+        return up.run(args)
+    if args.command == "status":
+        return asyncio.run(_status())
+    if args.command == "keys" and args.keys_command == "create":
+        scopes = args.scopes or ["inference"]
+        bad = [s for s in scopes if s not in ("inference", "admin")]
+        if bad:
+            parser.error(f"unknown scope(s): {', '.join(bad)}")
+        return asyncio.run(_keys_create(args.name, scopes))
+    parser.error("unknown command")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

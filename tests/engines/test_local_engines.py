@@ -1,0 +1,73 @@
+"""The CPU engines on the real SmolLM2 GGUF: answers, token counts, early exit frees the engine."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from contracts.llm import GenerateRequest, Message
+from services.llm import engines
+from services.llm.engines.base import Piece
+
+PARIS = [Message("user", "What is the capital of France?")]
+
+
+def _req(n: int = 24, **kw: Any) -> GenerateRequest:
+    fields: dict[str, Any] = {"messages": PARIS, "temperature": 0, **kw}
+    return GenerateRequest(request_id="t", model="m", max_tokens=n, **fields)
+
+
+async def _collect(engine: Any, req: GenerateRequest) -> list[Piece]:
+    return [p async for p in engine.generate(engine.prepare(req), req)]
+
+
+@pytest.fixture(scope="module", params=[
+    pytest.param("llamacpp", marks=pytest.mark.model),
+    pytest.param("transformers", marks=pytest.mark.transformers),
+])
+async def engine(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    if request.param == "transformers":
+        pytest.importorskip("torch", reason="transformers extra not installed")
+    eng = engines.create(request.param, {"system_prompt": "You are a helpful assistant."})
+    await eng.load(lambda step, fraction: None)
+    yield eng
+    await eng.close()
+
+
+async def test_answers_paris_greedily_and_deterministically(engine: Any) -> None:
+    first = await _collect(engine, _req())
+    second = await _collect(engine, _req())
+    text = "".join(p.text for p in first)
+    assert "Paris" in text
+    assert text == "".join(p.text for p in second)
+    assert first[-1].finish_reason in ("stop", "length")
+
+
+async def test_token_counts_come_from_the_tokenizer(engine: Any) -> None:
+    pieces = await _collect(engine, _req(5, messages=[Message("user", "Count from one to twenty.")]))
+    assert sum(p.tokens for p in pieces) == 5
+    assert pieces[-1].finish_reason == "length"
+    prepared = engine.prepare(_req())
+    longer = engine.prepare(_req(messages=[*PARIS, Message("assistant", "Paris."), Message("user", "And Spain?")]))
+    assert prepared.prompt_tokens == len(prepared.prompt) > 10
+    assert longer.prompt_tokens > prepared.prompt_tokens
+
+
+async def test_leaving_early_frees_the_engine(engine: Any) -> None:
+    req = _req(200, messages=[Message("user", "Write a long story about a dragon.")], temperature=0.8, seed=1)
+    stream = engine.generate(engine.prepare(req), req)
+    got = [await anext(stream), await anext(stream)]
+    await stream.aclose()
+    assert len(got) == 2
+    after = await _collect(engine, _req())
+    assert "Paris" in "".join(p.text for p in after)
+
+
+async def test_prompt_over_the_context_is_refused(engine: Any) -> None:
+    from contracts.errors import InferBusError
+
+    with pytest.raises(InferBusError) as err:
+        engine.prepare(_req(messages=[Message("user", "word " * 5000)]))
+    assert err.value.code == "context_length_exceeded"

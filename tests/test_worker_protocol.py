@@ -1,0 +1,134 @@
+"""The worker's side of the streaming protocol, spoken to directly over NATS (no gateway)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from contracts import subjects
+from contracts.errors import InferBusError
+from contracts.llm import (
+    Accepted,
+    Chunk,
+    Delta,
+    ErrorChunk,
+    Final,
+    GenerateRequest,
+    Heartbeat,
+    Message,
+    chunk_decoder,
+    request_encoder,
+)
+from services.runtime import bus
+from services.runtime.streaming import StreamClient
+from tests.conftest import BENCH_MODEL, Infra, start_worker, wait_worker, worker_stats
+
+QUEUED_MODEL = "bench-one-slot"
+
+
+def _req(rid: str, n: int, model: str = BENCH_MODEL, **kw: Any) -> GenerateRequest:
+    return GenerateRequest(request_id=rid, model=model, max_tokens=n, messages=[Message("user", "a b")], **kw)
+
+
+async def _raw(nc: bus.Connection, subject: str, payload: bytes, limit: float = 10) -> list[Chunk]:
+    """Every chunk of one stream, heartbeats included, until the terminal one."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish(subject, payload, reply=inbox)
+    out: list[Chunk] = []
+    try:
+        while not out or not isinstance(out[-1], Final | ErrorChunk):
+            out.append(chunk_decoder.decode((await sub.next_msg(timeout=limit)).data))
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+@pytest.fixture(scope="module")
+async def one_slot(infra: Infra, nc: bus.Connection) -> AsyncIterator[dict[str, Any]]:
+    proc = start_worker(infra, QUEUED_MODEL, engine_options={"tokens_per_s": 40, "capacity": 1}, heartbeat_s=0.2)
+    stats = await wait_worker(nc, QUEUED_MODEL, proc)
+    yield stats
+    proc.stop()
+
+
+async def test_stream_shape(nc: bus.Connection, bench_worker: dict[str, Any]) -> None:
+    chunks = await _raw(nc, subjects.infer("llm", BENCH_MODEL, "v1"), request_encoder.encode(_req("shape-1", 100)))
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    assert isinstance(chunks[0], Accepted) and chunks[0].version == "v1"
+    assert isinstance(chunks[-1], Final)
+    assert sum(c.tokens for c in chunks if isinstance(c, Delta)) == 100 == chunks[-1].usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == 2
+
+
+async def test_per_worker_subject(nc: bus.Connection, bench_worker: dict[str, Any]) -> None:
+    subject = subjects.infer("llm", BENCH_MODEL, "v1", bench_worker["worker_id"])
+    chunks = await _raw(nc, subject, request_encoder.encode(_req("direct-1", 3)))
+    assert isinstance(chunks[0], Accepted) and chunks[0].worker_id == bench_worker["worker_id"]
+
+
+async def test_undecodable_request_gets_error_chunk(nc: bus.Connection, bench_worker: dict[str, Any]) -> None:
+    chunks = await _raw(nc, subjects.infer("llm", BENCH_MODEL, "v1"), b"\xc1garbage")
+    assert len(chunks) == 1 and isinstance(chunks[0], ErrorChunk) and chunks[0].code == "invalid_request"
+    again = await _raw(nc, subjects.infer("llm", BENCH_MODEL, "v1"), request_encoder.encode(_req("after-bad", 2)))
+    assert isinstance(again[-1], Final)
+
+
+async def test_stop_sequence_ends_stream(nc: bus.Connection, bench_worker: dict[str, Any]) -> None:
+    chunks = await _raw(nc, subjects.infer("llm", BENCH_MODEL, "v1"),
+                        request_encoder.encode(_req("stop-1", 50, stop=["tok tok"])))
+    text = "".join(c.text for c in chunks if isinstance(c, Delta))
+    assert text == " "
+    assert isinstance(chunks[-1], Final) and chunks[-1].finish_reason == "stop"
+
+
+async def test_queued_request_gets_heartbeats_then_runs(nc: bus.Connection, one_slot: dict[str, Any]) -> None:
+    subject = subjects.infer("llm", QUEUED_MODEL, "v1")
+    first = asyncio.create_task(_raw(nc, subject, request_encoder.encode(_req("q-1", 40, QUEUED_MODEL))))
+    while (await worker_stats(nc, one_slot["worker_id"]))["in_flight"] == 0:
+        pass
+    second = await _raw(nc, subject, request_encoder.encode(_req("q-2", 4, QUEUED_MODEL)), limit=5)
+    await first
+    heartbeats = [c for c in second if isinstance(c, Heartbeat)]
+    assert len(heartbeats) >= 2, "a queued request must keep its stream alive"
+    assert [c.seq for c in second] == list(range(len(second)))
+    assert isinstance(second[-1], Final) and second[-1].usage.completion_tokens == 4
+
+
+async def test_cancel_subject_frees_the_slot(nc: bus.Connection, one_slot: dict[str, Any]) -> None:
+    subject = subjects.infer("llm", QUEUED_MODEL, "v1")
+    running = asyncio.create_task(_raw(nc, subject, request_encoder.encode(_req("c-1", 10_000, QUEUED_MODEL))))
+    while (await worker_stats(nc, one_slot["worker_id"]))["in_flight"] == 0:
+        pass
+    await nc.publish(subjects.cancel("c-1"), b"")
+    chunks = await asyncio.wait_for(running, 3)
+    assert isinstance(chunks[-1], ErrorChunk) and chunks[-1].code == "cancelled"
+    follow = await _raw(nc, subject, request_encoder.encode(_req("c-2", 2, QUEUED_MODEL)))
+    assert isinstance(follow[-1], Final)
+
+
+async def test_deadline_is_enforced(nc: bus.Connection, one_slot: dict[str, Any]) -> None:
+    client = StreamClient(nc)
+    await client.start()
+    start = time.monotonic()
+    with pytest.raises(InferBusError) as failure:
+        async for _ in client.stream(subjects.infer("llm", QUEUED_MODEL, "v1"), _req("d-1", 10_000, QUEUED_MODEL),
+                                     deadline=time.time() + 0.5):
+            pass
+    assert failure.value.code == "deadline_exceeded"
+    assert time.monotonic() - start < 1.5
+
+
+async def test_no_responders_is_immediate(nc: bus.Connection) -> None:
+    client = StreamClient(nc)
+    await client.start()
+    start = time.monotonic()
+    with pytest.raises(InferBusError) as failure:
+        async for _ in client.stream(subjects.infer("llm", "nobody", "v1"), _req("n-1", 1, "nobody")):
+            pass
+    assert failure.value.code == "no_worker"
+    assert time.monotonic() - start < 0.1
