@@ -65,20 +65,36 @@ STORY_PROMPT = "Write a short story about a lighthouse keeper who finds a messag
 RESULTS_PATH = ROOT / "bench" / "RESULTS.md"
 
 FULL = {
-    "lat_c1": 500, "lat_c1_rounds": 5,
-    "lat_c64": 3000, "lat_c64_rounds": 3,
+    "lat_c1": 500,
+    "lat_c1_rounds": 5,
+    "lat_c64": 3000,
+    "lat_c64_rounds": 3,
     "tp_seconds": 8.0,
-    "ttft": 300, "ttft_rounds": 3,
-    "long_tokens": 20000, "long_reps": 3, "long_concurrent": 4,
-    "llm_single_reps": 3, "llm_concurrent": 8,
+    "ttft": 300,
+    "ttft_rounds": 3,
+    "long_tokens": 20000,
+    "long_reps": 3,
+    "long_concurrent": 4,
+    "llm_single_reps": 3,
+    "llm_concurrent": 8,
+    "llm_single_cap": 45.0,
+    "llm_concurrent_cap": 75.0,
 }
 QUICK = {
-    "lat_c1": 150, "lat_c1_rounds": 3,
-    "lat_c64": 640, "lat_c64_rounds": 2,
+    "lat_c1": 150,
+    "lat_c1_rounds": 3,
+    "lat_c64": 640,
+    "lat_c64_rounds": 2,
     "tp_seconds": 3.0,
-    "ttft": 90, "ttft_rounds": 3,
-    "long_tokens": 20000, "long_reps": 1, "long_concurrent": 4,
-    "llm_single_reps": 1, "llm_concurrent": 8,
+    "ttft": 90,
+    "ttft_rounds": 3,
+    "long_tokens": 20000,
+    "long_reps": 1,
+    "long_concurrent": 4,
+    "llm_single_reps": 1,
+    "llm_concurrent": 8,
+    "llm_single_cap": 15.0,
+    "llm_concurrent_cap": 20.0,
 }
 
 
@@ -103,6 +119,11 @@ class Infra:
         self.nats_url = self.nats.start()
         self.database_url = self.postgres.start()
         self.redis_url = self.redis.start()
+
+    @property
+    def nats_pid(self) -> int:
+        assert self.nats.proc is not None
+        return self.nats.proc.pid
 
     def env(self, **extra: str) -> dict[str, str]:
         # Inherited INFERBUS_* variables would change the services' settings: leave them out.
@@ -154,7 +175,8 @@ class Proc:
 
 
 def start_worker(infra: Infra, name: str, settings: dict[str, Any], procs: list[Proc]) -> Proc:
-    env = infra.env(**{f"INFERBUS_{k.upper()}": v if isinstance(v, str) else json.dumps(v) for k, v in settings.items()})
+    extra = {f"INFERBUS_{k.upper()}": v if isinstance(v, str) else json.dumps(v) for k, v in settings.items()}
+    env = infra.env(**extra)
     proc = Proc(name, "services.llm", env, infra.root)
     procs.append(proc)
     return proc
@@ -173,8 +195,8 @@ def start_gateway(infra: Infra, procs: list[Proc]) -> tuple[Proc, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-async def wait_worker(nc: bus.Connection, model: str, proc: Proc, timeout: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
+async def wait_worker(nc: bus.Connection, model: str, proc: Proc, limit_s: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         if proc.popen.poll() is not None:
             raise RuntimeError(f"{proc.name} exited:\n{proc.log()[-3000:]}")
@@ -186,8 +208,8 @@ async def wait_worker(nc: bus.Connection, model: str, proc: Proc, timeout: float
     raise TimeoutError(f"{model} worker not ready:\n{proc.log()[-3000:]}")
 
 
-async def wait_http(url: str, proc: Proc, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_http(url: str, proc: Proc, limit_s: float = 60) -> None:
+    deadline = time.monotonic() + limit_s
     async with aiohttp.ClientSession() as http:
         while time.monotonic() < deadline:
             if proc.popen.poll() is not None:
@@ -214,13 +236,15 @@ def rss_mib(pid: int) -> tuple[float, float]:
 class CpuMeter:
     """CPU seconds used by given processes, and by everything else on the machine, over a window."""
 
+    others: list[float] = []  # cores used outside the bench, one entry per measured window
+
     def __init__(self, pids: dict[str, int]) -> None:
         self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
 
     @staticmethod
     def _busy() -> float:
         t = psutil.cpu_times()
-        return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+        return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
 
     def _ours(self) -> dict[str, float]:
         out = {}
@@ -242,6 +266,8 @@ class CpuMeter:
         self.used = {n: ours1.get(n, 0.0) - self.ours0.get(n, 0.0) for n in self.ours0}
         self.other = max(0.0, busy - sum(self.used.values()) - self.extra_cpu)
         self.busy = busy
+        if self.wall > 0:
+            CpuMeter.others.append(self.other / self.wall)
 
     def cores(self, name: str) -> float:
         return self.used.get(name, 0.0) / self.wall if self.wall else 0.0
@@ -266,8 +292,11 @@ def pct(values: list[float], q: float) -> float:
 
 def gen_request(model: str, max_tokens: int, prompt: str = SHORT_PROMPT, temperature: float = 1.0) -> GenerateRequest:
     return GenerateRequest(
-        request_id="bench-" + secrets.token_hex(8), model=model, max_tokens=max_tokens,
-        messages=[Message("user", prompt)], temperature=temperature,
+        request_id="bench-" + secrets.token_hex(8),
+        model=model,
+        max_tokens=max_tokens,
+        messages=[Message("user", prompt)],
+        temperature=temperature,
     )
 
 
@@ -282,8 +311,9 @@ class Direct:
     async def once(self, max_tokens: int = 1) -> float:
         t0 = time.perf_counter()
         final = None
-        async for chunk in self.client.stream(self.subject, gen_request(self.model, max_tokens),
-                                              deadline=time.time() + 60):
+        async for chunk in self.client.stream(
+            self.subject, gen_request(self.model, max_tokens), deadline=time.time() + 60
+        ):
             if isinstance(chunk, Final):
                 final = chunk
         if final is None:
@@ -295,8 +325,9 @@ class Direct:
         t0 = time.perf_counter()
         first = None
         tokens = 0
-        async for chunk in self.client.stream(self.subject, gen_request(self.model, max_tokens),
-                                              deadline=time.time() + 120):
+        async for chunk in self.client.stream(
+            self.subject, gen_request(self.model, max_tokens), deadline=time.time() + 120
+        ):
             if isinstance(chunk, Delta) and chunk.text and first is None:
                 first = time.perf_counter() - t0
             if isinstance(chunk, Final):
@@ -307,15 +338,25 @@ class Direct:
 class Http:
     """OpenAI-style requests to the gateway over one keep-alive connection pool."""
 
-    def __init__(self, session: aiohttp.ClientSession, base: str) -> None:
+    def __init__(self, session: aiohttp.ClientSession, base: str, key: str) -> None:
         self.session = session
         self.url = base + "/v1/chat/completions"
-        self.headers = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
+        self.headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
 
-    def body(self, model: str, max_tokens: int, *, stream: bool = False, prompt: str = SHORT_PROMPT,
-             temperature: float | None = None) -> bytes:
-        body: dict[str, Any] = {"model": model, "max_tokens": max_tokens,
-                                "messages": [{"role": "user", "content": prompt}]}
+    def body(
+        self,
+        model: str,
+        max_tokens: int,
+        *,
+        stream: bool = False,
+        prompt: str = SHORT_PROMPT,
+        temperature: float | None = None,
+    ) -> bytes:
+        body: dict[str, Any] = {
+            "model": model,
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": prompt}],
+        }
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
@@ -331,8 +372,13 @@ class Http:
                 raise RuntimeError(f"HTTP {resp.status}: {data[:200]!r}")
         return time.perf_counter() - t0
 
-    async def stream(self, body: bytes, count_text: str | None = None) -> dict[str, float]:
-        """(ttft to first content chunk, wall to [DONE], completion tokens from usage, tokens counted in text)."""
+    async def stream(
+        self, body: bytes, count_text: str | None = None, progress: dict[str, int] | None = None
+    ) -> dict[str, float]:
+        """(ttft to first content chunk, wall to [DONE], completion tokens from usage, tokens counted in text).
+
+        `progress["chunks"]` counts content chunks as they arrive, for a run cut short by a time cap.
+        """
         t0 = time.perf_counter()
         first = None
         usage = None
@@ -358,13 +404,14 @@ class Http:
                     if content:
                         if first is None:
                             first = time.perf_counter() - t0
+                        if progress is not None:
+                            progress["chunks"] = progress.get("chunks", 0) + 1
                         if count_text:
                             counted += content.count(count_text)
         wall = time.perf_counter() - t0
         if not done or usage is None:
             raise RuntimeError(f"stream ended without usage/[DONE] (done={done}, usage={usage})")
-        return {"ttft": first or float("nan"), "wall": wall, "tokens": usage["completion_tokens"],
-                "counted": counted}
+        return {"ttft": first or float("nan"), "wall": wall, "tokens": usage["completion_tokens"], "counted": counted}
 
 
 async def run_load(fn: Callable[[], Awaitable[float]], n: int, concurrency: int) -> tuple[list[float], float, int]:
@@ -410,23 +457,25 @@ async def side_by_side(
 # ---- throughput from client processes ------------------------------------------------------
 
 
-def _tp_child(kind: str, target: str, model: str, concurrency: int, seconds: float,
-              ready: Any, go: Any, results: Any) -> None:
+def _tp_child(
+    kind: str, target: str, key: str, model: str, concurrency: int, seconds: float, ready: Any, go: Any, results: Any
+) -> None:
     try:
-        results.put(asyncio.run(_tp_child_main(kind, target, model, concurrency, seconds, ready, go)))
+        results.put(asyncio.run(_tp_child_main(kind, target, key, model, concurrency, seconds, ready, go)))
     except BaseException as exc:  # report instead of hanging the parent
         ready.put(("error", repr(exc)))
         results.put({"error": traceback.format_exc()})
 
 
-async def _tp_child_main(kind: str, target: str, model: str, concurrency: int, seconds: float,
-                         ready: Any, go: Any) -> dict[str, Any]:
+async def _tp_child_main(
+    kind: str, target: str, key: str, model: str, concurrency: int, seconds: float, ready: Any, go: Any
+) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     cleanup: list[Callable[[], Awaitable[Any]]] = []
     if kind == "gateway":
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency + 8))
         cleanup.append(session.close)
-        http = Http(session, target)
+        http = Http(session, target, key)
         body = http.body(model, 1)
 
         def fn() -> Awaitable[float]:
@@ -461,21 +510,32 @@ async def _tp_child_main(kind: str, target: str, model: str, concurrency: int, s
                     lat.append(d)
 
         await asyncio.gather(*(lane() for _ in range(concurrency)))
-        return {"count": count[0], "errors": errors[0], "seconds": seconds, "cpu": time.process_time() - cpu0,
-                "p50": pct(lat, 0.5), "p99": pct(lat, 0.99)}
+        return {
+            "count": count[0],
+            "errors": errors[0],
+            "seconds": seconds,
+            "cpu": time.process_time() - cpu0,
+            "p50": pct(lat, 0.5),
+            "p99": pct(lat, 0.99),
+        }
     finally:
         for close in cleanup:
             await close()
 
 
-async def throughput(kind: str, target: str, model: str, clients: int, concurrency: int, seconds: float,
-                     pids: dict[str, int]) -> dict[str, Any]:
+async def throughput(
+    kind: str, target: str, model: str, clients: int, concurrency: int, seconds: float, pids: dict[str, int]
+) -> dict[str, Any]:
     """Sum of requests completed in a `seconds` window by `clients` processes, `concurrency` in flight in all."""
     ctx = mp.get_context("spawn")
     ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     per = concurrency // clients
-    children = [ctx.Process(target=_tp_child, args=(kind, target, model, per, seconds, ready, go, results),
-                            daemon=True) for _ in range(clients)]
+    children = [
+        ctx.Process(
+            target=_tp_child, args=(kind, target, ADMIN_KEY, model, per, seconds, ready, go, results), daemon=True
+        )
+        for _ in range(clients)
+    ]
     loop = asyncio.get_running_loop()
     try:
         for c in children:
@@ -495,14 +555,65 @@ async def throughput(kind: str, target: str, model: str, clients: int, concurren
         for c in children:
             c.join(10)
         total = sum(g["count"] for g in got)
-        return {"rps": total / seconds, "count": total, "errors": sum(g["errors"] for g in got),
-                "p50": max(g["p50"] for g in got), "p99": max(g["p99"] for g in got), "cpu": meter.summary(),
-                "meter": meter}
+        return {
+            "rps": total / seconds,
+            "count": total,
+            "errors": sum(g["errors"] for g in got),
+            "p50": max(g["p50"] for g in got),
+            "p99": max(g["p99"] for g in got),
+            "cpu": meter.summary(),
+            "meter": meter,
+        }
     finally:
         for c in children:
             if c.is_alive():
                 c.terminate()
                 c.join(5)
+
+
+async def llm_runs(http: Http, body: bytes, streams: int, reps: int, cap: float) -> dict[str, Any]:
+    """`reps` rounds of `streams` concurrent SSE streams, all within `cap` seconds.
+
+    A round still running at the cap is cancelled; its unfinished streams count the content chunks they
+    got (about one token each), and the result is marked as cut.
+    """
+    tokens = 0
+    wall = 0.0
+    ttft: list[float] = []
+    runs = 0
+    cut = ""
+    deadline = time.perf_counter() + cap
+    for _ in range(reps):
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            break
+        progress: list[dict[str, int]] = [{} for _ in range(streams)]
+        tasks = [asyncio.create_task(http.stream(body, progress=progress[i])) for i in range(streams)]
+        t0 = time.perf_counter()
+        done, pending = await asyncio.wait(tasks, timeout=left)
+        wall += time.perf_counter() - t0
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        runs += 1
+        for i, t in enumerate(tasks):
+            if t in done:
+                r = t.result()
+                tokens += int(r["tokens"])
+                ttft.append(r["ttft"])
+            else:
+                tokens += progress[i].get("chunks", 0)
+        if pending:
+            cut = f" (cut at the {cap:.0f} s cap: {len(done)}/{streams} streams finished)"
+            break
+    return {
+        "tokens": tokens,
+        "wall": wall,
+        "rate": tokens / wall if wall else 0.0,
+        "ttft": ttft,
+        "runs": runs,
+        "cut": cut,
+    }
 
 
 # ---- the benchmark -------------------------------------------------------------------------
@@ -534,10 +645,18 @@ class Results:
 async def bench(cfg: dict[str, Any], infra: Infra, procs: list[Proc], res: Results) -> None:
     say("starting gateway and benchmark workers")
     gateway, base = start_gateway(infra, procs)
-    fast = start_worker(infra, "llm-bench-fast", {"model": FAST_MODEL, "version": "v1", "engine": "benchmark",
-                                                  "coalesce_ms": "0"}, procs)
-    coal = start_worker(infra, "llm-bench-coalesce2", {"model": COALESCE_MODEL, "version": "v1",
-                                                       "engine": "benchmark", "coalesce_ms": "2"}, procs)
+    fast = start_worker(
+        infra,
+        "llm-bench-fast",
+        {"model": FAST_MODEL, "version": "v1", "engine": "benchmark", "coalesce_ms": "0"},
+        procs,
+    )
+    coal = start_worker(
+        infra,
+        "llm-bench-coalesce2",
+        {"model": COALESCE_MODEL, "version": "v1", "engine": "benchmark", "coalesce_ms": "2"},
+        procs,
+    )
     nc = await bus.connect(infra.nats_url, "bench")
     client = StreamClient(nc)
     await client.start()
@@ -546,12 +665,12 @@ async def bench(cfg: dict[str, Any], infra: Infra, procs: list[Proc], res: Resul
         await wait_http(base, gateway)
         await wait_worker(nc, FAST_MODEL, fast)
         await wait_worker(nc, COALESCE_MODEL, coal)
-        say(f"gateway {base} (pid {gateway.pid}), workers pids {fast.pid}, {coal.pid}, nats pid {infra.nats.proc.pid}")
-        pids = {"gateway": gateway.pid, "worker": fast.pid, "nats": infra.nats.proc.pid, "bench": os.getpid()}
-        http = Http(session, base)
+        say(f"gateway {base} (pid {gateway.pid}), workers pids {fast.pid}, {coal.pid}, nats pid {infra.nats_pid}")
+        pids = {"gateway": gateway.pid, "worker": fast.pid, "nats": infra.nats_pid, "bench": os.getpid()}
+        http = Http(session, base, ADMIN_KEY)
         direct = Direct(client, FAST_MODEL)
         body1 = http.body(FAST_MODEL, 1)
-        ways = {"direct": direct.once, "gateway": lambda: http.once(body1)}
+        ways: dict[str, Callable[[], Awaitable[float]]] = {"direct": direct.once, "gateway": lambda: http.once(body1)}
 
         say("warm-up")
         await side_by_side(ways, 400, 16, 2)
@@ -567,34 +686,40 @@ async def bench(cfg: dict[str, Any], infra: Infra, procs: list[Proc], res: Resul
             res.add("1", f"c={conc} gateway HTTP p50 / p99", f"{ms(g['p50'])} / {ms(g['p99'])}")
             added50, added99 = g["p50"] - d["p50"], g["p99"] - d["p99"]
             if conc == 1:
-                res.add("1", "c=1 added by gateway p50 / p99", f"{ms(added50)} / {ms(added99)}",
-                        "added p50 <= 1 ms", added50 <= 0.001)
+                res.add(
+                    "1",
+                    "c=1 added by gateway p50 / p99",
+                    f"{ms(added50)} / {ms(added99)}",
+                    "added p50 <= 1 ms",
+                    added50 <= 0.001,
+                )
             else:
                 res.add("1", f"c={conc} added by gateway p50 / p99", f"{ms(added50)} / {ms(added99)}")
             errs = d["errors"] + g["errors"]
-            res.note(f"latency c={conc}: {len(d['lat'])}+{len(g['lat'])} requests, {errs} errors; "
-                     f"{meter.summary()}")
+            res.note(f"latency c={conc}: {len(d['lat'])}+{len(g['lat'])} requests, {errs} errors; {meter.summary()}")
 
         # 2. max req/s through one gateway
         secs = cfg["tp_seconds"]
         tp_pids = {k: v for k, v in pids.items() if k != "bench"}
         tp: dict[str, dict[str, Any]] = {}
-        for label, kind, target, clients in (("gateway, 1 client process x64", "gateway", base, 1),
-                                             ("gateway, 2 client processes x32", "gateway", base, 2),
-                                             ("direct NATS (worker ceiling), 1 client process x64", "direct",
-                                              infra.nats_url, 1)):
+        for label, kind, target, clients in (
+            ("gateway, 1 client process x64", "gateway", base, 1),
+            ("gateway, 2 client processes x32", "gateway", base, 2),
+            ("direct NATS (worker ceiling), 1 client process x64", "direct", infra.nats_url, 1),
+        ):
             say(f"2. throughput {label}, {secs:.0f} s window")
             tp[label] = t = await throughput(kind, target, FAST_MODEL, clients, 64, secs, tp_pids)
-            res.note(f"throughput {label}: {t['count']} requests, {t['errors']} errors, client-side p50 "
-                     f"{ms(t['p50'])} p99 {ms(t['p99'])}; {t['cpu']}")
+            res.note(
+                f"throughput {label}: {t['count']} requests, {t['errors']} errors, client-side p50 "
+                f"{ms(t['p50'])} p99 {ms(t['p99'])}; {t['cpu']}"
+            )
         best = max(tp["gateway, 1 client process x64"]["rps"], tp["gateway, 2 client processes x32"]["rps"])
         for label, t in tp.items():
-            if label.startswith("gateway"):
-                res.add("2", f"req/s, {label}", f"{t['rps']:,.0f}")
-            else:
-                res.add("2", f"req/s, {label}", f"{t['rps']:,.0f}")
-        res.add("2", "max req/s through one gateway (c=64, max_tokens=1)", f"{best:,.0f}", ">= 3000 req/s",
-                best >= 3000)
+            errors = f" ({t['errors']} errors)" if t["errors"] else ""
+            res.add("2", f"req/s, {label}", f"{t['rps']:,.0f}{errors}")
+        res.add(
+            "2", "max req/s through one gateway (c=64, max_tokens=1)", f"{best:,.0f}", ">= 3000 req/s", best >= 3000
+        )
 
         # 3. TTFT added by the gateway, streaming
         say(f"3. time to first token, streaming max_tokens=16, concurrency 1: {cfg['ttft']} each way")
@@ -611,16 +736,18 @@ async def bench(cfg: dict[str, Any], infra: Infra, procs: list[Proc], res: Resul
             ttft["gateway"].append(r["ttft"])
             return r["wall"]
 
-        await side_by_side({"direct": ttft_direct, "gateway": ttft_gateway}, 60, 1, 2)  # warm-up
-        ttft = {"direct": [], "gateway": []}
+        ttft_ways: dict[str, Callable[[], Awaitable[float]]] = {"direct": ttft_direct, "gateway": ttft_gateway}
+        await side_by_side(ttft_ways, 60, 1, 2)  # warm-up
+        ttft["direct"].clear()
+        ttft["gateway"].clear()
         meter = CpuMeter(pids)
         with meter:
-            r = await side_by_side({"direct": ttft_direct, "gateway": ttft_gateway}, cfg["ttft"], 1,
-                                   cfg["ttft_rounds"])
+            r = await side_by_side(ttft_ways, cfg["ttft"], 1, cfg["ttft_rounds"])
         d50, g50 = pct(ttft["direct"], 0.5), pct(ttft["gateway"], 0.5)
         res.add("3", "TTFT direct (first Delta) p50 / p99", f"{ms(d50)} / {ms(pct(ttft['direct'], 0.99))}")
-        res.add("3", "TTFT gateway (first SSE content chunk) p50 / p99",
-                f"{ms(g50)} / {ms(pct(ttft['gateway'], 0.99))}")
+        res.add(
+            "3", "TTFT gateway (first SSE content chunk) p50 / p99", f"{ms(g50)} / {ms(pct(ttft['gateway'], 0.99))}"
+        )
         res.add("3", "TTFT added by gateway p50", ms(g50 - d50))
         res.note(f"TTFT: {r['direct']['errors'] + r['gateway']['errors']} errors; {meter.summary()}")
 
@@ -628,7 +755,7 @@ async def bench(cfg: dict[str, Any], infra: Infra, procs: list[Proc], res: Resul
         n_tok = cfg["long_tokens"]
         for model, label, proc in ((FAST_MODEL, "coalesce 0 ms", fast), (COALESCE_MODEL, "coalesce 2 ms", coal)):
             say(f"4. streamed tokens/s, max_tokens={n_tok}, {label}")
-            cpids = {"gateway": gateway.pid, "worker": proc.pid, "nats": infra.nats.proc.pid, "bench": os.getpid()}
+            cpids = {"gateway": gateway.pid, "worker": proc.pid, "nats": infra.nats_pid, "bench": os.getpid()}
             body = http.body(model, n_tok, stream=True)
             sdirect = Direct(client, model)
             await http.stream(http.body(model, 2000, stream=True))  # warm-up
@@ -641,8 +768,7 @@ async def bench(cfg: dict[str, Any], infra: Infra, procs: list[Proc], res: Resul
                     singles.append(await http.stream(body, count_text="tok"))
             for s in singles:
                 if s["tokens"] != n_tok or s["counted"] != n_tok:
-                    res.note(f"{label}: token count mismatch: usage {s['tokens']}, text {s['counted']}, "
-                             f"asked {n_tok}")
+                    res.note(f"{label}: token count mismatch: usage {s['tokens']}, text {s['counted']}, asked {n_tok}")
             rate1 = sum(s["tokens"] for s in singles) / sum(s["wall"] for s in singles)
             drate = sum(s["tokens"] for s in dsingles) / sum(s["wall"] for s in dsingles)
             k = cfg["long_concurrent"]
@@ -651,53 +777,80 @@ async def bench(cfg: dict[str, Any], infra: Infra, procs: list[Proc], res: Resul
             wall = time.perf_counter() - t0
             ratek = sum(s["tokens"] for s in many) / wall
             res.add("4", f"{label}: direct NATS, 1 stream (reference)", f"{drate:,.0f} tok/s")
-            res.add("4", f"{label}: gateway SSE, 1 stream", f"{rate1:,.0f} tok/s", ">= 50,000 tok/s",
-                    rate1 >= 50_000)
-            res.add("4", f"{label}: gateway SSE, {k} concurrent streams (aggregate)", f"{ratek:,.0f} tok/s",
-                    ">= 50,000 tok/s", ratek >= 50_000)
-            res.note(f"{label}: single-stream runs {[round(s['tokens'] / s['wall']) for s in singles]} tok/s "
-                     f"(gateway), {[round(s['tokens'] / s['wall']) for s in dsingles]} tok/s (direct); "
-                     f"single-stream phase {meter.summary()}")
+            res.add("4", f"{label}: gateway SSE, 1 stream", f"{rate1:,.0f} tok/s", ">= 50,000 tok/s", rate1 >= 50_000)
+            res.add(
+                "4",
+                f"{label}: gateway SSE, {k} concurrent streams (aggregate)",
+                f"{ratek:,.0f} tok/s",
+                ">= 50,000 tok/s",
+                ratek >= 50_000,
+            )
+            res.note(
+                f"{label}: single-stream runs {[round(s['tokens'] / s['wall']) for s in singles]} tok/s "
+                f"(gateway), {[round(s['tokens'] / s['wall']) for s in dsingles]} tok/s (direct); "
+                f"single-stream phase {meter.summary()}"
+            )
         coal.stop()
 
         # 5. default model: llama.cpp + SmolLM2-135M Q4_1, worker defaults
         say("5. starting the default-model worker (engine llamacpp, smollm2-135m-instruct q4_1, defaults)")
         t0 = time.perf_counter()
         llm = start_worker(infra, "llm-default", {}, procs)
-        await wait_worker(nc, DEFAULT_MODEL, llm, timeout=180)
+        await wait_worker(nc, DEFAULT_MODEL, llm, limit_s=180)
         load_s = time.perf_counter() - t0
         rss_load, _ = rss_mib(llm.pid)
         say(f"default worker ready in {load_s:.1f} s, pid {llm.pid}, RSS {rss_load:.0f} MiB")
-        lpids = {"gateway": gateway.pid, "worker": llm.pid, "nats": infra.nats.proc.pid, "bench": os.getpid()}
+        lpids = {"gateway": gateway.pid, "worker": llm.pid, "nats": infra.nats_pid, "bench": os.getpid()}
         lbody = http.body(DEFAULT_MODEL, 128, stream=True, prompt=STORY_PROMPT, temperature=0.7)
         await http.stream(http.body(DEFAULT_MODEL, 8, stream=True, prompt=STORY_PROMPT, temperature=0.7))
-        say(f"5. 1 stream x{cfg['llm_single_reps']}, max_tokens=128, temperature 0.7")
-        singles = []
+        say(
+            f"5. 1 stream x{cfg['llm_single_reps']}, max_tokens=128, temperature 0.7 "
+            f"(cap {cfg['llm_single_cap']:.0f} s)"
+        )
         meter1 = CpuMeter(lpids)
         with meter1:
-            for _ in range(cfg["llm_single_reps"]):
-                singles.append(await http.stream(lbody))
-        rate1 = sum(s["tokens"] for s in singles) / sum(s["wall"] for s in singles)
+            single = await llm_runs(http, lbody, 1, cfg["llm_single_reps"], cfg["llm_single_cap"])
         k = cfg["llm_concurrent"]
-        say(f"5. {k} concurrent streams, max_tokens=128, temperature 0.7")
+        say(f"5. {k} concurrent streams, max_tokens=128, temperature 0.7 (cap {cfg['llm_concurrent_cap']:.0f} s)")
         meterk = CpuMeter(lpids)
         with meterk:
-            t0 = time.perf_counter()
-            many = await asyncio.gather(*(http.stream(lbody) for _ in range(k)))
-            wallk = time.perf_counter() - t0
-        ratek = sum(s["tokens"] for s in many) / wallk
+            multi = await llm_runs(http, lbody, k, 1, cfg["llm_concurrent_cap"])
         rss_after, hwm = rss_mib(llm.pid)
-        res.add("5", "default model, 1 stream, tokens/s (completion tokens / wall)", f"{rate1:,.1f} tok/s",
-                ">= 100 tok/s", rate1 >= 100)
-        res.add("5", f"default model, {k} concurrent streams, aggregate tokens/s", f"{ratek:,.1f} tok/s")
-        res.add("5", "default model, 1 stream TTFT p50", ms(pct([s["ttft"] for s in singles], 0.5)))
-        res.add("5", "default-model worker RSS after load / after runs (peak)",
-                f"{rss_load:.0f} MiB / {rss_after:.0f} MiB ({hwm:.0f} MiB)")
-        res.note(f"default model: load {load_s:.1f} s; single-stream completions "
-                 f"{[s['tokens'] for s in singles]} tokens in {[round(s['wall'], 2) for s in singles]} s; "
-                 f"{k} streams: {sum(s['tokens'] for s in many)} tokens in {wallk:.2f} s (capacity 1: queued); "
-                 f"single {meter1.summary()}; concurrent {meterk.summary()}")
+        rate1, ratek = single["rate"], multi["rate"]
+        res.add(
+            "5",
+            "default model, 1 stream, tokens/s (completion tokens / wall)",
+            f"{rate1:,.1f} tok/s{single['cut']}",
+            ">= 100 tok/s",
+            rate1 >= 100,
+        )
+        res.add("5", f"default model, {k} concurrent streams, aggregate tokens/s", f"{ratek:,.1f} tok/s{multi['cut']}")
+        res.add("5", "default model, 1 stream TTFT p50", ms(pct(single["ttft"], 0.5)))
+        res.add(
+            "5",
+            "default-model worker RSS after load / after runs (peak VmHWM)",
+            f"{rss_load:.0f} MiB / {rss_after:.0f} MiB ({hwm:.0f} MiB)",
+        )
+        res.note(
+            f"default model (n_threads defaults to os.cpu_count() = {os.cpu_count()}): load {load_s:.1f} s; "
+            f"1 stream: {single['tokens']} tokens in {single['wall']:.2f} s over {single['runs']} run(s); "
+            f"{k} streams: {multi['tokens']} tokens in {multi['wall']:.2f} s (engine capacity 1, so they queue); "
+            f"1-stream phase {meter1.summary()}; {k}-stream phase {meterk.summary()}"
+        )
         llm.stop()
+
+        # Reference only: same model with n_threads=1, to show how llama.cpp's thread count fares on a shared box.
+        say("5. reference: default model with engine_options n_threads=1, 1 stream")
+        llm1 = start_worker(infra, "llm-default-1thread", {"engine_options": {"n_threads": 1}}, procs)
+        await wait_worker(nc, DEFAULT_MODEL, llm1, limit_s=180)
+        await http.stream(http.body(DEFAULT_MODEL, 8, stream=True, prompt=STORY_PROMPT, temperature=0.7))
+        lpids["worker"] = llm1.pid
+        meter = CpuMeter(lpids)
+        with meter:
+            one = await llm_runs(http, lbody, 1, cfg["llm_single_reps"], cfg["llm_single_cap"])
+        res.add("5", "reference: default model with n_threads=1, 1 stream", f"{one['rate']:,.1f} tok/s{one['cut']}")
+        res.note(f"n_threads=1 reference: {one['tokens']} tokens in {one['wall']:.2f} s; {meter.summary()}")
+        llm1.stop()
         gw_rss, gw_hwm = rss_mib(gateway.pid)
         res.note(f"gateway RSS at the end {gw_rss:.0f} MiB (peak {gw_hwm:.0f} MiB)")
     finally:
@@ -734,12 +887,23 @@ def machine() -> str:
                 cpu = line.split(":", 1)[1].strip()
                 break
     mem = psutil.virtual_memory().total / 2**30
-    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, {platform.system()} {platform.release()}, " \
-           f"Python {platform.python_version()}"
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
 
 
-def write_results(res: Results, quick: bool, started: dt.datetime, elapsed: float, load: tuple[str, str],
-                  findings: list[str]) -> str:
+def write_results(
+    res: Results,
+    quick: bool,
+    started: dt.datetime,
+    elapsed: float,
+    load: tuple[str, str],
+    findings: list[str],
+    note: str,
+) -> str:
+    others = CpuMeter.others or [0.0]
+    other_mean, other_max = sum(others) / len(others), max(others)
     lines = [
         "# InferBus spine benchmark",
         "",
@@ -749,9 +913,11 @@ def write_results(res: Results, quick: bool, started: dt.datetime, elapsed: floa
         "- Load generator: Python asyncio clients (aiohttp keep-alive pool for HTTP, the gateway's own "
         "`StreamClient` for direct NATS) running **on the same 2 cores** as nats-server, the gateway and the "
         "worker; every figure is therefore a floor for what the services would do on their own.",
-        f"- Noise: another engineer's test suite was running on this machine at the same time "
-        f"(load average {load[0]} at start, {load[1]} at the end); the `OTHER (not bench)` core counts in the "
-        "notes show how much CPU it took during each measurement. Treat the figures as noisy.",
+        f"- Noise: processes outside the bench used {other_mean:.2f} cores on average (max {other_max:.2f}) of "
+        f"the 2 during the measured windows (load average {load[0]} at start, {load[1]} at the end); the "
+        "`OTHER (not bench)` figures in the notes give it per measurement."
+        + (" Figures taken with other load present are noisy." if other_max > 0.2 else ""),
+        *([f"- Note: {note}"] if note else []),
         "- Direct and gateway latencies are measured interleaved in rounds, in one run, so drift hits both.",
         "",
         res.table(),
@@ -772,6 +938,7 @@ def write_results(res: Results, quick: bool, started: dt.datetime, elapsed: floa
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller counts (~1.5 minutes)")
+    parser.add_argument("--note", default="", help="free text for the header of RESULTS.md (e.g. what else ran)")
     args = parser.parse_args()
     cfg = QUICK if args.quick else FULL
     started = dt.datetime.now(dt.UTC)
@@ -815,7 +982,7 @@ def main() -> int:
         return 1
     load1 = "{:.2f}, {:.2f}, {:.2f}".format(*os.getloadavg())
     elapsed = time.perf_counter() - t_start
-    write_results(res, args.quick, started, elapsed, (load0, load1), findings)
+    write_results(res, args.quick, started, elapsed, (load0, load1), findings, args.note)
     print()
     print(res.table())
     for f in findings:
