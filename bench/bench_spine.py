@@ -32,7 +32,6 @@ import platform
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,7 +51,14 @@ import psutil  # noqa: E402
 from contracts import subjects  # noqa: E402
 from contracts.llm import Delta, Final, GenerateRequest, Message  # noqa: E402
 from services.runtime import bus  # noqa: E402
-from services.runtime.embedded import NatsServer, PostgresServer, RedisServer, free_port  # noqa: E402
+from services.runtime.embedded import free_port  # noqa: E402
+from services.runtime.local import (  # noqa: E402
+    EmbeddedStack,
+    ServiceProcess,
+    settings_env,
+    wait_http,
+    wait_worker,
+)
 from services.runtime.streaming import StreamClient  # noqa: E402
 
 ADMIN_KEY = "ib-bench-admin-" + secrets.token_hex(16)
@@ -105,84 +111,15 @@ def say(text: str) -> None:
 # ---- processes ------------------------------------------------------------------------------
 
 
-class Infra:
-    """nats-server, PostgreSQL and Redis from the wheels, each on a free port (stop() is safe at any point)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.nats = NatsServer(root)
-        self.postgres = PostgresServer(root)
-        self.redis = RedisServer(root)
-        self.nats_url = self.database_url = self.redis_url = ""
-
-    def start(self) -> None:
-        self.nats_url = self.nats.start()
-        self.database_url = self.postgres.start()
-        self.redis_url = self.redis.start()
-
-    @property
-    def nats_pid(self) -> int:
-        assert self.nats.proc is not None
-        return self.nats.proc.pid
-
-    def env(self, **extra: str) -> dict[str, str]:
-        # Inherited INFERBUS_* variables would change the services' settings: leave them out.
-        base = {k: v for k, v in os.environ.items() if not k.startswith("INFERBUS_")}
-        return {
-            **base,
-            "INFERBUS_NATS_URL": self.nats_url,
-            "INFERBUS_DATABASE_URL": self.database_url,
-            "INFERBUS_REDIS_URL": self.redis_url,
-            "PYTHONUNBUFFERED": "1",
-            **extra,
-        }
-
-    def stop(self) -> None:
-        for server in (self.redis, self.postgres, self.nats):
-            try:
-                server.stop()
-            except Exception as exc:  # keep stopping the others
-                say(f"stopping {server.name} failed: {exc!r}")
-
-
-class Proc:
-    """A service as its own OS process, log captured to a file."""
-
-    def __init__(self, name: str, module: str, env: dict[str, str], log_dir: Path) -> None:
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self._log = self.log_path.open("wb")
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", module], env=env, cwd=str(ROOT), stdout=self._log, stderr=subprocess.STDOUT
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(20)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        self._log.close()
-
-
-def start_worker(infra: Infra, name: str, settings: dict[str, Any], procs: list[Proc]) -> Proc:
-    extra = {f"INFERBUS_{k.upper()}": v if isinstance(v, str) else json.dumps(v) for k, v in settings.items()}
-    env = infra.env(**extra)
-    proc = Proc(name, "services.llm", env, infra.root)
+def start_worker(
+    infra: EmbeddedStack, name: str, settings: dict[str, Any], procs: list[ServiceProcess]
+) -> ServiceProcess:
+    proc = ServiceProcess(name, "services.llm", infra.env(**settings_env(**settings)), infra.root)
     procs.append(proc)
     return proc
 
 
-def start_gateway(infra: Infra, procs: list[Proc]) -> tuple[Proc, str]:
+def start_gateway(infra: EmbeddedStack, procs: list[ServiceProcess]) -> tuple[ServiceProcess, str]:
     port = free_port()
     models = [
         {"name": DEFAULT_MODEL, "version": DEFAULT_VERSION},
@@ -190,36 +127,9 @@ def start_gateway(infra: Infra, procs: list[Proc]) -> tuple[Proc, str]:
         {"name": COALESCE_MODEL, "version": "v1"},
     ]
     env = infra.env(INFERBUS_PORT=str(port), INFERBUS_ADMIN_KEY=ADMIN_KEY, INFERBUS_MODELS=json.dumps(models))
-    proc = Proc("gateway", "services.gateway", env, infra.root)
+    proc = ServiceProcess("gateway", "services.gateway", env, infra.root)
     procs.append(proc)
     return proc, f"http://127.0.0.1:{port}"
-
-
-async def wait_worker(nc: bus.Connection, model: str, proc: Proc, limit_s: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"{proc.name} exited:\n{proc.log()[-3000:]}")
-        for svc in await bus.discover(nc, "STATS", "inferbus-llm", wait=0.2):
-            for endpoint in svc.get("endpoints", []):
-                data = endpoint.get("data") or {}
-                if data.get("model") == model and data.get("ready"):
-                    return dict(data)
-    raise TimeoutError(f"{model} worker not ready:\n{proc.log()[-3000:]}")
-
-
-async def wait_http(url: str, proc: Proc, limit_s: float = 60) -> None:
-    deadline = time.monotonic() + limit_s
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            if proc.popen.poll() is not None:
-                raise RuntimeError(f"{proc.name} exited:\n{proc.log()[-3000:]}")
-            with contextlib.suppress(aiohttp.ClientError):
-                async with http.get(url + "/readyz") as resp:
-                    if resp.status == 200:
-                        return
-            await asyncio.sleep(0.1)
-    raise TimeoutError(f"{url} not ready:\n{proc.log()[-3000:]}")
 
 
 def rss_mib(pid: int) -> tuple[float, float]:
@@ -642,7 +552,7 @@ class Results:
         return head + "".join(f"| {a} | {b} | {c} | {d} | {e} |\n" for a, b, c, d, e in self.rows)
 
 
-async def bench(cfg: dict[str, Any], infra: Infra, procs: list[Proc], res: Results) -> None:
+async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServiceProcess], res: Results) -> None:
     say("starting gateway and benchmark workers")
     gateway, base = start_gateway(infra, procs)
     fast = start_worker(
@@ -858,7 +768,7 @@ async def bench(cfg: dict[str, Any], infra: Infra, procs: list[Proc], res: Resul
         await nc.close()
 
 
-def log_findings(procs: list[Proc]) -> list[str]:
+def log_findings(procs: list[ServiceProcess]) -> list[str]:
     """Warnings and errors the services logged during the run."""
     found = []
     for p in procs:
@@ -951,8 +861,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_term)
     root = Path(tempfile.mkdtemp(prefix="inferbus-bench-"))
     root.chmod(0o755)
-    infra = Infra(root)
-    procs: list[Proc] = []
+    infra = EmbeddedStack(root)
+    procs: list[ServiceProcess] = []
     res = Results()
     ok = False
     try:
@@ -972,7 +882,10 @@ def main() -> int:
         for p in reversed(procs):
             with contextlib.suppress(Exception):
                 p.stop()
-        infra.stop()
+        try:
+            infra.stop()
+        except RuntimeError as exc:
+            say(str(exc))
         findings = log_findings(procs)
         if ok:
             shutil.rmtree(root, ignore_errors=True)

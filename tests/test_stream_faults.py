@@ -12,12 +12,12 @@ import openai
 import pytest
 
 from services.runtime import bus
-from tests.conftest import ADMIN_KEY, GHOST_MODEL, SLOW_MODEL, Gateway, Proc, worker_stats
+from tests.conftest import ADMIN_KEY, GHOST_MODEL, SLOW_MODEL, Gateway, SlowWorker, worker_stats
 
 LONG = {"model": SLOW_MODEL, "max_tokens": 1000, "messages": [{"role": "user", "content": "go"}]}
 
 
-async def test_worker_killed_mid_stream_sse(gateway: Gateway, slow_worker: tuple[Proc, dict[str, Any]]) -> None:
+async def test_worker_killed_mid_stream_sse(gateway: Gateway, slow_worker: SlowWorker) -> None:
     proc, _ = slow_worker
     client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
     stream = await client.chat.completions.create(**LONG, stream=True)
@@ -34,7 +34,7 @@ async def test_worker_killed_mid_stream_sse(gateway: Gateway, slow_worker: tuple
     assert "stopped answering" in str(failure.value)
 
 
-async def test_worker_killed_mid_stream_ws(gateway: Gateway, slow_worker: tuple[Proc, dict[str, Any]]) -> None:
+async def test_worker_killed_mid_stream_ws(gateway: Gateway, slow_worker: SlowWorker) -> None:
     proc, _ = slow_worker
     async with aiohttp.ClientSession() as http, http.ws_connect(gateway.url + "/v1/ws", headers=gateway.headers) as ws:
         await ws.send_json({"type": "request", "id": "r1", "body": LONG})
@@ -77,7 +77,7 @@ async def _wait_idle(nc: bus.Connection, worker_id: str, limit: float) -> dict[s
 
 
 async def test_sse_disconnect_cancels_generation(
-    gateway: Gateway, nc: bus.Connection, slow_worker: tuple[Proc, dict[str, Any]]
+    gateway: Gateway, nc: bus.Connection, slow_worker: SlowWorker
 ) -> None:
     _, stats = slow_worker
     async with aiohttp.ClientSession(headers=gateway.headers) as http:
@@ -92,7 +92,7 @@ async def test_sse_disconnect_cancels_generation(
 
 
 async def test_ws_close_and_cancel_event_free_the_worker(
-    gateway: Gateway, nc: bus.Connection, slow_worker: tuple[Proc, dict[str, Any]]
+    gateway: Gateway, nc: bus.Connection, slow_worker: SlowWorker
 ) -> None:
     _, stats = slow_worker
     async with aiohttp.ClientSession() as http, http.ws_connect(gateway.url + "/v1/ws", headers=gateway.headers) as ws:

@@ -24,8 +24,9 @@ from contracts.llm import (
     request_encoder,
 )
 from services.runtime import bus
+from services.runtime.local import EmbeddedStack, wait_worker
 from services.runtime.streaming import StreamClient
-from tests.conftest import BENCH_MODEL, Infra, start_worker, wait_worker, worker_stats
+from tests.conftest import BENCH_MODEL, start_worker, worker_stats
 
 QUEUED_MODEL = "bench-one-slot"
 
@@ -49,7 +50,7 @@ async def _raw(nc: bus.Connection, subject: str, payload: bytes, limit: float = 
 
 
 @pytest.fixture(scope="module")
-async def one_slot(infra: Infra, nc: bus.Connection) -> AsyncIterator[dict[str, Any]]:
+async def one_slot(infra: EmbeddedStack, nc: bus.Connection) -> AsyncIterator[dict[str, Any]]:
     proc = start_worker(infra, QUEUED_MODEL, engine_options={"tokens_per_s": 40, "capacity": 1}, heartbeat_s=0.2)
     stats = await wait_worker(nc, QUEUED_MODEL, proc)
     yield stats

@@ -31,7 +31,7 @@ async def _status() -> int:
         rows = [("SERVICE", "ID", "VERSION", "HEALTH", "DETAILS")]
         for svc in sorted(found, key=lambda s: (s.get("name", ""), s.get("id", ""))):
             health = await _health(nc, svc)
-            data = _data(svc)
+            data = bus.stats_data(svc)
             details = " ".join(f"{k}={v}" for k, v in data.items() if k in (
                 "model", "version", "engine", "in_flight", "queued", "served", "models"))
             rows.append((svc.get("name", "?"), svc.get("id", "?")[:12], svc.get("version", "?"), health, details))
@@ -41,13 +41,6 @@ async def _status() -> int:
         return 0
     finally:
         await nc.close()
-
-
-def _data(svc: dict[str, Any]) -> dict[str, Any]:
-    for endpoint in svc.get("endpoints", []):
-        if endpoint.get("data"):
-            return dict(endpoint["data"])
-    return {}
 
 
 async def _health(nc: bus.Connection, svc: dict[str, Any]) -> str:

@@ -117,8 +117,8 @@ async def _wait_ready(gateway_url: str, nats_url: str, limit_s: float) -> None:
                             waiting.append("gateway")
                 except aiohttp.ClientError:
                     waiting.append("gateway")
-                workers = await bus.discover(nc, "STATS", "inferbus-llm", wait=0.3)
-                if not any(e.get("data", {}).get("ready") for s in workers for e in s.get("endpoints", [])):
+                workers = await bus.service_stats(nc, "inferbus-llm", wait=0.3)
+                if not any(w.get("ready") for w in workers):
                     waiting.append("llm worker (loading model)")
                 if not waiting:
                     return

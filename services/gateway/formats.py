@@ -24,75 +24,60 @@ def sse(payload: object) -> bytes:
     return b"data: " + _encode(payload) + b"\n\n"
 
 
-class ChatFormat:
-    """chat.completion / chat.completion.chunk for one request."""
+class _Format:
+    """What both shapes share: the per-request header fields, the usage chunk, the null usage field."""
+
+    chunk_object = ""
 
     def __init__(self, request_id: str, model: str, created: int, include_usage: bool) -> None:
-        self.base: dict[str, Any] = {"id": request_id, "object": "chat.completion.chunk", "created": created,
+        self.base: dict[str, Any] = {"id": request_id, "object": self.chunk_object, "created": created,
                                      "model": model, "system_fingerprint": None}
         self.include_usage = include_usage
 
-    def _chunk(self, delta: dict[str, Any], finish: str | None) -> bytes:
-        body = {**self.base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    def _chunk(self, content: dict[str, Any], finish: str | None = None) -> bytes:
+        body = {**self.base, "choices": [{"index": 0, **content, "logprobs": None, "finish_reason": finish}]}
         if self.include_usage:
             body["usage"] = None
         return sse(body)
-
-    def start(self) -> bytes:
-        return self._chunk({"role": "assistant", "content": ""}, None)
-
-    def delta(self, text: str) -> bytes:
-        return self._chunk({"content": text}, None)
-
-    def finish(self, reason: str) -> bytes:
-        return self._chunk({}, reason)
 
     def usage(self, usage: Usage) -> bytes:
         return sse({**self.base, "choices": [], "usage": usage_body(usage)})
 
+
+class ChatFormat(_Format):
+    """chat.completion / chat.completion.chunk for one request."""
+
+    chunk_object = "chat.completion.chunk"
+
+    def start(self) -> bytes | None:
+        return self._chunk({"delta": {"role": "assistant", "content": ""}})
+
+    def delta(self, text: str) -> bytes:
+        return self._chunk({"delta": {"content": text}})
+
+    def finish(self, reason: str) -> bytes:
+        return self._chunk({"delta": {}}, reason)
+
     def whole(self, text: str, reason: str, usage: Usage) -> dict[str, Any]:
-        return {
-            **self.base,
-            "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                         "logprobs": None, "finish_reason": reason}],
-            "usage": usage_body(usage),
-        }
+        message = {"role": "assistant", "content": text, "refusal": None}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
+        return {**self.base, "object": "chat.completion", "choices": [choice], "usage": usage_body(usage)}
 
 
-class CompletionFormat:
+class CompletionFormat(_Format):
     """text_completion objects, streamed and whole."""
 
-    def __init__(self, request_id: str, model: str, created: int, include_usage: bool) -> None:
-        self.base: dict[str, Any] = {"id": request_id, "object": "text_completion", "created": created,
-                                     "model": model, "system_fingerprint": None}
-        self.include_usage = include_usage
-
-    def _chunk(self, text: str, finish: str | None) -> bytes:
-        body = {**self.base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-        if self.include_usage:
-            body["usage"] = None
-        return sse(body)
+    chunk_object = "text_completion"
 
     def start(self) -> bytes | None:
         return None
 
     def delta(self, text: str) -> bytes:
-        return self._chunk(text, None)
+        return self._chunk({"text": text})
 
     def finish(self, reason: str) -> bytes:
-        return self._chunk("", reason)
-
-    def usage(self, usage: Usage) -> bytes:
-        return sse({**self.base, "choices": [], "usage": usage_body(usage)})
+        return self._chunk({"text": ""}, reason)
 
     def whole(self, text: str, reason: str, usage: Usage) -> dict[str, Any]:
-        return {
-            **self.base,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
-            "usage": usage_body(usage),
-        }
-
-
-def error_event(body: dict[str, Any]) -> bytes:
-    return sse(body)
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        return {**self.base, "choices": [choice], "usage": usage_body(usage)}

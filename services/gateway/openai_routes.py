@@ -21,7 +21,7 @@ from contracts.llm import (
     completion_to_generate,
 )
 from services.gateway.errors import from_validation, json_response
-from services.gateway.formats import DONE, ChatFormat, CompletionFormat, error_event
+from services.gateway.formats import DONE, ChatFormat, CompletionFormat, sse
 from services.gateway.state import GATEWAY, Gateway
 from services.runtime import logging as log
 
@@ -124,7 +124,7 @@ async def _stream(
     except InferBusError as exc:
         # Mid-stream failure: a terminal error event, never a clean [DONE].
         log.get("gateway").warning("stream_failed", code=exc.code, error=exc.message)
-        await response.write(error_event(exc.openai_body()))
+        await response.write(sse(exc.openai_body()))
     return response
 
 

@@ -49,15 +49,15 @@ class Socket:
         self.gw = gw
         self.ws = ws
         self.key = key
-        self.outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.outbox: asyncio.Queue[str | None] = asyncio.Queue()
         self.running: dict[str, asyncio.Task[None]] = {}
 
     def send(self, event: dict[str, Any]) -> None:
-        self.outbox.put_nowait(_encode(event))
+        self.outbox.put_nowait(_encode(event).decode())
 
     async def writer(self) -> None:
         while (data := await self.outbox.get()) is not None:
-            await self.ws.send_str(data.decode())
+            await self.ws.send_str(data)
 
     async def handle(self, raw: str | bytes) -> None:
         try:

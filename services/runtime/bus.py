@@ -62,3 +62,16 @@ async def discover(nc: Client, verb: str = "STATS", name: str | None = None, wai
     finally:
         await sub.unsubscribe()
     return replies
+
+
+async def service_stats(nc: Client, name: str | None = None, wait: float = 0.5) -> list[dict[str, Any]]:
+    """The live data (the service's stats source) of every instance of `name` that answered STATS."""
+    return [stats_data(svc) for svc in await discover(nc, "STATS", name, wait)]
+
+
+def stats_data(svc: dict[str, Any]) -> dict[str, Any]:
+    # Every endpoint of one instance carries the same data; the health endpoint always exists.
+    for endpoint in svc.get("endpoints", []):
+        if endpoint.get("data"):
+            return dict(endpoint["data"])
+    return {}

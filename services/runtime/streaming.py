@@ -14,7 +14,6 @@ from contracts import headers as h
 from contracts import subjects
 from contracts.errors import InferBusError
 from contracts.llm import (
-    Accepted,
     Chunk,
     ErrorChunk,
     Final,
@@ -116,5 +115,3 @@ class StreamClient:
             if not finished and not self.nc.is_closed:
                 await self.nc.publish(subjects.cancel(request.request_id), b"")
 
-
-__all__ = ["Accepted", "StreamClient"]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
+from contracts.errors import InferBusError
 from contracts.llm import GenerateRequest, Message
 
 Progress = Callable[[str, float], None]
@@ -42,3 +43,25 @@ def with_system_prompt(messages: list[Message], system_prompt: str | None) -> li
     if system_prompt and not any(m["role"] == "system" for m in rendered):
         rendered.insert(0, {"role": "system", "content": system_prompt})
     return rendered
+
+
+def within_context(ids: list[int], n_ctx: int) -> Prepared:
+    """Token ids as a Prepared prompt, refused when they leave no room to generate."""
+    if len(ids) >= n_ctx:
+        raise InferBusError(
+            "context_length_exceeded", f"this model's context is {n_ctx} tokens; the prompt has {len(ids)}"
+        )
+    return Prepared(prompt=ids, prompt_tokens=len(ids))
+
+
+def hf_token_ids(tokenizer: Any, request: GenerateRequest, system_prompt: str | None) -> list[int]:
+    """A request as token ids through a Hugging Face tokenizer and its chat template."""
+    if request.messages is None:
+        return [int(i) for i in tokenizer.encode(request.prompt or "")]
+    if not getattr(tokenizer, "chat_template", None):
+        raise InferBusError("invalid_request", "this model has no chat template; use /v1/completions")
+    messages = with_system_prompt(request.messages, system_prompt)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    if not isinstance(ids, list):  # a BatchEncoding on tokenizers that ignore return_dict
+        ids = list(ids["input_ids"])
+    return [int(i) for i in ids]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import importlib.util
 import os
@@ -15,7 +16,7 @@ import jinja2.sandbox
 
 from contracts.errors import InferBusError
 from contracts.llm import GenerateRequest
-from services.llm.engines.base import Piece, Prepared, Progress, with_system_prompt
+from services.llm.engines.base import Piece, Prepared, Progress, with_system_prompt, within_context
 from services.llm.engines.threaded import iterate_in_thread
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -52,8 +53,6 @@ class LlamaCppEngine:
         self._template: jinja2.Template | None = None
 
     async def load(self, progress: Progress) -> None:
-        import asyncio
-
         from llama_cpp import Llama
 
         progress(f"loading {os.path.basename(self.model_path)}", 0.0)
@@ -78,12 +77,7 @@ class LlamaCppEngine:
     def prepare(self, request: GenerateRequest) -> Prepared:
         text, add_bos = self._render(request)
         tokens = self._llm.tokenize(text.encode(), add_bos=add_bos, special=request.messages is not None)
-        if len(tokens) >= self.n_ctx:
-            raise InferBusError(
-                "context_length_exceeded",
-                f"this model's context is {self.n_ctx} tokens; the prompt has {len(tokens)}",
-            )
-        return Prepared(prompt=tokens, prompt_tokens=len(tokens))
+        return within_context(tokens, self.n_ctx)
 
     def generate(self, prepared: Prepared, request: GenerateRequest) -> AsyncIterator[Piece]:
         import llama_cpp

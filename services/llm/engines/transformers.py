@@ -9,9 +9,8 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from contracts.errors import InferBusError
 from contracts.llm import GenerateRequest
-from services.llm.engines.base import Piece, Prepared, Progress, with_system_prompt
+from services.llm.engines.base import Piece, Prepared, Progress, hf_token_ids, within_context
 from services.llm.engines.threaded import iterate_in_thread
 
 
@@ -54,18 +53,7 @@ class TransformersEngine:
         progress("model loaded", 1.0)
 
     def prepare(self, request: GenerateRequest) -> Prepared:
-        if request.messages is not None:
-            messages = with_system_prompt(request.messages, self.system_prompt)
-            ids = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if not isinstance(ids, list):
-                ids = list(ids["input_ids"])
-        else:
-            ids = self._tokenizer.encode(request.prompt or "")
-        if len(ids) >= self.n_ctx:
-            raise InferBusError(
-                "context_length_exceeded", f"this model's context is {self.n_ctx} tokens; the prompt has {len(ids)}"
-            )
-        return Prepared(prompt=[int(i) for i in ids], prompt_tokens=len(ids))
+        return within_context(hf_token_ids(self._tokenizer, request, self.system_prompt), self.n_ctx)
 
     def generate(self, prepared: Prepared, request: GenerateRequest) -> AsyncIterator[Piece]:
         import torch

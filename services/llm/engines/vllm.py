@@ -16,7 +16,7 @@ from typing import Any
 
 from contracts.errors import InferBusError
 from contracts.llm import GenerateRequest
-from services.llm.engines.base import Piece, Prepared, Progress, with_system_prompt
+from services.llm.engines.base import Piece, Prepared, Progress, hf_token_ids, within_context
 
 # Set before vLLM reads them (it reads its env lazily, but the engine core child inherits os.environ).
 DEFAULT_ENV = {
@@ -82,22 +82,7 @@ class VllmEngine:
     def prepare(self, request: GenerateRequest) -> Prepared:
         if self._tokenizer is None:
             raise InferBusError("engine_error", "the vLLM engine is not loaded")
-        if request.messages is not None:
-            if not getattr(self._tokenizer, "chat_template", None):
-                raise InferBusError("invalid_request", "this model has no chat template; use /v1/completions")
-            messages = with_system_prompt(request.messages, self.system_prompt)
-            ids: Any = self._tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-            if not isinstance(ids, list):  # a BatchEncoding on tokenizers that ignore return_dict
-                ids = list(ids["input_ids"])
-        else:
-            ids = self._tokenizer.encode(request.prompt or "")
-        if len(ids) >= self.n_ctx:
-            raise InferBusError(
-                "context_length_exceeded", f"this model's context is {self.n_ctx} tokens; the prompt has {len(ids)}"
-            )
-        return Prepared(prompt=[int(i) for i in ids], prompt_tokens=len(ids))
+        return within_context(hf_token_ids(self._tokenizer, request, self.system_prompt), self.n_ctx)
 
     def _render(self, ids: list[int]) -> Any:
         """Token ids as the engine input vLLM wants (raw prompt dicts are deprecated in vllm.v1)."""

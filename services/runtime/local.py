@@ -1,0 +1,127 @@
+"""The platform's pieces as local processes: the embedded servers as one stack, services as children."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from services.runtime import bus
+from services.runtime.embedded import NatsServer, PostgresServer, RedisServer
+
+
+def settings_env(**settings: Any) -> dict[str, str]:
+    """Service settings as INFERBUS_* variables (non-strings as JSON, as the settings loader reads them)."""
+    return {f"INFERBUS_{k.upper()}": v if isinstance(v, str) else json.dumps(v) for k, v in settings.items()}
+
+
+class EmbeddedStack:
+    """nats-server, PostgreSQL and Redis from the wheels, each on a free port; stop() is safe at any point."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.nats = NatsServer(root)
+        self.postgres = PostgresServer(root)
+        self.redis = RedisServer(root)
+        self.nats_url = self.database_url = self.redis_url = ""
+
+    def start(self) -> None:
+        self.nats_url = self.nats.start()
+        self.database_url = self.postgres.start()
+        self.redis_url = self.redis.start()
+
+    @property
+    def nats_pid(self) -> int:
+        assert self.nats.proc is not None
+        return self.nats.proc.pid
+
+    def env(self, **extra: str) -> dict[str, str]:
+        # Inherited INFERBUS_* variables would change the services' settings: leave them out.
+        base = {k: v for k, v in os.environ.items() if not k.startswith("INFERBUS_")}
+        return {
+            **base,
+            "INFERBUS_NATS_URL": self.nats_url,
+            "INFERBUS_DATABASE_URL": self.database_url,
+            "INFERBUS_REDIS_URL": self.redis_url,
+            "PYTHONUNBUFFERED": "1",
+            **extra,
+        }
+
+    def stop(self) -> None:
+        errors = []
+        for server in (self.redis, self.postgres, self.nats):
+            try:
+                server.stop()
+            except Exception as exc:  # keep stopping the others
+                errors.append(f"{server.name}: {exc!r}")
+        if errors:
+            raise RuntimeError("stopping embedded servers failed: " + "; ".join(errors))
+
+
+class ServiceProcess:
+    """One service (`python -m module`) as its own OS process, its output captured to a log file."""
+
+    def __init__(self, name: str, module: str, env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}-{time.monotonic_ns()}.log"
+        with self.log_path.open("wb") as log:
+            self.popen = subprocess.Popen([sys.executable, "-m", module], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def check_alive(self) -> None:
+        if self.popen.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.log()[-3000:]}")
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+async def wait_worker(nc: bus.Connection, model: str, proc: ServiceProcess, limit_s: float = 120) -> dict[str, Any]:
+    """Wait until a worker of `model` reports ready in its micro stats; return those stats."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        proc.check_alive()
+        for data in await bus.service_stats(nc, "inferbus-llm", wait=0.2):
+            if data.get("model") == model and data.get("ready"):
+                return data
+    raise TimeoutError(f"{model} worker not ready:\n{proc.log()[-3000:]}")
+
+
+async def wait_http(url: str, proc: ServiceProcess, limit_s: float = 60) -> None:
+    """Wait until `url`/readyz answers 200."""
+    deadline = time.monotonic() + limit_s
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            proc.check_alive()
+            try:
+                async with http.get(url + "/readyz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"{url} not ready:\n{proc.log()[-3000:]}")
