@@ -19,9 +19,10 @@ class WorkerLoad(Struct, frozen=True, kw_only=True):
     ready: bool
 
 
-class AdminError(Struct, frozen=True):
+class AdminError(Struct, frozen=True, omit_defaults=True):
     code: str
     message: str
+    param: str | None = None
 
 
 class CreateKeyRequest(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

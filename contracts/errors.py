@@ -22,6 +22,7 @@ _SPECS: Final = (
     ErrorSpec("permission_denied", 403, "permission_error", False),
     ErrorSpec("model_not_found", 404, "invalid_request_error", False),
     ErrorSpec("not_found", 404, "invalid_request_error", False),
+    ErrorSpec("conflict", 409, "invalid_request_error", False),
     ErrorSpec("request_too_large", 413, "invalid_request_error", False),
     ErrorSpec("rate_limited", 429, "rate_limit_error", True),
     ErrorSpec("overloaded", 503, "server_error", True),

@@ -113,6 +113,8 @@ class GenerateRequest(Struct, frozen=True, kw_only=True, omit_defaults=True):
     stop: list[str] = []
     seed: int | None = None
     user: str | None = None
+    # A shadow copy (progressive delivery): its output is compared, never returned, never billed.
+    shadow: bool = False
 
 
 class Usage(Struct, frozen=True, array_like=True):

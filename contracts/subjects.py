@@ -50,3 +50,28 @@ def heartbeat(kind: str, model: str, version: str, worker_id: str) -> str:
 HEARTBEAT_ALL: Final = "registry.heartbeat.>"
 
 ADMIN_KEYS_CREATE: Final = "admin.keys.create"
+
+
+def alias_all(kind: str) -> str:
+    """What an alias router serves: `infer.<kind>.<model>` (one token after the kind, so never a version)."""
+    return f"infer.{_kind(kind)}.*"
+
+
+def registry_admin(op: str) -> str:
+    return f"registry.admin.{op}"
+
+
+def outcome(kind: str, model: str) -> str:
+    return f"registry.outcome.{_kind(kind)}.{token(model)}"
+
+
+OUTCOME_ALL: Final = "registry.outcome.>"
+SHADOW_RECORD: Final = "registry.shadow.record"
+
+# NATS KV bucket holding one routing table per model (the registry writes, gateways and routers watch).
+ROUTING_BUCKET: Final = "INFERBUS_ROUTING"
+_KV_UNSAFE = re.compile(r"[^-_=a-zA-Z0-9]")
+
+
+def routing_key(kind: str, model: str) -> str:
+    return f"{_kind(kind)}.{_KV_UNSAFE.sub('_', model.strip())}"

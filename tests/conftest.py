@@ -20,6 +20,7 @@ SLOW_MODEL = "bench-slow"
 GHOST_MODEL = "ghost"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SlowWorker = tuple[ServiceProcess, dict[str, Any]]
+Workers = dict[str, ServiceProcess]
 
 @pytest.fixture(scope="session")
 def infra() -> Iterator[EmbeddedStack]:
@@ -47,8 +48,10 @@ async def worker_stats(nc: bus.Connection, worker_id: str) -> dict[str, Any]:
     raise LookupError(worker_id)
 
 
-def start_worker(infra: EmbeddedStack, model: str, engine: str = "benchmark", **settings: Any) -> ServiceProcess:
-    version = "v1" if engine == "benchmark" else "q4_1"
+def start_worker(
+    infra: EmbeddedStack, model: str, engine: str = "benchmark", version: str | None = None, **settings: Any
+) -> ServiceProcess:
+    version = version or ("v1" if engine == "benchmark" else "q4_1")
     env = infra.env(**settings_env(model=model, version=version, engine=engine, **settings))
     return ServiceProcess(f"llm-{model}", "services.llm", env, infra.root)
 
@@ -60,7 +63,7 @@ class Gateway:
         self.headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
-def start_gateway(infra: EmbeddedStack) -> Gateway:
+def start_gateway(infra: EmbeddedStack, **settings: Any) -> Gateway:
     port = free_port()
     models = [
         {"name": DEFAULT_MODEL, "version": "q4_1"},
@@ -68,7 +71,10 @@ def start_gateway(infra: EmbeddedStack) -> Gateway:
         {"name": SLOW_MODEL, "version": "v1"},
         {"name": GHOST_MODEL, "version": "v1"},
     ]
-    env = infra.env(INFERBUS_PORT=str(port), INFERBUS_ADMIN_KEY=ADMIN_KEY, INFERBUS_MODELS=json.dumps(models))
+    env = infra.env(
+        INFERBUS_PORT=str(port), INFERBUS_ADMIN_KEY=ADMIN_KEY, INFERBUS_MODELS=json.dumps(models),
+        **settings_env(**settings),
+    )
     return Gateway(ServiceProcess("gateway", "services.gateway", env, infra.root), f"http://127.0.0.1:{port}")
 
 
@@ -103,3 +109,12 @@ async def slow_worker(infra: EmbeddedStack, nc: bus.Connection) -> AsyncIterator
     stats = await wait_worker(nc, SLOW_MODEL, proc)
     yield proc, stats
     proc.stop()
+
+
+@pytest.fixture
+def workers() -> Iterator[Workers]:
+    """Worker processes a test starts (name -> process); all stopped when the test ends."""
+    started: Workers = {}
+    yield started
+    for proc in started.values():
+        proc.stop()

@@ -12,7 +12,7 @@ import msgspec
 
 from contracts import subjects
 from contracts.control import CreateKeyReply, CreateKeyRequest
-from services.cli import state
+from services.cli import models, state
 from services.runtime import bus
 
 
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p_create = keys_sub.add_parser("create", help="create an API key (printed once)")
     p_create.add_argument("--name", required=True)
     p_create.add_argument("--scope", action="append", dest="scopes", help="inference (default) or admin; repeatable")
+    models.add_parser(sub)
     args = parser.parse_args(argv)
 
     if args.command == "up":
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             parser.error(f"unknown scope(s): {', '.join(bad)}")
         return asyncio.run(_keys_create(args.name, scopes))
+    if args.command == "models":
+        return models.run(args, parser)
     parser.error("unknown command")
     return 2
 

@@ -117,6 +117,9 @@ async def _wait_ready(gateway_url: str, nats_url: str, limit_s: float) -> None:
                             waiting.append("gateway")
                 except aiohttp.ClientError:
                     waiting.append("gateway")
+                for name in ("registry", "router"):
+                    if not await bus.discover(nc, "PING", f"inferbus-{name}", wait=0.1):
+                        waiting.append(name)
                 workers = await bus.service_stats(nc, "inferbus-llm", wait=0.3)
                 if not any(w.get("ready") for w in workers):
                     waiting.append("llm worker (loading model)")
@@ -166,10 +169,13 @@ async def up(port: int | None, ready_timeout: float) -> int:
             "PYTHONUNBUFFERED": "1",
         }
         env.pop("INFERBUS_PORT", None)
+        plain = {k: v for k, v in env.items() if k != "INFERBUS_ADMIN_KEY"}
         services = [
+            Supervised("registry", "services.registry", plain),
+            Supervised("router", "services.router", plain),
             Supervised("gateway", "services.gateway",
                        {**env, "INFERBUS_PORT": str(gateway_port), "INFERBUS_ADMIN_KEY": admin_key}),
-            Supervised("llm", "services.llm", {k: v for k, v in env.items() if k != "INFERBUS_ADMIN_KEY"}),
+            Supervised("llm", "services.llm", plain),
         ]
         tasks = [asyncio.create_task(s.run()) for s in services]
         state.state_file().write_text(json.dumps(
@@ -213,6 +219,7 @@ def _banner(url: str, key: str, data: Path) -> None:
           -H "Content-Type: application/json" \\
           -d '{{"model": "smollm2-135m-instruct", "stream": true,
                "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+        inferbus models list
 """,
         flush=True,
     )

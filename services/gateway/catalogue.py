@@ -1,58 +1,123 @@
-"""Which models exist and which version serves each: configured entries plus live worker heartbeats."""
+"""Which models exist and where a request goes: registry tables (watched in KV), configured entries, live workers."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import msgspec
 
 from contracts.control import WorkerLoad
 from contracts.errors import InferBusError
-
-PRESENCE_TTL = 3.0
+from contracts.registry import RoutingTable
+from services.runtime.routing import Presence, Route, Router, Tables
 
 
 class ModelEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """A model the gateway serves without the registry (used when the registry has no table for it)."""
+
     name: str
     version: str
     kind: str = "llm"
     owned_by: str = "inferbus"
 
 
+class Listed(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    kind: str
+    version: str | None  # the stable (default) version
+    owned_by: str
+    table: RoutingTable | None
+    workers: list[WorkerLoad]
+
+
 class Catalogue:
-    def __init__(self, configured: list[ModelEntry]) -> None:
+    def __init__(self, configured: list[ModelEntry], *, per_worker: bool = True) -> None:
         self.configured = {m.name: m for m in configured}
         self.created = int(time.time())
-        # model -> worker_id -> (load, seen at)
-        self.live: dict[str, dict[str, tuple[WorkerLoad, float]]] = {}
+        self.presence = Presence()
+        self.tables = Tables()
+        self.router = Router(self.presence, self.tables, per_worker=per_worker)
 
     def heard(self, load: WorkerLoad) -> None:
-        self.live.setdefault(load.model, {})[load.worker_id] = (load, time.monotonic())
+        self.presence.heard(load)
 
-    def workers(self, model: str) -> list[WorkerLoad]:
-        now = time.monotonic()
-        seen = self.live.get(model, {})
-        for worker_id in [w for w, (_, t) in seen.items() if now - t > PRESENCE_TTL]:
-            del seen[worker_id]
-        return [load for load, _ in seen.values()]
+    def route(
+        self,
+        model: str,
+        kind: str = "llm",
+        *,
+        key_id: str | None = None,
+        user: str | None = None,
+        affinity: str | None = None,
+        version: str | None = None,
+        exclude: frozenset[str] = frozenset(),
+    ) -> Route:
+        """The registry's policy when it has a table for the model; else the configured or live version."""
+        table = self.tables.get(kind, model)
+        if table is not None and version is None:
+            sticky = user if table.policy.sticky == "user" else key_id
+            route = self.router.route(kind, model, sticky=sticky, affinity=affinity, exclude=exclude)
+            assert route is not None
+            return route
+        if version is None:
+            entry = self.configured.get(model)
+            if entry is not None and entry.kind == kind:
+                version = entry.version
+            else:
+                live = self.presence.live(kind, model)
+                if not live:
+                    raise InferBusError("model_not_found", f"The model '{model}' does not exist", param="model")
+                version = live[0].version
+        return self.router.to_worker(kind, model, version, affinity, exclude)
 
-    def resolve(self, model: str, kind: str = "llm") -> ModelEntry:
-        entry = self.configured.get(model)
-        if entry is None or entry.kind != kind:
-            live = [w for w in self.workers(model) if w.kind == kind]
-            if not live:
-                raise InferBusError("model_not_found", f"The model '{model}' does not exist", param="model")
-            entry = ModelEntry(name=model, version=live[0].version, kind=kind)
-        return entry
-
-    def listing(self) -> list[tuple[ModelEntry, list[WorkerLoad]]]:
-        names = set(self.configured) | set(self.live)
+    def listing(self) -> list[Listed]:
+        names: dict[tuple[str, str], str] = {}
+        for kind, model in self.tables.by_model:
+            names[(kind, model)] = "inferbus"
+        for entry in self.configured.values():
+            names.setdefault((entry.kind, entry.name), entry.owned_by)
+        for kind, model in self.presence.models():
+            names.setdefault((kind, model), "inferbus")
         out = []
-        for name in sorted(names):
-            workers = self.workers(name)
-            entry = self.configured.get(name) or (
-                ModelEntry(name=name, version=workers[0].version, kind=workers[0].kind) if workers else None
-            )
-            if entry is not None:
-                out.append((entry, workers))
+        for (kind, model), owner in sorted(names.items(), key=lambda kv: kv[0][1]):
+            table = self.tables.get(kind, model)
+            workers = self.presence.live(kind, model)
+            if table is not None:
+                version = table.policy.stable or next(iter(table.policy.ab), None)
+            elif model in self.configured:
+                version = self.configured[model].version
+            else:
+                version = workers[0].version if workers else None
+            out.append(Listed(name=model, kind=kind, version=version, owned_by=owner, table=table, workers=workers))
         return out
+
+    def describe(self, item: Listed) -> dict[str, Any]:
+        """An OpenAI model object, with InferBus's versions, traffic policy and live workers alongside."""
+        policy = item.table.policy if item.table else None
+        return {
+            "id": item.name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": item.owned_by,
+            "kind": item.kind,
+            "version": item.version,
+            "workers": len(item.workers),
+            "inferbus": {
+                "versions": item.table.versions if item.table else ([item.version] if item.version else []),
+                "revision": item.table.revision if item.table else None,
+                "policy": msgspec.to_builtins(policy) if policy else None,
+                "live_workers": [
+                    {
+                        "worker_id": w.worker_id,
+                        "version": w.version,
+                        "in_flight": w.in_flight,
+                        "queued": w.queued,
+                        "capacity": w.capacity,
+                        "tokens_per_s": w.tokens_per_s,
+                        "healthy": w.ready,
+                    }
+                    for w in item.workers
+                ],
+            },
+        }

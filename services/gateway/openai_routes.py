@@ -26,6 +26,8 @@ from services.gateway.state import GATEWAY, Gateway
 from services.runtime import logging as log
 
 VERSION_HEADER = "x-inferbus-model-version"
+# Same value, same worker while it stays healthy (a conversation id, say); the `user` field otherwise.
+AFFINITY_HEADER = "x-inferbus-affinity"
 TIMEOUT_HEADER = "x-inferbus-timeout"
 
 routes = web.RouteTableDef()
@@ -57,33 +59,45 @@ def _timeout(request: web.Request, gw: Gateway) -> float:
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
-    await gw.authorize(request)
+    key = await gw.authorize(request)
     req = await _decode(request, ChatCompletionRequest)
     rid = "chatcmpl-" + secrets.token_hex(12)
     gen = chat_to_generate(req, rid, gw.settings.default_max_tokens)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     fmt = ChatFormat(rid, req.model, int(time.time()), include_usage)
-    return await _respond(request, gw, gen, fmt, bool(req.stream))
+    return await _respond(request, gw, gen, fmt, bool(req.stream), key.id)
 
 
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
-    await gw.authorize(request)
+    key = await gw.authorize(request)
     req = await _decode(request, CompletionRequest)
     rid = "cmpl-" + secrets.token_hex(12)
     gen = completion_to_generate(req, rid, gw.settings.default_max_tokens)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     fmt = CompletionFormat(rid, req.model, int(time.time()), include_usage)
-    return await _respond(request, gw, gen, fmt, bool(req.stream))
+    return await _respond(request, gw, gen, fmt, bool(req.stream), key.id)
 
 
 async def _respond(
-    request: web.Request, gw: Gateway, gen: GenerateRequest, fmt: ChatFormat | CompletionFormat, stream: bool
+    request: web.Request,
+    gw: Gateway,
+    gen: GenerateRequest,
+    fmt: ChatFormat | CompletionFormat,
+    stream: bool,
+    key_id: str,
 ) -> web.StreamResponse:
     with log.bound(request_id=gen.request_id, model=gen.model):
         timeout = _timeout(request, gw)
-        chunks = gw.dispatcher.generate(gen, kind="llm", timeout_s=timeout, headers=gw.trace_headers(request))
+        chunks = gw.dispatcher.generate(
+            gen,
+            kind="llm",
+            timeout_s=timeout,
+            headers=gw.trace_headers(request),
+            key_id=key_id,
+            affinity=request.headers.get(AFFINITY_HEADER),
+        )
         try:
             first = await anext(chunks)  # errors before the first byte keep their HTTP status
             assert isinstance(first, Accepted)
@@ -132,18 +146,7 @@ async def _stream(
 async def list_models(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     await gw.authorize(request)
-    data = [
-        {
-            "id": entry.name,
-            "object": "model",
-            "created": gw.catalogue.created,
-            "owned_by": entry.owned_by,
-            "kind": entry.kind,
-            "version": entry.version,
-            "workers": len(workers),
-        }
-        for entry, workers in gw.catalogue.listing()
-    ]
+    data = [gw.catalogue.describe(item) for item in gw.catalogue.listing()]
     return json_response(200, {"object": "list", "data": data})
 
 
@@ -152,10 +155,9 @@ async def get_model(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     await gw.authorize(request)
     name = request.match_info["model"]
-    for entry, workers in gw.catalogue.listing():
-        if entry.name == name:
-            return json_response(200, {"id": entry.name, "object": "model", "created": gw.catalogue.created,
-                                       "owned_by": entry.owned_by, "version": entry.version, "workers": len(workers)})
+    for item in gw.catalogue.listing():
+        if item.name == name:
+            return json_response(200, gw.catalogue.describe(item))
     raise InferBusError("model_not_found", f"The model '{name}' does not exist", param="model")
 
 

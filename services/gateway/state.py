@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 import msgspec
@@ -37,13 +37,16 @@ class GatewaySettings(settings.CommonSettings, kw_only=True, forbid_unknown_fiel
     ws_max_in_flight: int = 64
     key_cache_ttl_s: float = 5.0
     models: list[ModelEntry] = msgspec.field(default_factory=lambda: list(DEFAULT_MODELS))
+    # "p2c": pick the less loaded of two live workers (per-worker subjects); "queue": the version's
+    # NATS queue group picks at random.
+    dispatch: Literal["p2c", "queue"] = "p2c"
 
 
 class Gateway:
     def __init__(self, cfg: GatewaySettings) -> None:
         self.settings = cfg
         self.service = service.Service("inferbus-gateway", cfg, description="OpenAI-compatible edge")
-        self.catalogue = Catalogue(cfg.models)
+        self.catalogue = Catalogue(cfg.models, per_worker=cfg.dispatch == "p2c")
         self.pool: asyncpg.Pool | None = None
         self.keys: KeyStore | None = None
         self._dispatcher: Dispatcher | None = None
@@ -62,6 +65,10 @@ class Gateway:
             await self.keys.create("admin (bootstrap)", ["admin", "inference"], key=cfg.admin_key)
         nc = self.service.bus
         await nc.subscribe(subjects.HEARTBEAT_ALL, cb=self._on_heartbeat)
+        try:
+            await self.catalogue.tables.watch(nc.jetstream())
+        except Exception as exc:  # JetStream off: serve the configured models only
+            self.logger.warning("routing_tables_unavailable", error=repr(exc))
         client = StreamClient(nc, first_chunk_timeout=cfg.first_chunk_timeout_s, idle_timeout=cfg.idle_timeout_s)
         await client.start()
         self._dispatcher = Dispatcher(client, self.catalogue)
@@ -75,6 +82,7 @@ class Gateway:
         return self._dispatcher
 
     async def close(self) -> None:
+        await self.catalogue.tables.close()
         await self.service.close()
         if self.pool is not None:
             await self.pool.close()

@@ -119,7 +119,9 @@ class Socket:
 
     async def _run(self, rid: str, gen: Any) -> None:
         seq = 0
-        chunks = self.gw.dispatcher.generate(gen, kind="llm", timeout_s=self.gw.settings.request_timeout_s)
+        chunks = self.gw.dispatcher.generate(
+            gen, kind="llm", timeout_s=self.gw.settings.request_timeout_s, key_id=self.key.id if self.key else None
+        )
         try:
             async for chunk in chunks:
                 if isinstance(chunk, Accepted):

@@ -20,13 +20,17 @@ class LLMSettings(settings.CommonSettings, kw_only=True, forbid_unknown_fields=T
     # Engine constructor options (model_path, n_ctx, n_threads, capacity, tokens_per_s, ...).
     engine_options: dict[str, Any] = msgspec.field(default_factory=dict)
     # A deployment's default system prompt, used when a chat has none. SmolLM2-135M Q4_1 under
-    # llama.cpp derails on its template's built-in persona prompt; a plain one keeps it on task.
-    system_prompt: str | None = "You are a helpful assistant."
+    # llama.cpp derails on its template's built-in persona prompt, and greedy output depends on the
+    # CPU's kernels (AVX2 vs AVX-512): this wording answers on both machine types we have seen.
+    system_prompt: str | None = "You are a helpful AI assistant."
     max_queue: int = 256
     heartbeat_s: float = 0.5
     coalesce_ms: float = 0.0
     coalesce_tokens: int = 64
     drain_grace_s: float = 10.0
+    # Fault injection, for testing canary analysis and rollback only: never set in production.
+    fault_error_rate: float = 0.0
+    fault_delay_ms: float = 0.0
 
 
 def engine_options(cfg: LLMSettings) -> dict[str, Any]:
@@ -54,6 +58,8 @@ async def main(stop: asyncio.Event) -> None:
             heartbeat_s=cfg.heartbeat_s,
             coalesce_ms=cfg.coalesce_ms,
             coalesce_tokens=cfg.coalesce_tokens,
+            fault_error_rate=cfg.fault_error_rate,
+            fault_delay_ms=cfg.fault_delay_ms,
         ),
     )
     svc.stats_source = worker.stats

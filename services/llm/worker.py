@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import random
 import time
 from typing import Any
 
@@ -32,7 +34,11 @@ from services.runtime import logging as log
 from services.runtime.bus import Connection
 
 REQUESTS = Counter("inferbus_llm_requests_total", "Generations by outcome", ["model", "version", "outcome"])
-TOKENS = Counter("inferbus_llm_tokens_total", "Tokens counted by the engine tokenizer", ["model", "version", "type"])
+TOKENS = Counter(
+    "inferbus_llm_tokens_total",
+    "Tokens counted by the engine tokenizer; traffic=shadow marks shadow copies (never billed)",
+    ["model", "version", "type", "traffic"],
+)
 IN_FLIGHT = Gauge("inferbus_llm_in_flight", "Generations running or queued", ["model", "version"])
 TTFT = Histogram("inferbus_llm_ttft_seconds", "Request receipt to first token", ["model", "version"])
 DURATION = Histogram("inferbus_llm_request_seconds", "Request receipt to terminal chunk", ["model", "version"])
@@ -65,6 +71,9 @@ class WorkerSettings(msgspec.Struct, kw_only=True):
     heartbeat_s: float = 0.5
     coalesce_ms: float = 0.0
     coalesce_tokens: int = 64
+    # Fault injection, for testing rollouts only: fail this fraction of requests / add this delay.
+    fault_error_rate: float = 0.0
+    fault_delay_ms: float = 0.0
 
 
 class LLMWorker:
@@ -77,6 +86,9 @@ class LLMWorker:
         self.queued = 0
         self.served = 0
         self.cancelled = 0
+        self.shadow_served = 0
+        self.shadow_tokens = 0
+        self.faults = 0
         self.ready = False
         self._tokens_window: list[tuple[float, int]] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -105,6 +117,7 @@ class LLMWorker:
     async def stop(self, grace: float = 10.0) -> None:
         """Stop taking work, let running generations finish for `grace` s, then cancel the rest."""
         self.ready = False
+        await self._publish_load()  # out of routing now, not when heartbeats stop
         for sub in self._subs:
             await sub.unsubscribe()
         running = list(self.active.values())
@@ -122,6 +135,7 @@ class LLMWorker:
             "model": self.s.model,
             "version": self.s.version,
             "worker_id": self.s.worker_id,
+            "pid": os.getpid(),
             "engine": self.engine.name,
             "ready": self.ready,
             "in_flight": len(self.active),
@@ -129,6 +143,9 @@ class LLMWorker:
             "capacity": self.engine.capacity,
             "served": self.served,
             "cancelled": self.cancelled,
+            "shadow_served": self.shadow_served,
+            "shadow_tokens": self.shadow_tokens,
+            "faults_injected": self.faults,
             "tokens_per_s": round(self._tokens_per_s(), 1),
         }
 
@@ -138,23 +155,25 @@ class LLMWorker:
         return sum(n for _, n in self._tokens_window) / 5.0
 
     async def _heartbeat_loop(self) -> None:
-        s = self.s
-        subject = subjects.heartbeat("llm", s.model, s.version, s.worker_id)
         while True:
-            load = WorkerLoad(
-                worker_id=s.worker_id,
-                kind="llm",
-                model=s.model,
-                version=s.version,
-                engine=self.engine.name,
-                in_flight=len(self.active) - self.queued,
-                queued=self.queued,
-                capacity=self.engine.capacity,
-                tokens_per_s=self._tokens_per_s(),
-                ready=self.ready,
-            )
-            await self.nc.publish(subject, load_encoder.encode(load))
+            await self._publish_load()
             await asyncio.sleep(1.0)
+
+    async def _publish_load(self) -> None:
+        s = self.s
+        load = WorkerLoad(
+            worker_id=s.worker_id,
+            kind="llm",
+            model=s.model,
+            version=s.version,
+            engine=self.engine.name,
+            in_flight=len(self.active) - self.queued,
+            queued=self.queued,
+            capacity=self.engine.capacity,
+            tokens_per_s=self._tokens_per_s(),
+            ready=self.ready,
+        )
+        await self.nc.publish(subjects.heartbeat("llm", s.model, s.version, s.worker_id), load_encoder.encode(load))
 
     # ---- bus callbacks (one at a time per subscription: hand off at once) --------------------
 
@@ -223,6 +242,11 @@ class LLMWorker:
 
     async def _admit_and_generate(self, request: GenerateRequest, out: ReplyStream, received: float) -> None:
         prepared = self.engine.prepare(request)
+        if self.s.fault_delay_ms > 0:
+            await asyncio.sleep(self.s.fault_delay_ms / 1000)
+        if self.s.fault_error_rate > 0 and random.random() < self.s.fault_error_rate:
+            self.faults += 1
+            raise InferBusError("engine_error", "injected fault (the worker's fault_error_rate setting)")
         if self.queued >= self.s.max_queue:
             raise InferBusError("overloaded", "the worker's queue is full; retry shortly")
         self.queued += 1
@@ -291,8 +315,12 @@ class LLMWorker:
             pump.cancel()
             await asyncio.gather(pump, return_exceptions=True)
         self._tokens_window.append((time.monotonic(), completion))
-        TOKENS.labels(*self._labels, "prompt").inc(prepared.prompt_tokens)
-        TOKENS.labels(*self._labels, "completion").inc(completion)
+        traffic = "shadow" if request.shadow else "live"
+        if request.shadow:
+            self.shadow_served += 1
+            self.shadow_tokens += prepared.prompt_tokens + completion
+        TOKENS.labels(*self._labels, "prompt", traffic).inc(prepared.prompt_tokens)
+        TOKENS.labels(*self._labels, "completion", traffic).inc(completion)
         await out.send(Final, finish, Usage(prepared.prompt_tokens, completion), self.s.version)
 
     async def _coalesce(self, queue: asyncio.Queue[object], batch: list[object]) -> None:

@@ -101,14 +101,24 @@ class ServiceProcess:
 
 
 async def wait_worker(nc: bus.Connection, model: str, proc: ServiceProcess, limit_s: float = 120) -> dict[str, Any]:
-    """Wait until a worker of `model` reports ready in its micro stats; return those stats."""
+    """Wait until the worker process `proc` (serving `model`) reports ready in its micro stats; return them."""
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         proc.check_alive()
         for data in await bus.service_stats(nc, "inferbus-llm", wait=0.2):
-            if data.get("model") == model and data.get("ready"):
+            if data.get("model") == model and data.get("pid") == proc.pid and data.get("ready"):
                 return data
     raise TimeoutError(f"{model} worker not ready:\n{proc.log()[-3000:]}")
+
+
+async def wait_service(nc: bus.Connection, name: str, proc: ServiceProcess, limit_s: float = 60) -> None:
+    """Wait until the micro service `name` (e.g. inferbus-registry) answers PING."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        proc.check_alive()
+        if await bus.discover(nc, "PING", name, wait=0.2):
+            return
+    raise TimeoutError(f"{name} not ready:\n{proc.log()[-3000:]}")
 
 
 async def wait_http(url: str, proc: ServiceProcess, limit_s: float = 60) -> None:

@@ -30,7 +30,7 @@ async def _collect(engine: Any, req: GenerateRequest) -> list[Piece]:
 async def engine(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     if request.param == "transformers":
         pytest.importorskip("torch", reason="transformers extra not installed")
-    eng = engines.create(request.param, {"system_prompt": "You are a helpful assistant."})
+    eng = engines.create(request.param, {"system_prompt": "You are a helpful AI assistant."})
     await eng.load(lambda step, fraction: None)
     yield eng
     await eng.close()

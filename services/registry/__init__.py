@@ -1,0 +1,1 @@
+"""Model registry: versions, traffic policy, audit, canary controller."""

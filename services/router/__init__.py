@@ -1,0 +1,1 @@
+"""Alias router: serves infer.<kind>.<model> by the registry's traffic policy."""
