@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 from msgspec import Struct
 
@@ -25,14 +27,10 @@ class AdminError(Struct, frozen=True, omit_defaults=True):
     param: str | None = None
 
 
-class CreateKeyRequest(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    name: str
-    scopes: list[str] = msgspec.field(default_factory=lambda: ["inference"])
+class Reply(Struct, kw_only=True, omit_defaults=True):
+    """Every admin reply on the bus: a result or a typed error (code from the error catalogue)."""
 
-
-class CreateKeyReply(Struct, frozen=True, kw_only=True, omit_defaults=True):
-    key: str | None = None
-    key_id: str | None = None
+    result: Any = None
     error: AdminError | None = None
 
 

@@ -25,6 +25,8 @@ _SPECS: Final = (
     ErrorSpec("conflict", 409, "invalid_request_error", False),
     ErrorSpec("request_too_large", 413, "invalid_request_error", False),
     ErrorSpec("rate_limited", 429, "rate_limit_error", True),
+    ErrorSpec("insufficient_quota", 429, "insufficient_quota", False),
+    ErrorSpec("limiter_unavailable", 503, "server_error", True),
     ErrorSpec("overloaded", 503, "server_error", True),
     ErrorSpec("no_worker", 503, "server_error", True),
     ErrorSpec("cancelled", 499, "server_error", False),
@@ -48,6 +50,12 @@ class InferBusError(Exception):
         self.code = code
         self.message = message
         self.param = param
+        self.headers: dict[str, str] = {}
+
+    def with_headers(self, headers: dict[str, str]) -> InferBusError:
+        """HTTP headers the response carries with this error (Retry-After, x-ratelimit-*)."""
+        self.headers = headers
+        return self
 
     @property
     def spec(self) -> ErrorSpec:

@@ -11,8 +11,6 @@ from typing import Any, Final, Literal
 import msgspec
 from msgspec import Struct
 
-from contracts.control import AdminError
-
 # Engines each kind can run: a version's engine must belong to its model's kind.
 ENGINES: Final[dict[str, frozenset[str]]] = {
     "llm": frozenset({"llamacpp", "transformers", "vllm", "benchmark", "openai"}),
@@ -230,13 +228,6 @@ class History(_Admin, kw_only=True, forbid_unknown_fields=True):
 class Comparisons(_Admin, kw_only=True, forbid_unknown_fields=True):
     model: str
     limit: int = 20
-
-
-class Reply(Struct, kw_only=True, omit_defaults=True):
-    """Every admin reply: a result or a typed error (code from the error catalogue)."""
-
-    result: Any = None
-    error: AdminError | None = None
 
 
 table_encoder = msgspec.json.Encoder()

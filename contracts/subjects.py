@@ -50,6 +50,13 @@ def heartbeat(kind: str, model: str, version: str, worker_id: str) -> str:
 HEARTBEAT_ALL: Final = "registry.heartbeat.>"
 
 ADMIN_KEYS_CREATE: Final = "admin.keys.create"
+ADMIN_KEYS_REVOKED: Final = "admin.keys.revoked"  # broadcast: every gateway drops the key
+ADMIN_KEYS_CHANGED: Final = "admin.keys.changed"  # broadcast: limits/budget changed, drop cached copies
+
+
+def admin(op: str) -> str:
+    """Tenant and key administration, served by the gateways (queue group): admin.<area>.<verb>."""
+    return f"admin.{op}"
 
 
 def alias_all(kind: str) -> str:

@@ -22,9 +22,9 @@ import msgspec
 import pytest
 
 from contracts import subjects
-from contracts.control import CreateKeyReply, CreateKeyRequest
+from contracts.control import Reply
 from contracts.llm import Accepted, ErrorChunk, Final, GenerateRequest, chunk_decoder, request_encoder
-from contracts.registry import Reply
+from contracts.tenancy import CreateKey
 from services.runtime import bus
 from services.runtime.local import EmbeddedStack, ServiceProcess, wait_service, wait_worker
 from tests.conftest import Gateway, Workers, start_worker
@@ -194,10 +194,11 @@ async def test_alias_for_an_unknown_model_answers_an_error_chunk(nc: bus.Connect
 
 
 async def new_key(nc: bus.Connection, name: str) -> str:
-    msg = await nc.request(subjects.ADMIN_KEYS_CREATE, msgspec.json.encode(CreateKeyRequest(name=name)), timeout=5)
-    reply = msgspec.json.decode(msg.data, type=CreateKeyReply)
-    assert reply.key is not None, reply
-    return reply.key
+    msg = await nc.request(subjects.ADMIN_KEYS_CREATE, msgspec.json.encode(CreateKey(name=name)), timeout=5)
+    reply = msgspec.json.decode(msg.data, type=Reply)
+    assert reply.error is None, reply
+    key: str = reply.result["key"]
+    return key
 
 
 async def test_ab_split_is_sticky_per_key_and_per_user(

@@ -8,11 +8,7 @@ import json
 import sys
 from typing import Any
 
-import msgspec
-
-from contracts import subjects
-from contracts.control import CreateKeyReply, CreateKeyRequest
-from services.cli import models, state
+from services.cli import models, state, tenancy
 from services.runtime import bus
 
 
@@ -51,21 +47,6 @@ async def _health(nc: bus.Connection, svc: dict[str, Any]) -> str:
         return "unreachable"
 
 
-async def _keys_create(name: str, scopes: list[str]) -> int:
-    nc = await bus.connect(state.nats_url(), "inferbus-cli", connect_timeout=2)
-    try:
-        payload = msgspec.json.encode(CreateKeyRequest(name=name, scopes=scopes))
-        msg = await nc.request(subjects.ADMIN_KEYS_CREATE, payload, timeout=5)
-        reply = msgspec.json.decode(msg.data, type=CreateKeyReply)
-        if reply.error:
-            print(f"error: {reply.error.message}", file=sys.stderr)
-            return 1
-        print(f"key id: {reply.key_id}\nkey:    {reply.key}\n(shown once: store it now)")
-        return 0
-    finally:
-        await nc.close()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="inferbus", description="InferBus inference platform")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,11 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--port", type=int, default=None, help="gateway port (default 8080, or INFERBUS_GATEWAY_PORT)")
     p_up.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for readiness")
     sub.add_parser("status", help="list running services and their health")
-    p_keys = sub.add_parser("keys", help="API keys")
-    keys_sub = p_keys.add_subparsers(dest="keys_command", required=True)
-    p_create = keys_sub.add_parser("create", help="create an API key (printed once)")
-    p_create.add_argument("--name", required=True)
-    p_create.add_argument("--scope", action="append", dest="scopes", help="inference (default) or admin; repeatable")
+    tenancy.add_parsers(sub)
     models.add_parser(sub)
     args = parser.parse_args(argv)
 
@@ -87,12 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         return up.run(args)
     if args.command == "status":
         return asyncio.run(_status())
-    if args.command == "keys" and args.keys_command == "create":
-        scopes = args.scopes or ["inference"]
-        bad = [s for s in scopes if s not in ("inference", "admin")]
-        if bad:
-            parser.error(f"unknown scope(s): {', '.join(bad)}")
-        return asyncio.run(_keys_create(args.name, scopes))
+    if args.command in ("keys", "tenants"):
+        return tenancy.run(args, parser)
     if args.command == "models":
         return models.run(args, parser)
     parser.error("unknown command")

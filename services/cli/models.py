@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import getpass
 import json
-import sys
 from typing import Any
 
 import msgspec
@@ -20,15 +18,14 @@ from contracts.registry import (
     ListModels,
     Promote,
     RegisterVersion,
-    Reply,
     Rollback,
     SetAB,
     SetCanary,
     SetShadow,
     ShowModel,
 )
-from services.cli import state
-from services.runtime import bus
+from services.cli import admin
+from services.cli.admin import table
 
 
 def add_parser(sub: Any) -> None:
@@ -161,45 +158,15 @@ def build(args: argparse.Namespace) -> tuple[str, msgspec.Struct]:
     raise ValueError(f"unknown models command {cmd!r}")
 
 
-async def request(op: str, body: msgspec.Struct, url: str | None = None, wait_s: float = 10.0) -> Reply:
-    nc = await bus.connect(url or state.nats_url(), "inferbus-cli", connect_timeout=2)
-    try:
-        msg = await nc.request(subjects.registry_admin(op), msgspec.json.encode(body), timeout=wait_s)
-        return msgspec.json.decode(msg.data, type=Reply)
-    finally:
-        await nc.close()
-
-
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         op, body = build(args)
     except ValueError as exc:
         parser.error(str(exc))
-    try:
-        reply = asyncio.run(request(op, body))
-    except Exception as exc:
-        print(
-            f"error: the registry did not answer ({type(exc).__name__}: {exc}). Is `inferbus up` running?",
-            file=sys.stderr,
-        )
-        return 2
-    if reply.error is not None:
-        where = f" [{reply.error.param}]" if reply.error.param else ""
-        print(f"error ({reply.error.code}){where}: {reply.error.message}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(reply.result, indent=2))
-    else:
-        print(render(op, reply.result))
-    return 0
+    return admin.run(subjects.registry_admin(op), body, lambda result: render(op, result), args.json, "registry")
 
 
 # ---- rendering -------------------------------------------------------------------------------
-
-
-def table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 def _policy(p: dict[str, Any]) -> str:

@@ -6,7 +6,7 @@ import asyncio
 
 from aiohttp import web
 
-from services.gateway import openai_routes, websocket
+from services.gateway import admin_routes, openai_routes, websocket
 from services.gateway.errors import error_middleware
 from services.gateway.state import GATEWAY, Gateway, GatewaySettings
 from services.runtime import logging as log
@@ -18,6 +18,7 @@ def build_app(gw: Gateway) -> web.Application:
     app[GATEWAY] = gw
     app.add_routes(openai_routes.routes)
     app.add_routes(websocket.routes)
+    app.add_routes(admin_routes.routes)
     app.router.add_get("/metrics", metrics.metrics_handler)
     return app
 

@@ -23,7 +23,7 @@ def json_response(status: int, body: object, headers: dict[str, str] | None = No
 
 
 def error_response(exc: InferBusError) -> web.Response:
-    return json_response(exc.http_status, exc.openai_body())
+    return json_response(exc.http_status, exc.openai_body(), exc.headers or None)
 
 
 def from_validation(exc: msgspec.MsgspecError) -> InferBusError:

@@ -20,6 +20,7 @@ from contracts.llm import (
     chat_to_generate,
     completion_to_generate,
 )
+from services.gateway.auth import KeyRecord
 from services.gateway.errors import from_validation, json_response
 from services.gateway.formats import DONE, ChatFormat, CompletionFormat, sse
 from services.gateway.state import GATEWAY, Gateway
@@ -65,7 +66,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     gen = chat_to_generate(req, rid, gw.settings.default_max_tokens)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     fmt = ChatFormat(rid, req.model, int(time.time()), include_usage)
-    return await _respond(request, gw, gen, fmt, bool(req.stream), key.id)
+    return await _respond(request, gw, gen, fmt, bool(req.stream), key)
 
 
 @routes.post("/v1/completions")
@@ -77,7 +78,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     gen = completion_to_generate(req, rid, gw.settings.default_max_tokens)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     fmt = CompletionFormat(rid, req.model, int(time.time()), include_usage)
-    return await _respond(request, gw, gen, fmt, bool(req.stream), key.id)
+    return await _respond(request, gw, gen, fmt, bool(req.stream), key)
 
 
 async def _respond(
@@ -86,22 +87,31 @@ async def _respond(
     gen: GenerateRequest,
     fmt: ChatFormat | CompletionFormat,
     stream: bool,
-    key_id: str,
+    key: KeyRecord,
 ) -> web.StreamResponse:
     with log.bound(request_id=gen.request_id, model=gen.model):
         timeout = _timeout(request, gw)
+        grant = await gw.admit(key, request.path, gen)
         chunks = gw.dispatcher.generate(
             gen,
             kind="llm",
             timeout_s=timeout,
-            headers=gw.trace_headers(request),
-            key_id=key_id,
+            headers=gw.bus_headers(request, key),
+            key_id=key.id,
             affinity=request.headers.get(AFFINITY_HEADER),
         )
+        limit_headers: dict[str, str] = {}
+        if grant is not None:
+            assert gw.governor is not None
+            chunks = gw.governor.governed(grant, chunks, gen.model)
+            limit_headers = grant.headers
         try:
-            first = await anext(chunks)  # errors before the first byte keep their HTTP status
+            try:
+                first = await anext(chunks)  # errors before the first byte keep their HTTP status
+            except InferBusError as exc:
+                raise exc.with_headers({**limit_headers, **exc.headers}) from None
             assert isinstance(first, Accepted)
-            headers = {VERSION_HEADER: first.version, "x-request-id": gen.request_id}
+            headers = {VERSION_HEADER: first.version, "x-request-id": gen.request_id, **limit_headers}
             if stream:
                 return await _stream(request, chunks, fmt, headers)
             parts: list[str] = []

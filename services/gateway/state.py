@@ -8,16 +8,29 @@ from typing import Any, Literal
 import asyncpg
 import msgspec
 from aiohttp import web
-from nats.micro.request import Request as MicroRequest
 
 from contracts import headers as h
 from contracts import subjects
-from contracts.control import AdminError, CreateKeyReply, CreateKeyRequest, load_decoder
-from contracts.errors import InferBusError
+from contracts.control import load_decoder
+from contracts.llm import GenerateRequest
+from contracts.tenancy import (
+    CreateKey,
+    CreateTenant,
+    Limits,
+    ListKeys,
+    ListTenants,
+    RevokeKey,
+    RotateKey,
+    UpdateKey,
+    UpdateTenant,
+    revoked_decoder,
+)
 from services.gateway.auth import KeyRecord, KeyStore, bearer
 from services.gateway.catalogue import Catalogue, ModelEntry
 from services.gateway.dispatch import Dispatcher
-from services.runtime import db, service, settings
+from services.gateway.governance import Governor, Grant
+from services.gateway.tenancy import TenancyAdmin
+from services.runtime import admin, db, service, settings
 from services.runtime import logging as log
 from services.runtime.streaming import StreamClient
 
@@ -40,6 +53,12 @@ class GatewaySettings(settings.CommonSettings, kw_only=True, forbid_unknown_fiel
     # "p2c": pick the less loaded of two live workers (per-worker subjects); "queue": the version's
     # NATS queue group picks at random.
     dispatch: Literal["p2c", "queue"] = "p2c"
+    # Rate limits and budgets (Redis). Off: no per-request Redis round trip at all.
+    governance: bool = True
+    # When Redis is unreachable: "open" admits requests (unlimited, logged, counted), "closed" answers 503.
+    rate_limit_failure: Literal["open", "closed"] = "open"
+    global_limits: Limits = Limits()
+    endpoint_limits: dict[str, Limits] = msgspec.field(default_factory=dict)
 
 
 class Gateway:
@@ -49,6 +68,8 @@ class Gateway:
         self.catalogue = Catalogue(cfg.models, per_worker=cfg.dispatch == "p2c")
         self.pool: asyncpg.Pool | None = None
         self.keys: KeyStore | None = None
+        self.tenancy: TenancyAdmin | None = None
+        self.governor: Governor | None = None
         self._dispatcher: Dispatcher | None = None
         self.in_flight = 0
         self.logger = log.get("gateway")
@@ -64,6 +85,17 @@ class Gateway:
         if cfg.admin_key:
             await self.keys.create("admin (bootstrap)", ["admin", "inference"], key=cfg.admin_key)
         nc = self.service.bus
+        self.tenancy = TenancyAdmin(self.pool, nc)
+        if cfg.governance:
+            self.governor = Governor(
+                cfg.redis_url,
+                failure=cfg.rate_limit_failure,
+                global_limits=cfg.global_limits,
+                endpoint_limits=cfg.endpoint_limits,
+                stale_s=cfg.max_request_timeout_s + 60,
+            )
+        await nc.subscribe(subjects.ADMIN_KEYS_REVOKED, cb=self._on_revoked)
+        await nc.subscribe(subjects.ADMIN_KEYS_CHANGED, cb=self._on_changed)
         await nc.subscribe(subjects.HEARTBEAT_ALL, cb=self._on_heartbeat)
         try:
             await self.catalogue.tables.watch(nc.jetstream())
@@ -74,7 +106,23 @@ class Gateway:
         self._dispatcher = Dispatcher(client, self.catalogue)
         self.service.stats_source = self.stats
         self.service.metadata.update({"http": f"http://{cfg.host}:{cfg.port}"})
-        await self.service.register([("keys-create", subjects.ADMIN_KEYS_CREATE, self._create_key, "gateway")])
+        t = self.tenancy
+        operations: list[tuple[str, type[Any], Any]] = [
+            ("keys.create", CreateKey, t.create_key),
+            ("keys.list", ListKeys, t.list_keys),
+            ("keys.revoke", RevokeKey, t.revoke_key),
+            ("keys.rotate", RotateKey, t.rotate_key),
+            ("keys.update", UpdateKey, t.update_key),
+            ("tenants.create", CreateTenant, t.create_tenant),
+            ("tenants.list", ListTenants, t.list_tenants),
+            ("tenants.update", UpdateTenant, t.update_tenant),
+        ]
+        await self.service.register(
+            [
+                (op.replace(".", "-"), subjects.admin(op), admin.handler(self.logger, typ, fn), "gateway")
+                for op, typ, fn in operations
+            ]
+        )
 
     @property
     def dispatcher(self) -> Dispatcher:
@@ -83,6 +131,8 @@ class Gateway:
 
     async def close(self) -> None:
         await self.catalogue.tables.close()
+        if self.governor is not None:
+            await self.governor.close()
         await self.service.close()
         if self.pool is not None:
             await self.pool.close()
@@ -96,26 +146,40 @@ class Gateway:
         except msgspec.DecodeError:
             self.logger.warning("bad_heartbeat", subject=msg.subject)
 
-    async def _create_key(self, request: MicroRequest) -> None:
+    async def _on_revoked(self, msg: Any) -> None:
         try:
-            body = msgspec.json.decode(request.data, type=CreateKeyRequest)
-            if not body.name.strip():
-                raise InferBusError("invalid_request", "name must not be empty")
-            assert self.keys is not None
-            key, record = await self.keys.create(body.name, body.scopes)
-            reply = CreateKeyReply(key=key, key_id=record.id)
-        except (msgspec.MsgspecError, InferBusError) as exc:
-            code = getattr(exc, "code", "invalid_request")
-            reply = CreateKeyReply(error=AdminError(code, str(exc)))
-        await request.respond(msgspec.json.encode(reply))
+            event = revoked_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            self.logger.warning("bad_revocation", subject=msg.subject)
+            return
+        assert self.keys is not None
+        self.keys.heard_revoked(event)
+
+    async def _on_changed(self, msg: Any) -> None:
+        assert self.keys is not None
+        try:
+            what = msgspec.json.decode(msg.data, type=dict[str, str])
+        except msgspec.DecodeError:
+            return
+        self.keys.forget(key_id=what.get("key_id"), tenant_id=what.get("tenant_id"))
+
+    async def admit(self, key: KeyRecord, endpoint: str, request: GenerateRequest, kind: str = "llm") -> Grant | None:
+        """Scopes, rate limits and budgets for one generation; None when governance is off."""
+        key.authorize(kind, request.model)
+        if self.governor is None:
+            return None
+        return await self.governor.admit(key, endpoint, request)
+
+    def bus_headers(self, request: web.Request | None, key: KeyRecord) -> dict[str, str]:
+        hdrs = {h.KEY_ID: key.id, h.TENANT: key.tenant_id}
+        parent = request.headers.get("traceparent") if request is not None else None
+        if parent:
+            hdrs[h.TRACEPARENT] = parent
+        return hdrs
 
     async def authorize(self, request: web.Request) -> KeyRecord:
         assert self.keys is not None
         return await self.keys.authenticate(bearer(request.headers.get("Authorization")))
-
-    def trace_headers(self, request: web.Request) -> dict[str, str] | None:
-        parent = request.headers.get("traceparent")
-        return {h.TRACEPARENT: parent} if parent else None
 
     async def readiness(self) -> list[str]:
         problems = []

@@ -119,9 +119,23 @@ class Socket:
 
     async def _run(self, rid: str, gen: Any) -> None:
         seq = 0
+        key = self.key
+        assert key is not None
+        try:
+            grant = await self.gw.admit(key, "/v1/ws", gen)
+        except InferBusError as exc:
+            self.send(_error(exc, rid))
+            return
         chunks = self.gw.dispatcher.generate(
-            gen, kind="llm", timeout_s=self.gw.settings.request_timeout_s, key_id=self.key.id if self.key else None
+            gen,
+            kind="llm",
+            timeout_s=self.gw.settings.request_timeout_s,
+            headers=self.gw.bus_headers(None, key),
+            key_id=key.id,
         )
+        if grant is not None:
+            assert self.gw.governor is not None
+            chunks = self.gw.governor.governed(grant, chunks, gen.model)
         try:
             async for chunk in chunks:
                 if isinstance(chunk, Accepted):

@@ -10,7 +10,7 @@ import msgspec
 from services.llm import engines
 from services.llm.worker import LLMWorker, WorkerSettings
 from services.runtime import logging as log
-from services.runtime import service, settings
+from services.runtime import service, settings, usage
 
 
 class LLMSettings(settings.CommonSettings, kw_only=True, forbid_unknown_fields=True):
@@ -46,6 +46,10 @@ async def main(stop: asyncio.Event) -> None:
     svc = service.Service("inferbus-llm", cfg, description="LLM worker")
     logger = log.get("llm")
     await svc.connect()
+    js = svc.bus.jetstream()
+    await usage.ensure_stream(js)
+    publisher = usage.UsagePublisher(js)
+    publisher.start()
     engine = engines.create(cfg.engine, engine_options(cfg))
     worker = LLMWorker(
         svc.bus,
@@ -61,6 +65,7 @@ async def main(stop: asyncio.Event) -> None:
             fault_error_rate=cfg.fault_error_rate,
             fault_delay_ms=cfg.fault_delay_ms,
         ),
+        usage=publisher,
     )
     svc.stats_source = worker.stats
     svc.metadata.update({"kind": "llm", "model": cfg.model, "version": cfg.version, "engine": cfg.engine})
@@ -75,6 +80,7 @@ async def main(stop: asyncio.Event) -> None:
     await stop.wait()
     logger.info("draining")
     await worker.stop(cfg.drain_grace_s)
+    await publisher.drain(cfg.drain_grace_s)
     await engine.close()
     await svc.close()
 

@@ -28,10 +28,12 @@ from contracts.llm import (
     chunk_encoder,
     request_decoder,
 )
+from contracts.usage import UsageEvent
 from services.llm.engines import Engine, Piece
 from services.llm.stops import StopScanner
 from services.runtime import logging as log
 from services.runtime.bus import Connection
+from services.runtime.usage import UsagePublisher
 
 REQUESTS = Counter("inferbus_llm_requests_total", "Generations by outcome", ["model", "version", "outcome"])
 TOKENS = Counter(
@@ -63,6 +65,16 @@ class ReplyStream:
         await self.nc.publish(self.reply, chunk_encoder.encode(chunk))
 
 
+class Tally:
+    """Tokens of one request so far: what its usage event reports, however the request ends."""
+
+    __slots__ = ("completion", "prompt")
+
+    def __init__(self) -> None:
+        self.prompt = 0
+        self.completion = 0
+
+
 class WorkerSettings(msgspec.Struct, kw_only=True):
     model: str
     version: str
@@ -77,8 +89,11 @@ class WorkerSettings(msgspec.Struct, kw_only=True):
 
 
 class LLMWorker:
-    def __init__(self, nc: Connection, engine: Engine, settings: WorkerSettings) -> None:
+    def __init__(
+        self, nc: Connection, engine: Engine, settings: WorkerSettings, usage: UsagePublisher | None = None
+    ) -> None:
         self.nc = nc
+        self.usage = usage
         self.engine = engine
         self.s = settings
         self.slots = asyncio.Semaphore(engine.capacity)
@@ -196,6 +211,7 @@ class LLMWorker:
         assert msg.reply
         out = ReplyStream(self.nc, msg.reply)
         received = time.monotonic()
+        started_at = time.time()
         try:
             request = request_decoder.decode(msg.data)
         except msgspec.DecodeError as exc:
@@ -210,17 +226,18 @@ class LLMWorker:
         self.active[rid] = task
         IN_FLIGHT.labels(*self._labels).inc()
         outcome = "ok"
+        tally = Tally()
         with log.bound(request_id=rid, trace_id=_trace_id(msg)):
             try:
                 await out.send(Accepted, self.s.worker_id, self.s.version)
                 async with asyncio.timeout(_deadline_in(msg)):
-                    await self._admit_and_generate(request, out, received)
+                    await self._admit_and_generate(request, out, received, tally)
             except asyncio.CancelledError:
                 outcome = "cancelled"
                 self.cancelled += 1
                 await self._send_error(out, "cancelled", "the generation was cancelled")
             except TimeoutError:
-                outcome = "deadline"
+                outcome = "deadline_exceeded"
                 await self._send_error(out, "deadline_exceeded", "the request deadline passed")
             except InferBusError as exc:
                 outcome = exc.code
@@ -235,12 +252,36 @@ class LLMWorker:
                 IN_FLIGHT.labels(*self._labels).dec()
                 REQUESTS.labels(*self._labels, outcome).inc()
                 DURATION.labels(*self._labels).observe(time.monotonic() - received)
+                if self.usage is not None:
+                    self.usage.publish(self._usage_event(request, msg, outcome, tally, started_at))
+
+    def _usage_event(
+        self, request: GenerateRequest, msg: Msg, outcome: str, tally: Tally, started: float
+    ) -> UsageEvent:
+        hdrs = msg.headers or {}
+        return UsageEvent(
+            request_id=request.request_id,
+            kind="llm",
+            model=self.s.model,
+            version=self.s.version,
+            worker_id=self.s.worker_id,
+            outcome=outcome,
+            started_at=started,
+            finished_at=time.time(),
+            key_id=hdrs.get(h.KEY_ID),
+            tenant_id=hdrs.get(h.TENANT),
+            prompt_tokens=tally.prompt,
+            completion_tokens=tally.completion,
+            shadow=request.shadow,
+        )
 
     async def _send_error(self, out: ReplyStream, code: str, message: str) -> None:
         if not out.closed and not self.nc.is_closed:
             await out.send(ErrorChunk, code, message)
 
-    async def _admit_and_generate(self, request: GenerateRequest, out: ReplyStream, received: float) -> None:
+    async def _admit_and_generate(
+        self, request: GenerateRequest, out: ReplyStream, received: float, tally: Tally
+    ) -> None:
         prepared = self.engine.prepare(request)
         if self.s.fault_delay_ms > 0:
             await asyncio.sleep(self.s.fault_delay_ms / 1000)
@@ -261,11 +302,14 @@ class LLMWorker:
         finally:
             self.queued -= 1
         try:
-            await self._generate(request, prepared, out, received)
+            await self._generate(request, prepared, out, received, tally)
         finally:
             self.slots.release()
 
-    async def _generate(self, request: GenerateRequest, prepared: Any, out: ReplyStream, received: float) -> None:
+    async def _generate(
+        self, request: GenerateRequest, prepared: Any, out: ReplyStream, received: float, tally: Tally
+    ) -> None:
+        tally.prompt = prepared.prompt_tokens
         queue: asyncio.Queue[object] = asyncio.Queue()
         pump = asyncio.create_task(self._pump(self.engine.generate(prepared, request), queue))
         scanner = StopScanner(request.stop)
@@ -303,6 +347,7 @@ class LLMWorker:
                 if done and not scanner.stopped:
                     text_parts.append(scanner.flush())
                 completion += tokens
+                tally.completion = completion
                 text = "".join(text_parts)
                 if text or tokens:
                     if first:

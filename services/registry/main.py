@@ -10,12 +10,10 @@ from typing import Any
 import msgspec
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
-from nats.micro.request import Request as MicroRequest
 from prometheus_client import Counter, Gauge
 
 from contracts import subjects
-from contracts.control import AdminError, load_decoder
-from contracts.errors import InferBusError
+from contracts.control import load_decoder
 from contracts.registry import (
     Comparisons,
     Deploy,
@@ -24,7 +22,6 @@ from contracts.registry import (
     ModelView,
     Promote,
     RegisterVersion,
-    Reply,
     Rollback,
     RoutingTable,
     SetAB,
@@ -38,7 +35,7 @@ from contracts.registry import (
 )
 from services.registry import controller, store
 from services.registry.store import PolicyChange
-from services.runtime import db, service, settings
+from services.runtime import admin, db, service, settings
 from services.runtime import logging as log
 from services.runtime.routing import Presence, routing_bucket
 
@@ -123,7 +120,10 @@ class Registry:
             ("comparisons", Comparisons, self.comparisons),
         ]
         await self.service.register(
-            [(op, subjects.registry_admin(op), _admin(self.logger, typ, fn), "registry") for op, typ, fn in endpoints]
+            [
+                (op, subjects.registry_admin(op), admin.handler(self.logger, typ, fn), "registry")
+                for op, typ, fn in endpoints
+            ]
         )
         self._tasks = [asyncio.create_task(self._controller_loop()), asyncio.create_task(self._resync_loop())]
 
@@ -331,29 +331,6 @@ class Registry:
             PROMOTIONS.labels(model).inc()
             self.logger.info("canary_step", model=model, version=policy.canary, reason=verdict.reason)
             await self._change(model, "auto_promote", CONTROLLER, store.step(model), verdict.reason)
-
-
-def _admin(
-    logger: Any, typ: type[Any], fn: Callable[[Any], Awaitable[Any]]
-) -> Callable[[MicroRequest], Awaitable[None]]:
-    """A micro handler: JSON request of type `typ` in; Reply with a result or a typed error out."""
-
-    async def handle(request: MicroRequest) -> None:
-        try:
-            body = msgspec.json.decode(request.data or b"{}", type=typ)
-            reply = Reply(result=await fn(body))
-        except msgspec.ValidationError as exc:
-            reply = Reply(error=AdminError("invalid_request", f"invalid request: {exc}"))
-        except msgspec.DecodeError as exc:
-            reply = Reply(error=AdminError("invalid_request", f"request body is not valid JSON: {exc}"))
-        except InferBusError as exc:
-            reply = Reply(error=AdminError(exc.code, exc.message, exc.param))
-        except Exception:
-            logger.exception("admin_request_failed", subject=request.subject)
-            reply = Reply(error=AdminError("internal_error", "the registry failed to handle the request"))
-        await request.respond(msgspec.json.encode(reply))
-
-    return handle
 
 
 async def main(stop: asyncio.Event) -> None:

@@ -1,0 +1,134 @@
+"""Tenants, API keys, limits and budgets: admin requests (NATS `admin.*` and HTTP `/v1/admin/*` alike).
+
+Scopes on a key: "admin" (everything, admin endpoints included), "inference" (every kind and model),
+or a narrower set of "kind:<kind>" and/or "model:<model>" (a request must match both sets when both
+are given).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import msgspec
+from msgspec import Struct
+
+DEFAULT_TENANT: Final = "default"
+
+
+class Limits(Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """Rate limits; None means no limit at this level."""
+
+    rpm: int | None = None  # requests per minute
+    tpm: int | None = None  # tokens per minute (prompt estimate + max_tokens, corrected to the actual)
+    concurrency: int | None = None  # requests in flight at once
+
+
+class Budget(Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """Spend caps per UTC day / month, in tokens and in USD (from the metering price table)."""
+
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    usd_per_day: float | None = None
+    usd_per_month: float | None = None
+
+
+class Tenant(Struct, frozen=True, kw_only=True):
+    id: str
+    name: str
+    created_at: str
+    limits: Limits = Limits()
+    budget: Budget = Budget()
+    metadata: dict[str, Any] = {}
+
+
+class KeyInfo(Struct, frozen=True, kw_only=True):
+    """A key as admins see it: never the key itself, only its recognisable prefix."""
+
+    id: str
+    name: str
+    prefix: str
+    tenant_id: str
+    scopes: list[str]
+    created_at: str
+    expires_at: str | None
+    revoked_at: str | None
+    limits: Limits = Limits()
+    model_limits: dict[str, Limits] = {}
+    budget: Budget = Budget()
+    metadata: dict[str, Any] = {}
+
+
+class NewKey(Struct, frozen=True, kw_only=True):
+    key: str  # shown once
+    info: KeyInfo
+
+
+# ---- admin requests ------------------------------------------------------------------------
+
+
+class _Admin(Struct, kw_only=True, forbid_unknown_fields=True):
+    actor: str = "admin"
+
+
+class CreateTenant(_Admin, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    limits: Limits = Limits()
+    budget: Budget = Budget()
+    metadata: dict[str, Any] = {}
+
+
+class UpdateTenant(_Admin, kw_only=True, forbid_unknown_fields=True):
+    tenant: str  # id or name
+    limits: Limits | None = None
+    budget: Budget | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class ListTenants(_Admin, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class CreateKey(_Admin, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    tenant: str = DEFAULT_TENANT  # id or name
+    scopes: list[str] = msgspec.field(default_factory=lambda: ["inference"])
+    expires_in_s: float | None = None
+    limits: Limits = Limits()
+    model_limits: dict[str, Limits] = {}
+    budget: Budget = Budget()
+    metadata: dict[str, Any] = {}
+
+
+class ListKeys(_Admin, kw_only=True, forbid_unknown_fields=True):
+    tenant: str | None = None
+    include_revoked: bool = False
+
+
+class RevokeKey(_Admin, kw_only=True, forbid_unknown_fields=True):
+    key_id: str
+
+
+class RotateKey(_Admin, kw_only=True, forbid_unknown_fields=True):
+    """A new key with the same tenant, scopes, limits and budget; the old one stops after `grace_s`."""
+
+    key_id: str
+    grace_s: float = 0.0
+
+
+class UpdateKey(_Admin, kw_only=True, forbid_unknown_fields=True):
+    key_id: str
+    limits: Limits | None = None
+    model_limits: dict[str, Limits] | None = None
+    budget: Budget | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class Revoked(Struct, frozen=True, kw_only=True):
+    """Broadcast on `admin.keys.revoked` so every gateway drops the key from its cache at once."""
+
+    key_id: str
+    at: float  # unix seconds from which the key is refused (now, or the end of a rotation's grace)
+
+
+revoked_encoder = msgspec.json.Encoder()
+revoked_decoder = msgspec.json.Decoder(Revoked)

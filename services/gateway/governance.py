@@ -1,0 +1,387 @@
+"""Rate limits and budgets in Redis, correct across any number of gateway processes.
+
+One Lua script admits a request against every limit that applies to it (requests/min and tokens/min
+by GCRA, concurrency by a sorted set of request ids, budgets by per-period counters) and commits
+all of them only if all pass: one Redis round trip per request. Time is Redis's own clock, so
+gateways on different machines (or racing on one) agree on it. A second script settles after the
+stream ends: the token estimate is corrected to the worker's count, the budget reservation to the
+actual spend, and the concurrency slot is released.
+
+Budgets reserve an upper bound (prompt bytes + template allowance, plus max_tokens) before dispatch,
+so concurrent requests can never spend past a budget; settling only gives back what was not used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import math
+import time
+from collections.abc import AsyncGenerator
+from typing import Any, Literal, NamedTuple
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from prometheus_client import Counter
+
+from contracts.errors import InferBusError
+from contracts.llm import Accepted, Chunk, Delta, Final, GenerateRequest
+from contracts.tenancy import Limits
+from services.gateway.auth import KeyRecord
+from services.runtime import logging as log
+
+DECISIONS = Counter("inferbus_gateway_limit_decisions_total", "Admission decisions", ["decision", "limit"])
+LIMITER_DOWN = Counter("inferbus_gateway_limiter_unavailable_total", "Requests while Redis was unreachable", ["mode"])
+SPEND = Counter("inferbus_gateway_settled_total", "Settled usage per tenant", ["tenant", "unit"])
+
+MICRO = 1_000_000  # budgets in USD are counted in micro-dollars (integers in Redis)
+
+_ADMIT = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
+local rid = ARGV[2]
+local nr, nc, nb = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local a, k = 6, 1
+local denied, retry = 0, 0
+local out, tats = {}, {}
+for i = 1, nr do
+  local period, limit, cost = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  a = a + 3
+  local t = period / limit
+  local tat = tonumber(redis.call('GET', KEYS[k]) or '0')
+  if tat < now then tat = now end
+  local new_tat = tat + cost * t
+  if new_tat - now > period then
+    if denied == 0 then denied = k end
+    local wait = new_tat - now - period
+    if cost > limit then wait = -1 end
+    if wait > retry or wait < 0 then retry = wait end
+    tats[i] = false
+    out[#out + 1] = math.max(0, math.floor((period - (tat - now)) / t))
+    out[#out + 1] = math.ceil(tat - now)
+  else
+    tats[i] = new_tat
+    out[#out + 1] = math.floor((period - (new_tat - now)) / t)
+    out[#out + 1] = math.ceil(new_tat - now)
+  end
+  k = k + 1
+end
+for i = 1, nc do
+  local limit, stale = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  a = a + 2
+  redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', now - stale)
+  if redis.call('ZCARD', KEYS[k]) >= limit and denied == 0 then denied = k end
+  k = k + 1
+end
+for i = 1, nb do
+  local limit, amount = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  a = a + 3
+  local used = tonumber(redis.call('GET', KEYS[k]) or '0')
+  if used + amount > limit and denied == 0 then denied = k end
+  k = k + 1
+end
+if denied > 0 then return {denied, tostring(retry), out} end
+a, k = 6, 1
+for i = 1, nr do
+  redis.call('SET', KEYS[k], tostring(tats[i]), 'PX', math.ceil(tonumber(ARGV[a]) * 2))
+  a, k = a + 3, k + 1
+end
+for i = 1, nc do
+  redis.call('ZADD', KEYS[k], now, rid)
+  redis.call('PEXPIRE', KEYS[k], math.ceil(tonumber(ARGV[a + 1])))
+  a, k = a + 2, k + 1
+end
+for i = 1, nb do
+  redis.call('INCRBY', KEYS[k], ARGV[a + 1])
+  redis.call('EXPIRE', KEYS[k], ARGV[a + 2])
+  a, k = a + 3, k + 1
+end
+return {0, '0', out}
+"""
+
+_SETTLE = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
+local rid = ARGV[2]
+local nr, nc, nb = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local a, k = 6, 1
+for i = 1, nr do
+  local period, limit, delta = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local tat = tonumber(redis.call('GET', KEYS[k]) or '0')
+  if tat > 0 and delta ~= 0 then
+    tat = tat + delta * period / limit
+    if tat < now then tat = now end
+    redis.call('SET', KEYS[k], tostring(tat), 'PX', math.ceil(period * 2))
+  end
+  a, k = a + 3, k + 1
+end
+for i = 1, nc do
+  redis.call('ZREM', KEYS[k], rid)
+  k = k + 1
+end
+for i = 1, nb do
+  if tonumber(ARGV[a]) ~= 0 then redis.call('INCRBY', KEYS[k], ARGV[a]) end
+  a, k = a + 1, k + 1
+end
+return 1
+"""
+
+
+class Rate(NamedTuple):
+    key: str
+    name: str  # what a client is told: "requests per minute for this key", ...
+    unit: Literal["requests", "tokens"]
+    limit: int
+    cost: int
+
+
+class Slot(NamedTuple):
+    key: str
+    name: str
+    limit: int
+
+
+class Cap(NamedTuple):
+    key: str
+    name: str
+    unit: Literal["tokens", "usd"]
+    limit: int  # tokens, or micro-dollars
+    amount: int
+    ttl_s: int
+
+
+class Grant(NamedTuple):
+    request_id: str
+    rates: list[Rate]
+    slots: list[Slot]
+    caps: list[Cap]
+    prompt_estimate: int
+    estimate_tokens: int  # prompt estimate + max_tokens: what was reserved
+    headers: dict[str, str]
+    tenant_id: str
+
+
+def estimate_prompt_tokens(request: GenerateRequest) -> int:
+    """An upper bound on prompt tokens: a token is at least one byte, plus the chat template's own."""
+    if request.prompt is not None:
+        return len(request.prompt.encode()) + 16
+    return sum(len(m.content.encode()) + 8 for m in request.messages or []) + 32
+
+
+def reset_text(ms: float) -> str:
+    """OpenAI's reset format: "1s", "6m0s", "20ms"."""
+    if ms < 1000:
+        return f"{max(int(ms), 0)}ms"
+    seconds = ms / 1000
+    minutes, secs = divmod(seconds, 60)
+    return f"{int(minutes)}m{secs:.0f}s" if minutes >= 1 else f"{secs:.3g}s"
+
+
+def _period_keys(now: dt.datetime) -> tuple[tuple[str, int], tuple[str, int]]:
+    """(day bucket, seconds it still has + a day), (month bucket, likewise): counters expire on their own."""
+    day = now.strftime("%Y-%m-%d")
+    month = now.strftime("%Y-%m")
+    return (f"d{day}", 2 * 86400), (f"m{month}", 32 * 86400)
+
+
+class Prices:
+    """Per-model prices (USD per token) for money budgets; filled from the metering service."""
+
+    def __init__(self) -> None:
+        self.per_model: dict[str, tuple[float, float]] = {}  # model -> (input, output) USD per token, worst case
+
+    def estimate_usd(self, model: str, prompt: int, completion: int) -> float:
+        price_in, price_out = self.per_model.get(model, (0.0, 0.0))
+        return prompt * price_in + completion * price_out
+
+
+class Governor:
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        failure: Literal["open", "closed"] = "open",
+        global_limits: Limits | None = None,
+        endpoint_limits: dict[str, Limits] | None = None,
+        stale_s: float = 3660.0,
+    ) -> None:
+        self.redis = aioredis.Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self.admit_script = self.redis.register_script(_ADMIT)
+        self.settle_script = self.redis.register_script(_SETTLE)
+        self.failure = failure
+        self.global_limits = global_limits or Limits()
+        self.endpoint_limits = endpoint_limits or {}
+        self.stale_ms = stale_s * 1000
+        self.prices = Prices()
+        self.logger = log.get("governance")
+        self._down_logged = 0.0
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    # ---- what applies to one request ---------------------------------------------------------
+
+    def plan(
+        self, key: KeyRecord, endpoint: str, model: str, request_id: str, prompt: int, tokens: int, usd: float
+    ) -> Grant:
+        rates: list[Rate] = []
+        slots: list[Slot] = []
+        scopes: list[tuple[str, str, Limits]] = [
+            (f"key:{key.id}", "this API key", key.limits),
+            (f"km:{key.id}:{model}", f"this API key on {model}", key.model_limits.get(model, Limits())),
+            (f"tenant:{key.tenant_id}", "this organisation", key.tenant_limits),
+            (f"ep:{endpoint}", f"{endpoint} across all clients", self.endpoint_limits.get(endpoint, Limits())),
+            ("global", "this platform", self.global_limits),
+        ]
+        for scope, who, limits in scopes:
+            if limits.rpm:
+                rates.append(Rate(f"ib:rl:{scope}:rpm", f"requests per minute for {who}", "requests", limits.rpm, 1))
+            if limits.tpm:
+                rates.append(Rate(f"ib:rl:{scope}:tpm", f"tokens per minute for {who}", "tokens", limits.tpm, tokens))
+            if limits.concurrency:
+                slots.append(Slot(f"ib:cc:{scope}", f"concurrent requests for {who}", limits.concurrency))
+        caps: list[Cap] = []
+        (day, day_ttl), (month, month_ttl) = _period_keys(dt.datetime.now(dt.UTC))
+        for scope, who, budget in ((f"key:{key.id}", "this API key", key.budget),
+                                   (f"tenant:{key.tenant_id}", "this organisation", key.tenant_budget)):
+            spans: list[tuple[float | None, Literal["tokens", "usd"], str, int]] = [
+                (budget.tokens_per_day, "tokens", day, day_ttl),
+                (budget.tokens_per_month, "tokens", month, month_ttl),
+                (budget.usd_per_day, "usd", day, day_ttl),
+                (budget.usd_per_month, "usd", month, month_ttl),
+            ]
+            for limit, unit, period, ttl in spans:
+                if limit is None:
+                    continue
+                amount = tokens if unit == "tokens" else math.ceil(usd * MICRO)
+                scaled = int(limit) if unit == "tokens" else int(limit * MICRO)
+                span = "daily" if period.startswith("d") else "monthly"
+                caps.append(Cap(f"ib:bud:{scope}:{unit}:{period}", f"{span} {unit} budget of {who}", unit, scaled,
+                                amount, ttl))
+        return Grant(request_id, rates, slots, caps, prompt, tokens, {}, key.tenant_id)
+
+    # ---- admission and settlement ------------------------------------------------------------
+
+    async def admit(self, key: KeyRecord, endpoint: str, request: GenerateRequest) -> Grant:
+        prompt = estimate_prompt_tokens(request)
+        tokens = prompt + request.max_tokens
+        usd = self.prices.estimate_usd(request.model, prompt, request.max_tokens)
+        grant = self.plan(key, endpoint, request.model, request.request_id, prompt, tokens, usd)
+        if not (grant.rates or grant.slots or grant.caps):
+            return grant
+        keys = [r.key for r in grant.rates] + [s.key for s in grant.slots] + [c.key for c in grant.caps]
+        args: list[Any] = [time.time() * 1000, request.request_id, len(grant.rates), len(grant.slots), len(grant.caps)]
+        for r in grant.rates:
+            args += [60_000, r.limit, r.cost]
+        for s in grant.slots:
+            args += [s.limit, self.stale_ms]
+        for c in grant.caps:
+            args += [c.limit, c.amount, c.ttl_s]
+        try:
+            denied, retry, out = await self.admit_script(keys=keys, args=args)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            return self._unavailable(grant, exc)
+        headers = _headers(grant.rates, out)
+        if int(denied) == 0:
+            DECISIONS.labels("admitted", "-").inc()
+            return grant._replace(headers=headers)
+        index = int(denied) - 1
+        retry_ms = float(retry)
+        if index < len(grant.rates):
+            rate = grant.rates[index]
+            DECISIONS.labels("refused", rate.unit).inc()
+            if retry_ms < 0:
+                raise InferBusError(
+                    "rate_limited",
+                    f"Request too large: it needs {rate.cost} tokens, over the limit of {rate.limit} {rate.name}",
+                ).with_headers(headers)
+            headers["Retry-After"] = str(max(1, math.ceil(retry_ms / 1000)))
+            raise InferBusError(
+                "rate_limited", f"Rate limit reached: {rate.limit} {rate.name}. Retry in {reset_text(retry_ms)}."
+            ).with_headers(headers)
+        index -= len(grant.rates)
+        if index < len(grant.slots):
+            slot = grant.slots[index]
+            DECISIONS.labels("refused", "concurrency").inc()
+            headers["Retry-After"] = "1"
+            raise InferBusError(
+                "rate_limited", f"Too many requests in flight: the limit is {slot.limit} {slot.name}"
+            ).with_headers(headers)
+        cap = grant.caps[index - len(grant.slots)]
+        DECISIONS.labels("refused", "budget").inc()
+        shown = f"{cap.limit} tokens" if cap.unit == "tokens" else f"${cap.limit / MICRO:.2f}"
+        raise InferBusError(
+            "insufficient_quota", f"The {cap.name} ({shown}) would be exceeded by this request"
+        ).with_headers(headers)
+
+    def _unavailable(self, grant: Grant, exc: BaseException) -> Grant:
+        LIMITER_DOWN.labels(self.failure).inc()
+        now = time.monotonic()
+        if now - self._down_logged > 5:  # one log line per 5 s, not one per request
+            self._down_logged = now
+            self.logger.error("ratelimit_unavailable", mode=f"fail-{self.failure}", error=repr(exc))
+        if self.failure == "closed":
+            raise InferBusError("limiter_unavailable", "Rate limiting is unavailable; retry shortly") from exc
+        return grant._replace(rates=[], slots=[], caps=[])
+
+    async def settle(self, grant: Grant, prompt_tokens: int | None, completion_tokens: int, model: str) -> None:
+        """Correct the estimate to what was used and release the concurrency slot."""
+        if not (grant.rates or grant.slots or grant.caps):
+            return
+        prompt = prompt_tokens if prompt_tokens is not None else grant.prompt_estimate
+        used = prompt + completion_tokens
+        delta_tokens = used - grant.estimate_tokens
+        usd = self.prices.estimate_usd(model, prompt, completion_tokens)
+        SPEND.labels(grant.tenant_id, "tokens").inc(used)
+        SPEND.labels(grant.tenant_id, "usd").inc(usd)
+        args: list[Any] = [time.time() * 1000, grant.request_id, len(grant.rates), len(grant.slots), len(grant.caps)]
+        for r in grant.rates:
+            args += [60_000, r.limit, delta_tokens if r.unit == "tokens" else 0]
+        for c in grant.caps:
+            args.append(delta_tokens if c.unit == "tokens" else math.ceil(usd * MICRO) - c.amount)
+        keys = [r.key for r in grant.rates] + [s.key for s in grant.slots] + [c.key for c in grant.caps]
+        try:
+            await self.settle_script(keys=keys, args=args)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            self.logger.warning("settle_failed", error=repr(exc))
+
+    async def governed(
+        self, grant: Grant, chunks: AsyncGenerator[Chunk, None], model: str
+    ) -> AsyncGenerator[Chunk, None]:
+        """Pass the stream through; settle the grant with the tokens it really used, however it ends."""
+        prompt: int | None = None
+        completion = 0
+        accepted = False
+        try:
+            async for chunk in chunks:
+                if isinstance(chunk, Accepted):
+                    accepted = True
+                elif isinstance(chunk, Delta):
+                    completion += chunk.tokens
+                elif isinstance(chunk, Final):
+                    prompt, completion = chunk.usage.prompt_tokens, chunk.usage.completion_tokens
+                yield chunk
+        finally:
+            await chunks.aclose()
+            if not accepted:  # no worker ever took it: nothing was used
+                prompt = 0
+            # Shielded: a client that disconnects cancels the handler, and the slot must still be freed.
+            await asyncio.shield(self.settle(grant, prompt, completion, model))
+
+
+def _headers(rates: list[Rate], out: list[Any]) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers from the most constraining request and token limits."""
+    headers: dict[str, str] = {}
+    for unit in ("requests", "tokens"):
+        best: tuple[int, int, float] | None = None
+        for i, rate in enumerate(rates):
+            if rate.unit != unit:
+                continue
+            remaining, reset_ms = int(out[2 * i]), float(out[2 * i + 1])
+            if best is None or remaining < best[1]:
+                best = (rate.limit, remaining, reset_ms)
+        if best is not None:
+            headers[f"x-ratelimit-limit-{unit}"] = str(best[0])
+            headers[f"x-ratelimit-remaining-{unit}"] = str(max(best[1], 0))
+            headers[f"x-ratelimit-reset-{unit}"] = reset_text(best[2])
+    return headers

@@ -1,0 +1,313 @@
+"""Tenants, keys, rate limits and budgets through real gateways, Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
+from contracts import subjects
+from contracts.control import Reply
+from services.runtime import bus
+from services.runtime.embedded import free_port
+from services.runtime.local import EmbeddedStack, wait_http
+from tests.conftest import ADMIN_KEY, BENCH_MODEL, Gateway, start_gateway
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+CREATED_KEYS: list[str] = []  # every key made here: none may ever show up in a log, metric or error body
+
+
+@pytest.fixture(scope="module")
+async def second_gateway(infra: EmbeddedStack) -> AsyncIterator[Gateway]:
+    gw = start_gateway(infra)
+    await wait_http(gw.url, gw.proc)
+    yield gw
+    gw.proc.stop()
+
+
+async def admin(nc: bus.Connection, op: str, **body: Any) -> Any:
+    msg = await nc.request(subjects.admin(op), msgspec.json.encode(body), timeout=10)
+    reply = msgspec.json.decode(msg.data, type=Reply)
+    if reply.error is not None:
+        raise AssertionError(f"{op}: {reply.error}")
+    if op in ("keys.create", "keys.rotate"):
+        CREATED_KEYS.append(reply.result["key"])
+    return reply.result
+
+
+async def admin_error(nc: bus.Connection, op: str, **body: Any) -> dict[str, Any]:
+    msg = await nc.request(subjects.admin(op), msgspec.json.encode(body), timeout=10)
+    reply = msgspec.json.decode(msg.data, type=Reply)
+    assert reply.error is not None, (op, body, reply.result)
+    return msgspec.to_builtins(reply.error)  # type: ignore[no-any-return]
+
+
+async def complete(
+    http: aiohttp.ClientSession, gw: Gateway, key: str, *, model: str = BENCH_MODEL, max_tokens: int = 2,
+    prompt: str = "hello",
+) -> tuple[int, dict[str, str], dict[str, Any]]:
+    async with http.post(
+        f"{gw.url}/v1/completions", headers={"Authorization": f"Bearer {key}"},
+        json={"model": model, "prompt": prompt, "max_tokens": max_tokens},
+    ) as resp:
+        return resp.status, dict(resp.headers), await resp.json()
+
+
+# ---- administration ---------------------------------------------------------------------------
+
+
+async def test_tenant_and_key_administration_over_http(
+    gateway: Gateway, bench_worker: dict[str, Any], nc: bus.Connection
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{gateway.url}/v1/admin/tenants", headers=ADMIN,
+                             json={"name": "acme-http", "limits": {"rpm": 100}, "metadata": {"plan": "pro"}}) as r:
+            assert r.status == 201, await r.text()
+            tenant = await r.json()
+        assert tenant["limits"] == {"rpm": 100} and tenant["metadata"] == {"plan": "pro"}
+        async with http.post(f"{gateway.url}/v1/admin/keys", headers=ADMIN,
+                             json={"name": "acme app", "tenant": "acme-http", "scopes": ["kind:llm"]}) as r:
+            assert r.status == 201
+            created = await r.json()
+        key = created["key"]
+        CREATED_KEYS.append(key)
+        assert key.startswith("ib-") and created["info"]["prefix"] == key[:10]
+        assert created["info"]["tenant_id"] == tenant["id"]
+        status, _, body = await complete(http, gateway, key)
+        assert status == 200, body
+        async with http.get(f"{gateway.url}/v1/admin/keys", headers=ADMIN, params={"tenant": "acme-http"}) as r:
+            listed = await r.json()
+        assert [k["id"] for k in listed["data"]] == [created["info"]["id"]]
+        assert key not in msgspec.json.encode(listed).decode()  # only the prefix, never the key
+        # A key without the admin scope cannot administer.
+        async with http.get(f"{gateway.url}/v1/admin/tenants", headers={"Authorization": f"Bearer {key}"}) as r:
+            assert r.status == 403 and (await r.json())["error"]["code"] == "permission_denied"
+
+
+async def test_scopes_limit_models_and_kinds(
+    gateway: Gateway, bench_worker: dict[str, Any], nc: bus.Connection
+) -> None:
+    only_other = await admin(nc, "keys.create", name="other-model-only", scopes=["model:some-other-model"])
+    only_bench = await admin(nc, "keys.create", name="bench-only", scopes=[f"model:{BENCH_MODEL}", "kind:llm"])
+    async with aiohttp.ClientSession() as http:
+        status, _, body = await complete(http, gateway, only_other["key"])
+        assert status == 403 and body["error"]["code"] == "permission_denied" and body["error"]["param"] == "model"
+        status, _, _ = await complete(http, gateway, only_bench["key"])
+        assert status == 200
+
+
+async def test_bad_admin_input_is_refused_and_changes_nothing(gateway: Gateway, nc: bus.Connection) -> None:
+    before_tenants = await admin(nc, "tenants.list")
+    before_keys = await admin(nc, "keys.list", include_revoked=True)
+    cases: list[tuple[str, dict[str, Any], str, str | None]] = [
+        ("tenants.create", {"name": ""}, "invalid_request", "name"),
+        ("tenants.create", {"name": "x", "limits": {"rpm": 0}}, "invalid_request", "limits.rpm"),
+        ("tenants.create", {"name": "x", "budget": {"usd_per_day": -5}}, "invalid_request", "budget.usd_per_day"),
+        ("tenants.create", {"name": "default"}, "conflict", "name"),
+        ("tenants.update", {"tenant": "nope"}, "not_found", "tenant"),
+        ("keys.create", {"name": "k", "tenant": "no-such-tenant"}, "not_found", "tenant"),
+        ("keys.create", {"name": "k", "scopes": ["superuser"]}, "invalid_request", "scopes"),
+        ("keys.create", {"name": "k", "scopes": ["kind:video"]}, "invalid_request", "scopes"),
+        ("keys.create", {"name": "k", "expires_in_s": -1}, "invalid_request", "expires_in_s"),
+        ("keys.revoke", {"key_id": "key_missing"}, "not_found", "key_id"),
+        ("keys.rotate", {"key_id": "key_missing"}, "not_found", "key_id"),
+        ("keys.create", {"name": "k", "surprise": True}, "invalid_request", None),
+    ]
+    for op, body, code, param in cases:
+        error = await admin_error(nc, op, **body)
+        assert (error["code"], error.get("param")) == (code, param), (op, body, error)
+    assert await admin(nc, "tenants.list") == before_tenants
+    assert await admin(nc, "keys.list", include_revoked=True) == before_keys
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{gateway.url}/v1/admin/keys", headers=ADMIN, data=b"[1, 2]") as r:
+            assert r.status == 400 and (await r.json())["error"]["type"] == "invalid_request_error"
+        bad = {"name": "y", "limits": {"rpm": "many"}}
+        async with http.post(f"{gateway.url}/v1/admin/tenants", headers=ADMIN, json=bad) as r:
+            body = await r.json()
+            assert r.status == 400 and body["error"]["param"] == "limits.rpm", body
+
+
+# ---- revocation, rotation, expiry ---------------------------------------------------------------
+
+
+async def until_refused(http: aiohttp.ClientSession, gw: Gateway, key: str, limit_s: float) -> float:
+    started = time.monotonic()
+    while True:
+        status, _, body = await complete(http, gw, key)
+        if status == 401:
+            assert key not in msgspec.json.encode(body).decode()
+            return time.monotonic() - started
+        assert status == 200, body
+        assert time.monotonic() - started < limit_s, f"key still accepted after {limit_s}s"
+
+
+async def test_revoked_key_is_refused_by_two_gateways_within_1s(
+    gateway: Gateway, second_gateway: Gateway, bench_worker: dict[str, Any], nc: bus.Connection
+) -> None:
+    created = await admin(nc, "keys.create", name="to-revoke")
+    key = created["key"]
+    async with aiohttp.ClientSession() as http:
+        for gw in (gateway, second_gateway):  # both have it cached now
+            assert (await complete(http, gw, key))[0] == 200
+        sent = time.monotonic()
+        await admin(nc, "keys.revoke", key_id=created["info"]["id"])
+        delays = await asyncio.gather(*(until_refused(http, gw, key, 1.0) for gw in (gateway, second_gateway)))
+        assert time.monotonic() - sent < 1.0, delays
+
+
+async def test_rotation_and_expiry(gateway: Gateway, bench_worker: dict[str, Any], nc: bus.Connection) -> None:
+    old = await admin(nc, "keys.create", name="rotating", limits={"rpm": 1000})
+    async with aiohttp.ClientSession() as http:
+        assert (await complete(http, gateway, old["key"]))[0] == 200
+        graceful = await admin(nc, "keys.rotate", key_id=old["info"]["id"], grace_s=600)
+        assert graceful["info"]["limits"] == {"rpm": 1000} and graceful["info"]["name"] == "rotating"
+        for key in (old["key"], graceful["key"]):  # both work during the grace period
+            assert (await complete(http, gateway, key))[0] == 200
+        hard = await admin(nc, "keys.rotate", key_id=graceful["info"]["id"])
+        assert (await complete(http, gateway, hard["key"]))[0] == 200
+        await until_refused(http, gateway, graceful["key"], 1.0)
+        short = await admin(nc, "keys.create", name="short-lived", expires_in_s=1.5)
+        assert (await complete(http, gateway, short["key"]))[0] == 200
+        waited = await until_refused(http, gateway, short["key"], 5.0)
+        assert waited > 0.5  # it did work for a while, then expired
+
+
+# ---- rate limits ----------------------------------------------------------------------------------
+
+
+async def test_two_gateways_share_one_keys_request_limit(
+    gateway: Gateway, second_gateway: Gateway, bench_worker: dict[str, Any], nc: bus.Connection
+) -> None:
+    created = await admin(nc, "keys.create", name="rpm-10", limits={"rpm": 10})
+    async with aiohttp.ClientSession() as http:
+        results = await asyncio.gather(
+            *(complete(http, (gateway, second_gateway)[i % 2], created["key"]) for i in range(30))
+        )
+    statuses = Counter(status for status, _, _ in results)
+    assert statuses == {200: 10, 429: 20}, statuses
+    for status, headers, body in results:
+        assert headers["x-ratelimit-limit-requests"] == "10"
+        if status == 429:
+            assert body["error"]["type"] == "rate_limit_error" and int(headers["Retry-After"]) >= 1
+            assert "10 requests per minute for this API key" in body["error"]["message"]
+    remaining = sorted(int(h["x-ratelimit-remaining-requests"]) for s, h, _ in results if s == 200)
+    assert remaining == list(range(10))
+
+
+async def test_tenant_limit_covers_all_its_keys_and_per_model_limits(
+    gateway: Gateway, bench_worker: dict[str, Any], nc: bus.Connection
+) -> None:
+    tenant = await admin(nc, "tenants.create", name="tenant-rpm-6", limits={"rpm": 6})
+    keys = [(await admin(nc, "keys.create", name=f"t{i}", tenant=tenant["id"]))["key"] for i in range(3)]
+    per_model = await admin(nc, "keys.create", name="model-limited", model_limits={BENCH_MODEL: {"rpm": 2}})
+    async with aiohttp.ClientSession() as http:
+        results = await asyncio.gather(*(complete(http, gateway, keys[i % 3]) for i in range(12)))
+        assert Counter(s for s, _, _ in results) == {200: 6, 429: 6}
+        results = await asyncio.gather(*(complete(http, gateway, per_model["key"]) for _ in range(5)))
+        assert Counter(s for s, _, _ in results) == {200: 2, 429: 3}
+
+
+async def test_token_limit_is_corrected_to_the_workers_count(
+    gateway: Gateway, bench_worker: dict[str, Any], nc: bus.Connection
+) -> None:
+    # Estimate per request: prompt bytes (5) + 16 + max_tokens (50) = 71; the worker counts 1 + 50 = 51.
+    created = await admin(nc, "keys.create", name="tpm-200", limits={"tpm": 200})
+    async with aiohttp.ClientSession() as http:
+        statuses = [(await complete(http, gateway, created["key"], max_tokens=50))[0] for _ in range(4)]
+        # Uncorrected, the third would need 3 x 71 = 213 > 200; corrected, 51 + 51 + 71 = 173 fits.
+        assert statuses == [200, 200, 200, 429]
+        status, headers, body = await complete(http, gateway, created["key"], max_tokens=500)
+        assert status == 429 and "Request too large" in body["error"]["message"]
+        assert headers["x-ratelimit-limit-tokens"] == "200"
+
+
+async def test_concurrency_limit(gateway: Gateway, nc: bus.Connection, slow_worker: Any) -> None:
+    created = await admin(nc, "keys.create", name="two-at-a-time", limits={"concurrency": 2})
+    async with aiohttp.ClientSession() as http:
+        results = await asyncio.gather(
+            *(complete(http, gateway, created["key"], model="bench-slow", max_tokens=10) for _ in range(5))
+        )
+        assert Counter(s for s, _, _ in results) == {200: 2, 429: 3}
+        # The slots were released when those finished.
+        assert (await complete(http, gateway, created["key"], model="bench-slow", max_tokens=1))[0] == 200
+
+
+# ---- budgets ----------------------------------------------------------------------------------------
+
+
+async def test_concurrent_requests_never_overspend_a_budget(
+    infra: EmbeddedStack, gateway: Gateway, bench_worker: dict[str, Any], nc: bus.Connection
+) -> None:
+    budget = 300
+    tenant = await admin(nc, "tenants.create", name="budget-300", budget={"tokens_per_day": budget})
+    created = await admin(nc, "keys.create", name="spender", tenant=tenant["id"])
+    async with aiohttp.ClientSession() as http:
+        results = await asyncio.gather(
+            *(complete(http, gateway, created["key"], prompt="hi", max_tokens=10) for _ in range(100))
+        )
+    served = [body for status, _, body in results if status == 200]
+    refused = [body for status, _, body in results if status != 200]
+    spent = sum(body["usage"]["total_tokens"] for body in served)
+    assert spent <= budget
+    assert len(served) >= budget // 28  # 28 = the reservation per request (2 + 16 + 10)
+    assert refused and {b["error"]["code"] for b in refused} == {"insufficient_quota"}
+    assert "daily tokens budget of this organisation" in refused[0]["error"]["message"]
+    client = aioredis.Redis.from_url(infra.redis_url)
+    try:
+        counters = [k async for k in client.scan_iter(f"ib:bud:tenant:{tenant['id']}:tokens:*")]
+        assert len(counters) == 1
+        assert int(await client.get(counters[0])) == spent  # every reservation settled to the actual
+    finally:
+        await client.aclose()
+
+
+# ---- Redis unreachable ----------------------------------------------------------------------------
+
+
+async def test_redis_down_fails_open_or_closed_as_configured(
+    infra: EmbeddedStack, bench_worker: dict[str, Any], nc: bus.Connection
+) -> None:
+    limited = await admin(nc, "keys.create", name="limited-no-redis", limits={"rpm": 5})
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    gws = [start_gateway(infra, redis_url=dead, rate_limit_failure=mode) for mode in ("open", "closed")]
+    try:
+        for gw in gws:
+            await wait_http(gw.url, gw.proc)
+        async with aiohttp.ClientSession() as http:
+            opened, closed = [await complete(http, gw, limited["key"]) for gw in gws]
+        assert opened[0] == 200
+        assert closed[0] == 503 and closed[2]["error"]["code"] == "limiter_unavailable"
+        for gw in gws:
+            assert "ratelimit_unavailable" in gw.proc.log()
+    finally:
+        for gw in gws:
+            gw.proc.stop()
+
+
+# ---- keys never leak ------------------------------------------------------------------------------------
+
+
+async def test_zz_keys_never_appear_in_logs_metrics_or_errors(infra: EmbeddedStack, gateway: Gateway) -> None:
+    """Runs last in this module: every key created above, searched for in every service log and /metrics."""
+    assert len(CREATED_KEYS) >= 10
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{gateway.url}/metrics") as r:
+            metrics = await r.text()
+        bogus = "ib-" + "z" * 43
+        async with http.get(f"{gateway.url}/v1/models", headers={"Authorization": f"Bearer {bogus}"}) as r:
+            assert r.status == 401 and bogus not in await r.text()
+    logs = await asyncio.to_thread(lambda: [p.read_text(errors="replace") for p in Path(infra.root).glob("*.log")])
+    assert logs
+    for key in [*CREATED_KEYS, ADMIN_KEY]:
+        secret = key[10:]  # the part after the shown prefix
+        assert secret not in metrics
+        for text in logs:
+            assert secret not in text
