@@ -14,7 +14,8 @@ INFERBUS_* variables), then measures:
   4. streamed tokens/s (max_tokens=20000) through the gateway's SSE, worker coalescing 0 and 2 ms;
   5. the default model (llama.cpp, SmolLM2-135M Q4_1) tokens/s with 1 and 8 streams, and worker RSS.
 
-Prints "[bench] ..." progress lines and a table, and writes bench/RESULTS.md. Every process it starts
+Prints "[bench] ..." progress lines and a table, and writes section `spine` of bench/RESULTS.md (other
+benchmarks keep their own sections there, see bench/results.py). Every process it starts
 is stopped at the end, on error too. The load generator shares the machine's cores with the system
 under test, so the figures are a floor for what the services would do on their own.
 """
@@ -48,6 +49,7 @@ import aiohttp  # noqa: E402
 import msgspec  # noqa: E402
 import psutil  # noqa: E402
 
+from bench.results import write_section  # noqa: E402
 from contracts import subjects  # noqa: E402
 from contracts.llm import Delta, Final, GenerateRequest, Message  # noqa: E402
 from services.runtime import bus  # noqa: E402
@@ -841,7 +843,7 @@ def write_results(
         "",
     ]
     text = "\n".join(lines)
-    RESULTS_PATH.write_text(text)
+    write_section(RESULTS_PATH, "spine", text)
     return text
 
 
@@ -900,7 +902,7 @@ def main() -> int:
     print(res.table())
     for f in findings:
         say(f"service log: {f}")
-    say(f"wrote {RESULTS_PATH.relative_to(ROOT)} in {elapsed:.0f} s")
+    say(f"wrote section spine of {RESULTS_PATH.relative_to(ROOT)} in {elapsed:.0f} s")
     return 0
 
 
