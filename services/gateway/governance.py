@@ -20,8 +20,6 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any, Literal, NamedTuple
 
-import redis.asyncio as aioredis
-import redis.exceptions
 from prometheus_client import Counter
 
 from contracts.errors import InferBusError
@@ -29,6 +27,7 @@ from contracts.llm import Accepted, Chunk, Delta, Final, GenerateRequest
 from contracts.tenancy import Limits
 from services.gateway.auth import KeyRecord
 from services.runtime import logging as log
+from services.runtime.resp import RedisUnavailable, ReplyError, Resp, Script
 
 DECISIONS = Counter("inferbus_gateway_limit_decisions_total", "Admission decisions", ["decision", "limit"])
 LIMITER_DOWN = Counter("inferbus_gateway_limiter_unavailable_total", "Requests while Redis was unreachable", ["mode"])
@@ -205,9 +204,9 @@ class Governor:
         endpoint_limits: dict[str, Limits] | None = None,
         stale_s: float = 3660.0,
     ) -> None:
-        self.redis = aioredis.Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
-        self.admit_script = self.redis.register_script(_ADMIT)
-        self.settle_script = self.redis.register_script(_SETTLE)
+        self.redis = Resp(redis_url, timeout_s=0.5)
+        self.admit_script = Script(self.redis, _ADMIT)
+        self.settle_script = Script(self.redis, _SETTLE)
         self.failure = failure
         self.global_limits = global_limits or Limits()
         self.endpoint_limits = endpoint_limits or {}
@@ -215,9 +214,13 @@ class Governor:
         self.prices = Prices()
         self.logger = log.get("governance")
         self._down_logged = 0.0
+        # Settles run off the response path; a key's next admission here waits for its pending ones,
+        # so one client's back-to-back requests always see their corrected counters.
+        self._settling: dict[str, asyncio.Task[None]] = {}
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        await asyncio.gather(*self._settling.values(), return_exceptions=True)
+        await self.redis.close()
 
     # ---- what applies to one request ---------------------------------------------------------
 
@@ -269,6 +272,9 @@ class Governor:
         grant = self.plan(key, endpoint, request.model, request.request_id, prompt, tokens, usd)
         if not (grant.rates or grant.slots or grant.caps):
             return grant
+        pending = self._settling.get(key.id)
+        if pending is not None:
+            await asyncio.shield(pending)
         keys = [r.key for r in grant.rates] + [s.key for s in grant.slots] + [c.key for c in grant.caps]
         args: list[Any] = [time.time() * 1000, request.request_id, len(grant.rates), len(grant.slots), len(grant.caps)]
         for r in grant.rates:
@@ -279,7 +285,7 @@ class Governor:
             args += [c.limit, c.amount, c.ttl_s]
         try:
             denied, retry, out = await self.admit_script(keys=keys, args=args)
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except (RedisUnavailable, ReplyError) as exc:
             return self._unavailable(grant, exc)
         headers = _headers(grant.rates, out)
         if int(denied) == 0:
@@ -324,6 +330,23 @@ class Governor:
             raise InferBusError("limiter_unavailable", "Rate limiting is unavailable; retry shortly") from exc
         return grant._replace(rates=[], slots=[], caps=[])
 
+    def settle_later(
+        self, key_id: str, grant: Grant, prompt_tokens: int | None, completion_tokens: int, model: str
+    ) -> None:
+        """Settle in the background, chained after the key's previous settle."""
+        if not (grant.slots or grant.caps or any(r.unit == "tokens" for r in grant.rates)):
+            return  # request-rate limits only: nothing to correct or release
+        previous = self._settling.get(key_id)
+
+        async def run() -> None:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            await self.settle(grant, prompt_tokens, completion_tokens, model)
+
+        task = asyncio.create_task(run())
+        self._settling[key_id] = task
+        task.add_done_callback(lambda t: self._settling.pop(key_id, None) if self._settling.get(key_id) is t else None)
+
     async def settle(self, grant: Grant, prompt_tokens: int | None, completion_tokens: int, model: str) -> None:
         """Correct the estimate to what was used and release the concurrency slot."""
         if not (grant.rates or grant.slots or grant.caps):
@@ -342,11 +365,11 @@ class Governor:
         keys = [r.key for r in grant.rates] + [s.key for s in grant.slots] + [c.key for c in grant.caps]
         try:
             await self.settle_script(keys=keys, args=args)
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except (RedisUnavailable, ReplyError) as exc:
             self.logger.warning("settle_failed", error=repr(exc))
 
     async def governed(
-        self, grant: Grant, chunks: AsyncGenerator[Chunk, None], model: str
+        self, key_id: str, grant: Grant, chunks: AsyncGenerator[Chunk, None], model: str
     ) -> AsyncGenerator[Chunk, None]:
         """Pass the stream through; settle the grant with the tokens it really used, however it ends."""
         prompt: int | None = None
@@ -365,8 +388,9 @@ class Governor:
             await chunks.aclose()
             if not accepted:  # no worker ever took it: nothing was used
                 prompt = 0
-            # Shielded: a client that disconnects cancels the handler, and the slot must still be freed.
-            await asyncio.shield(self.settle(grant, prompt, completion, model))
+            # A task, not an await: off the response path, and a client that disconnects (cancelling the
+            # handler) cannot stop its slot from being freed.
+            self.settle_later(key_id, grant, prompt, completion, model)
 
 
 def _headers(rates: list[Rate], out: list[Any]) -> dict[str, str]:

@@ -103,7 +103,7 @@ async def _respond(
         limit_headers: dict[str, str] = {}
         if grant is not None:
             assert gw.governor is not None
-            chunks = gw.governor.governed(grant, chunks, gen.model)
+            chunks = gw.governor.governed(key.id, grant, chunks, gen.model)
             limit_headers = grant.headers
         try:
             try:

@@ -135,7 +135,7 @@ class Socket:
         )
         if grant is not None:
             assert self.gw.governor is not None
-            chunks = self.gw.governor.governed(grant, chunks, gen.model)
+            chunks = self.gw.governor.governed(key.id, grant, chunks, gen.model)
         try:
             async for chunk in chunks:
                 if isinstance(chunk, Accepted):
