@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -265,7 +267,10 @@ async def test_concurrent_requests_never_overspend_a_budget(
         counters = [k async for k in client.scan_iter(f"ib:bud:tenant:{tenant['id']}:tokens:*")]
         assert len(counters) == 1
         deadline = time.monotonic() + 5  # settles run just after each response
-        while (counted := int(await client.get(counters[0]))) != spent and time.monotonic() < deadline:
+        while True:
+            counted = int(await client.get(counters[0]))
+            if counted == spent or time.monotonic() > deadline:
+                break
             await asyncio.sleep(0.01)
         assert counted == spent  # every reservation settled to the actual
     finally:
@@ -293,6 +298,40 @@ async def test_redis_down_fails_open_or_closed_as_configured(
     finally:
         for gw in gws:
             gw.proc.stop()
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------
+
+
+def cli(infra: EmbeddedStack, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**infra.env(), "INFERBUS_DATA_DIR": str(infra.root / "cli")}
+    return subprocess.run([sys.executable, "-m", "services.cli.main", *args], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+async def test_tenants_and_keys_cli(infra: EmbeddedStack, gateway: Gateway, bench_worker: dict[str, Any]) -> None:
+    made = await asyncio.to_thread(cli, infra, "tenants", "create", "cli-corp", "--rpm", "50", "--usd-per-month", "9")
+    assert made.returncode == 0 and "rpm=50" in made.stdout and "usd_per_month=9" in made.stdout, made.stderr
+    key = await asyncio.to_thread(cli, infra, "keys", "create", "--name", "cli-app", "--tenant", "cli-corp",
+                                  "--scope", "kind:llm", "--tpm", "1000", "--model-rpm", f"{BENCH_MODEL}=5",
+                                  "--expires", "30d")
+    assert key.returncode == 0, key.stderr
+    secret = next(line.split()[-1] for line in key.stdout.splitlines() if line.startswith("key:"))
+    CREATED_KEYS.append(secret)
+    key_id = key.stdout.split()[2]
+    async with aiohttp.ClientSession() as http:
+        assert (await complete(http, gateway, secret))[0] == 200
+    listed = await asyncio.to_thread(cli, infra, "keys", "list", "--tenant", "cli-corp")
+    assert key_id in listed.stdout and secret not in listed.stdout and f"{BENCH_MODEL}:rpm=5" in listed.stdout
+    revoked = await asyncio.to_thread(cli, infra, "keys", "revoke", key_id)
+    assert revoked.returncode == 0 and "revoked at" in revoked.stdout
+    for args, needle in ((("keys", "create", "--name", "x", "--scope", "superuser"), "[scopes]"),
+                         (("keys", "revoke", key_id), "(conflict)"),
+                         (("tenants", "update", "no-such-tenant", "--rpm", "5"), "(not_found)")):
+        bad = await asyncio.to_thread(cli, infra, *args)
+        assert bad.returncode == 1 and needle in bad.stderr, (args, bad.stderr)
+    unparsable = await asyncio.to_thread(cli, infra, "keys", "create", "--name", "x", "--expires", "soon")
+    assert unparsable.returncode == 2 and "not a duration" in unparsable.stderr
 
 
 # ---- keys never leak ------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Any
 
-from services.cli import models, state, tenancy
+from services.cli import models, state, tenancy, usage
 from services.runtime import bus
 
 
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help="list running services and their health")
     tenancy.add_parsers(sub)
     models.add_parser(sub)
+    usage.add_parser(sub)
     args = parser.parse_args(argv)
 
     if args.command == "up":
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_status())
     if args.command in ("keys", "tenants"):
         return tenancy.run(args, parser)
+    if args.command in ("usage", "prices"):
+        return usage.run(args, parser)
     if args.command == "models":
         return models.run(args, parser)
     parser.error("unknown command")

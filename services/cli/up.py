@@ -117,7 +117,7 @@ async def _wait_ready(gateway_url: str, nats_url: str, limit_s: float) -> None:
                             waiting.append("gateway")
                 except aiohttp.ClientError:
                     waiting.append("gateway")
-                for name in ("registry", "router"):
+                for name in ("registry", "router", "metering"):
                     if not await bus.discover(nc, "PING", f"inferbus-{name}", wait=0.1):
                         waiting.append(name)
                 workers = await bus.service_stats(nc, "inferbus-llm", wait=0.3)
@@ -173,6 +173,7 @@ async def up(port: int | None, ready_timeout: float) -> int:
         services = [
             Supervised("registry", "services.registry", plain),
             Supervised("router", "services.router", plain),
+            Supervised("metering", "services.metering", plain),
             Supervised("gateway", "services.gateway",
                        {**env, "INFERBUS_PORT": str(gateway_port), "INFERBUS_ADMIN_KEY": admin_key}),
             Supervised("llm", "services.llm", plain),

@@ -1,12 +1,15 @@
-"""Admin HTTP endpoints (`/v1/admin/*`, admin keys only): the same operations as the NATS `admin.*` subjects."""
+"""Admin HTTP endpoints (`/v1/admin/*`, admin keys only), the same operations as NATS `admin.*`; and `/v1/usage`."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
+from contracts import usage
+from contracts.control import Reply
 from contracts.errors import InferBusError, invalid
 from contracts.tenancy import (
     CreateKey,
@@ -18,6 +21,8 @@ from contracts.tenancy import (
     UpdateKey,
     UpdateTenant,
 )
+from contracts.usage import UsageQuery
+from services.cli.usage import moment, render_csv
 from services.gateway.errors import from_validation, json_response
 from services.gateway.state import GATEWAY
 from services.gateway.tenancy import TenancyAdmin
@@ -100,3 +105,57 @@ async def rotate_key(request: web.Request) -> web.Response:
 async def update_key(request: web.Request) -> web.Response:
     admin, body = await _admin(request, UpdateKey, key_id=request.match_info["key_id"])
     return _ok(await admin.update_key(body))
+
+
+# ---- usage ----------------------------------------------------------------------------------------
+
+
+def _moment(param: str, text: str, now: float) -> float:
+    try:
+        return moment(text, now)
+    except ValueError as exc:
+        raise invalid(str(exc), param) from None
+
+
+@routes.get("/v1/usage")
+async def get_usage(request: web.Request) -> web.Response:
+    """Usage from the ledger. Admin keys: any tenant or key; other keys: their own usage only."""
+    gw = request.app[GATEWAY]
+    key = await gw.authorize(request)
+    query = request.query
+    now = time.time()
+    fields: dict[str, Any] = {
+        "since": _moment("since", query.get("since", "24h"), now),
+        "group_by": [g.strip() for g in query.get("group_by", "").split(",") if g.strip()],
+        "include_shadow": query.get("include_shadow", "false").lower() in ("1", "true"),
+    }
+    if "until" in query:
+        fields["until"] = _moment("until", query["until"], now)
+    if "model" in query:
+        fields["model"] = query["model"]
+    if key.is_admin:
+        for name in ("tenant_id", "key_id"):
+            if name in query:
+                fields[name] = query[name]
+    else:
+        for name in ("tenant_id", "key_id"):
+            if name in query and query[name] != (key.tenant_id if name == "tenant_id" else key.id):
+                raise InferBusError("permission_denied", "A non-admin key can only read its own usage", param=name)
+        fields["key_id"] = key.id
+    fmt = query.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise invalid("format must be json or csv", "format")
+    try:
+        body = msgspec.convert(fields, UsageQuery)
+    except msgspec.ValidationError as exc:
+        raise from_validation(exc) from None
+    try:
+        msg = await gw.service.bus.request(usage.USAGE_QUERY, msgspec.json.encode(body), timeout=10)
+    except Exception as exc:  # no responders or a timeout: the metering service is down
+        raise InferBusError("no_worker", "The usage service is unavailable; retry shortly") from exc
+    reply = msgspec.json.decode(msg.data, type=Reply)
+    if reply.error is not None:
+        raise InferBusError(reply.error.code, reply.error.message, param=reply.error.param)
+    if fmt == "csv":
+        return web.Response(text=render_csv(reply.result) + "\n", content_type="text/csv")
+    return json_response(200, {"object": "usage", **reply.result})

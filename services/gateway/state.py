@@ -10,8 +10,8 @@ import msgspec
 from aiohttp import web
 
 from contracts import headers as h
-from contracts import subjects
-from contracts.control import load_decoder
+from contracts import subjects, usage
+from contracts.control import Reply, load_decoder
 from contracts.llm import GenerateRequest
 from contracts.tenancy import (
     CreateKey,
@@ -25,6 +25,7 @@ from contracts.tenancy import (
     UpdateTenant,
     revoked_decoder,
 )
+from contracts.usage import ListPrices, PriceView
 from services.gateway.auth import KeyRecord, KeyStore, bearer
 from services.gateway.catalogue import Catalogue, ModelEntry
 from services.gateway.dispatch import Dispatcher
@@ -71,6 +72,7 @@ class Gateway:
         self.tenancy: TenancyAdmin | None = None
         self.governor: Governor | None = None
         self._dispatcher: Dispatcher | None = None
+        self._prices_task: asyncio.Task[None] | None = None
         self.in_flight = 0
         self.logger = log.get("gateway")
 
@@ -94,6 +96,9 @@ class Gateway:
                 endpoint_limits=cfg.endpoint_limits,
                 stale_s=cfg.max_request_timeout_s + 60,
             )
+        if self.governor is not None:
+            await nc.subscribe(usage.PRICES_CHANGED, cb=self._on_prices_changed)
+            self._prices_task = asyncio.create_task(self._prices_loop())
         await nc.subscribe(subjects.ADMIN_KEYS_REVOKED, cb=self._on_revoked)
         await nc.subscribe(subjects.ADMIN_KEYS_CHANGED, cb=self._on_changed)
         await nc.subscribe(subjects.HEARTBEAT_ALL, cb=self._on_heartbeat)
@@ -130,6 +135,8 @@ class Gateway:
         return self._dispatcher
 
     async def close(self) -> None:
+        if self._prices_task is not None:
+            self._prices_task.cancel()
         await self.catalogue.tables.close()
         if self.governor is not None:
             await self.governor.close()
@@ -138,13 +145,39 @@ class Gateway:
             await self.pool.close()
 
     def stats(self) -> dict[str, Any]:
-        return {"in_flight": self.in_flight, "models": len(self.catalogue.listing())}
+        prices = self.governor.prices.per_model if self.governor is not None else {}
+        return {"in_flight": self.in_flight, "models": len(self.catalogue.listing()), "priced_models": sorted(prices)}
 
     async def _on_heartbeat(self, msg: Any) -> None:
         try:
             self.catalogue.heard(load_decoder.decode(msg.data))
         except msgspec.DecodeError:
             self.logger.warning("bad_heartbeat", subject=msg.subject)
+
+    async def refresh_prices(self) -> bool:
+        """Prices for money budgets, from the metering service: per model, the dearest version (upper bound)."""
+        assert self.governor is not None
+        try:
+            msg = await self.service.bus.request(usage.PRICES_LIST, msgspec.json.encode(ListPrices()), timeout=2)
+            reply = msgspec.json.decode(msg.data, type=Reply)
+            views = msgspec.convert(reply.result or [], list[PriceView])
+        except Exception as exc:  # metering not up (yet): keep the last prices
+            self.logger.debug("prices_unavailable", error=repr(exc))
+            return False
+        per_model: dict[str, tuple[float, float]] = {}
+        for view in views:
+            old_in, old_out = per_model.get(view.model, (0.0, 0.0))
+            per_model[view.model] = (max(old_in, view.input_per_1m / 1e6), max(old_out, view.output_per_1m / 1e6))
+        self.governor.prices.per_model = per_model
+        return True
+
+    async def _prices_loop(self) -> None:
+        while True:
+            await self.refresh_prices()
+            await asyncio.sleep(30)
+
+    async def _on_prices_changed(self, msg: Any) -> None:
+        await self.refresh_prices()
 
     async def _on_revoked(self, msg: Any) -> None:
         try:

@@ -1,0 +1,1 @@
+"""Metering: the usage ledger (USAGE stream -> PostgreSQL), rollups, prices and usage queries."""

@@ -1,0 +1,3 @@
+from services.metering.main import run
+
+run()

@@ -1,0 +1,251 @@
+"""The USAGE stream's durable pull consumer: batches from JetStream into the ledger, acked only after the commit.
+
+FastStream's batch loop fetches (up to `batch_size` messages or `batch_timeout_s`) and hands each batch
+to a writer; while writers commit, the loop fetches the next. A batch PostgreSQL did not commit is not
+acked: it is nak'ed with a delay (the back-off the writer then sleeps, which also pauses fetching), so
+JetStream hands it out again once the database is back; a process that dies mid-batch leaves it unacked
+and JetStream redelivers it after `ack_wait`. Either way the ledger's request-id key makes the second
+write a no-op. A message that is not a usage event is terminated (logged, counted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import asyncpg
+import msgspec
+from faststream.message import StreamMessage
+from faststream.middlewares import AckPolicy
+from faststream.nats import JStream, NatsBroker, PullSub
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy as JsAckPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from prometheus_client import Counter, Gauge, Histogram
+
+from contracts import usage
+from contracts.usage import UsageEvent, event_decoder
+from services.metering import ledger, pull
+from services.runtime import logging as log
+
+EVENTS = Counter("inferbus_metering_events_total", "Usage events written to the ledger", ["kind", "shadow"])
+DUPLICATES = Counter("inferbus_metering_duplicates_total", "Usage events already in the ledger (redeliveries)")
+TOKENS = Counter("inferbus_metering_tokens_total", "Billed tokens written to the ledger", ["kind", "model", "type"])
+COST = Counter("inferbus_metering_cost_usd_total", "Billed cost written to the ledger (USD)", ["kind", "model"])
+BATCHES = Counter("inferbus_metering_batches_total", "Batches committed to PostgreSQL")
+PG_ERRORS = Counter("inferbus_metering_pg_errors_total", "Batches PostgreSQL failed to commit (not acked)")
+POISON = Counter("inferbus_metering_poison_total", "Messages on the USAGE stream that are not usage events")
+BATCH_SECONDS = Histogram(
+    "inferbus_metering_batch_seconds",
+    "Time to commit one batch",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+BACKOFF = Gauge("inferbus_metering_backoff_seconds", "Current back-off after a failed commit (0 when healthy)")
+
+
+async def ensure_consumer(js: JetStreamContext, durable: str, ack_wait_s: float, max_ack_pending: int) -> None:
+    """Create the durable consumer, or bring an existing one to these settings (both are editable)."""
+    await js.add_consumer(usage.STREAM, consumer_config(durable, ack_wait_s, max_ack_pending))
+
+
+def consumer_config(durable: str, ack_wait_s: float, max_ack_pending: int) -> ConsumerConfig:
+    return ConsumerConfig(
+        name=durable,
+        durable_name=durable,
+        description="InferBus metering: usage events into the PostgreSQL ledger",
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=JsAckPolicy.EXPLICIT,
+        ack_wait=ack_wait_s,
+        max_ack_pending=max_ack_pending,
+        filter_subject=usage.SUBJECTS,
+    )
+
+
+async def raw_messages(message: StreamMessage[list[Msg]]) -> list[Msg]:
+    """FastStream decoder: hand the batch over as the NATS messages themselves (decoded here, in one pass)."""
+    return message.raw_message
+
+
+class Consumer:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        durable: str,
+        batch_size: int,
+        batch_timeout_s: float,
+        ack_wait_s: float,
+        max_ack_pending: int,
+        write_timeout_s: float,
+        max_backoff_s: float,
+        writers: int = 2,
+    ) -> None:
+        self.pool = pool
+        self.durable = durable
+        self.batch_size = batch_size
+        self.batch_timeout_s = batch_timeout_s
+        self.ack_wait_s = ack_wait_s
+        self.max_ack_pending = max_ack_pending
+        self.write_timeout_s = write_timeout_s
+        self.max_backoff_s = max_backoff_s
+        self.backoff = 0.0
+        self.events_written = 0
+        self.duplicates_skipped = 0
+        self.batches = 0
+        self.last_batch_size = 0
+        self.last_batch_ms = 0.0
+        self.pg_errors = 0
+        self.poison = 0
+        # Fetching overlaps committing, and `writers` batches commit at once (one connection each), so
+        # one's commit wait and encoding overlap another's execution. They touch rollup rows in key
+        # order, and events in request-id order, so they may wait for each other but never deadlock.
+        self.writers = writers
+        self._batches: asyncio.Queue[list[Msg]] = asyncio.Queue(maxsize=writers)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.logger = log.get("metering")
+
+    def subscribe(self, broker: NatsBroker) -> Any:
+        """Register the batch handler; returns the FastStream subscriber (stop it before `stop`)."""
+        subscriber = broker.subscriber(
+            usage.SUBJECTS,
+            stream=JStream(name=usage.STREAM, declare=False),  # created by services.runtime.usage
+            durable=self.durable,
+            config=consumer_config(self.durable, self.ack_wait_s, self.max_ack_pending),
+            pull_sub=PullSub(batch_size=self.batch_size, timeout=self.batch_timeout_s, batch=True),
+            ack_policy=AckPolicy.MANUAL,
+            decoder=raw_messages,
+        )
+        subscriber(self.on_batch)
+        start = subscriber.start
+
+        async def start_with_fast_fetch() -> None:
+            await start()  # returns before the consume task first runs: no fetch has been made yet
+            subscription = getattr(subscriber, "subscription", None)
+            if subscription is not None:
+                pull.install(subscription)
+
+        setattr(subscriber, "start", start_with_fast_fetch)  # noqa: B010
+        return subscriber
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "durable": self.durable,
+            "events_written": self.events_written,
+            "duplicates_skipped": self.duplicates_skipped,
+            "batches": self.batches,
+            "last_batch_size": self.last_batch_size,
+            "last_batch_ms": round(self.last_batch_ms, 2),
+            "pg_errors": self.pg_errors,
+            "poison": self.poison,
+            "backoff_s": self.backoff,
+        }
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._write_loop()) for _ in range(self.writers)]
+
+    async def stop(self, grace_s: float) -> None:
+        """Once fetching has stopped: commit and ack the batches in hand (the rest are redelivered)."""
+        try:
+            async with asyncio.timeout(grace_s):
+                await self._batches.join()
+        except TimeoutError:
+            self.logger.warning("batches_left_unacked", batches=self._batches.qsize())
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def on_batch(self, msgs: list[Msg]) -> None:
+        """FastStream's handler: hand the batch to a writer and go fetch the next while it commits."""
+        await self._batches.put(msgs)  # waits while the writers are all busy and one batch waits: back-pressure
+
+    async def _write_loop(self) -> None:
+        while True:
+            msgs = await self._batches.get()
+            try:
+                await self.write(msgs)
+            except Exception:  # a bug, not PostgreSQL: keep the loop; the batch is redelivered after ack_wait
+                self.logger.exception("batch_failed", size=len(msgs))
+            finally:
+                self._batches.task_done()
+
+    async def write(self, msgs: list[Msg]) -> None:
+        events: list[UsageEvent] = []
+        good: list[Msg] = []
+        for msg in msgs:
+            try:
+                event = event_decoder.decode(msg.data)
+            except msgspec.DecodeError as exc:
+                await self._reject(msg, repr(exc))
+                continue
+            if not event.request_id:
+                await self._reject(msg, "empty request_id")
+                continue
+            events.append(event)
+            good.append(msg)
+        if not events:
+            return
+        started = time.perf_counter()
+        try:
+            written = await ledger.write(self.pool, events, limit_s=self.write_timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # PostgreSQL down, restarting, timing out: keep the batch in JetStream
+            await self._retry_later(good, exc)
+            return
+        elapsed = time.perf_counter() - started
+        await self._ack(good)
+        if self.backoff:
+            self.logger.info("ledger_write_recovered", pg_errors=self.pg_errors)
+            self.backoff = 0.0
+            BACKOFF.set(0)
+        self._count(written, elapsed)
+
+    def _count(self, written: ledger.Written, elapsed: float) -> None:
+        self.batches += 1
+        self.last_batch_size = written.received
+        self.last_batch_ms = elapsed * 1000
+        self.events_written += written.events
+        self.duplicates_skipped += written.duplicates
+        BATCHES.inc()
+        BATCH_SECONDS.observe(elapsed)
+        if written.duplicates:
+            DUPLICATES.inc(written.duplicates)
+        for g in written.inserted:
+            EVENTS.labels(g.kind, str(g.shadow).lower()).inc(g.events)
+            if not g.shadow:
+                TOKENS.labels(g.kind, g.model, "prompt").inc(g.prompt_tokens)
+                TOKENS.labels(g.kind, g.model, "completion").inc(g.completion_tokens)
+                COST.labels(g.kind, g.model).inc(g.cost_usd)
+
+    async def _retry_later(self, msgs: list[Msg], exc: Exception) -> None:
+        self.pg_errors += 1
+        PG_ERRORS.inc()
+        self.backoff = min(max(self.backoff * 2, 0.1), self.max_backoff_s)
+        BACKOFF.set(self.backoff)
+        self.logger.warning(
+            "ledger_write_failed", error=repr(exc), events=len(msgs), retry_in_s=self.backoff, pg_errors=self.pg_errors
+        )
+        try:
+            for msg in msgs:
+                await msg.nak(delay=self.backoff)
+        except Exception as nak_exc:  # NATS gone too: JetStream redelivers after ack_wait anyway
+            self.logger.warning("nak_failed", error=repr(nak_exc))
+        await asyncio.sleep(self.backoff)
+
+    async def _ack(self, msgs: list[Msg]) -> None:
+        try:
+            for msg in msgs:
+                await msg.ack()
+        except Exception as exc:  # committed but not acked: redelivered later, then skipped as duplicates
+            self.logger.warning("ack_failed", error=repr(exc), events=len(msgs))
+
+    async def _reject(self, msg: Msg, why: str) -> None:
+        self.poison += 1
+        POISON.inc()
+        self.logger.error("not_a_usage_event", subject=msg.subject, error=why, size=len(msg.data))
+        try:
+            await msg.term()
+        except Exception as exc:
+            self.logger.warning("term_failed", error=repr(exc))

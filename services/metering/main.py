@@ -1,0 +1,139 @@
+"""Metering service: the USAGE stream into the PostgreSQL ledger, prices, and usage queries over `metering.admin.*`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import asyncpg
+import msgspec
+from faststream.nats import NatsBroker
+
+from contracts import usage
+from contracts.usage import ListPrices, PriceView, SetPrice, UsageQuery, UsageReport
+from services.metering import prices, query
+from services.metering.consumer import Consumer, ensure_consumer
+from services.runtime import admin, db, service, settings
+from services.runtime import logging as log
+from services.runtime.usage import ensure_stream
+
+QUEUE = "metering"
+
+
+class MeteringSettings(settings.CommonSettings, kw_only=True, forbid_unknown_fields=True):
+    durable: str = "metering"  # the JetStream consumer: every replica shares it
+    batch_size: int = 1000  # events per fetch and per PostgreSQL transaction, at most
+    batch_timeout_s: float = 0.05  # a batch is written when full or after this long
+    ack_wait_s: float = 30.0  # an unacked batch (a replica died mid-write) is redelivered after this
+    max_ack_pending: int = 20_000
+    write_timeout_s: float = 20.0  # a commit taking longer counts as failed (nak, retry)
+    max_backoff_s: float = 5.0
+    writers: int = 2  # batches committing at once (one PostgreSQL connection each)
+    db_pool_size: int = 4  # the writers' connections plus the admin queries'
+    drain_s: float = 10.0  # on SIGTERM, time the batches in hand get to commit and ack
+
+
+class Metering:
+    def __init__(self, cfg: MeteringSettings) -> None:
+        self.cfg = cfg
+        self.service = service.Service("inferbus-metering", cfg, description="Usage ledger, prices, usage queries")
+        self.broker: NatsBroker | None = None
+        self._pool: asyncpg.Pool | None = None
+        self._consumer: Consumer | None = None
+        self._subscriber: Any = None
+        self.logger = log.get("metering")
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        assert self._pool is not None, "metering not started"
+        return self._pool
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        await self.service.connect()
+        # No idle floor: asyncpg would log a traceback per attempt to restore it while PostgreSQL is down.
+        self._pool = await db.connect(cfg.database_url, min_size=0, max_size=cfg.db_pool_size)
+        applied = await db.migrate(self._pool, "services.metering", "metering")
+        if applied:
+            self.logger.info("migrations_applied", files=applied)
+        js = self.service.bus.jetstream()
+        await ensure_stream(js)
+        await ensure_consumer(js, cfg.durable, cfg.ack_wait_s, cfg.max_ack_pending)
+        self._consumer = Consumer(
+            self._pool,
+            durable=cfg.durable,
+            batch_size=cfg.batch_size,
+            batch_timeout_s=cfg.batch_timeout_s,
+            ack_wait_s=cfg.ack_wait_s,
+            max_ack_pending=cfg.max_ack_pending,
+            write_timeout_s=cfg.write_timeout_s,
+            max_backoff_s=cfg.max_backoff_s,
+            writers=cfg.writers,
+        )
+        self.broker = NatsBroker(
+            cfg.nats_url,
+            name=f"inferbus-metering-consumer-{self.service.instance_id}",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            apply_types=False,  # the handler takes the raw batch: no per-message casting
+            logger=logging.getLogger("inferbus.faststream"),
+            log_level=logging.DEBUG,  # one line per batch would drown the service's own logs
+            graceful_timeout=cfg.drain_s,
+        )
+        self._subscriber = self._consumer.subscribe(self.broker)
+        self._consumer.start()
+        await self.broker.start()
+        self.service.stats_source = self.stats
+        endpoints: list[tuple[str, str, service.MicroHandler, str | None]] = [
+            ("prices_set", usage.PRICES_SET, admin.handler(self.logger, SetPrice, self.set_price), QUEUE),
+            ("prices_list", usage.PRICES_LIST, admin.handler(self.logger, ListPrices, self.list_prices), QUEUE),
+            ("usage_query", usage.USAGE_QUERY, admin.handler(self.logger, UsageQuery, self.usage_query), QUEUE),
+        ]
+        await self.service.register(endpoints)
+
+    async def close(self) -> None:
+        if self._subscriber is not None:
+            await self._subscriber.stop()  # no more fetches
+        if self._consumer is not None:
+            await self._consumer.stop(self.cfg.drain_s)  # commit and ack what was fetched
+        if self.broker is not None:
+            await self.broker.stop()
+        await self.service.close()
+        if self._pool is not None:
+            await self._pool.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), **(self._consumer.stats() if self._consumer is not None else {})}
+
+    async def set_price(self, req: SetPrice) -> PriceView:
+        view = await prices.set_price(self.pool, req)
+        self.logger.info("price_set", **msgspec.to_builtins(view))
+        await self.service.bus.publish(usage.PRICES_CHANGED, msgspec.json.encode(view))
+        return view
+
+    async def list_prices(self, req: ListPrices) -> list[PriceView]:
+        return await prices.list_prices(self.pool, req)
+
+    async def usage_query(self, req: UsageQuery) -> UsageReport:
+        return await query.run(self.pool, req)
+
+
+async def main(stop: asyncio.Event) -> None:
+    cfg = settings.load(MeteringSettings, "metering")
+    log.configure("metering", cfg.log_level)
+    metering = Metering(cfg)
+    await metering.start()
+    metering.logger.info("metering_ready", durable=cfg.durable, batch_size=cfg.batch_size)
+    await stop.wait()
+    metering.logger.info("draining")
+    await metering.close()
+
+
+def run() -> None:
+    service.run(main)
+
+
+if __name__ == "__main__":
+    run()
