@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	@echo "[make] installing InferBus into $(VENV) (first run builds llama-cpp-python, a few minutes)"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install --progress-bar off -e '.[llm,transformers,test,dev]'
+	$(PY) -m pip install --progress-bar off -e '.[llm,transformers,speech,test,dev]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -35,7 +35,11 @@ from services.runtime import admin, db, service, settings
 from services.runtime import logging as log
 from services.runtime.streaming import StreamClient
 
-DEFAULT_MODELS = [ModelEntry(name="smollm2-135m-instruct", version="q4_1")]
+DEFAULT_MODELS = [
+    ModelEntry(name="smollm2-135m-instruct", version="q4_1"),
+    ModelEntry(name="whisper-tiny-en", version="int8", kind="asr"),
+    ModelEntry(name="hibari", version="v0-2", kind="tts"),
+]
 
 
 class GatewaySettings(settings.CommonSettings, kw_only=True, forbid_unknown_fields=True):
@@ -54,6 +58,20 @@ class GatewaySettings(settings.CommonSettings, kw_only=True, forbid_unknown_fiel
     # "p2c": pick the less loaded of two live workers (per-worker subjects); "queue": the version's
     # NATS queue group picks at random.
     dispatch: Literal["p2c", "queue"] = "p2c"
+    # OpenAI model names clients send, served by ours.
+    model_aliases: dict[str, str] = msgspec.field(
+        default_factory=lambda: {
+            "whisper-1": "whisper-tiny-en",
+            "gpt-4o-transcribe": "whisper-tiny-en",
+            "gpt-4o-mini-transcribe": "whisper-tiny-en",
+            "tts-1": "hibari",
+            "tts-1-hd": "hibari",
+            "gpt-4o-mini-tts": "hibari",
+        }
+    )
+    max_audio_bytes: int = 25 << 20  # uploads to /v1/audio/* (OpenAI's limit)
+    max_audio_seconds: float = 900.0
+    max_speech_chars: int = 4096  # /v1/audio/speech input (OpenAI's limit)
     # Rate limits and budgets (Redis). Off: no per-request Redis round trip at all.
     governance: bool = True
     # When Redis is unreachable: "open" admits requests (unlimited, logged, counted), "closed" answers 503.

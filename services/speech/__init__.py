@@ -1,0 +1,1 @@
+"""Speech workers: ASR (faster-whisper) and TTS (hibari-tts)."""
