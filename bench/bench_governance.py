@@ -24,16 +24,10 @@ Prints "[bench] ..." progress and a table, and writes section `governance` of be
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import datetime as dt
 import os
 import secrets
-import shutil
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +38,7 @@ if str(ROOT) not in sys.path:
 import aiohttp  # noqa: E402
 import msgspec  # noqa: E402
 
+from bench import harness  # noqa: E402
 from bench.bench_spine import machine, pct, run_load, say, side_by_side  # noqa: E402
 from bench.results import write_section  # noqa: E402
 from contracts import subjects  # noqa: E402
@@ -177,41 +172,20 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     cfg = QUICK if args.quick else FULL
-    started = dt.datetime.now(dt.UTC)
-    t0 = time.perf_counter()
-    root = Path(tempfile.mkdtemp(prefix="inferbus-bench-gov-"))
-    root.chmod(0o755)
-    infra = EmbeddedStack(root)
-    procs: list[ServiceProcess] = []
     rows: list[list[str]] = []
-    ok = False
-    try:
-        say(f"{'quick' if args.quick else 'full'} run; machine: {machine()}")
-        infra.start()
-        asyncio.run(bench(cfg, infra, procs, rows))
-        ok = True
-    except BaseException:
-        say("FAILED:\n" + traceback.format_exc())
-        for p in procs:
-            with contextlib.suppress(OSError):
-                say(f"--- {p.name} log tail ---\n{p.log()[-2000:]}")
-    finally:
-        for p in reversed(procs):
-            with contextlib.suppress(Exception):
-                p.stop()
-        with contextlib.suppress(RuntimeError):
-            infra.stop()
-        if ok:
-            shutil.rmtree(root, ignore_errors=True)
-    if not ok:
+    outcome = harness.run(
+        "governance", lambda infra, procs: bench(cfg, infra, procs, rows), quick=args.quick, machine=machine()
+    )
+    if outcome is None:
         return 1
+    started, elapsed, _, findings = outcome
     table = ["| Measurement | Result | Added vs off | Target | Met? |", "|---|---|---|---|---|"]
     table += ["| " + " | ".join(r) + " |" for r in rows]
     text = "\n".join([
         "# Governance cost (auth, rate limits, budgets)",
         "",
         f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')} ({'--quick' if args.quick else 'full'} run, "
-        f"{time.perf_counter() - t0:.0f} s)",
+        f"{elapsed:.0f} s)",
         f"- Machine: {machine()}; load average at the end {os.getloadavg()[0]:.2f}",
         "- Command: `python bench/bench_governance.py" + (" --quick" if args.quick else "") + "`",
         "- The four ways run interleaved in rounds in one run, through real gateways, Redis and a "
@@ -221,6 +195,8 @@ def main() -> int:
         "in one admit script, corrected in one settle script.",
         "",
         *table,
+        "",
+        "Warnings and errors the services logged: " + ("; ".join(findings) or "none"),
         "",
     ])
     print(text)

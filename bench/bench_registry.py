@@ -26,16 +26,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import os
 import secrets
-import shutil
-import signal
 import sys
-import tempfile
 import time
-import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -47,11 +42,11 @@ if str(ROOT) not in sys.path:
 import aiohttp  # noqa: E402
 import msgspec  # noqa: E402
 
+from bench import harness  # noqa: E402
 from bench.bench_spine import (  # noqa: E402
     CpuMeter,
     Direct,
     Http,
-    log_findings,
     machine,
     ms,
     pct,
@@ -574,51 +569,14 @@ def main() -> int:
     parser.add_argument("--note", default="", help="free text for the header of the section (e.g. what else ran)")
     args = parser.parse_args()
     cfg = QUICK if args.quick else FULL
-    started = dt.datetime.now(dt.UTC)
-    t_start = time.perf_counter()
-    load0 = "{:.2f}, {:.2f}, {:.2f}".format(*os.getloadavg())
-
-    def on_term(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    root = Path(tempfile.mkdtemp(prefix="inferbus-bench-registry-"))
-    root.chmod(0o755)
-    infra = EmbeddedStack(root)
-    procs: list[ServiceProcess] = []
     rep = Report()
-    ok = False
-    try:
-        say(f"{'quick' if args.quick else 'full'} run; machine: {machine()}; load average {load0}")
-        say(f"starting nats-server, PostgreSQL, Redis under {root}")
-        infra.start()
-        say(f"nats {infra.nats_url}, postgres {infra.database_url}, redis {infra.redis_url}")
-        asyncio.run(bench(cfg, infra, procs, rep))
-        ok = True
-    except BaseException:
-        say("FAILED:\n" + traceback.format_exc())
-        for p in procs:
-            with contextlib.suppress(OSError):
-                say(f"--- {p.name} log tail ---\n{p.log()[-2000:]}")
-    finally:
-        say("stopping services")
-        for p in reversed(procs):
-            with contextlib.suppress(Exception):
-                p.stop()
-        try:
-            infra.stop()
-        except RuntimeError as exc:
-            say(str(exc))
-        findings = log_findings(procs)
-        if ok:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            say(f"logs kept under {root}")
-    if not ok:
+    outcome = harness.run(
+        "registry", lambda infra, procs: bench(cfg, infra, procs, rep), quick=args.quick, machine=machine()
+    )
+    if outcome is None:
         return 1
-    load1 = "{:.2f}, {:.2f}, {:.2f}".format(*os.getloadavg())
-    elapsed = time.perf_counter() - t_start
-    write_results(rep, args.quick, started, elapsed, (load0, load1), findings, args.note)
+    started, elapsed, load, findings = outcome
+    write_results(rep, args.quick, started, elapsed, load, findings, args.note)
     print()
     for key, title in TITLES.items():
         print(f"{title}\n\n{rep.markdown(key)}")

@@ -31,10 +31,7 @@ import multiprocessing as mp
 import os
 import platform
 import secrets
-import shutil
-import signal
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Awaitable, Callable
@@ -49,6 +46,8 @@ import aiohttp  # noqa: E402
 import msgspec  # noqa: E402
 import psutil  # noqa: E402
 
+from bench import harness  # noqa: E402
+from bench.harness import log_findings, say  # noqa: E402, F401  (re-exported for the other benchmarks)
 from bench.results import write_section  # noqa: E402
 from contracts import subjects  # noqa: E402
 from contracts.llm import Delta, Final, GenerateRequest, Message  # noqa: E402
@@ -104,10 +103,6 @@ QUICK = {
     "llm_single_cap": 15.0,
     "llm_concurrent_cap": 20.0,
 }
-
-
-def say(text: str) -> None:
-    print(f"[bench] {text}", flush=True)
 
 
 # ---- processes ------------------------------------------------------------------------------
@@ -770,27 +765,6 @@ async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServicePr
         await nc.close()
 
 
-def log_findings(procs: list[ServiceProcess]) -> list[str]:
-    """Warnings and errors the services logged during the run."""
-    found = []
-    for p in procs:
-        with contextlib.suppress(OSError):
-            counts: dict[str, int] = {}
-            for line in p.log().splitlines():
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    if line.strip():
-                        counts["(non-JSON line)"] = counts.get("(non-JSON line)", 0) + 1
-                    continue
-                if event.get("level") in ("warning", "error", "critical"):
-                    key = f"{event.get('level')}: {event.get('event')}"
-                    counts[key] = counts.get(key, 0) + 1
-            for key, n in counts.items():
-                found.append(f"{p.name}: {key} x{n}")
-    return found
-
-
 def machine() -> str:
     cpu = "unknown CPU"
     with contextlib.suppress(OSError):
@@ -853,51 +827,14 @@ def main() -> int:
     parser.add_argument("--note", default="", help="free text for the header of RESULTS.md (e.g. what else ran)")
     args = parser.parse_args()
     cfg = QUICK if args.quick else FULL
-    started = dt.datetime.now(dt.UTC)
-    t_start = time.perf_counter()
-    load0 = "{:.2f}, {:.2f}, {:.2f}".format(*os.getloadavg())
-
-    def on_term(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    root = Path(tempfile.mkdtemp(prefix="inferbus-bench-"))
-    root.chmod(0o755)
-    infra = EmbeddedStack(root)
-    procs: list[ServiceProcess] = []
     res = Results()
-    ok = False
-    try:
-        say(f"{'quick' if args.quick else 'full'} run; machine: {machine()}; load average {load0}")
-        say(f"starting nats-server, PostgreSQL, Redis under {root}")
-        infra.start()
-        say(f"nats {infra.nats_url}, postgres {infra.database_url}, redis {infra.redis_url}")
-        asyncio.run(bench(cfg, infra, procs, res))
-        ok = True
-    except BaseException:
-        say("FAILED:\n" + traceback.format_exc())
-        for p in procs:
-            with contextlib.suppress(OSError):
-                say(f"--- {p.name} log tail ---\n{p.log()[-2000:]}")
-    finally:
-        say("stopping services")
-        for p in reversed(procs):
-            with contextlib.suppress(Exception):
-                p.stop()
-        try:
-            infra.stop()
-        except RuntimeError as exc:
-            say(str(exc))
-        findings = log_findings(procs)
-        if ok:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            say(f"logs kept under {root}")
-    if not ok:
+    outcome = harness.run(
+        "spine", lambda infra, procs: bench(cfg, infra, procs, res), quick=args.quick, machine=machine()
+    )
+    if outcome is None:
         return 1
-    load1 = "{:.2f}, {:.2f}, {:.2f}".format(*os.getloadavg())
-    elapsed = time.perf_counter() - t_start
-    write_results(res, args.quick, started, elapsed, (load0, load1), findings, args.note)
+    started, elapsed, load, findings = outcome
+    write_results(res, args.quick, started, elapsed, load, findings, args.note)
     print()
     print(res.table())
     for f in findings:

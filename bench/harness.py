@@ -1,0 +1,111 @@
+"""What every benchmark run does around its measurements: an embedded stack, processes, cleanup, findings.
+
+    outcome = harness.run("registry", lambda infra, procs: bench(cfg, infra, procs, report))
+    if outcome is None: return 1
+
+The stack (nats-server, PostgreSQL, Redis from the wheels) lives in a fresh temporary folder; every
+process the benchmark appends to `procs` is stopped at the end, on failure too (SIGTERM included);
+the folder is removed after a clean run and kept, with log tails printed, after a failed one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import NamedTuple
+
+from services.runtime.local import EmbeddedStack, ServiceProcess
+
+Bench = Callable[[EmbeddedStack, list[ServiceProcess]], Awaitable[None]]
+
+
+class Outcome(NamedTuple):
+    started: dt.datetime
+    elapsed: float
+    load: tuple[str, str]  # load average at the start and at the end
+    findings: list[str]  # warnings and errors the services logged
+
+
+def say(text: str) -> None:
+    print(f"[bench] {text}", flush=True)
+
+
+def load_average() -> str:
+    return "{:.2f}, {:.2f}, {:.2f}".format(*os.getloadavg())
+
+
+def run(name: str, bench: Bench, *, quick: bool, machine: str) -> Outcome | None:
+    """Run `bench` on a fresh embedded stack; None when it failed (the reason is printed)."""
+    started = dt.datetime.now(dt.UTC)
+    t0 = time.perf_counter()
+    load0 = load_average()
+
+    def on_term(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    root = Path(tempfile.mkdtemp(prefix=f"inferbus-bench-{name}-"))
+    root.chmod(0o755)
+    infra = EmbeddedStack(root)
+    procs: list[ServiceProcess] = []
+    ok = False
+    try:
+        say(f"{'quick' if quick else 'full'} run; machine: {machine}; load average {load0}")
+        say(f"starting nats-server, PostgreSQL, Redis under {root}")
+        infra.start()
+        say(f"nats {infra.nats_url}, postgres {infra.database_url}, redis {infra.redis_url}")
+        asyncio.run(bench(infra, procs))
+        ok = True
+    except BaseException:
+        say("FAILED:\n" + traceback.format_exc())
+        for p in procs:
+            with contextlib.suppress(OSError):
+                say(f"--- {p.name} log tail ---\n{p.log()[-2000:]}")
+    finally:
+        say("stopping services")
+        for p in reversed(procs):
+            with contextlib.suppress(Exception):
+                p.stop()
+        try:
+            infra.stop()
+        except RuntimeError as exc:
+            say(str(exc))
+        findings = log_findings(procs)
+        if ok:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            say(f"logs kept under {root}")
+    if not ok:
+        return None
+    return Outcome(started, time.perf_counter() - t0, (load0, load_average()), findings)
+
+
+def log_findings(procs: list[ServiceProcess]) -> list[str]:
+    """Warnings and errors the services logged during the run."""
+    found = []
+    for p in procs:
+        with contextlib.suppress(OSError):
+            counts: dict[str, int] = {}
+            for line in p.log().splitlines():
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    if line.strip():
+                        counts["(non-JSON line)"] = counts.get("(non-JSON line)", 0) + 1
+                    continue
+                if event.get("level") in ("warning", "error", "critical"):
+                    key = f"{event.get('level')}: {event.get('event')}"
+                    counts[key] = counts.get(key, 0) + 1
+            for key, n in counts.items():
+                found.append(f"{p.name}: {key} x{n}")
+    return found
