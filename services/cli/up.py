@@ -120,9 +120,10 @@ async def _wait_ready(gateway_url: str, nats_url: str, limit_s: float) -> None:
                 for name in ("registry", "router", "metering"):
                     if not await bus.discover(nc, "PING", f"inferbus-{name}", wait=0.1):
                         waiting.append(name)
-                workers = await bus.service_stats(nc, "inferbus-llm", wait=0.3)
-                if not any(w.get("ready") for w in workers):
-                    waiting.append("llm worker (loading model)")
+                for kind in ("llm", "asr", "tts"):
+                    workers = await bus.service_stats(nc, f"inferbus-{kind}", wait=0.3)
+                    if not any(w.get("ready") for w in workers):
+                        waiting.append(f"{kind} worker (loading model)")
                 if not waiting:
                     return
                 now = "waiting for " + ", ".join(waiting)
@@ -177,6 +178,8 @@ async def up(port: int | None, ready_timeout: float) -> int:
             Supervised("gateway", "services.gateway",
                        {**env, "INFERBUS_PORT": str(gateway_port), "INFERBUS_ADMIN_KEY": admin_key}),
             Supervised("llm", "services.llm", plain),
+            Supervised("asr", "services.speech.asr", plain),
+            Supervised("tts", "services.speech.tts", plain),
         ]
         tasks = [asyncio.create_task(s.run()) for s in services]
         state.state_file().write_text(json.dumps(

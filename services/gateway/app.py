@@ -6,7 +6,7 @@ import asyncio
 
 from aiohttp import web
 
-from services.gateway import admin_routes, audio_routes, openai_routes, speech_routes, websocket
+from services.gateway import admin_routes, audio_routes, openai_routes, playground, realtime, speech_routes, websocket
 from services.gateway.errors import error_middleware
 from services.gateway.state import GATEWAY, Gateway, GatewaySettings
 from services.runtime import logging as log
@@ -21,6 +21,8 @@ def build_app(gw: Gateway) -> web.Application:
     app.add_routes(admin_routes.routes)
     app.add_routes(audio_routes.routes)
     app.add_routes(speech_routes.routes)
+    app.add_routes(realtime.routes)
+    app.add_routes(playground.routes)
     app.router.add_get("/metrics", metrics.metrics_handler)
     return app
 

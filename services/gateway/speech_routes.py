@@ -1,7 +1,193 @@
-"""Placeholder: routes are added by the speech work."""
+"""POST /v1/audio/speech: OpenAI-compatible text to speech, streamed to the client as the worker speaks.
+
+The response starts once the first sentence's audio arrives, so any failure before that (bad input,
+no worker, unknown voice) is an OpenAI-style JSON error with its status. After that a failure cuts
+the connection: a truncated body, never a clean end. A client that leaves cancels the synthesis.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncGenerator
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
 from aiohttp import web
 
+from contracts import subjects
+from contracts.errors import InferBusError, invalid
+from contracts.llm import Accepted
+from contracts.registry import Outcome, outcome_encoder
+from contracts.speech import AudioChunk, SpeechDone, SpeechRequest, asr_encoder, tts_chunk_decoder
+from services.gateway.auth import KeyRecord
+from services.gateway.dispatch import RETRY_CODES
+from services.gateway.openai_routes import VERSION_HEADER, _decode, _timeout
+from services.gateway.speech_formats import AudioEncoder, Format, content_type, encoder_for
+from services.gateway.state import GATEWAY, Gateway
+from services.runtime import logging as log
+
+# OpenAI's voice names: each is spoken by the model's default voice.
+OPENAI_VOICES: Final = frozenset(
+    "alloy ash ballad coral echo fable nova onyx sage shimmer verse marin cedar".split()
+)
+DEFAULT_RATE: Final = 24_000  # only for an answer with no audio at all (nothing speakable in the input)
+SAMPLE_RATE_HEADER: Final = "x-inferbus-sample-rate"
+
 routes = web.RouteTableDef()
+
+
+class SpeechBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    model: str
+    input: str
+    voice: str
+    response_format: Format = "mp3"
+    speed: Annotated[float, msgspec.Meta(ge=0.25, le=4.0)] = 1.0
+    instructions: str | None = None
+    stream_format: Literal["audio", "sse"] = "audio"
+
+
+def _speech_request(body: SpeechBody, model: str, request_id: str, max_chars: int) -> SpeechRequest:
+    if not body.input.strip():
+        raise invalid("input must not be empty", "input")
+    if len(body.input) > max_chars:
+        raise invalid(f"input is {len(body.input)} characters; the limit is {max_chars}", "input")
+    if body.instructions:
+        raise InferBusError("unsupported_parameter", "instructions are not supported by this model",
+                            param="instructions")
+    if body.stream_format != "audio":
+        raise InferBusError("unsupported_parameter", "only stream_format 'audio' is supported",
+                            param="stream_format")
+    voice = None if body.voice.lower() in OPENAI_VOICES else body.voice
+    return SpeechRequest(request_id=request_id, model=model, input=body.input, voice=voice, speed=body.speed)
+
+
+@routes.post("/v1/audio/speech")
+async def speech(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    key = await gw.authorize(request)
+    body: SpeechBody = await _decode(request, SpeechBody)
+    model = gw.settings.model_aliases.get(body.model, body.model)
+    rid = "speech-" + secrets.token_hex(12)
+    speech_request = _speech_request(body, model, rid, gw.settings.max_speech_chars)
+    key.authorize("tts", model)
+    deadline = time.time() + _timeout(request, gw)
+    with log.bound(request_id=rid, model=model):
+        chunks = _synthesize(gw, request, key, speech_request, deadline)
+        try:
+            accepted = await anext(chunks)  # errors until the first audio keep their HTTP status
+            assert isinstance(accepted, Accepted)
+            first = await anext(chunks)
+            assert isinstance(first, AudioChunk | SpeechDone)
+            rate = first.sample_rate if isinstance(first, AudioChunk) else DEFAULT_RATE
+            encoder = encoder_for(body.response_format, rate)
+            response = web.StreamResponse(
+                headers={
+                    "Content-Type": content_type(body.response_format, rate),
+                    "Cache-Control": "no-cache",
+                    "X-Accel-Buffering": "no",
+                    VERSION_HEADER: accepted.version,
+                    SAMPLE_RATE_HEADER: str(rate),
+                    "x-request-id": rid,
+                }
+            )
+            await response.prepare(request)
+            await _stream(request, response, encoder, first, chunks)
+            return response
+        finally:
+            await chunks.aclose()  # at once: a client that left cancels the synthesis
+
+
+async def _stream(
+    request: web.Request, response: web.StreamResponse, encoder: AudioEncoder, first: Any, chunks: Any
+) -> None:
+    chunk = first
+    try:
+        while True:
+            if isinstance(chunk, AudioChunk):
+                await _write(response, encoder, encoder.feed, chunk.pcm)
+            elif isinstance(chunk, SpeechDone):
+                await _write(response, encoder, encoder.finish)
+                await response.write_eof()
+                return
+            chunk = await anext(chunks)
+    except (InferBusError, StopAsyncIteration) as exc:
+        # Mid-stream failure: the headers are out, so end the connection without the final chunk.
+        code = exc.code if isinstance(exc, InferBusError) else "stream_broken"
+        log.get("gateway").warning("speech_stream_failed", code=code, error=str(exc))
+        if request.transport is not None:
+            request.transport.abort()
+    except ConnectionResetError:  # the client left; the caller's aclose() cancels the synthesis
+        log.get("gateway").info("speech_client_left")
+
+
+async def _write(response: web.StreamResponse, encoder: AudioEncoder, step: Any, *args: Any) -> None:
+    data = await asyncio.to_thread(step, *args) if encoder.blocking else step(*args)
+    if data:
+        await response.write(data)
+
+
+async def _synthesize(
+    gw: Gateway, request: web.Request, key: KeyRecord, speech: SpeechRequest, deadline: float
+) -> AsyncGenerator[Any, None]:
+    """The worker's chunks (Accepted, AudioChunk..., SpeechDone), heartbeats left out.
+
+    A per-worker subject with no responders means that worker is gone: it leaves routing and the
+    request goes to the version's queue group. Other retryable failures before any audio are retried
+    once the same way. The outcome is reported to the registry (canary analysis), as for generations.
+    """
+    presence = gw.catalogue.presence
+    route = gw.catalogue.route(speech.model, "tts", key_id=key.id)
+    subject, worker = route.subject, route.worker_id
+    payload = asr_encoder.encode(speech)
+    started = time.perf_counter()
+    first_audio: float | None = None
+    accepted = False
+    code: str | None = "cancelled"  # until the stream ends one way or the other
+    try:
+        for attempt in (0, 1):
+            held = worker
+            if held:
+                presence.acquire(held)
+            stream = gw.dispatcher.client.open(
+                subject,
+                payload,
+                speech.request_id,
+                decoder=tts_chunk_decoder,
+                terminal=(SpeechDone,),
+                what=repr(speech.model),
+                deadline=deadline,
+                extra_headers=gw.bus_headers(request, key),
+            )
+            try:
+                async for chunk in stream:
+                    if isinstance(chunk, Accepted):
+                        if accepted:  # a retry's: the caller has the version already
+                            continue
+                        accepted = True
+                    elif isinstance(chunk, AudioChunk) and first_audio is None:
+                        first_audio = (time.perf_counter() - started) * 1000
+                    elif isinstance(chunk, SpeechDone):
+                        code = None
+                    yield chunk
+                return
+            except InferBusError as exc:
+                code = exc.code
+                gone = exc.code == "no_worker" and worker is not None
+                if attempt or first_audio is not None or not (gone or exc.code in RETRY_CODES):
+                    raise
+                if gone and worker:
+                    presence.forget(worker)  # out of routing now, not when its presence expires
+                log.get("gateway").warning("speech_retry", error=exc.code, worker_id=worker)
+                subject, worker = subjects.infer("tts", speech.model, route.version), None
+            finally:
+                await stream.aclose()
+                if held:
+                    presence.release(held)
+    finally:
+        nc = gw.dispatcher.client.nc
+        if code != "cancelled" and not nc.is_closed:
+            latency = (time.perf_counter() - started) * 1000
+            outcome = Outcome(speech.model, route.version, code is None, code or "ok", latency, first_audio)
+            await nc.publish(subjects.outcome("tts", speech.model), outcome_encoder.encode(outcome))

@@ -18,7 +18,6 @@ from contracts.control import WorkerLoad, load_encoder
 from contracts.errors import InferBusError
 from contracts.llm import (
     Accepted,
-    Chunk,
     Delta,
     ErrorChunk,
     Final,
@@ -33,6 +32,7 @@ from services.llm.engines import Engine, Piece
 from services.llm.stops import StopScanner
 from services.runtime import logging as log
 from services.runtime.bus import Connection
+from services.runtime.replies import ReplyStream, deadline_in, trace_id
 from services.runtime.usage import UsagePublisher
 
 REQUESTS = Counter("inferbus_llm_requests_total", "Generations by outcome", ["model", "version", "outcome"])
@@ -46,23 +46,6 @@ TTFT = Histogram("inferbus_llm_ttft_seconds", "Request receipt to first token", 
 DURATION = Histogram("inferbus_llm_request_seconds", "Request receipt to terminal chunk", ["model", "version"])
 
 _DONE = object()
-
-
-class ReplyStream:
-    """The worker's end of one stream: numbers every chunk and publishes it to the caller's inbox."""
-
-    def __init__(self, nc: Connection, reply: str) -> None:
-        self.nc = nc
-        self.reply = reply
-        self.seq = 0
-        self.closed = False
-
-    async def send(self, make: Any, *fields: Any) -> None:
-        chunk: Chunk = make(self.seq, *fields)
-        self.seq += 1
-        if isinstance(chunk, Final | ErrorChunk):
-            self.closed = True
-        await self.nc.publish(self.reply, chunk_encoder.encode(chunk))
 
 
 class Tally:
@@ -209,7 +192,7 @@ class LLMWorker:
 
     async def _serve(self, msg: Msg) -> None:
         assert msg.reply
-        out = ReplyStream(self.nc, msg.reply)
+        out = ReplyStream(self.nc, msg.reply, chunk_encoder, (Final, ErrorChunk))
         received = time.monotonic()
         started_at = time.time()
         try:
@@ -227,10 +210,10 @@ class LLMWorker:
         IN_FLIGHT.labels(*self._labels).inc()
         outcome = "ok"
         tally = Tally()
-        with log.bound(request_id=rid, trace_id=_trace_id(msg)):
+        with log.bound(request_id=rid, trace_id=trace_id(msg)):
             try:
                 await out.send(Accepted, self.s.worker_id, self.s.version)
-                async with asyncio.timeout(_deadline_in(msg)):
+                async with asyncio.timeout(deadline_in(msg)):
                     await self._admit_and_generate(request, out, received, tally)
             except asyncio.CancelledError:
                 outcome = "cancelled"
@@ -399,16 +382,3 @@ class LLMWorker:
         finally:
             await pieces.aclose()
         queue.put_nowait(_DONE)
-
-
-def _deadline_in(msg: Msg) -> float | None:
-    raw = msg.headers.get(h.DEADLINE) if msg.headers else None
-    if raw is None:
-        return None
-    return max(int(raw) / 1000 - time.time(), 0.0)
-
-
-def _trace_id(msg: Msg) -> str | None:
-    parent = msg.headers.get(h.TRACEPARENT) if msg.headers else None
-    parts = parent.split("-") if parent else []
-    return parts[1] if len(parts) == 4 else None

@@ -17,7 +17,7 @@ import jinja2.sandbox
 from contracts.errors import InferBusError
 from contracts.llm import GenerateRequest
 from services.llm.engines.base import Piece, Prepared, Progress, with_system_prompt, within_context
-from services.llm.engines.threaded import iterate_in_thread
+from services.runtime.threads import iterate_in_thread
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

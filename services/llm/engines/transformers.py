@@ -11,7 +11,7 @@ from typing import Any
 
 from contracts.llm import GenerateRequest
 from services.llm.engines.base import Piece, Prepared, Progress, hf_token_ids, within_context
-from services.llm.engines.threaded import iterate_in_thread
+from services.runtime.threads import iterate_in_thread
 
 
 class TransformersEngine:

@@ -1,20 +1,20 @@
-"""Bridge a blocking token iterator (llama.cpp, torch) onto the event loop, stoppable between tokens."""
+"""Bridge a blocking iterator (an engine's decode loop) onto the event loop, stoppable between items."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar, cast
 
-from services.llm.engines.base import Piece
-
+T = TypeVar("T")
 _DONE = object()
 
 
 async def iterate_in_thread(
-    executor: ThreadPoolExecutor, produce: Callable[[threading.Event], Iterator[Piece]]
-) -> AsyncIterator[Piece]:
+    executor: ThreadPoolExecutor, produce: Callable[[threading.Event], Iterator[T]]
+) -> AsyncGenerator[T, None]:
     """Run `produce(stop)` in `executor`; leaving early sets `stop` and waits for the thread to let go."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[object] = asyncio.Queue()
@@ -28,10 +28,10 @@ async def iterate_in_thread(
 
     def run() -> None:
         try:
-            for piece in produce(stop):
+            for item in produce(stop):
                 if stop.is_set():
                     break
-                post(piece)
+                post(item)
         except BaseException as exc:
             post(exc)
         finally:
@@ -45,9 +45,8 @@ async def iterate_in_thread(
                 break
             if isinstance(item, BaseException):
                 raise item
-            assert isinstance(item, Piece)
-            yield item
+            yield cast(T, item)
     finally:
         stop.set()
-        # The engine is single-tenant per slot: the slot is free only once the thread has stopped.
+        # An engine slot is free only once its thread has stopped.
         await asyncio.shield(future)

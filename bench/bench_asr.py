@@ -1,0 +1,353 @@
+#!/usr/bin/env python
+"""Benchmark speech to text: real-time factor of faster-whisper tiny.en and base, engine-only and through the gateway.
+
+    python bench/bench_asr.py [--quick]
+
+Synthesizes ~30 s (--quick: ~12 s) of English speech with hibari-tts, then measures, for whisper tiny.en
+and whisper base (CTranslate2 int8, cpu_threads=2, greedy decoding as the worker runs them):
+
+  1. engine only: the worker's engine class in this process, audio already decoded (plus beam search,
+     beam size 5, as a reference);
+  2. through the platform: POST /v1/audio/transcriptions (a WAV upload, which goes through the JetStream
+     object store when larger than INLINE_MAX) to a gateway process, an ASR worker process over NATS;
+     engine-only and gateway runs alternate, so drift on a shared machine hits both.
+
+RTF = wall time / audio duration (median of the runs); the target is RTF <= 0.1. Word error rate against
+the text read is reported alongside. Starts its own embedded nats-server, PostgreSQL and Redis on free
+ports; every process it starts is stopped at the end, on error too. Prints "[bench] ..." progress lines
+and a table, and writes section `asr` of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import io
+import os
+import re
+import secrets
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import wave
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import aiohttp  # noqa: E402
+import numpy as np  # noqa: E402
+import numpy.typing as npt  # noqa: E402
+
+from bench.bench_spine import CpuMeter, Results, log_findings, machine, rss_mib, say  # noqa: E402
+from bench.results import write_section  # noqa: E402
+from contracts.speech import INLINE_MAX  # noqa: E402
+from services.runtime import bus  # noqa: E402
+from services.runtime.embedded import free_port  # noqa: E402
+from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env, wait_http  # noqa: E402
+from services.speech.asr import audio as audio_io  # noqa: E402
+from services.speech.asr.engines import Engine, Options, Span, create  # noqa: E402
+
+ADMIN_KEY = "ib-bench-admin-" + secrets.token_hex(16)
+RESULTS_PATH = ROOT / "bench" / "RESULTS.md"
+TARGET_RTF = 0.1
+THREADS = 2
+MODELS = {"whisper-tiny-en": "tiny.en", "whisper-base": "base"}
+VERSION = "int8"
+FULL = {"seconds": 30.0, "runs": 3}
+QUICK = {"seconds": 12.0, "runs": 1}
+PARAGRAPH = [
+    "The quick brown fox jumps over the lazy dog.",
+    "The weather today is cold and windy near the coast.",
+    "She opened the window and listened to the birds outside.",
+    "He bought fresh bread and cheese at the market.",
+    "Our train leaves the station at noon on Friday.",
+    "The children played in the garden until the sun went down.",
+    "Please remember to lock the door when you leave the house.",
+    "A small boat drifted slowly across the quiet lake.",
+    "The library closes early on weekends during the summer.",
+    "They painted the kitchen a bright shade of yellow.",
+]
+
+
+# ---- speech and scoring ---------------------------------------------------------------------
+
+
+def words(text: str) -> list[str]:
+    return re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split()
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    ref, hyp = words(reference), words(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, w in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != w))
+    return row[-1] / max(len(ref), 1)
+
+
+def synthesize(seconds: float) -> tuple[bytes, str, float]:
+    """(WAV bytes at 24 kHz, the text read, duration): sentences of PARAGRAPH until `seconds` of audio."""
+    from hibari import SAMPLE_RATE, Hibari
+
+    tts = Hibari()
+    pause = np.zeros(int(SAMPLE_RATE * 0.3), np.float32)
+    parts: list[npt.NDArray[np.float32]] = []
+    read: list[str] = []
+    total = 0
+    while total < seconds * SAMPLE_RATE:
+        sentence = PARAGRAPH[len(read) % len(PARAGRAPH)]
+        parts += [tts(sentence, seed=len(read)), pause]
+        read.append(sentence)
+        total += parts[-2].size + pause.size
+    samples = np.concatenate(parts)
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes((np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes())
+    return buf.getvalue(), " ".join(read), samples.size / SAMPLE_RATE
+
+
+# ---- engine in this process, and the platform ---------------------------------------------
+
+
+async def load_engine(weights: str, beam_size: int, cache: Path) -> tuple[Engine, float]:
+    options = {"weights": weights, "cpu_threads": THREADS, "beam_size": beam_size, "cache_dir": str(cache)}
+    engine = create("faster-whisper", options)
+    t0 = time.perf_counter()
+    await engine.load(lambda step, fraction: None)
+    return engine, time.perf_counter() - t0
+
+
+async def engine_run(engine: Engine, audio: audio_io.Audio) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    spans = [item async for item in engine.transcribe(audio, Options()) if isinstance(item, Span)]
+    return time.perf_counter() - t0, "".join(s.text for s in spans)
+
+
+def start_gateway(infra: EmbeddedStack, procs: list[ServiceProcess]) -> tuple[ServiceProcess, str]:
+    port = free_port()
+    env = infra.env(INFERBUS_PORT=str(port), INFERBUS_ADMIN_KEY=ADMIN_KEY)
+    proc = ServiceProcess("gateway", "services.gateway", env, infra.root)
+    procs.append(proc)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def start_asr(infra: EmbeddedStack, model: str, procs: list[ServiceProcess]) -> ServiceProcess:
+    settings = {
+        "model": model,
+        "version": VERSION,
+        "engine_options": {"cpu_threads": THREADS},
+        "data_dir": str(infra.root),
+    }
+    proc = ServiceProcess(f"asr-{model}", "services.speech.asr", infra.env(**settings_env(**settings)), infra.root)
+    procs.append(proc)
+    return proc
+
+
+async def wait_asr(nc: bus.Connection, http: aiohttp.ClientSession, url: str, model: str, proc: ServiceProcess) -> None:
+    """Ready in its micro stats, then listed by the gateway with a live worker."""
+    deadline = time.monotonic() + 180
+    ready = False
+    while time.monotonic() < deadline and not ready:
+        proc.check_alive()
+        stats = await bus.service_stats(nc, "inferbus-asr", wait=0.2)
+        ready = any(s.get("pid") == proc.pid and s.get("ready") for s in stats)
+    while time.monotonic() < deadline and ready:
+        async with http.get(f"{url}/v1/models/{model}") as resp:
+            if resp.status == 200 and (await resp.json())["workers"] >= 1:
+                return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"{model} worker not ready:\n{proc.log()[-3000:]}")
+
+
+async def gateway_run(http: aiohttp.ClientSession, url: str, model: str, wav: bytes) -> tuple[float, str]:
+    form = aiohttp.FormData()
+    form.add_field("file", wav, filename="speech.wav", content_type="audio/wav")
+    form.add_field("model", model)
+    t0 = time.perf_counter()
+    async with http.post(f"{url}/v1/audio/transcriptions", data=form) as resp:
+        body = await resp.json()
+        if resp.status != 200:
+            raise RuntimeError(f"transcription failed: {resp.status} {body}")
+    return time.perf_counter() - t0, str(body["text"])
+
+
+def runs_text(walls: list[float]) -> str:
+    return ", ".join(f"{w:.2f}" for w in walls) + " s"
+
+
+async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServiceProcess], res: Results) -> None:
+    say(f"synthesizing ~{cfg['seconds']:.0f} s of speech with hibari-tts")
+    wav, reference, seconds = synthesize(cfg["seconds"])
+    audio = audio_io.decode(wav, 3600)
+    say(f"{seconds:.1f} s of audio, {len(words(reference))} words, {len(wav) / 1024:.0f} KiB WAV "
+        f"({'through the object store' if len(wav) > INLINE_MAX else 'inline'})")
+    say("starting gateway and ASR workers")
+    gateway, url = start_gateway(infra, procs)
+    workers = {model: start_asr(infra, model, procs) for model in MODELS}
+    nc = await bus.connect(infra.nats_url, "bench-asr")
+    cache = infra.root / "models"
+    try:
+        await wait_http(url, gateway)
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as http:
+            for model, proc in workers.items():
+                await wait_asr(nc, http, url, model, proc)
+            for model, weights in MODELS.items():
+                proc = workers[model]
+                say(f"{model}: engine only ({weights}, int8, {THREADS} threads, greedy) and through the gateway, "
+                    f"interleaved, {cfg['runs']} run(s) each")
+                engine, load_s = await load_engine(weights, 1, cache)
+                await gateway_run(http, url, model, wav)  # first request: connection pool, media bucket
+                engine_walls: list[float] = []
+                gateway_walls: list[float] = []
+                engine_meter = CpuMeter({"bench": os.getpid()})
+                gateway_meter = CpuMeter({"gateway": gateway.pid, "worker": proc.pid, "nats": infra.nats_pid})
+                engine_text = gateway_text = ""
+                try:
+                    for _ in range(cfg["runs"]):
+                        with engine_meter:
+                            wall, engine_text = await engine_run(engine, audio)
+                        engine_walls.append(wall)
+                        with gateway_meter:
+                            wall, gateway_text = await gateway_run(http, url, model, wav)
+                        gateway_walls.append(wall)
+                finally:
+                    await engine.close()
+                engine_rtf = statistics.median(engine_walls) / seconds
+                gateway_rtf = statistics.median(gateway_walls) / seconds
+                added = statistics.median(g - e for g, e in zip(gateway_walls, engine_walls, strict=True))
+                target = f"<= {TARGET_RTF}"
+                res.add("1", f"{model}: engine only, RTF", f"{engine_rtf:.3f}", target, engine_rtf <= TARGET_RTF)
+                res.add("2", f"{model}: gateway HTTP -> NATS -> worker, RTF", f"{gateway_rtf:.3f}", target,
+                        gateway_rtf <= TARGET_RTF)
+                res.add("2", f"{model}: added by the platform (paired runs, median)", f"{added * 1000:.0f} ms")
+                res.add("1", f"{model}: WER engine only / through the gateway",
+                        f"{wer(reference, engine_text):.3f} / {wer(reference, gateway_text):.3f}")
+                rss, hwm = rss_mib(proc.pid)
+                res.note(
+                    f"{model}: engine load {load_s:.1f} s; engine runs {runs_text(engine_walls)}, "
+                    f"{engine_meter.summary()} (last run); gateway runs {runs_text(gateway_walls)}, "
+                    f"{gateway_meter.summary()} (last run); "
+                    f"worker RSS {rss:.0f} MiB (peak {hwm:.0f} MiB)"
+                )
+                say(f"{model}: reference, engine only with beam search (beam 5)")
+                engine, _ = await load_engine(weights, 5, cache)
+                beam: list[float] = []
+                try:
+                    for _ in range(cfg["runs"]):
+                        wall, text = await engine_run(engine, audio)
+                        beam.append(wall)
+                finally:
+                    await engine.close()
+                res.add("1", f"{model}: reference, engine only, beam search (beam 5), RTF / WER",
+                        f"{statistics.median(beam) / seconds:.3f} / {wer(reference, text):.3f}")
+                res.note(f"{model} beam 5: engine runs {runs_text(beam)}")
+    finally:
+        await nc.close()
+
+
+def write_results(res: Results, quick: bool, started: dt.datetime, elapsed: float, findings: list[str]) -> str:
+    others = CpuMeter.others or [0.0]
+    other_mean, other_max = sum(others) / len(others), max(others)
+    lines = [
+        "# InferBus speech-to-text benchmark",
+        "",
+        f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')} ({'--quick' if quick else 'full'} run, {elapsed:.0f} s)",
+        f"- Machine: {machine()}",
+        "- Command: `python bench/bench_asr.py" + (" --quick" if quick else "") + "`",
+        "- Audio: English speech synthesized by hibari-tts (24 kHz WAV), sentences of a fixed paragraph; WER is "
+        "against that text (lower case, punctuation removed).",
+        f"- Engine: faster-whisper (CTranslate2) int8 on CPU, cpu_threads={THREADS}, greedy decoding (the worker's "
+        f"default; beam 5 as a reference), capacity 1; RTF = wall time / audio duration, median of the runs; "
+        f"target RTF <= {TARGET_RTF}. "
+        "Engine-only runs (this process, audio already decoded) and gateway runs (HTTP upload of the WAV, object "
+        "store, decode and transcription in the worker process, JSON back) alternate, so drift hits both.",
+        f"- Noise: processes outside the bench used {other_mean:.2f} cores on average (max {other_max:.2f}) of "
+        f"the {os.cpu_count()} during the measured runs"
+        + (": figures taken with other load present are slower than on a quiet machine." if other_max > 0.2 else "."),
+        "",
+        res.table(),
+        "## Notes",
+        "",
+        *[f"- {n}" for n in res.notes],
+        "",
+        "## Warnings and errors the services logged",
+        "",
+        *([f"- {f}" for f in findings] or ["- none"]),
+        "",
+    ]
+    text = "\n".join(lines)
+    write_section(RESULTS_PATH, "asr", text)
+    return text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="~12 s of audio, one run each (~1 minute)")
+    args = parser.parse_args()
+    cfg = QUICK if args.quick else FULL
+    started = dt.datetime.now(dt.UTC)
+    t_start = time.perf_counter()
+
+    def on_term(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    root = Path(tempfile.mkdtemp(prefix="inferbus-bench-"))
+    root.chmod(0o755)
+    infra = EmbeddedStack(root)
+    procs: list[ServiceProcess] = []
+    res = Results()
+    ok = False
+    try:
+        say(f"{'quick' if args.quick else 'full'} run; machine: {machine()}; load average "
+            + "{:.2f}, {:.2f}, {:.2f}".format(*os.getloadavg()))
+        say(f"starting nats-server, PostgreSQL, Redis under {root}")
+        infra.start()
+        asyncio.run(bench(cfg, infra, procs, res))
+        ok = True
+    except BaseException:
+        say("FAILED:\n" + traceback.format_exc())
+        for p in procs:
+            with contextlib.suppress(OSError):
+                say(f"--- {p.name} log tail ---\n{p.log()[-2000:]}")
+    finally:
+        say("stopping services")
+        for p in reversed(procs):
+            with contextlib.suppress(Exception):
+                p.stop()
+        try:
+            infra.stop()
+        except RuntimeError as exc:
+            say(str(exc))
+        findings = log_findings(procs)
+        if ok:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            say(f"logs kept under {root}")
+    if not ok:
+        return 1
+    elapsed = time.perf_counter() - t_start
+    write_results(res, args.quick, started, elapsed, findings)
+    print()
+    print(res.table())
+    for f in findings:
+        say(f"service log: {f}")
+    say(f"wrote section asr of {RESULTS_PATH.relative_to(ROOT)} in {elapsed:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

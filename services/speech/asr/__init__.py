@@ -1,0 +1,1 @@
+"""ASR worker: audio in (inline or from the object store), segments as they are decoded, a transcript."""

@@ -1,0 +1,3 @@
+from services.speech.asr.main import run
+
+run()

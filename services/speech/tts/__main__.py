@@ -1,0 +1,3 @@
+from services.speech.tts.main import run
+
+run()

@@ -1,0 +1,574 @@
+"""Speech to text end to end: hibari speech -> gateway (multipart) -> NATS -> faster-whisper worker.
+
+Real models (tiny.en; base for translation and language detection), real servers, every format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import itertools
+import re
+import struct
+import time
+import wave
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import av
+import msgspec
+import nats.errors
+import nats.js.errors
+import numpy as np
+import numpy.typing as npt
+import openai
+import pytest
+from multidict import CIMultiDict
+from nats.js.api import DeliverPolicy
+
+from contracts import subjects, usage
+from contracts.llm import Accepted, ErrorChunk, Heartbeat
+from contracts.speech import (
+    INLINE_MAX,
+    MEDIA_BUCKET,
+    AsrChunk,
+    Segment,
+    TranscribeRequest,
+    Transcript,
+    asr_chunk_decoder,
+    asr_encoder,
+)
+from contracts.usage import UsageEvent, event_decoder
+from services.runtime import bus
+from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env
+from tests.conftest import ADMIN_KEY, Gateway
+
+TINY = "whisper-tiny-en"
+BASE = "whisper-base"
+VERSION = "int8"
+MAX_SECONDS = 60.0  # the test workers' max_audio_seconds
+RATE = 24_000  # hibari's sample rate
+Wave = npt.NDArray[np.float32]
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "The weather today is cold and windy near the coast.",
+    "She opened the window and listened to the birds outside.",
+    "He bought fresh bread and cheese at the market.",
+    "Our train leaves the station at noon on Friday.",
+]
+
+
+# ---- speech and scoring ---------------------------------------------------------------------
+
+
+def words(text: str) -> list[str]:
+    return re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split()
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    """Word error rate: word-level edit distance over the reference's length."""
+    ref, hyp = words(reference), words(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, w in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != w))
+    return row[-1] / max(len(ref), 1)
+
+
+def test_wer_function() -> None:
+    assert wer("the cat sat", "the cat sat") == 0.0
+    assert wer("the cat sat", "The cat, sat!") == 0.0
+    assert wer("the cat sat", "the dog sat") == pytest.approx(1 / 3)
+    assert wer("the cat sat", "the cat") == pytest.approx(1 / 3)
+    assert wer("the cat sat", "") == 1.0
+
+
+def to_wav(samples: Wave, rate: int = RATE) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def encode(samples: Wave, container: str, codec: str, rate: int = RATE) -> bytes:
+    """The waveform in another container/codec, through PyAV (as a client would upload it)."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(
+            (np.clip(samples, -1.0, 1.0) * 32767).astype(np.int16).reshape(1, -1), format="s16", layout="mono"
+        )
+        frame.sample_rate = rate
+        for packet in stream.encode(frame):
+            out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+class Speech(msgspec.Struct):
+    sentences: list[Wave]
+    pause: Wave
+
+    def joined(self, indices: list[int]) -> Wave:
+        parts: list[Wave] = []
+        for i in indices:
+            parts += [self.sentences[i], self.pause]
+        return np.concatenate(parts)
+
+    def text(self, indices: list[int]) -> str:
+        return " ".join(SENTENCES[i] for i in indices)
+
+
+@pytest.fixture(scope="module")
+def speech() -> Speech:
+    from hibari import Hibari
+
+    tts = Hibari()
+    return Speech([tts(s, seed=i) for i, s in enumerate(SENTENCES)], np.zeros(RATE // 2, np.float32))
+
+
+# ---- workers --------------------------------------------------------------------------------
+
+
+async def asr_stats(nc: bus.Connection, pid: int | None = None) -> dict[str, Any]:
+    for data in await bus.service_stats(nc, "inferbus-asr", wait=0.2):
+        if pid is None or data.get("pid") == pid:
+            return data
+    raise LookupError(pid)
+
+
+async def wait_asr(
+    nc: bus.Connection, gateway: Gateway, model: str, proc: ServiceProcess, limit_s: float = 120
+) -> dict[str, Any]:
+    """Ready in its micro stats, then listed by the gateway with a live worker (it heard a heartbeat)."""
+    deadline = time.monotonic() + limit_s
+    stats: dict[str, Any] = {}
+    while time.monotonic() < deadline and not stats:
+        proc.check_alive()
+        for data in await bus.service_stats(nc, "inferbus-asr", wait=0.2):
+            if data.get("pid") == proc.pid and data.get("model") == model and data.get("ready"):
+                stats = data
+    async with aiohttp.ClientSession(headers=gateway.headers) as http:
+        while time.monotonic() < deadline and stats:
+            async with http.get(f"{gateway.url}/v1/models/{model}") as resp:
+                if resp.status == 200 and (await resp.json())["workers"] >= 1:
+                    return stats
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"{model} worker not ready:\n{proc.log()[-3000:]}")
+
+
+def start_asr(infra: EmbeddedStack, model: str, **settings: Any) -> ServiceProcess:
+    limits = {"max_audio_seconds": MAX_SECONDS, "data_dir": str(infra.root)}
+    env = infra.env(**settings_env(model=model, version=VERSION, **limits, **settings))
+    return ServiceProcess(f"asr-{model}", "services.speech.asr", env, infra.root)
+
+
+@pytest.fixture(scope="module")
+async def tiny(infra: EmbeddedStack, nc: bus.Connection, gateway: Gateway) -> AsyncIterator[dict[str, Any]]:
+    proc = start_asr(infra, TINY, heartbeat_s=0.1)  # heartbeats show even where a 30 s window decodes fast
+    try:
+        yield await wait_asr(nc, gateway, TINY, proc)
+    finally:
+        proc.stop()
+    assert proc.popen.returncode == 0, proc.log()[-3000:]  # drained and exited cleanly on SIGTERM
+    assert "model_loading" in proc.log()
+
+
+@pytest.fixture(scope="module")
+async def base(infra: EmbeddedStack, nc: bus.Connection, gateway: Gateway) -> AsyncIterator[dict[str, Any]]:
+    proc = start_asr(infra, BASE)
+    try:
+        yield await wait_asr(nc, gateway, BASE, proc, limit_s=180)
+    finally:
+        proc.stop()
+
+
+# ---- HTTP helpers ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Reply:
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes
+
+    def json(self) -> Any:
+        return msgspec.json.decode(self.body)
+
+    @property
+    def error(self) -> dict[str, Any]:
+        err: dict[str, Any] = self.json()["error"]
+        return err
+
+
+async def post_audio(
+    gateway: Gateway,
+    data: bytes | None,
+    *,
+    endpoint: str = "transcriptions",
+    filename: str = "speech.wav",
+    model: str | None = TINY,
+    **fields: Any,
+) -> Reply:
+    form = aiohttp.FormData(default_to_multipart=True)
+    if data is not None:
+        form.add_field("file", data, filename=filename, content_type="application/octet-stream")
+    if model is not None:
+        form.add_field("model", model)
+    for name, value in fields.items():
+        for item in value if isinstance(value, list) else [value]:
+            form.add_field(name, str(item))
+    async with (
+        aiohttp.ClientSession(headers=gateway.headers) as http,
+        http.post(f"{gateway.url}/v1/audio/{endpoint}", data=form) as resp,
+    ):
+        return Reply(resp.status, CIMultiDict(resp.headers), await resp.read())
+
+
+async def transcript(gateway: Gateway, data: bytes, **fields: Any) -> str:
+    reply = await post_audio(gateway, data, **fields)
+    assert reply.status == 200, reply.body
+    text: str = reply.json()["text"]
+    return text
+
+
+async def usage_event(nc: bus.Connection, request_id: str, model: str = TINY, limit_s: float = 10) -> UsageEvent:
+    """The worker's usage event for one request, read back from the USAGE stream."""
+    js = nc.jetstream()
+    sub = await js.subscribe(usage.subject("asr", model), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    deadline = time.monotonic() + limit_s
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                msg = await sub.next_msg(timeout=left)
+            except nats.errors.TimeoutError:
+                break
+            event = event_decoder.decode(msg.data)
+            if event.request_id == request_id:
+                return event
+    finally:
+        await sub.unsubscribe()
+    raise LookupError(f"no usage event for {request_id}")
+
+
+# ---- transcription quality and formats ------------------------------------------------------
+
+
+async def test_word_error_rate(gateway: Gateway, tiny: dict[str, Any], speech: Speech) -> None:
+    texts = [await transcript(gateway, to_wav(speech.sentences[i])) for i in range(len(SENTENCES))]
+    for reference, text in zip(SENTENCES, texts, strict=True):
+        assert wer(reference, text) <= 0.2, (reference, text)
+    assert wer(" ".join(SENTENCES), " ".join(texts)) <= 0.1
+
+
+async def test_json_response_and_headers(gateway: Gateway, tiny: dict[str, Any], speech: Speech) -> None:
+    reply = await post_audio(gateway, to_wav(speech.joined([0, 1])), response_format="json")
+    assert reply.status == 200
+    assert reply.headers["x-inferbus-model-version"] == VERSION
+    assert reply.headers["x-request-id"].startswith("transcr-")
+    body = reply.json()
+    assert wer(speech.text([0, 1]), body["text"]) <= 0.2
+    assert body["text"] == body["text"].strip()
+    duration = len(speech.joined([0, 1])) / RATE
+    assert body["usage"] == {"type": "duration", "seconds": pytest.approx(duration, abs=0.01)}
+
+
+async def test_text_srt_vtt(gateway: Gateway, tiny: dict[str, Any], speech: Speech) -> None:
+    wav = to_wav(speech.joined([0, 2]))
+    text = await post_audio(gateway, wav, response_format="text")
+    assert text.status == 200 and text.headers["Content-Type"].startswith("text/plain")
+    assert wer(speech.text([0, 2]), text.body.decode()) <= 0.2 and text.body.endswith(b"\n")
+
+    srt = (await post_audio(gateway, wav, response_format="srt")).body.decode()
+    blocks = srt.strip().split("\n\n")
+    assert len(blocks) >= 2
+    for number, block in enumerate(blocks, 1):
+        lines = block.split("\n")
+        assert lines[0] == str(number)
+        assert re.fullmatch(r"\d\d:\d\d:\d\d,\d{3} --> \d\d:\d\d:\d\d,\d{3}", lines[1]), lines[1]
+    assert wer(speech.text([0, 2]), " ".join(b.split("\n", 2)[2] for b in blocks)) <= 0.2
+
+    vtt_reply = await post_audio(gateway, wav, response_format="vtt")
+    assert vtt_reply.headers["Content-Type"].startswith("text/vtt")
+    vtt = vtt_reply.body.decode()
+    assert vtt.startswith("WEBVTT\n\n")
+    cues = vtt.removeprefix("WEBVTT\n\n").strip().split("\n\n")
+    assert len(cues) == len(blocks)
+    for cue in cues:
+        assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3} --> \d\d:\d\d:\d\d\.\d{3}", cue.split("\n")[0])
+
+
+async def test_verbose_json_segments_and_words(gateway: Gateway, tiny: dict[str, Any], speech: Speech) -> None:
+    audio = speech.joined([0, 3])
+    reply = await post_audio(
+        gateway, to_wav(audio), response_format="verbose_json", **{"timestamp_granularities[]": ["word", "segment"]}
+    )
+    assert reply.status == 200, reply.body
+    body = reply.json()
+    assert body["task"] == "transcribe" and body["language"] == "english"
+    assert body["duration"] == pytest.approx(len(audio) / RATE, abs=0.01)
+    assert wer(speech.text([0, 3]), body["text"]) <= 0.2
+    segments = body["segments"]
+    assert [s["id"] for s in segments] == list(range(len(segments))) and len(segments) >= 2
+    assert all(0 <= s["start"] < s["end"] <= body["duration"] + 0.5 for s in segments)
+    assert all(a["end"] <= b["start"] + 0.01 for a, b in itertools.pairwise(segments))
+    spoken = words(speech.text([0, 3]))
+    got = [w["word"] for w in body["words"]]
+    assert wer(" ".join(spoken), " ".join(got)) <= 0.2
+    assert all(0 <= w["start"] <= w["end"] <= body["duration"] + 0.5 for w in body["words"])
+    assert all(a["start"] <= b["start"] for a, b in itertools.pairwise(body["words"]))
+    fox = next(w for w in body["words"] if "fox" in w["word"].lower())
+    bread = next(w for w in body["words"] if "bread" in w["word"].lower())
+    assert fox["end"] < len(speech.sentences[0]) / RATE + 0.5 < bread["start"]  # each word in its own sentence
+
+    plain = (await post_audio(gateway, to_wav(audio), response_format="verbose_json")).json()
+    assert "segments" in plain and "words" not in plain
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the SDK marks audio.translations deprecated
+async def test_openai_sdk_unchanged(gateway: Gateway, tiny: dict[str, Any], speech: Speech) -> None:
+    client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+    wav = to_wav(speech.joined([1, 4]))
+    result = await client.audio.transcriptions.create(model="whisper-1", file=("speech.wav", wav))
+    assert wer(speech.text([1, 4]), result.text) <= 0.2
+
+    verbose = await client.audio.transcriptions.create(
+        model="whisper-1",
+        file=("speech.wav", wav),
+        response_format="verbose_json",
+        timestamp_granularities=["word", "segment"],
+    )
+    assert verbose.language == "english" and verbose.words and verbose.segments
+    assert wer(speech.text([1, 4]), " ".join(w.word for w in verbose.words)) <= 0.2
+
+    srt = await client.audio.transcriptions.create(model="whisper-1", file=("speech.wav", wav), response_format="srt")
+    assert isinstance(srt, str) and srt.startswith("1\n00:00:")
+
+    stream = await client.audio.transcriptions.create(model="whisper-1", file=("speech.wav", wav), stream=True)
+    events = [event async for event in stream]
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    assert len(deltas) >= 2 and events[-1].type == "transcript.text.done"
+    assert "".join(deltas).strip() == events[-1].text
+    assert wer(speech.text([1, 4]), events[-1].text) <= 0.2
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.audio.translations.create(model="whisper-1", file=("speech.wav", wav))
+    assert "English-only" in caught.value.message and BASE in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("container", "codec", "filename"),
+    [("mp3", "libmp3lame", "speech.mp3"), ("flac", "flac", "speech.flac"), ("ogg", "libopus", "speech.ogg"),
+     ("webm", "libopus", "speech.webm")],
+)
+async def test_compressed_formats(
+    gateway: Gateway, tiny: dict[str, Any], speech: Speech, container: str, codec: str, filename: str
+) -> None:
+    data = encode(speech.joined([2, 3]), container, codec)
+    text = await transcript(gateway, data, filename=filename, response_format="verbose_json")
+    assert wer(speech.text([2, 3]), text) <= 0.2
+
+
+async def test_large_file_goes_through_object_store(
+    gateway: Gateway, tiny: dict[str, Any], nc: bus.Connection, speech: Speech
+) -> None:
+    indices = [0, 1, 2, 3, 4]
+    wav = to_wav(speech.joined(indices))
+    assert len(wav) > INLINE_MAX
+    reply = await post_audio(gateway, wav)
+    assert reply.status == 200, reply.body
+    assert wer(speech.text(indices), reply.json()["text"]) <= 0.2
+    store = await nc.jetstream().object_store(MEDIA_BUCKET)  # the gateway created the bucket
+    rid = reply.headers["x-request-id"]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the worker deletes the upload once read, off the reply path
+        try:
+            await store.get_info(rid)
+        except nats.js.errors.NotFoundError:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail(f"the upload {rid} is still in {MEDIA_BUCKET}")
+
+
+async def test_usage_event_published(
+    gateway: Gateway, tiny: dict[str, Any], nc: bus.Connection, speech: Speech
+) -> None:
+    audio = speech.joined([4])
+    reply = await post_audio(gateway, to_wav(audio))
+    assert reply.status == 200
+    event = await usage_event(nc, reply.headers["x-request-id"])
+    assert (event.kind, event.model, event.version, event.outcome) == ("asr", TINY, VERSION, "ok")
+    assert event.audio_seconds_in == pytest.approx(len(audio) / RATE, abs=0.01)
+    assert event.key_id and event.tenant_id is not None and event.worker_id == tiny["worker_id"]
+    assert event.finished_at >= event.started_at
+
+
+# ---- translation and the multilingual model -------------------------------------------------
+
+
+async def test_translation_needs_multilingual_model(gateway: Gateway, tiny: dict[str, Any], speech: Speech) -> None:
+    reply = await post_audio(gateway, to_wav(speech.sentences[0]), endpoint="translations")
+    assert reply.status == 400
+    assert reply.error["code"] == "invalid_request"
+    assert "English-only" in reply.error["message"] and BASE in reply.error["message"]
+    french = await post_audio(gateway, to_wav(speech.sentences[0]), language="fr")
+    assert french.status == 400 and "language must be 'en'" in french.error["message"]
+
+
+async def test_base_detects_language_and_translates(gateway: Gateway, base: dict[str, Any], speech: Speech) -> None:
+    assert base["multilingual"] is True
+    wav = to_wav(speech.joined([0, 1]))
+    detected = (await post_audio(gateway, wav, model=BASE, response_format="verbose_json")).json()
+    assert detected["language"] == "english"
+    assert wer(speech.text([0, 1]), detected["text"]) <= 0.2
+    reply = await post_audio(gateway, wav, endpoint="translations", model=BASE, response_format="verbose_json")
+    assert reply.status == 200, reply.body
+    assert reply.headers["x-request-id"].startswith("transl-")
+    assert reply.json()["task"] == "translate"
+    assert wer(speech.text([0, 1]), reply.json()["text"]) <= 0.2  # English to English
+    unknown = await post_audio(gateway, wav, endpoint="translations", model=BASE, language="en")
+    assert unknown.status == 400 and "language" in unknown.error["message"]
+
+
+# ---- bad input: clear errors, and the worker keeps serving ----------------------------------
+
+
+async def test_garbage_and_unsupported_audio(gateway: Gateway, tiny: dict[str, Any], nc: bus.Connection) -> None:
+    garbage = await post_audio(gateway, b"this is not audio at all " * 40, filename="notes.mp3")
+    assert garbage.status == 400 and garbage.error["code"] == "invalid_request"
+    assert "Could not decode 'notes.mp3' as audio" in garbage.error["message"]
+    png = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + b"\x00" * 200
+    image = await post_audio(gateway, png, filename="cat.png")
+    assert image.status == 400 and "no audio stream" in image.error["message"]
+    empty = await post_audio(gateway, b"", filename="empty.wav")
+    assert empty.status == 400 and "empty" in empty.error["message"]
+    silence = await post_audio(gateway, to_wav(np.zeros(RATE, np.float32)))
+    assert silence.status == 200
+    stats = await asr_stats(nc, tiny["pid"])
+    assert stats["ready"] and stats["failed"] >= 3
+
+
+async def test_over_duration(gateway: Gateway, tiny: dict[str, Any], speech: Speech) -> None:
+    long = to_wav(np.zeros(int((MAX_SECONDS + 5) * 8000), np.float32), rate=8000)
+    reply = await post_audio(gateway, long)
+    assert reply.status == 400 and f"longer than {MAX_SECONDS:g} s" in reply.error["message"]
+    # An mp3 has no exact duration in its header: the limit holds while decoding too.
+    tone = np.tile(speech.sentences[0], int(MAX_SECONDS * RATE / len(speech.sentences[0])) + 2)
+    mp3 = encode(tone, "mp3", "libmp3lame")
+    reply = await post_audio(gateway, mp3, filename="long.mp3")
+    assert reply.status == 400 and f"longer than {MAX_SECONDS:g} s" in reply.error["message"]
+    assert (await post_audio(gateway, to_wav(speech.sentences[0]))).status == 200
+
+
+async def test_over_size(gateway: Gateway, tiny: dict[str, Any]) -> None:
+    reply = await post_audio(gateway, b"\x00" * ((25 << 20) + 1))
+    assert reply.status == 413
+    assert reply.error["code"] == "request_too_large" and "25 MiB" in reply.error["message"]
+
+
+async def test_form_errors(gateway: Gateway, tiny: dict[str, Any], speech: Speech) -> None:
+    wav = to_wav(speech.sentences[0])
+    cases: list[tuple[Reply, int, str]] = [
+        (await post_audio(gateway, None), 400, "file"),
+        (await post_audio(gateway, wav, model=None), 400, "model"),
+        (await post_audio(gateway, wav, response_format="docx"), 400, "response_format"),
+        (await post_audio(gateway, wav, temperature="hot"), 400, "temperature"),
+        (await post_audio(gateway, wav, **{"timestamp_granularities[]": "word"}), 400, "timestamp_granularities"),
+        (await post_audio(gateway, wav, colour="blue"), 400, "colour"),
+        (await post_audio(gateway, wav, endpoint="translations", language="en"), 400, "language"),
+        (await post_audio(gateway, wav, model="no-such-model"), 404, "model"),
+    ]
+    for reply, status, param in cases:
+        assert (reply.status, reply.error["param"]) == (status, param), reply.body
+    async with (
+        aiohttp.ClientSession(headers=gateway.headers) as http,
+        http.post(f"{gateway.url}/v1/audio/transcriptions", json={"model": TINY}) as resp,
+    ):
+        assert resp.status == 400 and "multipart/form-data" in (await resp.json())["error"]["message"]
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{gateway.url}/v1/audio/transcriptions", data={"model": TINY}) as resp,
+    ):
+        assert resp.status == 401
+
+
+# ---- the worker's side of the protocol, straight over NATS ----------------------------------
+
+
+async def raw_stream(
+    nc: bus.Connection, subject: str, payload: bytes, limit: float = 30
+) -> list[tuple[float, AsrChunk]]:
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish(subject, payload, reply=inbox)
+    out: list[tuple[float, AsrChunk]] = []
+    try:
+        while not out or not isinstance(out[-1][1], Transcript | ErrorChunk):
+            msg = await sub.next_msg(timeout=limit)
+            out.append((time.monotonic(), asr_chunk_decoder.decode(msg.data)))
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+async def test_stream_shape_and_heartbeats(nc: bus.Connection, tiny: dict[str, Any], speech: Speech) -> None:
+    indices = [0, 1, 2, 3, 4, 0, 1, 2]
+    mp3 = encode(speech.joined(indices), "mp3", "libmp3lame")
+    assert len(mp3) <= INLINE_MAX
+    request = TranscribeRequest(request_id="asr-shape-1", model=TINY, audio=mp3)
+    timed = await raw_stream(nc, subjects.infer("asr", TINY, VERSION, tiny["worker_id"]), asr_encoder.encode(request))
+    chunks = [c for _, c in timed]
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    assert isinstance(chunks[0], Accepted) and chunks[0].worker_id == tiny["worker_id"]
+    assert isinstance(chunks[-1], Transcript) and chunks[-1].version == VERSION
+    segments = [c for c in chunks if isinstance(c, Segment)]
+    assert [s.id for s in segments] == list(range(len(segments))) and len(segments) >= len(indices) // 2
+    assert chunks[-1].text == "".join(s.text for s in segments).strip()
+    assert wer(speech.text(indices), chunks[-1].text) <= 0.2
+    assert any(isinstance(c, Heartbeat) for c in chunks)  # a 30 s window takes longer than heartbeat_s
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(timed)]
+    assert max(gaps) < 1.5  # the gateway's idle timeout never trips
+
+
+async def test_undecodable_request(nc: bus.Connection, tiny: dict[str, Any], speech: Speech) -> None:
+    chunks = [c for _, c in await raw_stream(nc, subjects.infer("asr", TINY, VERSION), b"\xc1garbage")]
+    assert len(chunks) == 1 and isinstance(chunks[0], ErrorChunk) and chunks[0].code == "invalid_request"
+    both = TranscribeRequest(request_id="asr-both", model=TINY, audio=b"x", object_name="y")
+    chunks = [c for _, c in await raw_stream(nc, subjects.infer("asr", TINY, VERSION), asr_encoder.encode(both))]
+    assert isinstance(chunks[-1], ErrorChunk) and "exactly one" in chunks[-1].message
+    missing = TranscribeRequest(request_id="asr-missing", model=TINY, object_name="never-stored")
+    chunks = [c for _, c in await raw_stream(nc, subjects.infer("asr", TINY, VERSION), asr_encoder.encode(missing))]
+    assert isinstance(chunks[-1], ErrorChunk) and chunks[-1].code == "invalid_request"
+
+
+async def test_client_disconnect_cancels(
+    gateway: Gateway, tiny: dict[str, Any], nc: bus.Connection, speech: Speech
+) -> None:
+    before = await asr_stats(nc, tiny["pid"])
+    audio = speech.joined([0, 1, 2, 3, 4] * 3)
+    assert len(audio) / RATE < MAX_SECONDS
+    upload = asyncio.create_task(post_audio(gateway, to_wav(audio)))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (await asr_stats(nc, tiny["pid"]))["in_flight"] == 0:
+        assert not upload.done()
+    upload.cancel()  # the client goes away mid-transcription
+    with pytest.raises(asyncio.CancelledError):
+        await upload
+    while time.monotonic() < deadline:
+        stats = await asr_stats(nc, tiny["pid"])
+        if stats["cancelled"] > before["cancelled"] and stats["in_flight"] == 0:
+            break
+    else:
+        pytest.fail(f"the transcription was not cancelled: {stats}")
+    assert stats["served"] == before["served"] + 1
+    assert (await post_audio(gateway, to_wav(speech.sentences[0]))).status == 200
