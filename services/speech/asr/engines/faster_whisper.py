@@ -104,8 +104,9 @@ class FasterWhisperEngine:
     ) -> None:
         self.weights = weights
         self.compute_type = compute_type
-        # Half the cores, as for llama.cpp: the gateway and NATS share the machine.
-        self.cpu_threads = cpu_threads or max(1, len(os.sched_getaffinity(0)) // 2)
+        # Every core: whisper encodes a full 30 s window however short the clip, so a 2 s voice turn
+        # costs ~830 ms on one core and ~610 ms on two here; latency, not throughput, is what a turn needs.
+        self.cpu_threads = cpu_threads or max(1, len(os.sched_getaffinity(0)))
         self.capacity = capacity
         # Greedy, as openai-whisper's transcribe() defaults to (its CLI uses 5): on 2 cores beam 5 costs
         # tiny.en ~25% more time (RTF 0.076 vs 0.060) for no WER change on clean speech (bench/bench_asr.py).
