@@ -216,6 +216,7 @@ def _banner(url: str, key: str, data: Path) -> None:
         f"""
 [inferbus] ready
   gateway    {url}   (OpenAI-compatible: {url}/v1)
+  playground {url}/playground?key={key}
   admin key  {key}
   data dir   {data}
 
