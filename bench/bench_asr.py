@@ -22,19 +22,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import io
 import os
 import re
 import secrets
-import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import time
-import traceback
 import wave
 from pathlib import Path
 from typing import Any
@@ -47,7 +42,8 @@ import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
 import numpy.typing as npt  # noqa: E402
 
-from bench.bench_spine import CpuMeter, Results, log_findings, machine, rss_mib, say  # noqa: E402
+from bench import harness  # noqa: E402
+from bench.bench_spine import CpuMeter, Results, machine, rss_mib, say  # noqa: E402
 from bench.results import write_section  # noqa: E402
 from contracts.speech import INLINE_MAX  # noqa: E402
 from services.runtime import bus  # noqa: E402
@@ -298,48 +294,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="~12 s of audio, one run each (~1 minute)")
     args = parser.parse_args()
     cfg = QUICK if args.quick else FULL
-    started = dt.datetime.now(dt.UTC)
-    t_start = time.perf_counter()
-
-    def on_term(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    root = Path(tempfile.mkdtemp(prefix="inferbus-bench-"))
-    root.chmod(0o755)
-    infra = EmbeddedStack(root)
-    procs: list[ServiceProcess] = []
     res = Results()
-    ok = False
-    try:
-        say(f"{'quick' if args.quick else 'full'} run; machine: {machine()}; load average "
-            + "{:.2f}, {:.2f}, {:.2f}".format(*os.getloadavg()))
-        say(f"starting nats-server, PostgreSQL, Redis under {root}")
-        infra.start()
-        asyncio.run(bench(cfg, infra, procs, res))
-        ok = True
-    except BaseException:
-        say("FAILED:\n" + traceback.format_exc())
-        for p in procs:
-            with contextlib.suppress(OSError):
-                say(f"--- {p.name} log tail ---\n{p.log()[-2000:]}")
-    finally:
-        say("stopping services")
-        for p in reversed(procs):
-            with contextlib.suppress(Exception):
-                p.stop()
-        try:
-            infra.stop()
-        except RuntimeError as exc:
-            say(str(exc))
-        findings = log_findings(procs)
-        if ok:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            say(f"logs kept under {root}")
-    if not ok:
+    outcome = harness.run(
+        "asr", lambda infra, procs: bench(cfg, infra, procs, res), quick=args.quick, machine=machine()
+    )
+    if outcome is None:
         return 1
-    elapsed = time.perf_counter() - t_start
+    started, elapsed, _, findings = outcome
     write_results(res, args.quick, started, elapsed, findings)
     print()
     print(res.table())

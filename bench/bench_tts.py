@@ -23,15 +23,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import os
-import shutil
-import signal
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +36,8 @@ if str(ROOT) not in sys.path:
 
 import aiohttp  # noqa: E402
 
-from bench.bench_spine import CpuMeter, Results, log_findings, machine, say  # noqa: E402
+from bench import harness  # noqa: E402
+from bench.bench_spine import CpuMeter, Results, machine, say  # noqa: E402
 from bench.results import write_section  # noqa: E402
 from contracts import subjects  # noqa: E402
 from contracts.speech import AudioChunk, SpeechDone, SpeechRequest, asr_encoder, tts_chunk_decoder  # noqa: E402
@@ -285,50 +281,14 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="one round instead of three (~30 s)")
     args = parser.parse_args()
     cfg = QUICK if args.quick else FULL
-    started = dt.datetime.now(dt.UTC)
-    t_start = time.perf_counter()
-    load0 = "{:.2f}, {:.2f}, {:.2f}".format(*os.getloadavg())
-
-    def on_term(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    root = Path(tempfile.mkdtemp(prefix="inferbus-bench-tts-"))
-    root.chmod(0o755)
-    infra = EmbeddedStack(root)
-    procs: list[ServiceProcess] = []
     res = Results()
-    ok = False
-    try:
-        say(f"{'quick' if args.quick else 'full'} run; machine: {machine()}; load average {load0}")
-        say(f"starting nats-server, PostgreSQL, Redis under {root}")
-        infra.start()
-        asyncio.run(bench(cfg, infra, procs, res))
-        ok = True
-    except BaseException:
-        say("FAILED:\n" + traceback.format_exc())
-        for p in procs:
-            with contextlib.suppress(OSError):
-                say(f"--- {p.name} log tail ---\n{p.log()[-2000:]}")
-    finally:
-        say("stopping services")
-        for p in reversed(procs):
-            with contextlib.suppress(Exception):
-                p.stop()
-        try:
-            infra.stop()
-        except RuntimeError as exc:
-            say(str(exc))
-        findings = log_findings(procs)
-        if ok:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            say(f"logs kept under {root}")
-    if not ok:
+    outcome = harness.run(
+        "tts", lambda infra, procs: bench(cfg, infra, procs, res), quick=args.quick, machine=machine()
+    )
+    if outcome is None:
         return 1
-    elapsed = time.perf_counter() - t_start
-    load1 = "{:.2f}, {:.2f}, {:.2f}".format(*os.getloadavg())
-    write_results(res, args.quick, started, elapsed, findings, (load0, load1))
+    started, elapsed, load, findings = outcome
+    write_results(res, args.quick, started, elapsed, findings, load)
     print()
     print(res.table())
     for f in findings:
