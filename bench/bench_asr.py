@@ -20,7 +20,6 @@ and a table, and writes section `asr` of bench/RESULTS.md.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime as dt
 import io
@@ -290,9 +289,7 @@ def write_results(res: Results, quick: bool, started: dt.datetime, elapsed: floa
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="~12 s of audio, one run each (~1 minute)")
-    args = parser.parse_args()
+    args = harness.arguments(__doc__, "~12 s of audio, one run each (~1 minute)")
     cfg = QUICK if args.quick else FULL
     res = Results()
     outcome = harness.run(
@@ -302,11 +299,7 @@ def main() -> int:
         return 1
     started, elapsed, _, findings = outcome
     write_results(res, args.quick, started, elapsed, findings)
-    print()
-    print(res.table())
-    for f in findings:
-        say(f"service log: {f}")
-    say(f"wrote section asr of {RESULTS_PATH.relative_to(ROOT)} in {elapsed:.0f} s")
+    harness.report("asr", res.table(), outcome, RESULTS_PATH)
     return 0
 
 

@@ -22,7 +22,6 @@ starts is stopped at the end, on error too. PostgreSQL runs with fsync on.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import datetime as dt
@@ -322,9 +321,7 @@ def write_results(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller counts (~30 s)")
-    args = parser.parse_args()
+    args = harness.arguments(__doc__, "smaller counts (~30 s)")
     cfg = QUICK if args.quick else FULL
     res = Results()
     outcome = harness.run(
@@ -334,11 +331,7 @@ def main() -> int:
         return 1
     started, elapsed, load, findings = outcome
     write_results(res, args.quick, started, elapsed, load, findings)
-    print()
-    print(res.table())
-    for f in findings:
-        say(f"service log: {f}")
-    say(f"wrote section metering of {RESULTS_PATH.relative_to(ROOT)} in {elapsed:.0f} s")
+    harness.report("metering", res.table(), outcome, RESULTS_PATH)
     return 0
 
 

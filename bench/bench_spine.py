@@ -22,7 +22,6 @@ under test, so the figures are a floor for what the services would do on their o
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import datetime as dt
@@ -822,10 +821,7 @@ def write_results(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller counts (~1.5 minutes)")
-    parser.add_argument("--note", default="", help="free text for the header of RESULTS.md (e.g. what else ran)")
-    args = parser.parse_args()
+    args = harness.arguments(__doc__, "smaller counts (~1.5 minutes)", note=True)
     cfg = QUICK if args.quick else FULL
     res = Results()
     outcome = harness.run(
@@ -835,11 +831,7 @@ def main() -> int:
         return 1
     started, elapsed, load, findings = outcome
     write_results(res, args.quick, started, elapsed, load, findings, args.note)
-    print()
-    print(res.table())
-    for f in findings:
-        say(f"service log: {f}")
-    say(f"wrote section spine of {RESULTS_PATH.relative_to(ROOT)} in {elapsed:.0f} s")
+    harness.report("spine", res.table(), outcome, RESULTS_PATH)
     return 0
 
 

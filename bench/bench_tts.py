@@ -21,7 +21,6 @@ and nats-server share the machine's cores, so the end-to-end figures are a floor
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime as dt
 import os
@@ -277,9 +276,7 @@ def write_results(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one round instead of three (~30 s)")
-    args = parser.parse_args()
+    args = harness.arguments(__doc__, "one round instead of three (~30 s)")
     cfg = QUICK if args.quick else FULL
     res = Results()
     outcome = harness.run(
@@ -289,11 +286,7 @@ def main() -> int:
         return 1
     started, elapsed, load, findings = outcome
     write_results(res, args.quick, started, elapsed, findings, load)
-    print()
-    print(res.table())
-    for f in findings:
-        say(f"service log: {f}")
-    say(f"wrote section tts of {RESULTS_PATH.relative_to(ROOT)} in {elapsed:.0f} s")
+    harness.report("tts", res.table(), outcome, RESULTS_PATH)
     return 0
 
 

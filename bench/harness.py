@@ -10,6 +10,7 @@ the folder is removed after a clean run and kept, with log tails printed, after 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import datetime as dt
@@ -109,3 +110,21 @@ def log_findings(procs: list[ServiceProcess]) -> list[str]:
             for key, n in counts.items():
                 found.append(f"{p.name}: {key} x{n}")
     return found
+
+
+def arguments(doc: str | None, quick_help: str, *, note: bool = False) -> argparse.Namespace:
+    """The command line every benchmark takes: --quick (and --note where the report has a header note)."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    if note:
+        parser.add_argument("--note", default="", help="free text for the section's header (e.g. what else ran)")
+    return parser.parse_args()
+
+
+def report(section: str, table: str, outcome: Outcome, results_path: Path) -> None:
+    """Print the table and the services' warnings; say where the section was written."""
+    print()
+    print(table)
+    for finding in outcome.findings:
+        say(f"service log: {finding}")
+    say(f"wrote section {section} of {results_path.name} in {outcome.elapsed:.0f} s")
