@@ -184,3 +184,30 @@ async def test_barge_in_cancels_llm_and_tts_and_stops_the_audio(
             break
     assert llm_after["cancelled"] == llm_before["cancelled"] + 1 and llm_after["in_flight"] == 0
     assert tts_after["cancelled"] == tts_before["cancelled"] + 1 and tts_after["in_flight"] == 0
+
+
+async def test_dictation_session_streams_partial_then_final_transcripts(
+    gateway: Gateway, speech: dict[str, ServiceProcess]
+) -> None:
+    sentence = "The quick brown fox jumps over the lazy dog, and then it runs far away into the green forest."
+    pcm = speech_pcm(sentence)
+    assert len(pcm) > 3 * RATE * 2  # long enough for partials (one per second of speech)
+    async with client(gateway).realtime.connect(model=BARGE_MODEL, extra_query={"intent": "transcription"}) as conn:
+        created = await conn.recv()
+        assert created.session.type == "transcription"  # type: ignore[union-attr]
+        # A longer silence ends a turn here, so the synthesizer's pause at the comma does not.
+        await conn.session.update(session={"type": "transcription", "audio": {"input": {  # type: ignore[typeddict-item]
+            "turn_detection": {"type": "server_vad", "silence_duration_ms": 900}}}})
+        assert (await conn.recv()).type == "session.updated"
+        for chunk in frames(SILENCE[:RATE] + pcm + SILENCE):
+            await conn.input_audio_buffer.append(audio=chunk)
+        seen = await events_until(conn, lambda e: e.type == "conversation.item.input_audio_transcription.completed")
+    kinds = [e.type for e in seen]
+    partials = [e for e in seen if e.type == "conversation.item.input_audio_transcription.delta"]
+    final = seen[-1]
+    assert partials, kinds
+    assert all(p.item_id == final.item_id for p in partials)
+    words = final.transcript.lower()
+    assert "fox" in words and "forest" in words
+    assert "fox" in partials[-1].transcript.lower()  # the partials were about this speech
+    assert "response.created" not in kinds  # dictation: no answers

@@ -1,5 +1,9 @@
 """OpenAI Realtime over WebSocket (`/v1/realtime`): server VAD, ASR -> LLM -> TTS per sentence, barge-in.
 
+`?intent=transcription` (or `session.update` with `type: "transcription"`) makes a dictation session:
+partial transcripts while the user speaks (`conversation.item.input_audio_transcription.delta`, about
+one a second) and a final one per turn, no responses.
+
 Speaks the GA event names the `openai` SDK's realtime client uses (session.update, input_audio_buffer.*,
 conversation.item.*, response.create / cancel, response.output_audio.delta, ...); a client that sends
 `OpenAI-Beta: realtime=v1` gets the older names (response.audio.delta, ...). Audio in and out is
@@ -61,6 +65,7 @@ BETA_NAMES = {
 }
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
 MAX_SENTENCE_CHARS = 160  # no punctuation for this long: speak what there is, cut at a space
+PARTIAL_EVERY = RATE * 2  # dictation: a partial transcript per second of new speech
 
 
 def new_id(prefix: str) -> str:
@@ -174,6 +179,12 @@ class Session:
         self.items: list[tuple[str, str]] = []  # (role, text) history for the LLM
         self.last_item: str | None = None
         self.pending_item: str | None = None  # the item a detected speech turn will become
+        self.transcription_only = False  # a transcription session: partial and final transcripts, no responses
+        self.partials = False  # partial transcripts while the user speaks (dictation)
+        self.partial: asyncio.Task[None] | None = None
+        self.partial_at = 0  # buffer length the last partial transcribed
+        self.partial_text = ""
+        self.finalized: set[str] = set()  # items whose final transcript was sent
         self.buffer = bytearray()
         self.buffer_start_ms = 0
         self.vad = self._vad()
@@ -265,6 +276,12 @@ class Session:
             self.config["audio"]["input"]["turn_detection"] = update["turn_detection"]
         if "voice" in update:
             self.config["audio"]["output"]["voice"] = update["voice"]
+        if update.get("type") == "transcription":
+            self.transcription_only = self.partials = True
+            self.config["type"] = "transcription"
+        partials = (self.config["audio"]["input"].get("transcription") or {}).get("partials")
+        if partials is not None:
+            self.partials = bool(partials)
         self.vad = self._vad()
         self.emit({"type": "session.updated", "session": self.config})
 
@@ -287,11 +304,39 @@ class Session:
                     self.response.cancel()  # barge-in
                 keep = int(td.get("prefix_padding_ms", 300) * RATE * 2 / 1000)
                 self.buffer = self.buffer[-(len(pcm) + keep) :] if len(self.buffer) > len(pcm) + keep else self.buffer
+                self.partial_at, self.partial_text = 0, ""
             else:
                 item_id = self.pending_item or new_id("item")
                 self.pending_item = None
+                self.partial_text = ""
                 self.emit({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": at_ms, "item_id": item_id})
                 self.commit(item_id)
+        self.maybe_partial()
+
+    def maybe_partial(self) -> None:
+        """Dictation: while the user speaks, transcribe what there is every PARTIAL_EVERY of new audio."""
+        if not (self.partials and self.vad.speaking and self.pending_item):
+            return
+        if self.partial is not None and not self.partial.done():
+            return  # one at a time; the next starts with the audio that came meanwhile
+        if len(self.buffer) - self.partial_at < PARTIAL_EVERY:
+            return
+        self.partial_at = len(self.buffer)
+        self.partial = self.spawn(self.transcribe_partial(self.pending_item, bytes(self.buffer)))
+
+    async def transcribe_partial(self, item_id: str, audio: bytes) -> None:
+        try:
+            text = await self.transcribe(audio)
+        except InferBusError:
+            return  # a partial is a hint; the final transcript reports failures
+        if item_id in self.finalized or not text:
+            return  # the final transcript is out: it supersedes this
+        new = text[len(self.partial_text) :] if text.startswith(self.partial_text) else text
+        self.partial_text = text
+        # `delta` extends what was sent before when the hypothesis grew; `transcript` is always the whole
+        # current hypothesis (earlier words may be revised), for apps that redraw the line.
+        self.emit({"type": "conversation.item.input_audio_transcription.delta", "item_id": item_id,
+                   "content_index": 0, "delta": new, "transcript": text})
 
     async def on_commit(self, event: dict[str, Any]) -> None:
         if len(self.buffer) < FRAME_BYTES * 5:
@@ -318,6 +363,9 @@ class Session:
         self.last_item = item_id
 
     async def on_response_create(self, event: dict[str, Any]) -> None:
+        if self.transcription_only:
+            self.error("a transcription session does not create responses", event_id=event.get("event_id"))
+            return
         if self.response is not None and not self.response.done():
             self.error("Conversation already has an active response", code="conversation_already_has_active_response",
                        event_id=event.get("event_id"))
@@ -361,6 +409,7 @@ class Session:
                        "content_index": 0, "error": {"type": "transcription_error", "code": exc.code,
                                                      "message": exc.message}})
             return
+        self.finalized.add(item_id)
         self.emit({"type": "conversation.item.input_audio_transcription.completed", "item_id": item_id,
                    "content_index": 0, "transcript": transcript, "usage": {"type": "duration", "seconds": seconds}})
         view["content"][0]["transcript"] = transcript
@@ -370,7 +419,7 @@ class Session:
         # response.create, which waits for this transcript.
         td = self.config["audio"]["input"]["turn_detection"]
         idle = self.response is None or self.response.done()
-        if td and transcript.strip() and td.get("create_response", True) and idle:
+        if td and transcript.strip() and td.get("create_response", True) and idle and not self.transcription_only:
             self.start_response({})
 
     async def transcribe(self, pcm: bytes) -> str:
@@ -537,6 +586,9 @@ async def realtime(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(protocols=("realtime",) if "realtime" in protocols else (), heartbeat=20)
     await ws.prepare(request)
     session = Session(gw, ws, key, model, beta="realtime=v1" in request.headers.get("OpenAI-Beta", ""))
+    if request.query.get("intent") == "transcription":  # OpenAI's transcription sessions: dictation
+        session.transcription_only = session.partials = True
+        session.config["type"] = "transcription"
     writer = asyncio.create_task(session.writer())
     session.emit({"type": "session.created", "session": session.config})
     try:
