@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ SlowWorker = tuple[ServiceProcess, dict[str, Any]]
 Workers = dict[str, ServiceProcess]
 
 @pytest.fixture(scope="session")
-def infra() -> Iterator[EmbeddedStack]:
+def infra(request: pytest.FixtureRequest) -> Iterator[EmbeddedStack]:
     root = Path(tempfile.mkdtemp(prefix="inferbus-test-"))
     root.chmod(0o755)
     servers = EmbeddedStack(root)
@@ -32,6 +33,10 @@ def infra() -> Iterator[EmbeddedStack]:
         yield servers
     finally:
         servers.stop()
+        if request.session.testsfailed:
+            print(f"\nservice logs and data kept under {root}")
+        else:  # data dirs and joined model weights (~150 MB) would pile up run after run
+            shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
