@@ -9,11 +9,11 @@ import msgspec
 
 from services.llm import engines
 from services.llm.worker import LLMWorker, WorkerSettings
-from services.runtime import logging as log
-from services.runtime import service, settings, usage
+from services.runtime import service
+from services.runtime.worker_main import WorkerProcessSettings, serve
 
 
-class LLMSettings(settings.CommonSettings, kw_only=True, forbid_unknown_fields=True):
+class LLMSettings(WorkerProcessSettings, kw_only=True, forbid_unknown_fields=True):
     model: str = "smollm2-135m-instruct"
     version: str = "q4_1"
     engine: str = "llamacpp"
@@ -40,49 +40,12 @@ def engine_options(cfg: LLMSettings) -> dict[str, Any]:
     return options
 
 
+def create_engine(cfg: LLMSettings) -> engines.Engine:
+    return engines.create(cfg.engine, engine_options(cfg))
+
+
 async def main(stop: asyncio.Event) -> None:
-    cfg = settings.load(LLMSettings, "llm")
-    log.configure("llm", cfg.log_level)
-    svc = service.Service("inferbus-llm", cfg, description="LLM worker")
-    logger = log.get("llm")
-    await svc.connect()
-    js = svc.bus.jetstream()
-    await usage.ensure_stream(js)
-    publisher = usage.UsagePublisher(js)
-    publisher.start()
-    engine = engines.create(cfg.engine, engine_options(cfg))
-    worker = LLMWorker(
-        svc.bus,
-        engine,
-        WorkerSettings(
-            model=cfg.model,
-            version=cfg.version,
-            worker_id=svc.instance_id,
-            max_queue=cfg.max_queue,
-            heartbeat_s=cfg.heartbeat_s,
-            coalesce_ms=cfg.coalesce_ms,
-            coalesce_tokens=cfg.coalesce_tokens,
-            fault_error_rate=cfg.fault_error_rate,
-            fault_delay_ms=cfg.fault_delay_ms,
-        ),
-        usage=publisher,
-    )
-    svc.stats_source = worker.stats
-    svc.metadata.update({"kind": "llm", "model": cfg.model, "version": cfg.version, "engine": cfg.engine})
-    await svc.register([])
-
-    def progress(step: str, fraction: float) -> None:
-        logger.info("model_loading", model=cfg.model, engine=cfg.engine, step=step, progress=f"{fraction:.0%}")
-
-    await engine.load(progress)
-    await worker.start()
-    logger.info("worker_ready", model=cfg.model, version=cfg.version, subject=worker.subject, engine=cfg.engine)
-    await stop.wait()
-    logger.info("draining")
-    await worker.stop(cfg.drain_grace_s)
-    await publisher.drain(cfg.drain_grace_s)
-    await engine.close()
-    await svc.close()
+    await serve(stop, "llm", "LLM worker", LLMSettings, create_engine, LLMWorker, WorkerSettings)
 
 
 def run() -> None:

@@ -7,7 +7,6 @@ import random
 import time
 from typing import Any
 
-import msgspec
 from prometheus_client import Counter, Gauge, Histogram
 
 from contracts.errors import InferBusError
@@ -23,6 +22,7 @@ from contracts.llm import (
 )
 from services.llm.engines import Engine, Piece
 from services.llm.stops import StopScanner
+from services.runtime import worker
 from services.runtime.bus import Connection
 from services.runtime.replies import ReplyStream
 from services.runtime.usage import UsagePublisher
@@ -51,12 +51,8 @@ class Tally:
         self.completion = 0
 
 
-class WorkerSettings(msgspec.Struct, kw_only=True):
-    model: str
-    version: str
-    worker_id: str
+class WorkerSettings(worker.WorkerSettings, kw_only=True):
     max_queue: int = 256
-    heartbeat_s: float = 0.5
     coalesce_ms: float = 0.0
     coalesce_tokens: int = 64
     # Fault injection, for testing rollouts only: fail this fraction of requests / add this delay.

@@ -7,8 +7,8 @@ from typing import Any
 
 import msgspec
 
-from services.runtime import logging as log
-from services.runtime import service, settings, usage
+from services.runtime import service
+from services.runtime.worker_main import WorkerProcessSettings, serve
 from services.speech.asr import engines
 from services.speech.asr.worker import ASRWorker, WorkerSettings
 
@@ -16,7 +16,7 @@ from services.speech.asr.worker import ASRWorker, WorkerSettings
 WEIGHTS = {"whisper-tiny-en": "tiny.en", "whisper-base": "base"}
 
 
-class ASRSettings(settings.CommonSettings, kw_only=True, forbid_unknown_fields=True):
+class ASRSettings(WorkerProcessSettings, kw_only=True, forbid_unknown_fields=True):
     model: str = "whisper-tiny-en"
     version: str = "int8"
     engine: str = "faster-whisper"
@@ -40,46 +40,12 @@ def engine_options(cfg: ASRSettings) -> dict[str, Any]:
     return options
 
 
+def create_engine(cfg: ASRSettings) -> engines.Engine:
+    return engines.create(cfg.engine, engine_options(cfg))
+
+
 async def main(stop: asyncio.Event) -> None:
-    cfg = settings.load(ASRSettings, "asr")
-    log.configure("asr", cfg.log_level)
-    svc = service.Service("inferbus-asr", cfg, description="ASR worker")
-    logger = log.get("asr")
-    await svc.connect()
-    js = svc.bus.jetstream()
-    await usage.ensure_stream(js)
-    publisher = usage.UsagePublisher(js)
-    publisher.start()
-    engine = engines.create(cfg.engine, engine_options(cfg))
-    worker = ASRWorker(
-        svc.bus,
-        engine,
-        WorkerSettings(
-            model=cfg.model,
-            version=cfg.version,
-            worker_id=svc.instance_id,
-            max_queue=cfg.max_queue,
-            heartbeat_s=cfg.heartbeat_s,
-            max_audio_seconds=cfg.max_audio_seconds,
-        ),
-        usage=publisher,
-    )
-    svc.stats_source = worker.stats
-    svc.metadata.update({"kind": "asr", "model": cfg.model, "version": cfg.version, "engine": cfg.engine})
-    await svc.register([])
-
-    def progress(step: str, fraction: float) -> None:
-        logger.info("model_loading", model=cfg.model, engine=cfg.engine, step=step, progress=f"{fraction:.0%}")
-
-    await engine.load(progress)
-    await worker.start()
-    logger.info("worker_ready", model=cfg.model, version=cfg.version, subject=worker.subject, engine=cfg.engine)
-    await stop.wait()
-    logger.info("draining")
-    await worker.stop(cfg.drain_grace_s)
-    await publisher.drain(cfg.drain_grace_s)
-    await engine.close()
-    await svc.close()
+    await serve(stop, "asr", "ASR worker", ASRSettings, create_engine, ASRWorker, WorkerSettings)
 
 
 def run() -> None:

@@ -7,7 +7,6 @@ import io
 import time
 from typing import Any
 
-import msgspec
 import nats.js.errors
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -21,6 +20,7 @@ from contracts.speech import (
     asr_encoder,
     asr_request_decoder,
 )
+from services.runtime import worker
 from services.runtime.bus import Connection
 from services.runtime.replies import ReplyStream
 from services.runtime.usage import UsagePublisher
@@ -52,12 +52,7 @@ class Tally:
         self.fetched = False  # its object in the media store was read (and so deleted)
 
 
-class WorkerSettings(msgspec.Struct, kw_only=True):
-    model: str
-    version: str
-    worker_id: str
-    max_queue: int = 64
-    heartbeat_s: float = 0.5
+class WorkerSettings(worker.WorkerSettings, kw_only=True):
     max_audio_seconds: float = 900.0
 
 

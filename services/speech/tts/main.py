@@ -7,13 +7,13 @@ from typing import Any
 
 import msgspec
 
-from services.runtime import logging as log
-from services.runtime import service, settings, usage
+from services.runtime import service
+from services.runtime.worker_main import WorkerProcessSettings, serve
 from services.speech.tts import engines
 from services.speech.tts.worker import TTSWorker, WorkerSettings
 
 
-class TTSSettings(settings.CommonSettings, kw_only=True, forbid_unknown_fields=True):
+class TTSSettings(WorkerProcessSettings, kw_only=True, forbid_unknown_fields=True):
     model: str = "hibari"
     version: str = "v0-2"
     engine: str = "hibari"
@@ -27,51 +27,12 @@ class TTSSettings(settings.CommonSettings, kw_only=True, forbid_unknown_fields=T
     drain_grace_s: float = 10.0
 
 
+def create_engine(cfg: TTSSettings) -> engines.Engine:
+    return engines.create(cfg.engine, cfg.engine_options)
+
+
 async def main(stop: asyncio.Event) -> None:
-    cfg = settings.load(TTSSettings, "tts")
-    log.configure("tts", cfg.log_level)
-    svc = service.Service("inferbus-tts", cfg, description="TTS worker")
-    logger = log.get("tts")
-    await svc.connect()
-    js = svc.bus.jetstream()
-    await usage.ensure_stream(js)
-    publisher = usage.UsagePublisher(js)
-    publisher.start()
-    engine = engines.create(cfg.engine, cfg.engine_options)
-    worker = TTSWorker(
-        svc.bus,
-        engine,
-        WorkerSettings(
-            model=cfg.model,
-            version=cfg.version,
-            worker_id=svc.instance_id,
-            max_queue=cfg.max_queue,
-            heartbeat_s=cfg.heartbeat_s,
-            max_chars=cfg.max_chars,
-            max_sentence_chars=cfg.max_sentence_chars,
-            first_sentence_chars=cfg.first_sentence_chars,
-        ),
-        usage=publisher,
-    )
-    svc.stats_source = worker.stats
-    svc.metadata.update({"kind": "tts", "model": cfg.model, "version": cfg.version, "engine": cfg.engine})
-    await svc.register([])
-
-    def progress(step: str, fraction: float) -> None:
-        logger.info("model_loading", model=cfg.model, engine=cfg.engine, step=step, progress=f"{fraction:.0%}")
-
-    await engine.load(progress)
-    await worker.start()
-    logger.info(
-        "worker_ready", model=cfg.model, version=cfg.version, subject=worker.subject, engine=cfg.engine,
-        voices=sorted(worker.voices), sample_rate=engine.sample_rate,
-    )
-    await stop.wait()
-    logger.info("draining")
-    await worker.stop(cfg.drain_grace_s)
-    await publisher.drain(cfg.drain_grace_s)
-    await engine.close()
-    await svc.close()
+    await serve(stop, "tts", "TTS worker", TTSSettings, create_engine, TTSWorker, WorkerSettings)
 
 
 def run() -> None:

@@ -7,7 +7,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import msgspec
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -22,6 +21,7 @@ from contracts.speech import (
     asr_encoder,
     tts_request_decoder,
 )
+from services.runtime import worker
 from services.runtime.bus import Connection
 from services.runtime.replies import ReplyStream
 from services.runtime.usage import UsagePublisher
@@ -62,12 +62,7 @@ class Tally:
         return self.samples / self.sample_rate
 
 
-class WorkerSettings(msgspec.Struct, kw_only=True):
-    model: str
-    version: str
-    worker_id: str
-    max_queue: int = 64
-    heartbeat_s: float = 0.5
+class WorkerSettings(worker.WorkerSettings, kw_only=True):
     max_chars: int = 4096
     max_sentence_chars: int = 300
     # A longer first sentence is cut at a clause break within this many characters: earlier first audio.

@@ -1,0 +1,332 @@
+"""The inference worker skeleton every kind shares: subjects, admission, cancellation, heartbeats, drain, metering."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+import msgspec
+from nats.aio.msg import Msg
+from prometheus_client import Counter, Gauge, Histogram
+
+from contracts import headers as h
+from contracts import subjects
+from contracts.control import WorkerLoad, load_encoder
+from contracts.errors import InferBusError
+from contracts.llm import Accepted, ErrorChunk, Heartbeat
+from contracts.usage import UsageEvent
+from services.runtime import logging as log
+from services.runtime.bus import Connection
+from services.runtime.replies import ReplyStream, deadline_in, trace_id
+from services.runtime.usage import UsagePublisher
+
+T = TypeVar("T")
+THROUGHPUT_WINDOW_S = 5.0
+
+
+class Request(Protocol):
+    @property
+    def request_id(self) -> str: ...
+
+
+RequestT = TypeVar("RequestT", bound=Request)
+TallyT = TypeVar("TallyT")
+
+
+class WorkerSettings(msgspec.Struct, kw_only=True):
+    """What the skeleton reads of a worker's settings; a kind's settings add its own."""
+
+    model: str
+    version: str
+    worker_id: str
+    max_queue: int = 64
+    heartbeat_s: float = 0.5
+
+
+class Engine(Protocol):
+    """What the skeleton and the process around it use of a kind's engine."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def capacity(self) -> int: ...
+    async def load(self, progress: Callable[[str, float], None]) -> None: ...
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """A kind's own Prometheus metrics the skeleton keeps, all labelled model and version."""
+
+    requests: Counter  # ... and outcome
+    in_flight: Gauge
+    duration: Histogram
+
+
+class Worker(Generic[RequestT, TallyT]):
+    """Serves one model version of one kind; a subclass decodes, checks and runs its requests."""
+
+    kind: ClassVar[str]
+    noun: ClassVar[str]  # "generation": what a request's work is called in errors and logs
+    decoder: ClassVar[msgspec.msgpack.Decoder[Any]]
+    encoder: ClassVar[msgspec.msgpack.Encoder]
+    terminal: ClassVar[tuple[type, ...]]
+    metrics: ClassVar[Metrics]
+
+    engine: Engine
+    s: WorkerSettings
+
+    def __init__(self, nc: Connection, engine: Engine, settings: WorkerSettings, usage: UsagePublisher | None) -> None:
+        self.nc = nc
+        self.engine = engine
+        self.s = settings
+        self.usage = usage
+        self.slots = asyncio.Semaphore(engine.capacity)
+        self.active: dict[str, asyncio.Task[None]] = {}
+        self.queued = 0
+        self.served = 0
+        self.cancelled = 0
+        self.ready = False
+        self._window: list[tuple[float, float]] = []  # (finished at, amount) for the throughput report
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._subs: list[Any] = []
+        self._labels = (settings.model, settings.version)
+        self.logger = log.get(self.kind)
+
+    # ---- what a kind provides -----------------------------------------------------------------
+
+    def _new_tally(self) -> TallyT:
+        raise NotImplementedError
+
+    async def _handle(self, request: RequestT, out: ReplyStream, received: float, tally: TallyT) -> None:
+        """Check, admit (`_admitted`) and run one request, ending its stream with the terminal chunk."""
+        raise NotImplementedError
+
+    def _usage_fields(self, request: RequestT, tally: TallyT) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _finished(self, request: RequestT, outcome: str, tally: TallyT) -> None:
+        """Kind-specific accounting once a request has ended, however it ended."""
+
+    def _engine_stats(self) -> dict[str, Any]:
+        return {}
+
+    def _kind_stats(self) -> dict[str, Any]:
+        return {}
+
+    def ready_fields(self) -> dict[str, Any]:
+        """Extra fields of the worker_ready log line."""
+        return {}
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    @property
+    def subject(self) -> str:
+        return subjects.infer(self.kind, self.s.model, self.s.version)
+
+    async def start(self) -> None:
+        s = self.s
+        queue = subjects.queue_group(self.kind, s.model, s.version)
+        self._subs = [
+            await self.nc.subscribe(self.subject, queue=queue, cb=self._on_request),
+            await self.nc.subscribe(subjects.infer(self.kind, s.model, s.version, s.worker_id), cb=self._on_request),
+            await self.nc.subscribe(subjects.CANCEL_ALL, cb=self._on_cancel),
+        ]
+        await self.nc.flush()
+        self.ready = True
+        self._spawn(self._heartbeat_loop())
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop taking work, let running requests finish for `grace` s, then cancel the rest."""
+        self.ready = False
+        await self._publish_load()  # out of routing now, not when heartbeats stop
+        for sub in self._subs:
+            await sub.unsubscribe()
+        running = list(self.active.values())
+        if running:
+            _, pending = await asyncio.wait(running, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "model": self.s.model,
+            "version": self.s.version,
+            "worker_id": self.s.worker_id,
+            "pid": os.getpid(),
+            "engine": self.engine.name,
+            **self._engine_stats(),
+            "ready": self.ready,
+            "in_flight": len(self.active),
+            "queued": self.queued,
+            "capacity": self.engine.capacity,
+            "served": self.served,
+            "cancelled": self.cancelled,
+            **self._kind_stats(),
+        }
+
+    def _record(self, amount: float) -> None:
+        """Count `amount` (tokens, audio seconds, characters) as done now, for the throughput report."""
+        self._window.append((time.monotonic(), amount))
+
+    def _per_s(self) -> float:
+        now = time.monotonic()
+        self._window = [(t, n) for t, n in self._window if now - t < THROUGHPUT_WINDOW_S]
+        return sum(n for _, n in self._window) / THROUGHPUT_WINDOW_S
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await self._publish_load()
+            await asyncio.sleep(1.0)
+
+    async def _publish_load(self) -> None:
+        s = self.s
+        load = WorkerLoad(
+            worker_id=s.worker_id,
+            kind=self.kind,
+            model=s.model,
+            version=s.version,
+            engine=self.engine.name,
+            in_flight=len(self.active) - self.queued,
+            queued=self.queued,
+            capacity=self.engine.capacity,
+            tokens_per_s=self._per_s(),  # the kind's throughput: tokens, audio seconds or characters
+            ready=self.ready,
+        )
+        subject = subjects.heartbeat(self.kind, s.model, s.version, s.worker_id)
+        await self.nc.publish(subject, load_encoder.encode(load))
+
+    # ---- bus callbacks (one at a time per subscription: hand off at once) --------------------
+
+    async def _on_request(self, msg: Msg) -> None:
+        if not msg.reply:
+            self.logger.warning("request_without_reply", subject=msg.subject)
+            return
+        self._spawn(self._serve(msg))
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        task = self.active.get(msg.subject.split(".", 2)[2])
+        if task is not None:
+            task.cancel()
+
+    # ---- one request --------------------------------------------------------------------------
+
+    async def _serve(self, msg: Msg) -> None:
+        assert msg.reply
+        out = ReplyStream(self.nc, msg.reply, self.encoder, self.terminal)
+        received = time.monotonic()
+        started_at = time.time()
+        try:
+            request: RequestT = self.decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            await out.send(ErrorChunk, "invalid_request", f"undecodable request: {exc}")
+            return
+        rid = request.request_id
+        if rid in self.active:
+            await out.send(ErrorChunk, "invalid_request", f"request id {rid!r} is already running")
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self.active[rid] = task
+        m = self.metrics
+        m.in_flight.labels(*self._labels).inc()
+        outcome = "ok"
+        tally = self._new_tally()
+        with log.bound(request_id=rid, trace_id=trace_id(msg)):
+            try:
+                await out.send(Accepted, self.s.worker_id, self.s.version)
+                async with asyncio.timeout(deadline_in(msg)):
+                    await self._handle(request, out, received, tally)
+            except asyncio.CancelledError:
+                outcome = "cancelled"
+                self.cancelled += 1
+                await self._send_error(out, "cancelled", f"the {self.noun} was cancelled")
+            except TimeoutError:
+                outcome = "deadline_exceeded"
+                await self._send_error(out, "deadline_exceeded", "the request deadline passed")
+            except InferBusError as exc:
+                outcome = exc.code
+                await self._send_error(out, exc.code, exc.message)
+            except Exception as exc:
+                outcome = "engine_error"
+                self.logger.exception(f"{self.noun}_failed")
+                await self._send_error(out, "engine_error", f"the engine failed: {type(exc).__name__}")
+            finally:
+                del self.active[rid]
+                self.served += 1
+                m.in_flight.labels(*self._labels).dec()
+                m.requests.labels(*self._labels, outcome).inc()
+                m.duration.labels(*self._labels).observe(time.monotonic() - received)
+                if self.usage is not None:
+                    self.usage.publish(self._usage_event(request, msg, outcome, tally, started_at))
+                self._finished(request, outcome, tally)
+
+    def _usage_event(self, request: RequestT, msg: Msg, outcome: str, tally: TallyT, started: float) -> UsageEvent:
+        hdrs = msg.headers or {}
+        return UsageEvent(
+            request_id=request.request_id,
+            kind=self.kind,
+            model=self.s.model,
+            version=self.s.version,
+            worker_id=self.s.worker_id,
+            outcome=outcome,
+            started_at=started,
+            finished_at=time.time(),
+            key_id=hdrs.get(h.KEY_ID),
+            tenant_id=hdrs.get(h.TENANT),
+            **self._usage_fields(request, tally),
+        )
+
+    async def _send_error(self, out: ReplyStream, code: str, message: str) -> None:
+        if not out.closed and not self.nc.is_closed:
+            await out.send(ErrorChunk, code, message)
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, out: ReplyStream) -> AsyncIterator[None]:
+        """Hold one of the engine's slots; wait for it in a queue of max_queue, sending Heartbeats meanwhile."""
+        if self.queued >= self.s.max_queue:
+            raise InferBusError("overloaded", "the worker's queue is full; retry shortly")
+        self.queued += 1
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self.s.heartbeat_s):
+                        await self.slots.acquire()
+                    break
+                except TimeoutError:
+                    await out.send(Heartbeat)
+        finally:
+            self.queued -= 1
+        try:
+            yield
+        finally:
+            self.slots.release()
+
+    async def _beating(self, work: Awaitable[T], out: ReplyStream) -> T:
+        """Await `work`, sending a Heartbeat every heartbeat_s meanwhile (the caller's idle timeout)."""
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self.s.heartbeat_s)
+                if done:
+                    return task.result()
+                await out.send(Heartbeat)
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
