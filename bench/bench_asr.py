@@ -21,7 +21,6 @@ and a table, and writes section `asr` of bench/RESULTS.md.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import io
 import os
 import re
@@ -253,37 +252,24 @@ async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServicePr
         await nc.close()
 
 
-def write_results(res: Results, quick: bool, started: dt.datetime, elapsed: float, findings: list[str]) -> str:
+def write_results(res: Results, quick: bool, outcome: harness.Outcome) -> str:
     others = CpuMeter.others or [0.0]
     other_mean, other_max = sum(others) / len(others), max(others)
-    lines = [
-        "# InferBus speech-to-text benchmark",
-        "",
-        f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')} ({'--quick' if quick else 'full'} run, {elapsed:.0f} s)",
-        f"- Machine: {machine()}",
-        "- Command: `python bench/bench_asr.py" + (" --quick" if quick else "") + "`",
-        "- Audio: English speech synthesized by hibari-tts (24 kHz WAV), sentences of a fixed paragraph; WER is "
+    about = [
+        "Audio: English speech synthesized by hibari-tts (24 kHz WAV), sentences of a fixed paragraph; WER is "
         "against that text (lower case, punctuation removed).",
-        f"- Engine: faster-whisper (CTranslate2) int8 on CPU, cpu_threads={THREADS}, greedy decoding (the worker's "
+        f"Engine: faster-whisper (CTranslate2) int8 on CPU, cpu_threads={THREADS}, greedy decoding (the worker's "
         f"default; beam 5 as a reference), capacity 1; RTF = wall time / audio duration, median of the runs; "
         f"target RTF <= {TARGET_RTF}. "
         "Engine-only runs (this process, audio already decoded) and gateway runs (HTTP upload of the WAV, object "
         "store, decode and transcription in the worker process, JSON back) alternate, so drift hits both.",
-        f"- Noise: processes outside the bench used {other_mean:.2f} cores on average (max {other_max:.2f}) of "
+        f"Noise: processes outside the bench used {other_mean:.2f} cores on average (max {other_max:.2f}) of "
         f"the {os.cpu_count()} during the measured runs"
         + (": figures taken with other load present are slower than on a quiet machine." if other_max > 0.2 else "."),
-        "",
-        res.table(),
-        "## Notes",
-        "",
-        *[f"- {n}" for n in res.notes],
-        "",
-        "## Warnings and errors the services logged",
-        "",
-        *([f"- {f}" for f in findings] or ["- none"]),
-        "",
     ]
-    text = "\n".join(lines)
+    text = harness.markdown(
+        "InferBus speech-to-text benchmark", "bench_asr.py", quick, outcome, about, res.table(), res.notes
+    )
     write_section(RESULTS_PATH, "asr", text)
     return text
 
@@ -297,8 +283,7 @@ def main() -> int:
     )
     if outcome is None:
         return 1
-    started, elapsed, _, findings = outcome
-    write_results(res, args.quick, started, elapsed, findings)
+    write_results(res, args.quick, outcome)
     harness.report("asr", res.table(), outcome, RESULTS_PATH)
     return 0
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import os
 import random
 import sys
@@ -288,34 +287,19 @@ async def bench(cfg: dict[str, int], infra: EmbeddedStack, procs: list[ServicePr
         await nc.close()
 
 
-def write_results(
-    res: Results, quick: bool, started: dt.datetime, elapsed: float, load: tuple[str, str], findings: list[str]
-) -> str:
+def write_results(res: Results, quick: bool, outcome: harness.Outcome) -> str:
     others = CpuMeter.others or [0.0]
-    lines = [
-        "# InferBus metering benchmark (usage ledger ingest)",
-        "",
-        f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')} ({'--quick' if quick else 'full'} run, {elapsed:.0f} s)",
-        f"- Machine: {machine()}",
-        "- Command: `python bench/bench_metering.py" + (" --quick" if quick else "") + "`",
-        "- Path: JetStream USAGE stream -> metering service (FastStream durable pull consumer, batches of up to "
+    load = outcome.load
+    about = [
+        "Path: JetStream USAGE stream -> metering service (FastStream durable pull consumer, batches of up to "
         "1000, one PostgreSQL statement per batch: events inserted with unnest + ON CONFLICT DO NOTHING, "
         "minute/hour/day rollups upserted from the inserted rows) -> ack after commit. PostgreSQL with fsync on.",
-        "- Everything (nats-server, PostgreSQL, the metering service and the bench's publisher) shares the same "
+        "Everything (nats-server, PostgreSQL, the metering service and the bench's publisher) shares the same "
         f"cores. Processes outside the bench used {sum(others) / len(others):.2f} cores on average "
         f"(load average {load[0]} at start, {load[1]} at the end).",
-        "",
-        res.table(),
-        "## Notes",
-        "",
-        *[f"- {n}" for n in res.notes],
-        "",
-        "## Warnings and errors the services logged",
-        "",
-        *([f"- {f}" for f in findings] or ["- none"]),
-        "",
     ]
-    text = "\n".join(lines)
+    title = "InferBus metering benchmark (usage ledger ingest)"
+    text = harness.markdown(title, "bench_metering.py", quick, outcome, about, res.table(), res.notes)
     write_section(RESULTS_PATH, "metering", text)
     return text
 
@@ -329,8 +313,7 @@ def main() -> int:
     )
     if outcome is None:
         return 1
-    started, elapsed, load, findings = outcome
-    write_results(res, args.quick, started, elapsed, load, findings)
+    write_results(res, args.quick, outcome)
     harness.report("metering", res.table(), outcome, RESULTS_PATH)
     return 0
 

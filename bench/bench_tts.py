@@ -22,7 +22,6 @@ and nats-server share the machine's cores, so the end-to-end figures are a floor
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import os
 import sys
 import time
@@ -242,35 +241,21 @@ async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServicePr
     await stack_figures(cfg, infra, procs, res)
 
 
-def write_results(
-    res: Results, quick: bool, started: dt.datetime, elapsed: float, findings: list[str], load: tuple[str, str]
-) -> str:
+def write_results(res: Results, quick: bool, outcome: harness.Outcome) -> str:
     others = CpuMeter.others or [0.0]
-    lines = [
-        "# InferBus TTS benchmark",
-        "",
-        f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')} ({'--quick' if quick else 'full'} run, {elapsed:.0f} s)",
-        f"- Machine: {machine()}",
-        "- Command: `python bench/bench_tts.py" + (" --quick" if quick else "") + "`",
-        "- Model: hibari-tts 0.2.1 (voice heart, 24 kHz, one ONNX thread, one synthesis at a time per worker).",
-        "- Texts: multi-sentence (a 10-20 word first sentence, then three short ones); time to first audio "
+    load = outcome.load
+    about = [
+        "Model: hibari-tts 0.2.1 (voice heart, 24 kHz, one ONNX thread, one synthesis at a time per worker).",
+        "Texts: multi-sentence (a 10-20 word first sentence, then three short ones); time to first audio "
         "needs only the first sentence, or its first clause where the worker cuts it there (see the notes). "
         "Client, gateway, worker and nats-server share the same cores.",
-        f"- Noise: processes outside the bench used {max(others):.2f} of the {os.cpu_count()} cores during the "
+        f"Noise: processes outside the bench used {max(others):.2f} of the {os.cpu_count()} cores during the "
         f"end-to-end first-audio runs (load average {load[0]} at start, {load[1]} at the end)"
         + ("; figures taken with that much other load are noisy (slower)." if max(others) > 0.2 else "."),
-        "",
-        res.table(),
-        "## Notes",
-        "",
-        *[f"- {n}" for n in res.notes],
-        "",
-        "## Warnings and errors the services logged",
-        "",
-        *([f"- {f}" for f in findings] or ["- none"]),
-        "",
     ]
-    text = "\n".join(lines)
+    text = harness.markdown(
+        "InferBus TTS benchmark", "bench_tts.py", quick, outcome, about, res.table(), res.notes
+    )
     write_section(RESULTS_PATH, "tts", text)
     return text
 
@@ -284,8 +269,7 @@ def main() -> int:
     )
     if outcome is None:
         return 1
-    started, elapsed, load, findings = outcome
-    write_results(res, args.quick, started, elapsed, findings, load)
+    write_results(res, args.quick, outcome)
     harness.report("tts", res.table(), outcome, RESULTS_PATH)
     return 0
 

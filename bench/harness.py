@@ -128,3 +128,30 @@ def report(section: str, table: str, outcome: Outcome, results_path: Path) -> No
     for finding in outcome.findings:
         say(f"service log: {finding}")
     say(f"wrote section {section} of {results_path.name} in {outcome.elapsed:.0f} s")
+
+
+def markdown(
+    title: str, script: str, quick: bool, outcome: Outcome, about: list[str], table: str, notes: list[str]
+) -> str:
+    """A RESULTS.md section: title, date/machine/command, what was measured, the table, notes, findings."""
+    from bench.bench_spine import machine  # the machine line every section shares
+
+    return "\n".join([
+        f"# {title}",
+        "",
+        f"- Date: {outcome.started.strftime('%Y-%m-%d %H:%M UTC')} ({'--quick' if quick else 'full'} run, "
+        f"{outcome.elapsed:.0f} s)",
+        f"- Machine: {machine()}",
+        f"- Command: `python bench/{script}" + (" --quick" if quick else "") + "`",
+        *[f"- {line}" for line in about],
+        "",
+        table,
+        "## Notes",
+        "",
+        *[f"- {n}" for n in notes],
+        "",
+        "## Warnings and errors the services logged",
+        "",
+        *([f"- {f}" for f in outcome.findings] or ["- none"]),
+        "",
+    ])
