@@ -26,6 +26,7 @@ from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env
 from services.runtime.streaming import StreamClient
 from services.speech.tts.sentences import split
 from tests.conftest import ADMIN_KEY, Gateway
+from tests.test_tenancy import admin
 
 MODEL, VERSION = "hibari", "v0-2"
 DOOMED = "hibari-doomed"  # a worker of its own, killed mid-stream
@@ -402,3 +403,20 @@ async def test_worker_dying_mid_stream_truncates_the_response(
                     await resp.read()  # a cut connection, never a clean end
     finally:
         proc.stop()
+
+
+async def test_speech_is_rate_limited_per_key_and_frees_its_slot(
+    gateway: Gateway, worker: dict[str, Any], nc: bus.Connection
+) -> None:
+    created = await admin(nc, "keys.create", name="tts-limited", limits={"rpm": 3, "concurrency": 1})
+    headers = {"Authorization": f"Bearer {created['key']}"}
+    body = {"model": "tts-1", "voice": "alloy", "input": "Hi.", "response_format": "pcm"}
+    async with aiohttp.ClientSession() as http:
+        results = []
+        for _ in range(4):  # one at a time: the concurrency slot must be free again each time
+            async with http.post(f"{gateway.url}/v1/audio/speech", json=body, headers=headers) as resp:
+                results.append((resp.status, dict(resp.headers), await resp.read()))
+    assert [status for status, _, _ in results] == [200, 200, 200, 429]
+    assert results[0][1]["x-ratelimit-limit-requests"] == "3"
+    refused = json.loads(results[3][2])
+    assert refused["error"]["code"] == "rate_limited" and int(results[3][1]["Retry-After"]) >= 1

@@ -83,8 +83,18 @@ async def _handle(request: web.Request, task: Task, prefix: str) -> web.StreamRe
     timeout = request_timeout(request, gw)
     form = await _read_form(request, gw.settings.max_audio_bytes, task)
     model = gw.settings.model_aliases.get(form.model, form.model)
-    key.authorize("asr", model)
     rid = prefix + secrets.token_hex(12)
+    grant = await gw.admit_request(key, request.path, "asr", model, rid)
+    try:
+        return await _transcribe(request, gw, key, form, task, model, rid, timeout, grant.headers if grant else {})
+    finally:
+        gw.release(key, grant, model)
+
+
+async def _transcribe(
+    request: web.Request, gw: Gateway, key: KeyRecord, form: Form, task: Task, model: str, rid: str, timeout_s: float,
+    limit_headers: dict[str, str],
+) -> web.StreamResponse:
     with log.bound(request_id=rid, model=model):
         transcribe = TranscribeRequest(
             request_id=rid,
@@ -109,13 +119,13 @@ async def _handle(request: web.Request, task: Task, prefix: str) -> web.StreamRe
         else:
             transcribe = msgspec.structs.replace(transcribe, audio=form.audio)
         form.audio = b""
-        chunks = _stream(gw, route, asr_encoder.encode(transcribe), transcribe, time.time() + timeout, request, key)
+        chunks = _stream(gw, route, asr_encoder.encode(transcribe), transcribe, time.time() + timeout_s, request, key)
         accepted = False
         try:
             first = await anext(chunks)  # errors before the first byte keep their HTTP status
             assert isinstance(first, Accepted)
             accepted = True
-            headers = {VERSION_HEADER: first.version, "x-request-id": rid}
+            headers = {VERSION_HEADER: first.version, "x-request-id": rid, **limit_headers}
             if form.stream:
                 return await _stream_events(request, chunks, headers)
             segments: list[Segment] = []

@@ -269,14 +269,21 @@ class Governor:
         prompt = estimate_prompt_tokens(request)
         tokens = prompt + request.max_tokens
         usd = self.prices.estimate_usd(request.model, prompt, request.max_tokens)
-        grant = self.plan(key, endpoint, request.model, request.request_id, prompt, tokens, usd)
+        return await self._admit(key, self.plan(key, endpoint, request.model, request.request_id, prompt, tokens, usd))
+
+    async def admit_request(self, key: KeyRecord, endpoint: str, model: str, request_id: str) -> Grant:
+        """Requests/min and concurrency for work not measured in tokens (speech): token limits do not apply."""
+        grant = self.plan(key, endpoint, model, request_id, 0, 0, 0.0)
+        return await self._admit(key, grant._replace(rates=[r for r in grant.rates if r.unit == "requests"], caps=[]))
+
+    async def _admit(self, key: KeyRecord, grant: Grant) -> Grant:
         if not (grant.rates or grant.slots or grant.caps):
             return grant
         pending = self._settling.get(key.id)
         if pending is not None:
             await asyncio.shield(pending)
         keys = [r.key for r in grant.rates] + [s.key for s in grant.slots] + [c.key for c in grant.caps]
-        args: list[Any] = [time.time() * 1000, request.request_id, len(grant.rates), len(grant.slots), len(grant.caps)]
+        args: list[Any] = [time.time() * 1000, grant.request_id, len(grant.rates), len(grant.slots), len(grant.caps)]
         for r in grant.rates:
             args += [60_000, r.limit, r.cost]
         for s in grant.slots:

@@ -71,7 +71,18 @@ async def speech(request: web.Request) -> web.StreamResponse:
     model = gw.settings.model_aliases.get(body.model, body.model)
     rid = "speech-" + secrets.token_hex(12)
     speech_request = _speech_request(body, model, rid, gw.settings.max_speech_chars)
-    key.authorize("tts", model)
+    grant = await gw.admit_request(key, request.path, "tts", model, rid)
+    try:
+        return await _speak(request, gw, key, body, speech_request, grant.headers if grant else {})
+    finally:
+        gw.release(key, grant, model)
+
+
+async def _speak(
+    request: web.Request, gw: Gateway, key: KeyRecord, body: SpeechBody, speech_request: SpeechRequest,
+    limit_headers: dict[str, str],
+) -> web.StreamResponse:
+    rid, model = speech_request.request_id, speech_request.model
     deadline = time.time() + _timeout(request, gw)
     with log.bound(request_id=rid, model=model):
         chunks = _synthesize(gw, request, key, speech_request, deadline)
@@ -90,6 +101,7 @@ async def speech(request: web.Request) -> web.StreamResponse:
                     VERSION_HEADER: accepted.version,
                     SAMPLE_RATE_HEADER: str(rate),
                     "x-request-id": rid,
+                    **limit_headers,
                 }
             )
             await response.prepare(request)

@@ -221,6 +221,19 @@ class Gateway:
             return None
         return await self.governor.admit(key, endpoint, request)
 
+    async def admit_request(
+        self, key: KeyRecord, endpoint: str, kind: str, model: str, request_id: str
+    ) -> Grant | None:
+        """Scopes, requests/min and concurrency for speech; `release` frees the slot when the request ends."""
+        key.authorize(kind, model)
+        if self.governor is None:
+            return None
+        return await self.governor.admit_request(key, endpoint, model, request_id)
+
+    def release(self, key: KeyRecord, grant: Grant | None, model: str) -> None:
+        if grant is not None and self.governor is not None:
+            self.governor.settle_later(key.id, grant, 0, 0, model)
+
     def bus_headers(self, request: web.Request | None, key: KeyRecord) -> dict[str, str]:
         hdrs = {h.KEY_ID: key.id, h.TENANT: key.tenant_id}
         parent = request.headers.get("traceparent") if request is not None else None
