@@ -19,10 +19,8 @@ from aiohttp import BodyPartReader, web
 from nats.js.api import ObjectStoreConfig
 from nats.js.object_store import ObjectStore
 
-from contracts import subjects
 from contracts.errors import InferBusError, invalid
 from contracts.llm import Accepted
-from contracts.registry import Outcome, outcome_encoder
 from contracts.speech import (
     INLINE_MAX,
     MEDIA_BUCKET,
@@ -141,7 +139,7 @@ async def _transcribe(
                 await _discard(store, rid)
 
 
-async def _stream(
+def _stream(
     gw: Gateway,
     route: Route,
     payload: bytes,
@@ -151,47 +149,11 @@ async def _stream(
     key: KeyRecord,
 ) -> AsyncGenerator[Any, None]:
     """The worker's chunks; a per-worker subject without responders is forgotten and the queue group tried."""
-    presence = gw.catalogue.presence
-    started = time.perf_counter()
-    code: str | None = "cancelled"
-    try:
-        while True:
-            code = "cancelled"  # until this attempt ends one way or the other
-            worker = route.worker_id
-            if worker:
-                presence.acquire(worker)
-            chunks = gw.dispatcher.client.open(
-                route.subject,
-                payload,
-                request.request_id,
-                decoder=asr_chunk_decoder,
-                terminal=(Transcript,),
-                what=repr(request.model),
-                deadline=deadline,
-                extra_headers=gw.bus_headers(http, key),
-            )
-            try:
-                async for chunk in chunks:
-                    if isinstance(chunk, Transcript):
-                        code = None
-                    yield chunk
-                return
-            except InferBusError as exc:
-                code = exc.code
-                if exc.code != "no_worker" or not worker:
-                    raise
-                presence.forget(worker)  # gone: out of routing now, not in 3 s
-                route = Route(route.version, subjects.infer("asr", request.model, route.version), None, None)
-            finally:
-                await chunks.aclose()
-                if worker:
-                    presence.release(worker)
-    finally:
-        nc = gw.dispatcher.client.nc
-        if code != "cancelled" and not nc.is_closed:  # fed to canary analysis, as for LLM requests
-            latency = (time.perf_counter() - started) * 1000
-            outcome = Outcome(request.model, route.version, code is None, code or "ok", latency, None)
-            await nc.publish(subjects.outcome("asr", request.model), outcome_encoder.encode(outcome))
+    return gw.dispatcher.open(
+        "asr", request.model, route, payload, request.request_id, decoder=asr_chunk_decoder,
+        terminal=(Transcript,), progress=(Segment,), retries=0, deadline=deadline,
+        headers=gw.bus_headers(http, key),
+    )
 
 
 def _respond(

@@ -1,8 +1,6 @@
-"""Send a generation where the routing picks, stream it back, report the outcome; copy it to a shadow.
+"""Send a request where the routing picks, stream it back, report the outcome; copy generations to a shadow.
 
-A stream that breaks before its first token is retried once on another worker of the same version;
-a per-worker subject with no responders means that worker is gone: it leaves routing at once and the
-request goes to another worker (or the version's queue group) without using up the retry.
+`open` is the one path for every kind (LLM, ASR, TTS): worker choice, retries, presence, outcomes.
 """
 
 from __future__ import annotations
@@ -10,18 +8,31 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from contracts import subjects
 from contracts.errors import InferBusError
-from contracts.llm import Accepted, Chunk, Delta, Final, GenerateRequest
+from contracts.llm import Accepted, Chunk, Delta, Final, GenerateRequest, chunk_decoder, request_encoder
 from contracts.registry import Outcome, outcome_encoder
 from services.gateway.catalogue import Catalogue
 from services.runtime import logging as log
 from services.runtime import shadow
+from services.runtime.routing import Route
 from services.runtime.streaming import StreamClient
 
 RETRY_CODES = frozenset({"stream_broken", "worker_timeout", "overloaded"})
+
+
+@dataclass
+class Ended:
+    """How a dispatched stream ended, for whoever needs more than its chunks (the shadow comparison)."""
+
+    code: str | None = "cancelled"  # None: completed; "cancelled" until it ends one way or the other
+    latency_ms: float = 0.0
+    version: str = ""
 
 
 class Dispatcher:
@@ -42,70 +53,114 @@ class Dispatcher:
         key_id: str | None = None,
         affinity: str | None = None,
     ) -> AsyncGenerator[Chunk, None]:
-        presence = self.catalogue.presence
+        """An LLM generation where the routing picks; a sampled copy goes to the shadow version."""
         route = self.catalogue.route(
             request.model, kind, key_id=key_id, user=request.user, affinity=affinity or request.user
         )
-        started = time.perf_counter()
         deadline = time.time() + timeout_s
         copy = None
         if route.shadow is not None:
             copy = asyncio.create_task(
                 shadow.run_copy(self.client, kind, shadow.shadow_copy(request), route.shadow, deadline)
             )
-        parts: list[str] | None = [] if copy is not None else None
+        parts: list[str] = []
+        ended = Ended()
+        chunks = self.open(
+            kind, request.model, route, request_encoder.encode(request), request.request_id,
+            decoder=chunk_decoder, terminal=(Final,), progress=(Delta,), retries=self.retries,
+            deadline=deadline, headers=headers, affinity=affinity, ended=ended,
+        )
+        try:
+            async for chunk in chunks:
+                if copy is not None and isinstance(chunk, Delta):
+                    parts.append(chunk.text)
+                yield chunk
+        finally:
+            await chunks.aclose()
+            if copy is not None:
+                assert route.shadow is not None
+                served = shadow.Observed(ended.latency_ms, ended.code, "".join(parts))
+                self._spawn(self._compare(request, ended.version, served, route.shadow, copy))
+
+    async def open(
+        self,
+        kind: str,
+        model: str,
+        route: Route,
+        payload: bytes,
+        request_id: str,
+        *,
+        decoder: msgspec.msgpack.Decoder[Any],
+        terminal: tuple[type, ...],
+        progress: tuple[type, ...],
+        retries: int,
+        deadline: float,
+        headers: dict[str, str] | None = None,
+        affinity: str | None = None,
+        ended: Ended | None = None,
+    ) -> AsyncGenerator[Any, None]:
+        """Any kind's request on `route`: its chunks (one Accepted), then the outcome to the registry.
+
+        A per-worker subject with no responders means that worker is gone: it leaves routing at once and
+        the request goes to another worker (or the version's queue group) without using up a retry.
+        Other retryable failures are retried up to `retries` times while no `progress` chunk (a token,
+        a piece of audio) has reached the caller. Time to the first `progress` chunk is the outcome's TTFT.
+        """
+        presence = self.catalogue.presence
+        ended = ended or Ended()
+        started = time.perf_counter()
         ttft: float | None = None
+        accepted = False
         excluded: set[str] = set()
         attempt = 0
-        code: str | None = "cancelled"  # until the stream ends one way or the other
         try:
             while True:
-                delivered = False
+                ended.code = "cancelled"  # until this attempt ends one way or the other
                 worker = route.worker_id
                 if worker:
                     presence.acquire(worker)
+                chunks = self.client.open(
+                    route.subject, payload, request_id, decoder=decoder, terminal=terminal, what=repr(model),
+                    deadline=deadline, extra_headers=headers,
+                )
                 try:
-                    async for chunk in self.client.stream(
-                        route.subject, request, deadline=deadline, extra_headers=headers
-                    ):
-                        if isinstance(chunk, Delta):
-                            if ttft is None:
-                                ttft = (time.perf_counter() - started) * 1000
-                            if parts is not None:
-                                parts.append(chunk.text)
-                            delivered = True
-                        elif isinstance(chunk, Accepted):
+                    async for chunk in chunks:
+                        if isinstance(chunk, Accepted):
+                            if accepted:  # a retry's: the caller has the version already
+                                continue
+                            accepted = True
                             log.bind(worker_id=chunk.worker_id)
-                        elif isinstance(chunk, Final):
-                            code = None
+                        elif isinstance(chunk, progress) and ttft is None:
+                            ttft = (time.perf_counter() - started) * 1000
+                        elif isinstance(chunk, terminal):
+                            ended.code = None
                         yield chunk
                     return
                 except InferBusError as exc:
-                    code = exc.code
+                    ended.code = exc.code
                     if exc.code == "no_worker" and worker:
                         presence.forget(worker)  # gone: out of routing now, not in 3 s
-                    elif delivered or attempt >= self.retries or exc.code not in RETRY_CODES:
+                    elif ttft is not None or attempt >= retries or exc.code not in RETRY_CODES:
                         raise
                     else:
                         attempt += 1
-                        self.logger.warning("stream_retry", error=exc.code, attempt=attempt)
+                        self.logger.warning("stream_retry", kind=kind, error=exc.code, attempt=attempt)
                     if worker:
                         excluded.add(worker)
                     route = self.catalogue.route(
-                        request.model, kind, version=route.version, affinity=affinity, exclude=frozenset(excluded)
+                        model, kind, version=route.version, affinity=affinity, exclude=frozenset(excluded)
                     )._replace(shadow=route.shadow)
                 finally:
+                    await chunks.aclose()
                     if worker:
                         presence.release(worker)
         finally:
-            latency = (time.perf_counter() - started) * 1000
-            if code != "cancelled" and not self.client.nc.is_closed:
-                outcome = Outcome(request.model, route.version, code is None, code or "ok", latency, ttft)
-                await self.client.nc.publish(subjects.outcome(kind, request.model), outcome_encoder.encode(outcome))
-            if copy is not None:
-                assert route.shadow is not None and parts is not None
-                served = shadow.Observed(latency, code, "".join(parts))
-                self._spawn(self._compare(request, route.version, served, route.shadow, copy))
+            ended.latency_ms = (time.perf_counter() - started) * 1000
+            ended.version = route.version
+            code = ended.code
+            if code != "cancelled" and not self.client.nc.is_closed:  # fed to canary analysis
+                outcome = Outcome(model, route.version, code is None, code or "ok", ended.latency_ms, ttft)
+                await self.client.nc.publish(subjects.outcome(kind, model), outcome_encoder.encode(outcome))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

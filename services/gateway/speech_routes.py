@@ -16,13 +16,10 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 from aiohttp import web
 
-from contracts import subjects
 from contracts.errors import InferBusError, invalid
 from contracts.llm import Accepted
-from contracts.registry import Outcome, outcome_encoder
 from contracts.speech import AudioChunk, SpeechDone, SpeechRequest, asr_encoder, tts_chunk_decoder
 from services.gateway.auth import KeyRecord
-from services.gateway.dispatch import RETRY_CODES
 from services.gateway.openai_routes import VERSION_HEADER, _decode, _timeout
 from services.gateway.speech_formats import AudioEncoder, Format, content_type, encoder_for
 from services.gateway.state import GATEWAY, Gateway
@@ -140,66 +137,16 @@ async def _write(response: web.StreamResponse, encoder: AudioEncoder, step: Any,
         await response.write(data)
 
 
-async def _synthesize(
+def _synthesize(
     gw: Gateway, request: web.Request, key: KeyRecord, speech: SpeechRequest, deadline: float
 ) -> AsyncGenerator[Any, None]:
     """The worker's chunks (Accepted, AudioChunk..., SpeechDone), heartbeats left out.
 
-    A per-worker subject with no responders means that worker is gone: it leaves routing and the
-    request goes to the version's queue group. Other retryable failures before any audio are retried
-    once the same way. The outcome is reported to the registry (canary analysis), as for generations.
+    A retryable failure before any audio is retried once (the dispatcher's rules, as for generations).
     """
-    presence = gw.catalogue.presence
     route = gw.catalogue.route(speech.model, "tts", key_id=key.id)
-    subject, worker = route.subject, route.worker_id
-    payload = asr_encoder.encode(speech)
-    started = time.perf_counter()
-    first_audio: float | None = None
-    accepted = False
-    code: str | None = "cancelled"  # until the stream ends one way or the other
-    try:
-        for attempt in (0, 1):
-            held = worker
-            if held:
-                presence.acquire(held)
-            stream = gw.dispatcher.client.open(
-                subject,
-                payload,
-                speech.request_id,
-                decoder=tts_chunk_decoder,
-                terminal=(SpeechDone,),
-                what=repr(speech.model),
-                deadline=deadline,
-                extra_headers=gw.bus_headers(request, key),
-            )
-            try:
-                async for chunk in stream:
-                    if isinstance(chunk, Accepted):
-                        if accepted:  # a retry's: the caller has the version already
-                            continue
-                        accepted = True
-                    elif isinstance(chunk, AudioChunk) and first_audio is None:
-                        first_audio = (time.perf_counter() - started) * 1000
-                    elif isinstance(chunk, SpeechDone):
-                        code = None
-                    yield chunk
-                return
-            except InferBusError as exc:
-                code = exc.code
-                gone = exc.code == "no_worker" and worker is not None
-                if attempt or first_audio is not None or not (gone or exc.code in RETRY_CODES):
-                    raise
-                if gone and worker:
-                    presence.forget(worker)  # out of routing now, not when its presence expires
-                log.get("gateway").warning("speech_retry", error=exc.code, worker_id=worker)
-                subject, worker = subjects.infer("tts", speech.model, route.version), None
-            finally:
-                await stream.aclose()
-                if held:
-                    presence.release(held)
-    finally:
-        nc = gw.dispatcher.client.nc
-        if code != "cancelled" and not nc.is_closed:
-            latency = (time.perf_counter() - started) * 1000
-            outcome = Outcome(speech.model, route.version, code is None, code or "ok", latency, first_audio)
-            await nc.publish(subjects.outcome("tts", speech.model), outcome_encoder.encode(outcome))
+    return gw.dispatcher.open(
+        "tts", speech.model, route, asr_encoder.encode(speech), speech.request_id, decoder=tts_chunk_decoder,
+        terminal=(SpeechDone,), progress=(AudioChunk,), retries=1, deadline=deadline,
+        headers=gw.bus_headers(request, key),
+    )
