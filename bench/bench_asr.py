@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import re
 import secrets
 import statistics
 import sys
@@ -49,6 +48,7 @@ from services.runtime.embedded import free_port  # noqa: E402
 from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env, wait_http  # noqa: E402
 from services.speech.asr import audio as audio_io  # noqa: E402
 from services.speech.asr.engines import Engine, Options, Span, create  # noqa: E402
+from services.speech.wer import wer, words  # noqa: E402
 
 ADMIN_KEY = "ib-bench-admin-" + secrets.token_hex(16)
 RESULTS_PATH = ROOT / "bench" / "RESULTS.md"
@@ -73,20 +73,6 @@ PARAGRAPH = [
 
 
 # ---- speech and scoring ---------------------------------------------------------------------
-
-
-def words(text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split()
-
-
-def wer(reference: str, hypothesis: str) -> float:
-    ref, hyp = words(reference), words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, w in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != w))
-    return row[-1] / max(len(ref), 1)
 
 
 def synthesize(seconds: float) -> tuple[bytes, str, float]:

@@ -43,6 +43,7 @@ from contracts.speech import (
 from contracts.usage import UsageEvent, event_decoder
 from services.runtime import bus
 from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env
+from services.speech.wer import wer, words
 from tests.conftest import ADMIN_KEY, Gateway
 
 TINY = "whisper-tiny-en"
@@ -62,21 +63,6 @@ SENTENCES = [
 
 
 # ---- speech and scoring ---------------------------------------------------------------------
-
-
-def words(text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split()
-
-
-def wer(reference: str, hypothesis: str) -> float:
-    """Word error rate: word-level edit distance over the reference's length."""
-    ref, hyp = words(reference), words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, w in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != w))
-    return row[-1] / max(len(ref), 1)
 
 
 def test_wer_function() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -25,6 +24,7 @@ from services.runtime import bus
 from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env
 from services.runtime.streaming import StreamClient
 from services.speech.tts.sentences import split
+from services.speech.wer import wer, words
 from tests.conftest import ADMIN_KEY, Gateway
 from tests.test_tenancy import admin
 
@@ -129,21 +129,6 @@ async def _usage_event(nc: bus.Connection, request_id: str) -> UsageEvent:
                 return event
     finally:
         await sub.unsubscribe()
-
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9']+", text.lower())
-
-
-def wer(reference: str, hypothesis: str) -> float:
-    """Word error rate: word-level edit distance over the reference's length."""
-    ref, hyp = _words(reference), _words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1] / max(len(ref), 1)
 
 
 def test_wer_function() -> None:
@@ -281,8 +266,8 @@ async def test_every_format_decodes(gateway: Gateway, worker: dict[str, Any], fm
         seconds, rate = _decode(data)
         if fmt == "wav":
             assert data[:4] == b"RIFF" and int.from_bytes(data[24:28], "little") == 24_000 and rate == 24_000
-    words = len(_words(TEXT))
-    assert words / 5 < seconds < words / 1.2, f"{seconds:.2f} s of audio for {words} words"
+    count = len(words(TEXT))
+    assert count / 5 < seconds < count / 1.2, f"{seconds:.2f} s of audio for {count} words"
 
 
 async def test_speed_shortens_audio(gateway: Gateway, worker: dict[str, Any]) -> None:
