@@ -24,9 +24,7 @@ shares the machine's cores with the system under test.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import datetime as dt
 import os
 import secrets
 import sys
@@ -486,32 +484,21 @@ async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServicePr
         await nc.close()
 
 
-def write_results(
-    rep: Report,
-    quick: bool,
-    started: dt.datetime,
-    elapsed: float,
-    load: tuple[str, str],
-    findings: list[str],
-    note: str,
-) -> str:
+def write_results(rep: Report, quick: bool, outcome: harness.Outcome, note: str) -> str:
     others = CpuMeter.others or [0.0]
     other_mean, other_max = sum(others) / len(others), max(others)
-    lines = [
-        "# InferBus registry and routing benchmark",
-        "",
-        f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')} ({'--quick' if quick else 'full'} run, {elapsed:.0f} s)",
-        f"- Machine: {machine()}",
-        "- Command: `python bench/bench_registry.py" + (" --quick" if quick else "") + "`",
-        "- Stack: embedded nats-server, PostgreSQL and Redis; the registry, the alias router, two gateways "
+    load = outcome.load
+    about = [
+        "Stack: embedded nats-server, PostgreSQL and Redis; the registry, the alias router, two gateways "
         "(default P2C dispatch, and INFERBUS_DISPATCH=queue) and five benchmark-engine workers, all as "
         "separate processes. The load generator (Python asyncio: aiohttp for HTTP, the gateway's own "
         "`StreamClient` for NATS) runs **on the same 2 cores**, so every figure includes its CPU contention.",
-        f"- Noise: processes outside the bench used {other_mean:.2f} cores on average (max {other_max:.2f}) during "
+        f"Noise: processes outside the bench used {other_mean:.2f} cores on average (max {other_max:.2f}) during "
         f"the measured windows (load average {load[0]} at start, {load[1]} at the end)."
         + (" Figures taken with other load present are noisy." if other_max > 0.2 else ""),
-        *([f"- Note: {note}"] if note else []),
-        "",
+        *([f"Note: {note}"] if note else []),
+    ]
+    tables = [
         "What the numbers mean:",
         "",
         "- **a** is how long an operator's traffic change takes to be in force: the registry writes the policy "
@@ -549,25 +536,17 @@ def write_results(
         f"## {TITLES['c']}",
         "",
         rep.markdown("c"),
-        "## Notes",
-        "",
-        *[f"- {n}" for n in rep.notes],
-        "",
-        "## Warnings and errors the services logged",
-        "",
-        *([f"- {f}" for f in findings] or ["- none"]),
-        "",
     ]
-    text = "\n".join(lines)
+    text = harness.markdown(
+        "InferBus registry and routing benchmark", "bench_registry.py", quick, outcome, about,
+        "\n".join(tables), rep.notes,
+    )
     write_section(RESULTS_PATH, "registry", text)
     return text
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller counts")
-    parser.add_argument("--note", default="", help="free text for the header of the section (e.g. what else ran)")
-    args = parser.parse_args()
+    args = harness.arguments(__doc__, "smaller counts", note=True)
     cfg = QUICK if args.quick else FULL
     rep = Report()
     outcome = harness.run(
@@ -575,14 +554,9 @@ def main() -> int:
     )
     if outcome is None:
         return 1
-    started, elapsed, load, findings = outcome
-    write_results(rep, args.quick, started, elapsed, load, findings, args.note)
-    print()
-    for key, title in TITLES.items():
-        print(f"{title}\n\n{rep.markdown(key)}")
-    for f in findings:
-        say(f"service log: {f}")
-    say(f"wrote section registry of {RESULTS_PATH.relative_to(ROOT)} in {elapsed:.0f} s")
+    write_results(rep, args.quick, outcome, args.note)
+    tables = "\n\n".join(f"{title}\n\n{rep.markdown(key)}" for key, title in TITLES.items())
+    harness.report("registry", tables, outcome, RESULTS_PATH)
     return 0
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import multiprocessing as mp
 import os
@@ -778,44 +777,24 @@ def machine() -> str:
     )
 
 
-def write_results(
-    res: Results,
-    quick: bool,
-    started: dt.datetime,
-    elapsed: float,
-    load: tuple[str, str],
-    findings: list[str],
-    note: str,
-) -> str:
+def write_results(res: Results, quick: bool, outcome: harness.Outcome, note: str) -> str:
     others = CpuMeter.others or [0.0]
     other_mean, other_max = sum(others) / len(others), max(others)
-    lines = [
-        "# InferBus spine benchmark",
-        "",
-        f"- Date: {started.strftime('%Y-%m-%d %H:%M UTC')} ({'--quick' if quick else 'full'} run, {elapsed:.0f} s)",
-        f"- Machine: {machine()}",
-        "- Command: `python bench/bench_spine.py" + (" --quick" if quick else "") + "`",
-        "- Load generator: Python asyncio clients (aiohttp keep-alive pool for HTTP, the gateway's own "
+    load = outcome.load
+    about = [
+        "Load generator: Python asyncio clients (aiohttp keep-alive pool for HTTP, the gateway's own "
         "`StreamClient` for direct NATS) running **on the same 2 cores** as nats-server, the gateway and the "
         "worker; every figure is therefore a floor for what the services would do on their own.",
-        f"- Noise: processes outside the bench used {other_mean:.2f} cores on average (max {other_max:.2f}) of "
+        f"Noise: processes outside the bench used {other_mean:.2f} cores on average (max {other_max:.2f}) of "
         f"the 2 during the measured windows (load average {load[0]} at start, {load[1]} at the end); the "
         "`OTHER (not bench)` figures in the notes give it per measurement."
         + (" Figures taken with other load present are noisy." if other_max > 0.2 else ""),
-        *([f"- Note: {note}"] if note else []),
-        "- Direct and gateway latencies are measured interleaved in rounds, in one run, so drift hits both.",
-        "",
-        res.table(),
-        "## Notes",
-        "",
-        *[f"- {n}" for n in res.notes],
-        "",
-        "## Warnings and errors the services logged",
-        "",
-        *([f"- {f}" for f in findings] or ["- none"]),
-        "",
+        *([f"Note: {note}"] if note else []),
+        "Direct and gateway latencies are measured interleaved in rounds, in one run, so drift hits both.",
     ]
-    text = "\n".join(lines)
+    text = harness.markdown(
+        "InferBus spine benchmark", "bench_spine.py", quick, outcome, about, res.table(), res.notes
+    )
     write_section(RESULTS_PATH, "spine", text)
     return text
 
@@ -829,8 +808,7 @@ def main() -> int:
     )
     if outcome is None:
         return 1
-    started, elapsed, load, findings = outcome
-    write_results(res, args.quick, started, elapsed, load, findings, args.note)
+    write_results(res, args.quick, outcome, args.note)
     harness.report("spine", res.table(), outcome, RESULTS_PATH)
     return 0
 
