@@ -177,7 +177,7 @@ async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServicePr
     say("starting gateway and ASR workers")
     gateway, url = start_gateway(infra, procs)
     workers = {model: start_asr(infra, model, procs) for model in MODELS}
-    nc = await bus.connect(infra.nats_url, "bench-asr")
+    nc = await bus.connect(infra.nats_url, "bench-asr", identity=infra.identity())
     cache = infra.root / "models"
     try:
         await wait_http(url, gateway)

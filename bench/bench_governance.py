@@ -81,7 +81,7 @@ async def bench(cfg: dict[str, int], infra: EmbeddedStack, procs: list[ServicePr
     procs.append(worker)
     on_url = gateway(infra, procs, "gateway-on")
     off_url = gateway(infra, procs, "gateway-off", governance=False)
-    nc = await bus.connect(infra.nats_url, "bench")
+    nc = await bus.connect(infra.nats_url, "bench", identity=infra.identity())
     try:
         await wait_worker(nc, MODEL, worker)
         for url, proc in ((on_url, procs[-2]), (off_url, procs[-1])):

@@ -203,7 +203,7 @@ def rate(n: int, seconds: float) -> str:
 
 
 async def bench(cfg: dict[str, int], infra: EmbeddedStack, procs: list[ServiceProcess], res: Results) -> None:
-    nc = await bus.connect(infra.nats_url, "bench-metering")
+    nc = await bus.connect(infra.nats_url, "bench-metering", identity=infra.identity())
     pg = await asyncpg.connect(infra.database_url)
     try:
         js = nc.jetstream()

