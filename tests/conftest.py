@@ -76,10 +76,10 @@ def start_gateway(infra: EmbeddedStack, **settings: Any) -> Gateway:
         {"name": SLOW_MODEL, "version": "v1"},
         {"name": GHOST_MODEL, "version": "v1"},
     ]
-    env = infra.env(
-        INFERBUS_PORT=str(port), INFERBUS_ADMIN_KEY=ADMIN_KEY, INFERBUS_MODELS=json.dumps(models),
+    env = infra.env(**{
+        "INFERBUS_PORT": str(port), "INFERBUS_ADMIN_KEY": ADMIN_KEY, "INFERBUS_MODELS": json.dumps(models),
         **settings_env(**settings),
-    )
+    })
     return Gateway(ServiceProcess("gateway", "services.gateway", env, infra.root), f"http://127.0.0.1:{port}")
 
 

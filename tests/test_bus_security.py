@@ -281,3 +281,11 @@ def test_the_generated_config_and_credentials_are_private(infra: EmbeddedStack) 
     assert conf.stat().st_mode & 0o777 == 0o600
     text = conf.read_text()
     assert "auth_callout" in text and natsauth.CLIENTS in text
+
+
+def test_the_docs_hold_the_permission_table_the_code_enforces() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "infra" / "nats" / "README.md").read_text()
+    documented = readme.split("<!-- permission-table:start -->")[1].split("<!-- permission-table:end -->")[0]
+    assert documented.strip() == natsauth.permission_table().strip()

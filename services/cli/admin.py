@@ -33,7 +33,8 @@ def table(rows: list[list[str]]) -> str:
 
 
 async def request(subject: str, body: msgspec.Struct, url: str | None = None, wait_s: float = 10.0) -> Reply:
-    nc = await bus.connect(url or state.nats_url(), "inferbus-cli", connect_timeout=2)
+    nc = await bus.connect(url or state.nats_url(), "inferbus-cli", connect_timeout=2,
+                           identity=state.nats_identity(), reconnect=False)
     try:
         msg = await nc.request(subject, msgspec.json.encode(body), timeout=wait_s)
         return msgspec.json.decode(msg.data, type=Reply)

@@ -15,7 +15,7 @@ from services.runtime import bus
 async def _status() -> int:
     url = state.nats_url()
     try:
-        nc = await bus.connect(url, "inferbus-cli", connect_timeout=2)
+        nc = await bus.connect(url, "inferbus-cli", connect_timeout=2, identity=state.nats_identity(), reconnect=False)
     except Exception as exc:
         print(f"cannot reach NATS at {url}: {exc}. Is `inferbus up` running?", file=sys.stderr)
         return 2
@@ -47,13 +47,38 @@ async def _health(nc: bus.Connection, svc: dict[str, Any]) -> str:
         return "unreachable"
 
 
+def _nats(args: Any) -> int:
+    from pathlib import Path
+
+    from services.runtime import natsauth
+
+    if args.nats_command == "permissions":
+        print(natsauth.permission_table())
+        return 0
+    secrets = natsauth.Secrets(state.data_dir() / "secrets").ensure()
+    store = Path(args.store_dir) if args.store_dir else None
+    print(natsauth.server_config(secrets, host=args.host, port=args.port, store_dir=store), end="")
+    print(f"# credentials: {secrets.root} (give each service its nats-<role>.json as INFERBUS_NATS_CREDENTIALS)",
+          file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="inferbus", description="InferBus inference platform")
     sub = parser.add_subparsers(dest="command", required=True)
     p_up = sub.add_parser("up", help="start the whole platform on this machine")
     p_up.add_argument("--port", type=int, default=None, help="gateway port (default 8080, or INFERBUS_GATEWAY_PORT)")
+    p_up.add_argument("--rotate-admin-key", action="store_true",
+                      help="mint a new admin key (kept in the data dir) and revoke the previous one")
     p_up.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for readiness")
     sub.add_parser("status", help="list running services and their health")
+    p_nats = sub.add_parser("nats", help="the bus's identities: server config for an external nats-server")
+    nats_sub = p_nats.add_subparsers(dest="nats_command", required=True)
+    p_conf = nats_sub.add_parser("config", help="print the server config (accounts, role users, auth callout)")
+    p_conf.add_argument("--port", type=int, default=4222)
+    p_conf.add_argument("--host", default="127.0.0.1")
+    p_conf.add_argument("--store-dir", default=None, help="JetStream store directory")
+    nats_sub.add_parser("permissions", help="print the role permission table (Markdown)")
     tenancy.add_parsers(sub)
     models.add_parser(sub)
     usage.add_parser(sub)
@@ -65,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         return up.run(args)
     if args.command == "status":
         return asyncio.run(_status())
+    if args.command == "nats":
+        return _nats(args)
     if args.command in ("keys", "tenants"):
         return tenancy.run(args, parser)
     if args.command in ("usage", "prices"):

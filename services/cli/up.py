@@ -18,6 +18,9 @@ from services.cli import state
 from services.gateway.auth import new_key
 from services.runtime import bus
 from services.runtime.embedded import Embedded, NatsServer, PostgresServer, RedisServer, free_port
+from services.runtime.local import SECRETS_ENV, with_identity
+from services.runtime.logging import redact
+from services.runtime.natsauth import Secrets
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
@@ -29,7 +32,7 @@ def die_with_parent() -> None:
 
 
 def say(line: str) -> None:
-    print(f"[inferbus] {line}", flush=True)
+    print(f"[inferbus] {redact(line)}", flush=True)  # configured URLs may carry passwords
 
 
 class Supervised:
@@ -103,9 +106,9 @@ def _port_free(port: int) -> bool:
     return True
 
 
-async def _wait_ready(gateway_url: str, nats_url: str, limit_s: float) -> None:
+async def _wait_ready(gateway_url: str, nats_url: str, limit_s: float, identity: bus.Identity) -> None:
     deadline = time.monotonic() + limit_s
-    nc = await bus.connect(nats_url, "inferbus-up")
+    nc = await bus.connect(nats_url, "inferbus-up", identity=identity)
     last = ""
     try:
         async with aiohttp.ClientSession() as http:
@@ -136,11 +139,54 @@ async def _wait_ready(gateway_url: str, nats_url: str, limit_s: float) -> None:
     raise TimeoutError(f"the platform was not ready after {limit_s:.0f}s")
 
 
-async def up(port: int | None, ready_timeout: float) -> int:
+class EmbeddedSupervisor:
+    """Restarts an embedded server that died, on its own port, so services reconnect to it."""
+
+    def __init__(self, servers: list[Embedded]) -> None:
+        self.servers = servers
+        self.stopping = False
+
+    async def run(self) -> None:
+        while not self.stopping:
+            await asyncio.sleep(0.5)
+            for server in self.servers:
+                if self.stopping or server.proc is None or server.proc.poll() is None:
+                    continue
+                code = server.proc.returncode
+                say(f"embedded {server.name} exited with code {code}; restarting it")
+                port = int(server.url.rsplit(":", 1)[1].split("/", 1)[0])
+                try:
+                    await asyncio.to_thread(server.start, port)
+                    say(f"{server.name} restarted at {server.url}")
+                except Exception as exc:  # try again on the next round
+                    say(f"restarting {server.name} failed: {exc}")
+
+
+def admin_key(data: Path, rotate: bool) -> tuple[str, str | None]:
+    """The operator's admin key, kept in the data dir (0600) across runs; (key, the one it replaced)."""
+    configured = os.environ.get("INFERBUS_ADMIN_KEY")
+    if configured:
+        return configured, None
+    path = data / "secrets" / "admin-key"
+    previous = path.read_text().strip() if path.exists() else None
+    if previous and not rotate:
+        return previous, None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.chmod(0o700)
+    key = new_key()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key)
+    return key, previous
+
+
+async def up(port: int | None, ready_timeout: float, rotate_admin_key: bool = False) -> int:
     data = state.data_dir()
     data.mkdir(parents=True, exist_ok=True)
     data.chmod(0o755)
     servers: list[Embedded] = []
+    supervisor = EmbeddedSupervisor(servers)
+    secrets_dir: Path | None = None
     urls: dict[str, str] = {}
     services: list[Supervised] = []
     tasks: list[asyncio.Task[None]] = []
@@ -155,12 +201,18 @@ async def up(port: int | None, ready_timeout: float) -> int:
             say(f"starting embedded {server.name} ...")
             urls[var] = await asyncio.to_thread(server.start)
             servers.append(server)
+            if isinstance(server, NatsServer) and server.secure:
+                secrets_dir = server.secrets.root
+                say(f"nats secured: one identity per service, API keys for clients (secrets in {secrets_dir})")
             say(f"{server.name} ready at {urls[var]}")
+        tasks.append(asyncio.create_task(supervisor.run()))
 
         gateway_port = port or int(os.environ.get("INFERBUS_GATEWAY_PORT", "0") or 0)
         if not gateway_port:
             gateway_port = 8080 if _port_free(8080) else free_port()
-        admin_key = os.environ.get("INFERBUS_ADMIN_KEY") or new_key()
+        key, previous_key = admin_key(data, rotate_admin_key)
+        if previous_key:
+            say("admin key rotated: the previous one is revoked")
         gateway_url = f"http://127.0.0.1:{gateway_port}"
         env = {
             **os.environ,
@@ -168,39 +220,48 @@ async def up(port: int | None, ready_timeout: float) -> int:
             "INFERBUS_DATABASE_URL": urls["DATABASE"],
             "INFERBUS_REDIS_URL": urls["REDIS"],
             "PYTHONUNBUFFERED": "1",
+            **({SECRETS_ENV: str(secrets_dir)} if secrets_dir else {}),
         }
         env.pop("INFERBUS_PORT", None)
         plain = {k: v for k, v in env.items() if k != "INFERBUS_ADMIN_KEY"}
+        gateway_env = {**env, "INFERBUS_PORT": str(gateway_port), "INFERBUS_ADMIN_KEY": key}
+        if previous_key:
+            gateway_env["INFERBUS_ADMIN_KEY_PREVIOUS"] = previous_key
         services = [
             Supervised("registry", "services.registry", plain),
             Supervised("router", "services.router", plain),
             Supervised("metering", "services.metering", plain),
-            Supervised("gateway", "services.gateway",
-                       {**env, "INFERBUS_PORT": str(gateway_port), "INFERBUS_ADMIN_KEY": admin_key}),
+            Supervised("gateway", "services.gateway", gateway_env),
             Supervised("llm", "services.llm", plain),
             Supervised("asr", "services.speech.asr", plain),
             Supervised("tts", "services.speech.tts", plain),
         ]
-        tasks = [asyncio.create_task(s.run()) for s in services]
+        for s in services:  # each service its own NATS identity (services.runtime.natsauth)
+            s.env = with_identity(s.module, s.env)
+        tasks += [asyncio.create_task(s.run()) for s in services]
+        identity = (bus.Identity(str(Secrets(secrets_dir).credentials("admin"))) if secrets_dir
+                    else bus.Identity.from_env())
         state.state_file().write_text(json.dumps(
-            {"pid": os.getpid(), "nats_url": urls["NATS"], "gateway_url": gateway_url}, indent=2))
+            {"pid": os.getpid(), "nats_url": urls["NATS"], "gateway_url": gateway_url,
+             "nats_credentials": identity.credentials}, indent=2))
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        ready = asyncio.create_task(_wait_ready(gateway_url, urls["NATS"], ready_timeout))
+        ready = asyncio.create_task(_wait_ready(gateway_url, urls["NATS"], ready_timeout, identity))
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait([ready, stopper], return_when=asyncio.FIRST_COMPLETED)
         if ready.done():
             ready.result()
-            _banner(gateway_url, admin_key, data)
+            _banner(gateway_url, key, data)
             await stop.wait()
         else:
             ready.cancel()
         say("stopping ...")
         return 0
     finally:
+        supervisor.stopping = True
         for s in services:
             await s.stop()
         for t in tasks:
@@ -216,7 +277,7 @@ def _banner(url: str, key: str, data: Path) -> None:
         f"""
 [inferbus] ready
   gateway    {url}   (OpenAI-compatible: {url}/v1)
-  playground {url}/playground?key={key}
+  playground {url}/playground   (asks for the key; or open {url}/playground#key=<admin key>)
   admin key  {key}
   data dir   {data}
 
@@ -231,4 +292,4 @@ def _banner(url: str, key: str, data: Path) -> None:
 
 
 def run(args: Any) -> int:
-    return asyncio.run(up(args.port, args.ready_timeout))
+    return asyncio.run(up(args.port, args.ready_timeout, getattr(args, "rotate_admin_key", False)))

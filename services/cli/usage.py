@@ -1,4 +1,4 @@
-"""`inferbus usage ...` and `inferbus prices ...`: reports from the usage ledger and the price table."""
+"""`inferbus usage ...` and `inferbus prices ...`: reports from the usage ledger, its dead letters, the price table."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from contracts import usage
-from contracts.usage import GROUPS, ListPrices, SetPrice, UsageQuery
+from contracts.usage import GROUPS, ListDeadLetters, ListPrices, SetPrice, UsageQuery
 from services.cli import admin
 from services.cli.admin import table
 
@@ -35,6 +35,10 @@ def add_parser(sub: Any) -> None:
     out = p.add_mutually_exclusive_group()
     out.add_argument("--csv", action="store_true", help="print the rows as CSV")
     out.add_argument("--json", action="store_true", help="print the metering service's reply as JSON")
+    us = p.add_subparsers(dest="usage_command")
+    d = us.add_parser("dead-letters", help="usage messages the ledger could not take (newest first), and why")
+    d.add_argument("--limit", type=int, default=100, help="how many (default 100, at most 1000)")
+    d.add_argument("--json", action="store_true", help="print the metering service's reply as JSON")
 
     p = sub.add_parser("prices", help="the USD price table usage is billed with")
     p.add_argument("--json", action="store_true", help="print the metering service's reply as JSON")
@@ -55,6 +59,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         subject, body = build(args)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.command == "usage" and getattr(args, "usage_command", None) == "dead-letters":
+        return admin.run(subject, body, render_dead_letters, args.json, "metering service")
     if args.command == "usage":
         render = render_csv if args.csv else render_usage
         return admin.run(subject, body, render, args.json, "metering service")
@@ -64,6 +70,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def build(args: argparse.Namespace, now: float | None = None) -> tuple[str, msgspec.Struct]:
     """The subject and typed request for parsed arguments (argument errors raise ValueError)."""
     now = time.time() if now is None else now
+    if args.command == "usage" and getattr(args, "usage_command", None) == "dead-letters":
+        return usage.DEAD_LETTERS, ListDeadLetters(limit=args.limit)
     if args.command == "usage":
         group_by = [g.strip() for g in args.by.split(",") if g.strip()]
         return usage.USAGE_QUERY, UsageQuery(
@@ -170,3 +178,17 @@ def render_prices(result: Any) -> str:
             ]
         )
     return table(rows)
+
+
+def render_dead_letters(report: dict[str, Any]) -> str:
+    letters = report["letters"]
+    if not letters:
+        return "no dead letters: every usage message reached the ledger"
+    rows = [["TIME", "REASON", "SUBJECT", "STREAM SEQ", "REQUEST", "DETAIL"]]
+    for d in letters:
+        detail = d["detail"] if len(d["detail"]) <= 80 else d["detail"][:77] + "..."
+        rows.append(
+            [d["time"][:19], d["reason"], d["subject"], str(d["stream_seq"]), d.get("request_id") or "-", detail]
+        )
+    shown = f"{len(letters)} of {report['total']}" if report["total"] > len(letters) else str(len(letters))
+    return f"{shown} dead letters in {usage.DLQ_STREAM} (newest first)\n" + table(rows)

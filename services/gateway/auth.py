@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import secrets
 import time
+from collections import OrderedDict
 from typing import Any
 
 import asyncpg
@@ -91,12 +93,23 @@ def record_from_row(row: asyncpg.Record) -> KeyRecord:
 
 
 class KeyStore:
-    """Keys by hash; a found key is cached `cache_ttl` s, a revocation broadcast drops it at once."""
+    """Keys by hash; a found key is cached `cache_ttl` s, a revocation broadcast drops it at once.
 
-    def __init__(self, pool: asyncpg.Pool, *, cache_ttl: float = 5.0) -> None:
+    A key that is not found is cached `negative_ttl` s. The cache holds at most `max_cached` keys (least
+    recently used out first), and concurrent lookups of one key share one PostgreSQL query: a flood of
+    wrong keys costs neither memory without bound nor a query per attempt.
+    """
+
+    def __init__(
+        self, pool: asyncpg.Pool, *, cache_ttl: float = 5.0, negative_ttl: float = 1.0, max_cached: int = 10_000
+    ) -> None:
         self.pool = pool
         self.cache_ttl = cache_ttl
-        self._cache: dict[bytes, tuple[KeyRecord | None, float]] = {}
+        self.negative_ttl = negative_ttl
+        self.max_cached = max_cached
+        self._cache: OrderedDict[bytes, tuple[KeyRecord | None, float]] = OrderedDict()
+        self._lookups: dict[bytes, asyncio.Future[KeyRecord | None]] = {}
+        self._by_id: dict[str, tuple[KeyRecord | None, float]] = {}  # NATS clients: by key id
         self._revoked: dict[str, tuple[float, float]] = {}  # key id -> (refused from, remember until)
 
     async def create(self, name: str, scopes: list[str], key: str | None = None) -> tuple[str, KeyRecord]:
@@ -115,26 +128,85 @@ class KeyStore:
         self._cache.pop(key_hash(key), None)
         return key, KeyRecord(id=row_id, name=name, scopes=scopes)
 
+    async def bootstrap(self, name: str, scopes: list[str], key: str, previous: str | None = None) -> bool:
+        """The operator's admin key: created once, never revived once revoked; `previous` (a rotation) is
+        revoked. Returns False when the key was revoked (the operator must rotate it)."""
+        await self.pool.execute(
+            "INSERT INTO api_keys (id, name, prefix, key_hash, scopes) VALUES ($1, $2, $3, $4, $5)"
+            " ON CONFLICT (key_hash) DO NOTHING",
+            "key_" + secrets.token_hex(6), name, key[:10], key_hash(key), scopes,
+        )
+        if previous:
+            await self.pool.execute(
+                "UPDATE api_keys SET revoked_at = now() WHERE key_hash = $1 AND revoked_at IS NULL", key_hash(previous)
+            )
+        revoked = await self.pool.fetchval("SELECT revoked_at IS NOT NULL FROM api_keys WHERE key_hash = $1",
+                                           key_hash(key))
+        return not revoked
+
     async def authenticate(self, key: str) -> KeyRecord:
         digest = key_hash(key)
-        now = time.monotonic()
         hit = self._cache.get(digest)
-        if hit is not None and hit[1] > now:
+        if hit is not None and hit[1] > time.monotonic():
+            self._cache.move_to_end(digest)
             record = hit[0]
         else:
-            row = await self.pool.fetchrow(
-                _SELECT + " WHERE k.key_hash = $1 AND k.revoked_at IS NULL"
-                " AND (k.expires_at IS NULL OR k.expires_at > now())",
-                digest,
-            )
-            record = record_from_row(row) if row else None
-            self._cache[digest] = (record, now + (self.cache_ttl if record else 1.0))
+            record = await self._lookup(digest)
         if record is None:
             raise InferBusError("invalid_api_key", "Incorrect API key provided")
         wall = time.time()
         revoked = self._revoked.get(record.id)
         expired = record.expires_at is not None and record.expires_at <= wall
         if expired or (revoked is not None and revoked[0] <= wall):
+            raise InferBusError("invalid_api_key", "This API key has been revoked or has expired")
+        return record
+
+    @property
+    def cached(self) -> int:
+        """Keys in the cache, found or not."""
+        return len(self._cache)
+
+    async def _lookup(self, digest: bytes) -> KeyRecord | None:
+        pending = self._lookups.get(digest)
+        if pending is None:
+            pending = asyncio.ensure_future(self._fetch(digest))
+            self._lookups[digest] = pending
+            pending.add_done_callback(lambda f: (self._lookups.pop(digest, None), f.cancelled() or f.exception()))
+        return await asyncio.shield(pending)  # a caller that leaves does not cancel the others' answer
+
+    async def _fetch(self, digest: bytes) -> KeyRecord | None:
+        row = await self.pool.fetchrow(
+            _SELECT + " WHERE k.key_hash = $1 AND k.revoked_at IS NULL"
+            " AND (k.expires_at IS NULL OR k.expires_at > now())",
+            digest,
+        )
+        record = record_from_row(row) if row else None
+        self._cache[digest] = (record, time.monotonic() + (self.cache_ttl if record else self.negative_ttl))
+        self._cache.move_to_end(digest)
+        while len(self._cache) > self.max_cached:
+            self._cache.popitem(last=False)
+        return record
+
+    async def by_id(self, key_id: str) -> KeyRecord:
+        """The live record of a key the platform already authenticated (a NATS client's, from its connection)."""
+        now = time.monotonic()
+        hit = self._by_id.get(key_id)
+        if hit is not None and hit[1] > now:
+            record = hit[0]
+        else:
+            row = await self.pool.fetchrow(
+                _SELECT + " WHERE k.id = $1 AND k.revoked_at IS NULL"
+                " AND (k.expires_at IS NULL OR k.expires_at > now())",
+                key_id,
+            )
+            record = record_from_row(row) if row else None
+            if len(self._by_id) > 10_000:
+                self._by_id.clear()
+            self._by_id[key_id] = (record, now + (self.cache_ttl if record else 1.0))
+        if record is None:
+            raise InferBusError("invalid_api_key", "This API key has been revoked or has expired")
+        revoked = self._revoked.get(record.id)
+        if revoked is not None and revoked[0] <= time.time():
             raise InferBusError("invalid_api_key", "This API key has been revoked or has expired")
         return record
 
@@ -150,6 +222,7 @@ class KeyStore:
 
     def forget(self, *, key_id: str | None = None, tenant_id: str | None = None) -> None:
         """Drop cached records of a key or of a whole tenant (limits or budget changed)."""
+        self._by_id.clear()  # small, and rebuilt from PostgreSQL within one lookup per key
         for digest, (record, _) in list(self._cache.items()):
             if record is not None and (record.id == key_id or record.tenant_id == tenant_id):
                 del self._cache[digest]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Literal
+import time
+from collections.abc import AsyncGenerator
+from typing import Any, Literal, Protocol
 
 import asyncpg
 import msgspec
@@ -30,9 +32,11 @@ from services.gateway.auth import KeyRecord, KeyStore, bearer
 from services.gateway.catalogue import Catalogue, ModelEntry
 from services.gateway.dispatch import Dispatcher
 from services.gateway.governance import Governor, Grant
+from services.gateway.nats_edge import Callout, Edge, Kicker
 from services.gateway.tenancy import TenancyAdmin
-from services.runtime import admin, db, service, settings
+from services.runtime import admin, bus, db, service, settings
 from services.runtime import logging as log
+from services.runtime.natsauth import Issuer
 from services.runtime.streaming import StreamClient
 
 DEFAULT_MODELS = [
@@ -42,10 +46,64 @@ DEFAULT_MODELS = [
 ]
 
 
+class Revocable(Protocol):
+    def revoked(self) -> None: ...
+
+
+class OpenSockets:
+    """Open WebSockets by key id: a key's revocation (or expiry) closes the sockets it opened, at its time."""
+
+    def __init__(self, remember_s: float = 120.0) -> None:
+        self.remember_s = remember_s
+        self._by_key: dict[str, set[Revocable]] = {}
+        self._expiry: dict[Revocable, asyncio.TimerHandle] = {}
+        self._revoked: dict[str, float] = {}  # key id -> refused from (unix s), for sockets that open meanwhile
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+
+    def add(self, key: KeyRecord, sock: Revocable) -> None:
+        self._by_key.setdefault(key.id, set()).add(sock)
+        loop = asyncio.get_running_loop()
+        if key.expires_at is not None:
+            self._expiry[sock] = loop.call_later(max(key.expires_at - time.time(), 0.0), sock.revoked)
+        at = self._revoked.get(key.id)
+        if at is not None and key.id not in self._timers:  # revoked while this socket was opening
+            self._timers[key.id] = loop.call_later(max(at - time.time(), 0.0), self._close, key.id)
+
+    def discard(self, key: KeyRecord, sock: Revocable) -> None:
+        socks = self._by_key.get(key.id)
+        if socks is not None:
+            socks.discard(sock)
+            if not socks:
+                del self._by_key[key.id]
+        timer = self._expiry.pop(sock, None)
+        if timer is not None:
+            timer.cancel()
+
+    def revoke(self, key_id: str, at: float) -> None:
+        now = time.time()
+        for old in [k for k, when in self._revoked.items() if when + self.remember_s < now]:
+            del self._revoked[old]
+        at = min(at, self._revoked.get(key_id, at))
+        self._revoked[key_id] = at
+        timer = self._timers.pop(key_id, None)
+        if timer is not None:
+            timer.cancel()
+        self._timers[key_id] = asyncio.get_running_loop().call_later(max(at - now, 0.0), self._close, key_id)
+
+    def _close(self, key_id: str) -> None:
+        self._timers.pop(key_id, None)
+        for sock in list(self._by_key.get(key_id, ())):
+            sock.revoked()
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self._by_key.values())
+
+
 class GatewaySettings(settings.CommonSettings, kw_only=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: int = 8080
     admin_key: str | None = None
+    admin_key_previous: str | None = None  # revoked at start: `inferbus up --rotate-admin-key`
     max_body_bytes: int = 1 << 20
     default_max_tokens: int = 512
     request_timeout_s: float = 600.0
@@ -54,6 +112,11 @@ class GatewaySettings(settings.CommonSettings, kw_only=True, forbid_unknown_fiel
     idle_timeout_s: float = 1.5
     ws_max_in_flight: int = 64
     key_cache_ttl_s: float = 5.0
+    # NATS client edge (services.gateway.nats_edge): the auth callout's identity and signing key, and
+    # the system account's, which closes a revoked key's connections. Empty: that part is off.
+    nats_auth_credentials: str = ""
+    nats_callout_seed: str = ""
+    nats_system_credentials: str = ""
     models: list[ModelEntry] = msgspec.field(default_factory=lambda: list(DEFAULT_MODELS))
     # "p2c": pick the less loaded of two live workers (per-worker subjects); "queue": the version's
     # NATS queue group picks at random.
@@ -76,6 +139,9 @@ class GatewaySettings(settings.CommonSettings, kw_only=True, forbid_unknown_fiel
     governance: bool = True
     # When Redis is unreachable: "open" admits requests (unlimited, logged, counted), "closed" answers 503.
     rate_limit_failure: Literal["open", "closed"] = "open"
+    # Until the first price list arrives from metering: "closed" answers 503 to requests under a USD budget,
+    # "open" admits them as if free. Logged at warning either way.
+    unknown_prices: Literal["open", "closed"] = "closed"
     global_limits: Limits = Limits()
     endpoint_limits: dict[str, Limits] = msgspec.field(default_factory=dict)
 
@@ -92,6 +158,11 @@ class Gateway:
         self._dispatcher: Dispatcher | None = None
         self._prices_task: asyncio.Task[None] | None = None
         self.in_flight = 0
+        self.edge: Edge | None = None
+        self.kicker: Kicker | None = None
+        self._kicks: set[asyncio.Task[None]] = set()
+        self._extra_connections: list[bus.Connection] = []
+        self.sockets = OpenSockets()
         self.logger = log.get("gateway")
 
     async def start(self) -> None:
@@ -102,8 +173,10 @@ class Gateway:
         if applied:
             self.logger.info("migrations_applied", files=applied)
         self.keys = KeyStore(self.pool, cache_ttl=cfg.key_cache_ttl_s)
-        if cfg.admin_key:
-            await self.keys.create("admin (bootstrap)", ["admin", "inference"], key=cfg.admin_key)
+        if cfg.admin_key and not await self.keys.bootstrap(
+            "admin (bootstrap)", ["admin", "inference"], cfg.admin_key, cfg.admin_key_previous
+        ):
+            self.logger.warning("admin_key_revoked", hint="rotate it: inferbus up --rotate-admin-key")
         nc = self.service.bus
         self.tenancy = TenancyAdmin(self.pool, nc)
         if cfg.governance:
@@ -113,6 +186,7 @@ class Gateway:
                 global_limits=cfg.global_limits,
                 endpoint_limits=cfg.endpoint_limits,
                 stale_s=cfg.max_request_timeout_s + 60,
+                unknown_prices=cfg.unknown_prices,
             )
         if self.governor is not None:
             await nc.subscribe(usage.PRICES_CHANGED, cb=self._on_prices_changed)
@@ -127,6 +201,7 @@ class Gateway:
         client = StreamClient(nc, first_chunk_timeout=cfg.first_chunk_timeout_s, idle_timeout=cfg.idle_timeout_s)
         await client.start()
         self._dispatcher = Dispatcher(client, self.catalogue)
+        await self._start_nats_edge()
         self.service.stats_source = self.stats
         self.service.metadata.update({"http": f"http://{cfg.host}:{cfg.port}"})
         t = self.tenancy
@@ -152,7 +227,46 @@ class Gateway:
         assert self._dispatcher is not None, "gateway not started"
         return self._dispatcher
 
+    async def _start_nats_edge(self) -> None:
+        cfg = self.settings
+        assert self.keys is not None
+        self.edge = Edge(self)
+        await self.edge.start(self.service.bus)
+        if cfg.nats_auth_credentials and cfg.nats_callout_seed:
+            conn = await bus.connect(cfg.nats_url, f"inferbus-auth-{self.service.instance_id}",
+                                     identity=bus.Identity.of(cfg).with_credentials(cfg.nats_auth_credentials))
+            self._extra_connections.append(conn)
+            await Callout(self.keys, Issuer.from_file(cfg.nats_callout_seed)).start(conn)
+        if cfg.nats_system_credentials:
+            conn = await bus.connect(cfg.nats_url, f"inferbus-system-{self.service.instance_id}",
+                                     identity=bus.Identity.of(cfg).with_credentials(cfg.nats_system_credentials))
+            self._extra_connections.append(conn)
+            self.kicker = Kicker(conn)
+
+    def kick_later(self, key_id: str, at: float = 0.0) -> None:
+        """Close the key's NATS connections at `at` (unix s; now if past): revocation or new permissions."""
+        if self.kicker is None:
+            return
+        kicker = self.kicker
+
+        async def run() -> None:
+            await asyncio.sleep(max(at - time.time(), 0.0))
+            try:
+                await kicker.kick(key_id)
+            except Exception as exc:  # the system connection is down: the key is refused at the edge anyway
+                self.logger.warning("nats_kick_failed", key_id=key_id, error=repr(exc))
+
+        task = asyncio.create_task(run())
+        self._kicks.add(task)
+        task.add_done_callback(self._kicks.discard)
+
     async def close(self) -> None:
+        if self.edge is not None:
+            await self.edge.close()
+        for task in list(self._kicks):
+            task.cancel()
+        for conn in self._extra_connections:
+            await conn.close()
         if self._prices_task is not None:
             self._prices_task.cancel()
         await self.catalogue.tables.close()
@@ -164,7 +278,8 @@ class Gateway:
 
     def stats(self) -> dict[str, Any]:
         prices = self.governor.prices.per_model if self.governor is not None else {}
-        return {"in_flight": self.in_flight, "models": len(self.catalogue.listing()), "priced_models": sorted(prices)}
+        return {"in_flight": self.in_flight, "models": len(self.catalogue.listing()), "priced_models": sorted(prices),
+                "sockets": len(self.sockets)}
 
     async def _on_heartbeat(self, msg: Any) -> None:
         try:
@@ -180,13 +295,10 @@ class Gateway:
             reply = msgspec.json.decode(msg.data, type=Reply)
             views = msgspec.convert(reply.result or [], list[PriceView])
         except Exception as exc:  # metering not up (yet): keep the last prices
-            self.logger.debug("prices_unavailable", error=repr(exc))
+            loaded = self.governor.prices.loaded
+            (self.logger.debug if loaded else self.logger.warning)("prices_unavailable", error=repr(exc))
             return False
-        per_model: dict[str, tuple[float, float]] = {}
-        for view in views:
-            old_in, old_out = per_model.get(view.model, (0.0, 0.0))
-            per_model[view.model] = (max(old_in, view.input_per_1m / 1e6), max(old_out, view.output_per_1m / 1e6))
-        self.governor.prices.per_model = per_model
+        self.governor.prices.load(views)
         return True
 
     async def _prices_loop(self) -> None:
@@ -205,6 +317,8 @@ class Gateway:
             return
         assert self.keys is not None
         self.keys.heard_revoked(event)
+        self.kick_later(event.key_id, event.at)
+        self.sockets.revoke(event.key_id, event.at)
 
     async def _on_changed(self, msg: Any) -> None:
         assert self.keys is not None
@@ -213,6 +327,8 @@ class Gateway:
         except msgspec.DecodeError:
             return
         self.keys.forget(key_id=what.get("key_id"), tenant_id=what.get("tenant_id"))
+        if what.get("key_id"):  # its scopes may have changed: it reconnects with the new permissions
+            self.kick_later(what["key_id"])
 
     async def admit(self, key: KeyRecord, endpoint: str, request: GenerateRequest, kind: str = "llm") -> Grant | None:
         """Scopes, rate limits and budgets for one generation; None when governance is off."""
@@ -222,13 +338,18 @@ class Gateway:
         return await self.governor.admit(key, endpoint, request)
 
     async def admit_request(
-        self, key: KeyRecord, endpoint: str, kind: str, model: str, request_id: str
+        self, key: KeyRecord, endpoint: str, kind: str, model: str, request_id: str, audio_seconds: float = 0.0
     ) -> Grant | None:
-        """Scopes, requests/min and concurrency for speech; `release` frees the slot when the request ends."""
+        """Scopes, requests/min, concurrency and budgets for speech (`audio_seconds`: an upper bound of its
+        audio); `release` settles it with the seconds `metered_audio` saw when the request ends."""
         key.authorize(kind, model)
         if self.governor is None:
             return None
-        return await self.governor.admit_request(key, endpoint, model, request_id)
+        return await self.governor.admit_request(key, endpoint, model, request_id, audio_seconds)
+
+    def metered_audio(self, request_id: str, chunks: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
+        """A speech stream whose audio seconds the request's budgets are settled with."""
+        return chunks if self.governor is None else self.governor.metered_audio(request_id, chunks)
 
     def release(self, key: KeyRecord, grant: Grant | None, model: str) -> None:
         if grant is not None and self.governor is not None:

@@ -9,13 +9,13 @@ from typing import Any
 
 import asyncpg
 import msgspec
-from faststream.nats import NatsBroker
+from faststream.nats import NatsBroker, NatsSecurity, NatsToken, NatsUserPassword
 
 from contracts import usage
-from contracts.usage import ListPrices, PriceView, SetPrice, UsageQuery, UsageReport
-from services.metering import prices, query
+from contracts.usage import DeadLetterReport, ListDeadLetters, ListPrices, PriceView, SetPrice, UsageQuery, UsageReport
+from services.metering import deadletters, prices, query
 from services.metering.consumer import Consumer, ensure_consumer
-from services.runtime import admin, db, service, settings
+from services.runtime import admin, bus, db, service, settings
 from services.runtime import logging as log
 from services.runtime.usage import ensure_stream
 
@@ -28,11 +28,28 @@ class MeteringSettings(settings.CommonSettings, kw_only=True, forbid_unknown_fie
     batch_timeout_s: float = 0.05  # a batch is written when full or after this long
     ack_wait_s: float = 30.0  # an unacked batch (a replica died mid-write) is redelivered after this
     max_ack_pending: int = 20_000
+    # Deliveries of one message before it goes to the dead letters. A database outage uses up none (the
+    # batch is held and retried in place); only crashes mid-batch and unforeseen failures count.
+    max_deliver: int = 20
     write_timeout_s: float = 20.0  # a commit taking longer counts as failed (nak, retry)
     max_backoff_s: float = 5.0
     writers: int = 2  # batches committing at once (one PostgreSQL connection each)
     db_pool_size: int = 4  # the writers' connections plus the admin queries'
     drain_s: float = 10.0  # on SIGTERM, time the batches in hand get to commit and ack
+
+
+def broker_identity(identity: bus.Identity) -> dict[str, Any]:
+    """The connection's identity as FastStream takes it (`security=`, not nats-py's keywords)."""
+    opts = identity.options()
+    tls = opts.pop("tls", None)
+    security: NatsSecurity | None = None
+    if "user" in opts:
+        security = NatsUserPassword(opts.pop("user"), opts.pop("password"), ssl_context=tls)
+    elif "token" in opts:
+        security = NatsToken(opts.pop("token"), ssl_context=tls)
+    elif tls is not None:
+        security = NatsSecurity(ssl_context=tls)
+    return {**opts, "security": security} if security is not None else opts
 
 
 class Metering:
@@ -60,14 +77,21 @@ class Metering:
             self.logger.info("migrations_applied", files=applied)
         js = self.service.bus.jetstream()
         await ensure_stream(js)
-        await ensure_consumer(js, cfg.durable, cfg.ack_wait_s, cfg.max_ack_pending)
+        await deadletters.ensure_stream(js)
+        await ensure_consumer(js, cfg.durable, cfg.ack_wait_s, cfg.max_ack_pending, cfg.max_deliver)
+        dead = deadletters.DeadLetters(js, cfg.durable)
+        await self.service.bus.subscribe(
+            deadletters.advisory_subject(cfg.durable), queue=f"{QUEUE}-dlq", cb=dead.on_max_deliveries
+        )
         self._consumer = Consumer(
             self._pool,
+            dead,
             durable=cfg.durable,
             batch_size=cfg.batch_size,
             batch_timeout_s=cfg.batch_timeout_s,
             ack_wait_s=cfg.ack_wait_s,
             max_ack_pending=cfg.max_ack_pending,
+            max_deliver=cfg.max_deliver,
             write_timeout_s=cfg.write_timeout_s,
             max_backoff_s=cfg.max_backoff_s,
             writers=cfg.writers,
@@ -75,6 +99,7 @@ class Metering:
         self.broker = NatsBroker(
             cfg.nats_url,
             name=f"inferbus-metering-consumer-{self.service.instance_id}",
+            **broker_identity(bus.Identity.of(cfg)),
             max_reconnect_attempts=-1,
             reconnect_time_wait=1,
             apply_types=False,  # the handler takes the raw batch: no per-message casting
@@ -90,6 +115,7 @@ class Metering:
             ("prices_set", usage.PRICES_SET, admin.handler(self.logger, SetPrice, self.set_price), QUEUE),
             ("prices_list", usage.PRICES_LIST, admin.handler(self.logger, ListPrices, self.list_prices), QUEUE),
             ("usage_query", usage.USAGE_QUERY, admin.handler(self.logger, UsageQuery, self.usage_query), QUEUE),
+            ("dead_letters", usage.DEAD_LETTERS, admin.handler(self.logger, ListDeadLetters, self.dead_letters), QUEUE),
         ]
         await self.service.register(endpoints)
 
@@ -118,6 +144,9 @@ class Metering:
 
     async def usage_query(self, req: UsageQuery) -> UsageReport:
         return await query.run(self.pool, req)
+
+    async def dead_letters(self, req: ListDeadLetters) -> DeadLetterReport:
+        return await deadletters.recent(self.service.bus.jetstream(), req.limit)
 
 
 async def main(stop: asyncio.Event) -> None:

@@ -27,9 +27,9 @@ def settings_env(**settings: Any) -> dict[str, str]:
 class EmbeddedStack:
     """nats-server, PostgreSQL and Redis from the wheels, each on a free port; stop() is safe at any point."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, secure: bool = True) -> None:
         self.root = root
-        self.nats = NatsServer(root)
+        self.nats = NatsServer(root, secure=secure)
         self.postgres = PostgresServer(root)
         self.redis = RedisServer(root)
         self.nats_url = self.database_url = self.redis_url = ""

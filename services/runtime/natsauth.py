@@ -90,7 +90,7 @@ ROLES: dict[str, Permissions] = {
     ),
     "metering": Permissions(
         pub_allow=(*_REPLIES, *_JS, "metering.prices.changed", "usage_dlq.>"),
-        sub_allow=(*_SERVICE_SUB, "metering.admin.>"),
+        sub_allow=(*_SERVICE_SUB, "metering.admin.>", "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.USAGE.>"),
         pub_deny=(*_ROUTING_WRITES, "$JS.API.STREAM.DELETE.>"),
     ),
     # The ops CLI: administration requests and discovery, nothing on the data path.
@@ -364,3 +364,13 @@ def request_info(headers: dict[str, str] | None) -> RequestInfo | None:
         return RequestInfo(str(info.get("acc", "")), str(info.get("user", "")), int(info.get("id", 0)))
     except (ValueError, TypeError):
         return None
+
+
+def permission_table() -> str:
+    """The roles and what they may publish and subscribe, as the Markdown table infra/nats/README.md holds."""
+    rows = ["| role | publish allow | publish deny | subscribe allow | subscribe deny |", "|---|---|---|---|---|"]
+    for role, perms in ROLES.items():
+        cells = [", ".join(f"`{s}`" for s in group) or "—"
+                 for group in (perms.pub_allow, perms.pub_deny, perms.sub_allow, perms.sub_deny)]
+        rows.append(f"| {role} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)

@@ -37,6 +37,7 @@ class Service:
         self.micro: MicroService | None = None
         self.metrics_port = 0
         self._metrics_runner: Any = None
+        self._lag_task: asyncio.Task[None] | None = None
         self.stopping = asyncio.Event()
         self.logger = log.get(name)
 
@@ -46,11 +47,14 @@ class Service:
         return self.nc
 
     async def connect(self) -> None:
-        self.nc = await bus.connect(self.settings.nats_url, f"{self.name}-{self.instance_id}")
+        self.nc = await bus.connect(
+            self.settings.nats_url, f"{self.name}-{self.instance_id}", identity=bus.Identity.of(self.settings)
+        )
         self._metrics_runner, self.metrics_port = await metrics.serve(
             self.settings.metrics_host, self.settings.metrics_port
         )
-        self.logger.info("connected", nats=self.settings.nats_url, metrics_port=self.metrics_port)
+        self._lag_task = asyncio.create_task(metrics.sample_loop_lag(), name="event-loop-lag")
+        self.logger.info("connected", nats=log.redact(self.settings.nats_url), metrics_port=self.metrics_port)
 
     async def register(self, endpoints: list[tuple[str, str, MicroHandler, str | None]]) -> None:
         """Register as a micro service. Each endpoint: (name, subject, handler, queue group)."""
@@ -85,6 +89,8 @@ class Service:
                 await asyncio.wait_for(self.nc.drain(), timeout=5)
             except Exception:  # a timeout included: close what is left
                 await self.nc.close()
+        if self._lag_task is not None:
+            self._lag_task.cancel()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
         self.logger.info("stopped")
