@@ -1,9 +1,11 @@
 """The browser playground (/playground) in a real headless Chromium: streaming chat, and push-to-talk voice
-over the Realtime WebSocket with a fake microphone that plays a WAV of a spoken question."""
+over the Realtime WebSocket with a fake microphone that plays a WAV of a spoken question. The key is typed in
+or handed over in the URL fragment, and never appears in a URL the browser requests."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import wave
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -17,6 +19,7 @@ from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 
 from services.runtime import bus
 from services.runtime.local import EmbeddedStack, ServiceProcess
@@ -87,7 +90,8 @@ def browser(question: tuple[Path, float]) -> Iterator[webdriver.Chrome]:
                  "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={question[0]}%noloop",
                  "--autoplay-policy=no-user-gesture-required"):
         options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    # "performance": the DevTools network events, i.e. every URL the page requested (WebSockets included).
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
     try:
         yield driver
@@ -116,14 +120,43 @@ def wait_for(driver: webdriver.Chrome, what: str, done: Callable[[dict[str, Any]
         if done(state):
             return state
         if time.monotonic() > deadline:
-            logs = [entry["message"] for entry in driver.get_log("browser")]
+            logs = [entry["message"] for entry in driver.get_log("browser")]  # type: ignore[no-untyped-call]
             raise AssertionError(f"timed out waiting for {what}: {state}\nbrowser console: {logs}")
         time.sleep(0.1)
 
 
-def open_page(driver: webdriver.Chrome, gateway: Gateway, query: str) -> None:
-    driver.get(f"{gateway.url}/playground?{query}")
+def requested_urls(driver: webdriver.Chrome) -> list[str]:
+    """Every URL the browser requested since the last call (HTTP and WebSocket), from the DevTools log."""
+    urls = []
+    for entry in driver.get_log("performance"):  # type: ignore[no-untyped-call]
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+        elif message["method"] == "Network.webSocketCreated":
+            urls.append(message["params"]["url"])
+    return urls
+
+
+def assert_no_key_in_urls(driver: webdriver.Chrome, *keys: str) -> list[str]:
+    urls = requested_urls(driver)
+    assert any("/playground" in u for u in urls) and any("/v1/models" in u for u in urls), urls
+    for url in urls:
+        assert "key=" not in url and "#" not in url, url  # fragments are never sent; nor may a key be
+        for key in keys:
+            assert key not in url, url
+    return urls
+
+
+def page_location(driver: webdriver.Chrome) -> str:
+    location: str = driver.execute_script("return location.href;")
+    return location
+
+
+def open_page(driver: webdriver.Chrome, gateway: Gateway, fragment: str) -> None:
+    driver.get("about:blank")  # a fresh document even when only the fragment differs
+    driver.get(f"{gateway.url}/playground#{fragment}")
     wait_for(driver, "the model list", lambda s: DEFAULT_MODEL in s["models"] or bool(s["error"]), 20)
+    assert "key" not in page_location(driver)  # taken out of the address bar and history at once
     driver.execute_script(f"document.getElementById('model').value = {DEFAULT_MODEL!r};")
 
 
@@ -143,6 +176,7 @@ def chat_turn(driver: webdriver.Chrome, gateway: Gateway) -> dict[str, Any]:
 
 def voice_turn(driver: webdriver.Chrome, gateway: Gateway, hold_s: float) -> dict[str, Any]:
     open_page(driver, gateway, f"key={ADMIN_KEY}&temperature=0")
+    assert driver.execute_script("return document.getElementById('temperature').value;") == "0"
     talk = driver.find_element(By.ID, "talk")
     ActionChains(driver).click_and_hold(talk).perform()
     try:
@@ -168,11 +202,35 @@ async def test_playground_page_is_served(gateway: Gateway) -> None:
 
 async def test_bad_key_shows_the_http_error(gateway: Gateway, browser: webdriver.Chrome) -> None:
     def run() -> dict[str, Any]:
-        browser.get(f"{gateway.url}/playground?key=not-a-key")
+        browser.get(f"{gateway.url}/playground#key=not-a-key")
         return wait_for(browser, "an error", lambda s: bool(s["error"]), 20)
 
     state = await asyncio.to_thread(run)
     assert "HTTP 401" in state["error"], state
+    assert_no_key_in_urls(browser, "not-a-key")
+
+
+def ask_for_the_key(driver: webdriver.Chrome, gateway: Gateway) -> tuple[dict[str, Any], dict[str, Any], str]:
+    driver.get(f"{gateway.url}/playground")
+    driver.execute_script("sessionStorage.clear();")
+    driver.refresh()
+    asked = page_state(driver)
+    field = driver.find_element(By.ID, "key")
+    field.send_keys(ADMIN_KEY)
+    field.send_keys(Keys.TAB)  # "change": the page stores the key and lists the models
+    typed = wait_for(driver, "the model list", lambda s: DEFAULT_MODEL in s["models"] or bool(s["error"]), 20)
+    driver.refresh()  # the tab keeps the key (sessionStorage), and only the tab
+    wait_for(driver, "the model list again", lambda s: DEFAULT_MODEL in s["models"] or bool(s["error"]), 20)
+    kept: str = driver.execute_script("return document.getElementById('key').value;")
+    return asked, typed, kept
+
+
+async def test_page_asks_for_the_key_and_keeps_it_out_of_urls(gateway: Gateway, browser: webdriver.Chrome) -> None:
+    asked, typed, kept = await asyncio.to_thread(ask_for_the_key, browser, gateway)
+    assert asked["models"] == [""] and not asked["error"], asked  # "(enter a key)": nothing requested yet
+    assert not typed["error"], typed
+    assert kept == ADMIN_KEY
+    assert_no_key_in_urls(browser, ADMIN_KEY)
 
 
 async def test_chat_streams_an_answer(
@@ -181,6 +239,8 @@ async def test_chat_streams_an_answer(
     state = await asyncio.to_thread(chat_turn, browser, gateway)
     assert not state["error"], state
     assert state["updates"] > 3, state  # the answer grew piece by piece
+    urls = assert_no_key_in_urls(browser, ADMIN_KEY)
+    assert any(u.endswith("/v1/chat/completions") for u in urls), urls
 
 
 async def test_push_to_talk_voice_turn(
@@ -198,3 +258,5 @@ async def test_push_to_talk_voice_turn(
     assert "Paris" in state["reply"], state  # temperature 0: SmolLM2's greedy answer
     assert state["received"] > 24_000 and state["played"] == state["received"], state
     assert time.monotonic() - started < 90, "the voice turn took too long"
+    urls = assert_no_key_in_urls(browser, ADMIN_KEY)
+    assert any(u.startswith("ws://") and "/v1/realtime" in u for u in urls), urls

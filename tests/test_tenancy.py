@@ -21,6 +21,7 @@ from contracts.control import Reply
 from services.runtime import bus
 from services.runtime.embedded import free_port
 from services.runtime.local import EmbeddedStack, wait_http
+from services.runtime.metrics import url as metrics_url
 from tests.conftest import ADMIN_KEY, BENCH_MODEL, Gateway, start_gateway
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -337,11 +338,17 @@ async def test_tenants_and_keys_cli(infra: EmbeddedStack, gateway: Gateway, benc
 # ---- keys never leak ------------------------------------------------------------------------------------
 
 
-async def test_zz_keys_never_appear_in_logs_metrics_or_errors(infra: EmbeddedStack, gateway: Gateway) -> None:
+async def test_zz_keys_never_appear_in_logs_metrics_or_errors(
+    infra: EmbeddedStack, nc: bus.Connection, gateway: Gateway
+) -> None:
     """Runs last in this module: every key created above, searched for in every service log and /metrics."""
     assert len(CREATED_KEYS) >= 10
+    infos = await bus.discover(nc, "INFO", "inferbus-gateway")
+    (scrape,) = [metrics_url(i) for i in infos if i["metadata"].get("http") == gateway.url]  # the loopback port
+    assert scrape is not None
     async with aiohttp.ClientSession() as http:
-        async with http.get(f"{gateway.url}/metrics") as r:
+        async with http.get(scrape) as r:
+            assert r.status == 200
             metrics = await r.text()
         bogus = "ib-" + "z" * 43
         async with http.get(f"{gateway.url}/v1/models", headers={"Authorization": f"Bearer {bogus}"}) as r:

@@ -3,6 +3,10 @@
 The page (static/playground.html, plain HTML and JavaScript, nothing loaded from elsewhere) talks to
 the gateway's own public API with the key the user types in: /v1/models, streaming
 /v1/chat/completions and the Realtime WebSocket at /v1/realtime. Serving it needs no key.
+
+The key is never part of a URL the server sees (URLs end up in browser history, proxy and access
+logs): the page takes it from its input field or from the fragment (`/playground#key=...`, which
+browsers do not send), removes it from the address bar at once and keeps it in sessionStorage.
 """
 
 from __future__ import annotations

@@ -1,0 +1,224 @@
+"""Secrets stay out of logs; metrics live on a loopback port, not the gateway's public one; every
+service exports its event-loop lag."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from services.cli.up import say
+from services.runtime import bus
+from services.runtime.local import EmbeddedStack, wait_http, with_identity
+from services.runtime.logging import redact
+from services.runtime.metrics import sample_loop_lag
+from services.runtime.metrics import url as metrics_url
+from services.runtime.natsauth import read_credentials
+from tests.conftest import ADMIN_KEY, BENCH_MODEL, Gateway, start_gateway
+
+PG_PASSWORD = "pg-Pa55word-" + "k" * 12
+LAG = "inferbus_event_loop_lag_seconds"
+
+
+def with_password(url: str, user: str, password: str) -> str:
+    parts = urlsplit(url)
+    return parts._replace(netloc=f"{quote(user)}:{quote(password, safe='')}@{parts.hostname}:{parts.port}").geturl()
+
+
+class PasswordGateway(Gateway):
+    secrets: tuple[str, ...] = ()
+
+
+@pytest.fixture(scope="module")
+async def gateway(infra: EmbeddedStack) -> AsyncIterator[PasswordGateway]:
+    """This module's gateway, configured with NATS and PostgreSQL URLs that carry passwords."""
+    creds = with_identity("services.gateway", infra.env()).get("INFERBUS_NATS_CREDENTIALS")
+    # With the generated NATS accounts the URL carries the gateway's real password; without, any is let in.
+    user, nats_password = read_credentials(creds) if creds else ("inferbus", "nats-Pa55word-" + "q" * 12)
+    started = start_gateway(
+        infra,
+        nats_url=with_password(infra.nats_url, user, nats_password),
+        database_url=with_password(infra.database_url, "postgres", PG_PASSWORD),  # trust auth: not checked
+        global_limits={"tpm": 10_000_000},  # so requests are settled and per-tenant spend is counted
+    )
+    gw = PasswordGateway(started.proc, started.url)
+    gw.secrets = (nats_password, PG_PASSWORD)
+    try:
+        await wait_http(gw.url, gw.proc)
+        yield gw
+    finally:
+        gw.proc.stop()
+
+
+async def instance_info(nc: bus.Connection, service: str, **metadata: str) -> dict[str, Any]:
+    """The `$SRV.INFO` answer of the one instance of `service` whose metadata has all of `metadata`."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = [i for i in await bus.discover(nc, "INFO", service, wait=0.3)
+                 if all(i.get("metadata", {}).get(k) == v for k, v in metadata.items())]
+        if found:
+            assert len(found) == 1, found
+            return found[0]
+    raise TimeoutError(f"no {service} instance with {metadata}")
+
+
+async def scrape(url: str) -> list[Sample]:
+    async with aiohttp.ClientSession() as http, http.get(url) as response:
+        assert response.status == 200
+        text = await response.text()
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def value(samples: list[Sample], name: str, **labels: str) -> float:
+    (found,) = [s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+    return found
+
+
+# ---- secrets in logs --------------------------------------------------------------------------------------
+
+
+async def test_service_log_never_shows_url_passwords(gateway: PasswordGateway) -> None:
+    async with aiohttp.ClientSession() as http, http.get(gateway.url + "/v1/models", headers=gateway.headers) as r:
+        assert r.status == 200  # it did connect with those URLs
+    text = gateway.proc.log()
+    connected = [json.loads(line) for line in text.splitlines() if '"connected"' in line]
+    assert connected and ":***@127.0.0.1" in connected[0]["nats"], text[-3000:]  # still says where
+    for secret in gateway.secrets:
+        assert secret not in text
+        assert quote(secret, safe="") not in text
+
+
+LOGGING_SCRIPT = """
+import logging, sys
+from services.runtime import logging as log
+log.configure("probe")
+key = sys.argv[1]
+log.get("probe").info("probe", api_key=key, headers={"authorization": "Bearer " + key},
+                      attempts=[{"url": "nats://svc:hunter2-nats@h:4222"}], dsn="postgresql://u:hunter2-pg@h/db",
+                      redis="redis://:hunter2-redis@h:6379/0", link="https://h/x?token=hunter2-token&a=1",
+                      note=f"key {key} in a sentence", error=ValueError("connect to nats://svc:hunter2-err@h failed"))
+logging.getLogger("faststream").warning("connecting to nats://svc:hunter2-std@h:4222 with %s", key)
+try:
+    raise RuntimeError("no postgresql://u:hunter2-exc@h/db for " + key)
+except RuntimeError:
+    log.get("probe").exception("failed")
+raise RuntimeError(f"crash with nats://svc:hunter2-crash@h and {key}")
+"""
+
+
+def test_log_events_redact_keys_and_credentials_anywhere() -> None:
+    key = "ib-" + "Ab3_-" * 8
+    done = subprocess.run([sys.executable, "-c", LOGGING_SCRIPT, key], capture_output=True, text=True, timeout=60)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1 and "RuntimeError: crash with" in out, out
+    assert '"event": "probe"' in out and '"event": "failed"' in out and "connecting to" in out, out
+    assert key not in out and key[3:15] not in out, out
+    assert "hunter2" not in out, out
+    assert "ib-***" in out and "nats://svc:***@h:4222" in out and "token=***" in out, out
+
+
+@pytest.mark.parametrize(("text", "shown", "hidden"), [
+    ("nats://gw:pa55@127.0.0.1:4222", "nats://gw:***@127.0.0.1:4222", "pa55"),
+    ("nats://s3cr3t-token@127.0.0.1:4222", "nats://***@127.0.0.1:4222", "s3cr3t"),
+    ("redis://:pa55@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0", "pa55"),
+    ("postgresql://u:p@ss@h:5432/db", "postgresql://u:***@h:5432/db", "p@ss"),
+    ("postgresql://u@h/db?sslmode=require&password=pa55", "postgresql://u@h/db?sslmode=require&password=***", "pa55"),
+    ("host=h password=pa55 dbname=x", "host=h password=*** dbname=x", "pa55"),
+    ("nats://a:pa55@h1:4222,nats://b:pa66@h2:4222", "nats://a:***@h1:4222,nats://b:***@h2:4222", "pa"),
+    ("/playground?key=ib-abcdefghijklmnopqrstu", "/playground?key=***", "abcdef"),
+    ("lib-asyncio and postgresql://postgres@h/db", "lib-asyncio and postgresql://postgres@h/db", "***"),
+])
+def test_redact(text: str, shown: str, hidden: str) -> None:
+    assert redact(text) == shown
+    assert hidden not in redact(text)
+
+
+def test_up_never_prints_a_configured_password(capsys: pytest.CaptureFixture[str]) -> None:
+    say("using configured nats at nats://inferbus:pa55-up@nats.internal:4222")
+    out = capsys.readouterr().out
+    assert "pa55-up" not in out and "nats://inferbus:***@nats.internal:4222" in out
+
+
+# ---- metrics: a loopback port, never the public one -------------------------------------------------------
+
+
+async def test_gateway_public_port_serves_no_metrics(gateway: PasswordGateway) -> None:
+    async with aiohttp.ClientSession() as http:
+        for headers in ({}, {"Authorization": f"Bearer {ADMIN_KEY}"}):
+            async with http.get(gateway.url + "/metrics", headers=headers) as r:
+                assert r.status == 404
+                assert "inferbus_" not in await r.text()
+
+
+async def test_metrics_port_is_published_and_loopback_only(
+    gateway: PasswordGateway, bench_worker: dict[str, Any], nc: bus.Connection
+) -> None:
+    body = {"model": BENCH_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.url + "/v1/chat/completions", json=body, headers=gateway.headers) as r:
+            assert r.status == 200, await r.text()
+    info = await instance_info(nc, "inferbus-gateway", http=gateway.url)
+    url = metrics_url(info)
+    assert url is not None
+    deadline = time.monotonic() + 10
+    while not any(s.name == "inferbus_gateway_settled_total" for s in await scrape(url)):  # per-tenant spend
+        assert time.monotonic() < deadline, "the request's spend never showed on the metrics port"
+    port = int(info["metadata"]["metrics_port"])
+    listening = [c.laddr for c in psutil.Process(gateway.proc.pid).net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
+
+
+# ---- event-loop lag ---------------------------------------------------------------------------------------
+
+
+async def lag_samples(url: str) -> tuple[float, float]:
+    samples = await scrape(url)
+    assert value(samples, f"{LAG}_bucket", le="+Inf") == value(samples, f"{LAG}_count")
+    return value(samples, f"{LAG}_count"), value(samples, f"{LAG}_sum")
+
+
+@pytest.mark.parametrize("service", ["gateway", "worker"])
+async def test_every_service_exports_event_loop_lag(
+    service: str, gateway: PasswordGateway, bench_worker: dict[str, Any], nc: bus.Connection
+) -> None:
+    if service == "gateway":
+        info = await instance_info(nc, "inferbus-gateway", http=gateway.url)
+    else:
+        info = await instance_info(nc, "inferbus-llm", instance=bench_worker["worker_id"])
+    url = metrics_url(info)
+    assert url is not None
+    first, _ = await lag_samples(url)
+    deadline = time.monotonic() + 10
+    while (latest := await lag_samples(url))[0] < first + 5:  # a sample every ~100 ms
+        assert time.monotonic() < deadline, f"{LAG} stopped at {latest[0]} samples"
+    count, total = latest
+    assert 0 <= total / count < 0.25, (count, total)  # an idle service's loop is not blocked
+
+
+async def test_lag_sampler_sees_a_blocked_loop() -> None:
+    lags: list[float] = []
+    sampler = asyncio.create_task(sample_loop_lag(0.02, lags.append))
+    try:
+        deadline = time.monotonic() + 5
+        while not lags:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)  # let the sampler run: a yield, not a wait for a condition
+        time.sleep(0.3)  # noqa: ASYNC251  # the stimulus: block this event loop for 300 ms
+        while max(lags) < 0.25:
+            assert time.monotonic() < deadline, lags
+            await asyncio.sleep(0.01)
+    finally:
+        sampler.cancel()
+    assert max(lags) < 1.0 and min(lags) < 0.05, lags
