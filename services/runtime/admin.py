@@ -6,10 +6,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
-from nats.micro.request import Request as MicroRequest
 
 from contracts.control import AdminError, Reply
 from contracts.errors import InferBusError
+from services.runtime.bus import MicroRequest
 
 MicroHandler = Callable[[MicroRequest], Awaitable[None]]
 

@@ -6,10 +6,9 @@ import time
 from typing import Any
 
 import msgspec
-from nats.aio.msg import Msg
 
 from contracts import headers as h
-from services.runtime.bus import Connection
+from services.runtime.bus import Connection, Msg
 
 
 class ReplyStream:

@@ -17,15 +17,14 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import msgspec
-import nats.js.errors
-from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
 
 from contracts import subjects
 from contracts.control import WorkerLoad
 from contracts.errors import InferBusError
 from contracts.registry import RoutingTable, TrafficPolicy, table_decoder
+from services.runtime import bus
 from services.runtime import logging as log
+from services.runtime.bus import JetStreamContext, KeyValue
 
 PRESENCE_TTL = 3.0
 
@@ -257,5 +256,5 @@ async def routing_bucket(js: JetStreamContext) -> KeyValue:
     """The routing KV bucket, created on first use by whichever service comes up first."""
     try:
         return await js.key_value(subjects.ROUTING_BUCKET)
-    except nats.js.errors.BucketNotFoundError:
+    except bus.js_errors.BucketNotFoundError:
         return await js.create_key_value(bucket=subjects.ROUTING_BUCKET, history=5, description="InferBus routing")

@@ -9,13 +9,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import nats.micro
-from nats.micro.request import Request
-from nats.micro.service import EndpointStats
-from nats.micro.service import Service as MicroService
-
 from services.runtime import bus, metrics
 from services.runtime import logging as log
+from services.runtime.bus import EndpointStats, MicroService
+from services.runtime.bus import MicroRequest as Request
 from services.runtime.settings import CommonSettings
 
 VERSION = "0.1.0"
@@ -60,7 +57,7 @@ class Service:
         """Register as a micro service. Each endpoint: (name, subject, handler, queue group)."""
         self.metadata.setdefault("instance", self.instance_id)
         self.metadata["metrics_port"] = str(self.metrics_port)
-        self.micro = await nats.micro.add_service(
+        self.micro = await bus.micro.add_service(
             self.bus,
             name=self.name,
             version=VERSION,

@@ -9,7 +9,6 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 import msgspec
-from nats.aio.msg import Msg
 
 from contracts import headers as h
 from contracts import subjects
@@ -23,7 +22,7 @@ from contracts.llm import (
     chunk_decoder,
     request_encoder,
 )
-from services.runtime.bus import Connection
+from services.runtime.bus import Connection, Msg
 
 
 class StreamClient:

@@ -1,4 +1,9 @@
-"""The one NATS connection wrapper: reconnecting client, discovery of micro services."""
+"""The one door to NATS: connections with their identity, discovery, and the nats-py names other modules use.
+
+Only this package imports nats-py. Services take the types they need from here (`bus.Msg`,
+`bus.JetStreamContext`, `bus.errors.TimeoutError`, …), so a change of client library, or of how we
+authenticate, reconnect or fetch, is a change here alone.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,38 @@ import ssl
 from typing import Any
 
 import nats.errors
+import nats.errors as errors
+import nats.js.errors as js_errors
+import nats.micro as micro
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    KeyValueConfig,
+    ObjectStoreConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+from nats.micro.request import Request as MicroRequest
+from nats.micro.service import EndpointStats
+from nats.micro.service import Service as MicroService
 
 from services.runtime import logging as log
 
 Connection = Client
+__all__ = [
+    "AckPolicy", "Connection", "ConsumerConfig", "DeliverPolicy", "DiscardPolicy", "EndpointStats", "Identity",
+    "JetStreamContext", "KeyValue", "KeyValueConfig", "MicroRequest", "MicroService", "Msg", "ObjectStore",
+    "ObjectStoreConfig", "RetentionPolicy", "StorageType", "StreamConfig", "connect", "discover", "errors",
+    "js_errors", "micro", "service_stats", "stats_data",
+]
 
 
 class Identity:
