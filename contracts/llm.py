@@ -94,6 +94,11 @@ class CompletionRequest(_SamplingFields, kw_only=True, forbid_unknown_fields=Tru
 
 # ---- Bus shapes (msgpack) -------------------------------------------------------------------
 
+# A retry before the first token is a new attempt under the same request id (0: the first send); the
+# worker copies it into its usage event, and each attempt is billed for what it did.
+MAX_ATTEMPT = 99
+Attempt = Annotated[int, Meta(ge=0, le=MAX_ATTEMPT)]
+
 
 class Message(Struct, frozen=True, array_like=True):
     role: str
@@ -115,6 +120,7 @@ class GenerateRequest(Struct, frozen=True, kw_only=True, omit_defaults=True):
     user: str | None = None
     # A shadow copy (progressive delivery): its output is compared, never returned, never billed.
     shadow: bool = False
+    attempt: Attempt = 0
 
 
 class Usage(Struct, frozen=True, array_like=True):

@@ -15,7 +15,7 @@ from typing import Final, Literal
 import msgspec
 from msgspec import Struct
 
-from contracts.llm import Accepted, ErrorChunk, Heartbeat
+from contracts.llm import Accepted, Attempt, ErrorChunk, Heartbeat
 
 MEDIA_BUCKET: Final = "INFERBUS_MEDIA"
 INLINE_MAX: Final = 512 * 1024
@@ -37,6 +37,7 @@ class TranscribeRequest(Struct, frozen=True, kw_only=True, omit_defaults=True):
     prompt: str | None = None
     temperature: float = 0.0
     word_timestamps: bool = False
+    attempt: Attempt = 0  # see contracts.llm.GenerateRequest
 
 
 class Word(Struct, frozen=True, array_like=True):
@@ -79,6 +80,7 @@ class SpeechRequest(Struct, frozen=True, kw_only=True, omit_defaults=True):
     input: str
     voice: str | None = None  # None: the engine's default voice
     speed: float = 1.0
+    attempt: Attempt = 0  # see contracts.llm.GenerateRequest
 
 
 class AudioChunk(Struct, frozen=True, tag="au", array_like=True):

@@ -1,18 +1,21 @@
-"""Usage events: what a worker did for one request, published durably to the JetStream USAGE stream.
+"""Usage events: what a worker did for one attempt at a request, published durably to the JetStream USAGE stream.
 
-The worker that did the work publishes one event per request it accepted, whatever the outcome
-(finished, failed part way, cancelled because the client left), with `Nats-Msg-Id` = request id so
-JetStream drops a re-publish inside its duplicate window; the metering service writes it to
-PostgreSQL with the request id as the key, so a redelivery is never counted twice.
+The worker that did the work publishes one event per attempt it accepted, whatever the outcome
+(finished, failed part way, cancelled because the client left), with `Nats-Msg-Id` = `msg_id(event)`
+(request id and attempt) so JetStream drops a re-publish inside its duplicate window; the metering
+service writes it to PostgreSQL keyed on (request id, attempt), so a redelivery is never counted twice
+and a retry on another worker is counted as the attempt it was. Decoding validates every field: an
+event that fails is never written, it goes to the dead-letter stream.
 """
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Annotated, Final
 
 import msgspec
-from msgspec import Struct
+from msgspec import Meta, Struct
 
+from contracts.llm import Attempt
 from contracts.subjects import token
 
 STREAM: Final = "USAGE"
@@ -20,33 +23,63 @@ SUBJECTS: Final = "usage.>"
 DUPLICATE_WINDOW_S: Final = 120.0
 MAX_AGE_S: Final = 30 * 24 * 3600.0  # kept for a month: a long metering outage loses nothing
 
+# Where the metering service moves what it cannot write (undecodable, out of bounds, refused by the
+# database, or delivered max_deliver times): kept for inspection (`inferbus usage dead-letters`).
+DLQ_STREAM: Final = "USAGE_DLQ"
+DLQ_SUBJECTS: Final = "usage_dlq.>"
+DLQ_MAX_AGE_S: Final = 90 * 24 * 3600.0
+
+# Bounds a worker's event always meets; anything outside is a forgery or a bug, never billed as is.
+MAX_ID_CHARS: Final = 256  # request, key, tenant and worker ids; a worker refuses longer request ids
+MAX_COUNT: Final = 1_000_000_000  # tokens or characters of one request
+MAX_IMAGES: Final = 1_000_000
+MAX_SECONDS: Final = 1_000_000.0  # audio seconds of one request (about 11 days)
+MAX_UNIX: Final = 4_102_444_800.0  # 2100-01-01
+
+Id = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS, pattern=r"\S")]
+Name = Annotated[str, Meta(max_length=MAX_ID_CHARS)]
+Count = Annotated[int, Meta(ge=0, le=MAX_COUNT)]
+Seconds = Annotated[float, Meta(ge=0.0, le=MAX_SECONDS)]  # NaN fails every bound: rejected too
+Unix = Annotated[float, Meta(ge=0.0, le=MAX_UNIX)]
+
 
 def subject(kind: str, model: str) -> str:
     return f"usage.{kind}.{token(model)}"
 
 
+def dlq_subject(source: str) -> str:
+    """A dead letter's subject: the USAGE subject it came from, under usage_dlq."""
+    return "usage_dlq." + (source.removeprefix("usage.") or "unknown")
+
+
 class UsageEvent(Struct, frozen=True, kw_only=True, omit_defaults=True):
-    request_id: str
-    kind: str
-    model: str
-    version: str
-    worker_id: str
-    outcome: str  # "ok", "cancelled", or the error code the stream ended with
-    started_at: float  # unix seconds: the worker received the request
-    finished_at: float
-    key_id: str | None = None
-    tenant_id: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    audio_seconds_in: float = 0.0
-    audio_seconds_out: float = 0.0
-    characters_out: int = 0
-    images: int = 0
+    request_id: Id
+    kind: Name
+    model: Name
+    version: Name
+    worker_id: Name
+    outcome: Name  # "ok", "cancelled", or the error code the stream ended with
+    started_at: Unix  # unix seconds: the worker received the request
+    finished_at: Unix
+    key_id: Name | None = None
+    tenant_id: Name | None = None
+    prompt_tokens: Count = 0
+    completion_tokens: Count = 0
+    audio_seconds_in: Seconds = 0.0
+    audio_seconds_out: Seconds = 0.0
+    characters_out: Count = 0
+    images: Annotated[int, Meta(ge=0, le=MAX_IMAGES)] = 0
     shadow: bool = False  # a shadow copy: recorded, never billed
+    attempt: Attempt = 0  # the request's attempt this event accounts for (contracts.llm.Attempt)
+
+
+def msg_id(event: UsageEvent) -> str:
+    """The event's JetStream `Nats-Msg-Id`: one per attempt, so a retry's event is never a duplicate."""
+    return f"{event.request_id}:{event.attempt}"
 
 
 event_encoder = msgspec.msgpack.Encoder()
-event_decoder = msgspec.msgpack.Decoder(UsageEvent)
+event_decoder = msgspec.msgpack.Decoder(UsageEvent)  # raises msgspec.ValidationError outside the bounds
 
 
 # ---- the metering service's admin requests (JSON, answered with contracts.control.Reply) -------
@@ -55,6 +88,7 @@ PRICES_SET: Final = "metering.admin.prices.set"
 PRICES_LIST: Final = "metering.admin.prices.list"
 USAGE_QUERY: Final = "metering.admin.usage.query"
 PRICES_CHANGED: Final = "metering.prices.changed"  # broadcast after a price change: a PriceView
+DEAD_LETTERS: Final = "metering.admin.dead_letters.list"
 ANY_VERSION: Final = "*"
 CURRENCY: Final = "USD"
 GROUPS: Final = ("tenant", "key", "model", "kind", "day", "hour")
@@ -133,3 +167,25 @@ class UsageReport(Struct, frozen=True, kw_only=True):
     rows: list[UsageRow]
     totals: UsageRow  # billed traffic only
     currency: str = CURRENCY
+
+
+class ListDeadLetters(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    limit: Annotated[int, Meta(ge=1, le=1000)] = 100  # the most recent ones, newest first
+
+
+class DeadLetter(Struct, frozen=True, kw_only=True):
+    seq: int  # in USAGE_DLQ
+    time: str  # ISO 8601, UTC: when it was dead-lettered
+    reason: str  # "undecodable", "invalid", "refused" (by the database) or "max_deliver"
+    detail: str  # what exactly: the validation error, the database's message
+    subject: str  # the USAGE subject it was published to
+    stream_seq: int  # its sequence in USAGE
+    consumer: str  # the metering consumer that gave up on it
+    deliveries: int
+    size: int  # bytes; the message itself is kept in USAGE_DLQ as it was
+    request_id: str | None = None  # when it could be read
+
+
+class DeadLetterReport(Struct, frozen=True, kw_only=True):
+    total: int  # dead letters in the stream
+    letters: list[DeadLetter]

@@ -1,11 +1,17 @@
 """The USAGE stream's durable pull consumer: batches from JetStream into the ledger, acked only after the commit.
 
 FastStream's batch loop fetches (up to `batch_size` messages or `batch_timeout_s`) and hands each batch
-to a writer; while writers commit, the loop fetches the next. A batch PostgreSQL did not commit is not
-acked: it is nak'ed with a delay (the back-off the writer then sleeps, which also pauses fetching), so
-JetStream hands it out again once the database is back; a process that dies mid-batch leaves it unacked
-and JetStream redelivers it after `ack_wait`. Either way the ledger's request-id key makes the second
-write a no-op. A message that is not a usage event is terminated (logged, counted).
+to a writer; while writers commit, the loop fetches the next. A batch PostgreSQL did not commit because
+it is unavailable is not acked: the writer keeps it, marks it in progress (so JetStream does not hand it
+to another replica) and tries again after a back-off, which also pauses fetching; waiting out an outage
+therefore uses up no deliveries. A process that dies mid-batch leaves it unacked and JetStream redelivers
+it after `ack_wait`; the ledger's (request id, attempt) key makes the second write a no-op.
+
+One bad message never holds up the others: an undecodable message or an event outside the bounds
+(contracts.usage) is moved to the dead-letter stream at decode; a batch the database refuses (a data
+error, not an outage) is split in halves until the event it refuses is alone, and that one is moved;
+a message on its last delivery (`max_deliver`) that still fails is moved; and one JetStream stopped
+delivering (every delivery crashed the consumer) is copied there from its advisory.
 """
 
 from __future__ import annotations
@@ -19,16 +25,15 @@ import msgspec
 from faststream.message import StreamMessage
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsBroker, PullSub
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import AckPolicy as JsAckPolicy
-from nats.js.api import ConsumerConfig, DeliverPolicy
 from prometheus_client import Counter, Gauge, Histogram
 
 from contracts import usage
 from contracts.usage import UsageEvent, event_decoder
 from services.metering import ledger, pull
+from services.metering.deadletters import DeadLetters, request_id_of
 from services.runtime import logging as log
+from services.runtime.bus import AckPolicy as JsAckPolicy
+from services.runtime.bus import ConsumerConfig, DeliverPolicy, JetStreamContext, Msg
 
 EVENTS = Counter("inferbus_metering_events_total", "Usage events written to the ledger", ["kind", "shadow"])
 DUPLICATES = Counter("inferbus_metering_duplicates_total", "Usage events already in the ledger (redeliveries)")
@@ -36,21 +41,26 @@ TOKENS = Counter("inferbus_metering_tokens_total", "Billed tokens written to the
 COST = Counter("inferbus_metering_cost_usd_total", "Billed cost written to the ledger (USD)", ["kind", "model"])
 BATCHES = Counter("inferbus_metering_batches_total", "Batches committed to PostgreSQL")
 PG_ERRORS = Counter("inferbus_metering_pg_errors_total", "Batches PostgreSQL failed to commit (not acked)")
-POISON = Counter("inferbus_metering_poison_total", "Messages on the USAGE stream that are not usage events")
+POISON = Counter("inferbus_metering_poison_total", "Messages on the USAGE stream that are not valid usage events")
 BATCH_SECONDS = Histogram(
     "inferbus_metering_batch_seconds",
     "Time to commit one batch",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 BACKOFF = Gauge("inferbus_metering_backoff_seconds", "Current back-off after a failed commit (0 when healthy)")
+# The database refuses these for what is in the batch, not because it is unavailable: retrying the
+# same batch would fail the same way for ever, so the batch is split to find the event it refuses.
+REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, asyncpg.ProgramLimitExceededError)
 
 
-async def ensure_consumer(js: JetStreamContext, durable: str, ack_wait_s: float, max_ack_pending: int) -> None:
-    """Create the durable consumer, or bring an existing one to these settings (both are editable)."""
-    await js.add_consumer(usage.STREAM, consumer_config(durable, ack_wait_s, max_ack_pending))
+async def ensure_consumer(
+    js: JetStreamContext, durable: str, ack_wait_s: float, max_ack_pending: int, max_deliver: int
+) -> None:
+    """Create the durable consumer, or bring an existing one to these settings (all are editable)."""
+    await js.add_consumer(usage.STREAM, consumer_config(durable, ack_wait_s, max_ack_pending, max_deliver))
 
 
-def consumer_config(durable: str, ack_wait_s: float, max_ack_pending: int) -> ConsumerConfig:
+def consumer_config(durable: str, ack_wait_s: float, max_ack_pending: int, max_deliver: int) -> ConsumerConfig:
     return ConsumerConfig(
         name=durable,
         durable_name=durable,
@@ -59,6 +69,7 @@ def consumer_config(durable: str, ack_wait_s: float, max_ack_pending: int) -> Co
         ack_policy=JsAckPolicy.EXPLICIT,
         ack_wait=ack_wait_s,
         max_ack_pending=max_ack_pending,
+        max_deliver=max_deliver,
         filter_subject=usage.SUBJECTS,
     )
 
@@ -72,17 +83,21 @@ class Consumer:
     def __init__(
         self,
         pool: asyncpg.Pool,
+        dead_letters: DeadLetters,
         *,
         durable: str,
         batch_size: int,
         batch_timeout_s: float,
         ack_wait_s: float,
         max_ack_pending: int,
+        max_deliver: int,
         write_timeout_s: float,
         max_backoff_s: float,
         writers: int = 2,
     ) -> None:
         self.pool = pool
+        self.dead_letters = dead_letters
+        self.max_deliver = max_deliver
         self.durable = durable
         self.batch_size = batch_size
         self.batch_timeout_s = batch_timeout_s
@@ -112,7 +127,7 @@ class Consumer:
             usage.SUBJECTS,
             stream=JStream(name=usage.STREAM, declare=False),  # created by services.runtime.usage
             durable=self.durable,
-            config=consumer_config(self.durable, self.ack_wait_s, self.max_ack_pending),
+            config=consumer_config(self.durable, self.ack_wait_s, self.max_ack_pending, self.max_deliver),
             pull_sub=PullSub(batch_size=self.batch_size, timeout=self.batch_timeout_s, batch=True),
             ack_policy=AckPolicy.MANUAL,
             decoder=raw_messages,
@@ -139,6 +154,7 @@ class Consumer:
             "last_batch_ms": round(self.last_batch_ms, 2),
             "pg_errors": self.pg_errors,
             "poison": self.poison,
+            "dead_lettered": self.dead_letters.moved,
             "backoff_s": self.backoff,
         }
 
@@ -165,8 +181,9 @@ class Consumer:
             msgs = await self._batches.get()
             try:
                 await self.write(msgs)
-            except Exception:  # a bug, not PostgreSQL: keep the loop; the batch is redelivered after ack_wait
+            except Exception as exc:  # a bug, not PostgreSQL: keep the loop; the batch is redelivered after ack_wait
                 self.logger.exception("batch_failed", size=len(msgs))
+                await self._last_chance(msgs, exc)
             finally:
                 self._batches.task_done()
 
@@ -176,31 +193,47 @@ class Consumer:
         for msg in msgs:
             try:
                 event = event_decoder.decode(msg.data)
-            except msgspec.DecodeError as exc:
-                await self._reject(msg, repr(exc))
+            except msgspec.ValidationError as exc:  # a usage event, but outside the bounds
+                await self._reject(msg, "invalid", str(exc), request_id_of(msg.data))
                 continue
-            if not event.request_id:
-                await self._reject(msg, "empty request_id")
+            except msgspec.DecodeError as exc:
+                await self._reject(msg, "undecodable", str(exc))
                 continue
             events.append(event)
             good.append(msg)
-        if not events:
-            return
-        started = time.perf_counter()
-        try:
-            written = await ledger.write(self.pool, events, limit_s=self.write_timeout_s)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # PostgreSQL down, restarting, timing out: keep the batch in JetStream
-            await self._retry_later(good, exc)
-            return
+        if events:
+            await self._commit(good, events)
+
+    async def _commit(self, msgs: list[Msg], events: list[UsageEvent]) -> None:
+        """Write and ack `events`, waiting out a database outage; isolate what the database refuses."""
+        while True:
+            started = time.perf_counter()
+            try:
+                written = await ledger.write(self.pool, events, limit_s=self.write_timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except REFUSED as exc:
+                await self._isolate(msgs, events, exc)
+                return
+            except Exception as exc:  # PostgreSQL down, restarting, timing out: keep the batch, try again
+                await self._wait_for_database(msgs, exc)
+                continue
+            break
         elapsed = time.perf_counter() - started
-        await self._ack(good)
+        await self._ack(msgs)
         if self.backoff:
             self.logger.info("ledger_write_recovered", pg_errors=self.pg_errors)
             self.backoff = 0.0
             BACKOFF.set(0)
         self._count(written, elapsed)
+
+    async def _isolate(self, msgs: list[Msg], events: list[UsageEvent], exc: Exception) -> None:
+        if len(events) == 1:
+            await self._reject(msgs[0], "refused", f"{type(exc).__name__}: {exc}", events[0].request_id)
+            return
+        half = len(events) // 2
+        await self._commit(msgs[:half], events[:half])
+        await self._commit(msgs[half:], events[half:])
 
     def _count(self, written: ledger.Written, elapsed: float) -> None:
         self.batches += 1
@@ -219,7 +252,7 @@ class Consumer:
                 TOKENS.labels(g.kind, g.model, "completion").inc(g.completion_tokens)
                 COST.labels(g.kind, g.model).inc(g.cost_usd)
 
-    async def _retry_later(self, msgs: list[Msg], exc: Exception) -> None:
+    async def _wait_for_database(self, msgs: list[Msg], exc: Exception) -> None:
         self.pg_errors += 1
         PG_ERRORS.inc()
         self.backoff = min(max(self.backoff * 2, 0.1), self.max_backoff_s)
@@ -229,10 +262,20 @@ class Consumer:
         )
         try:
             for msg in msgs:
-                await msg.nak(delay=self.backoff)
-        except Exception as nak_exc:  # NATS gone too: JetStream redelivers after ack_wait anyway
-            self.logger.warning("nak_failed", error=repr(nak_exc))
+                await msg.in_progress()  # still ours: JetStream restarts its ack_wait, counts no delivery
+        except Exception as progress_exc:  # NATS gone too: JetStream redelivers after ack_wait anyway
+            self.logger.warning("in_progress_failed", error=repr(progress_exc))
         await asyncio.sleep(self.backoff)
+
+    async def _last_chance(self, msgs: list[Msg], exc: Exception) -> None:
+        """Messages on their last delivery that failed for an unforeseen reason go to the dead letters."""
+        for msg in msgs:
+            try:
+                last = msg.metadata.num_delivered >= self.max_deliver > 0
+            except Exception:  # not a JetStream delivery: nothing to decide
+                continue
+            if last:
+                await self._reject(msg, "max_deliver", f"{type(exc).__name__}: {exc}", request_id_of(msg.data))
 
     async def _ack(self, msgs: list[Msg]) -> None:
         try:
@@ -241,11 +284,8 @@ class Consumer:
         except Exception as exc:  # committed but not acked: redelivered later, then skipped as duplicates
             self.logger.warning("ack_failed", error=repr(exc), events=len(msgs))
 
-    async def _reject(self, msg: Msg, why: str) -> None:
+    async def _reject(self, msg: Msg, reason: str, detail: str, request_id: str | None = None) -> None:
+        """Move one message to the dead letters; left unacked (so redelivered) when that fails."""
         self.poison += 1
         POISON.inc()
-        self.logger.error("not_a_usage_event", subject=msg.subject, error=why, size=len(msg.data))
-        try:
-            await msg.term()
-        except Exception as exc:
-            self.logger.warning("term_failed", error=repr(exc))
+        await self.dead_letters.move(msg, reason, detail, request_id)

@@ -1,8 +1,11 @@
 """The usage ledger in PostgreSQL: a batch of events written once each, its rollups updated in the same statement.
 
-The request id is the key: an event already in the ledger (a JetStream redelivery, a re-publish
-outside the duplicate window) inserts nothing and so adds nothing to the rollups. Shadow copies are
-recorded but never priced nor rolled up; failures on our side are recorded but not priced.
+(request id, attempt) is the key: an event already in the ledger (a JetStream redelivery, a re-publish
+outside the duplicate window) inserts nothing and so adds nothing to the rollups, while each attempt
+at a request (a retry on another worker before the first token) is a row of its own, priced for what
+that attempt did. Shadow copies are recorded but never priced nor rolled up; failures on our side are
+recorded but not priced. The `usage_requests` view shows one row per request: the final (highest)
+attempt's outcome, with every attempt's tokens and cost summed.
 """
 
 from __future__ import annotations
@@ -27,16 +30,16 @@ WITH batch AS (
     SELECT * FROM unnest(
         $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
         $9::float8[], $10::float8[], $11::int8[], $12::int8[], $13::float8[], $14::float8[], $15::int8[],
-        $16::int4[], $17::bool[], $18::bool[]
+        $16::int4[], $17::bool[], $18::bool[], $19::int4[]
     ) AS b (request_id, kind, model, version, worker_id, outcome, tenant_id, key_id, started_at, finished_at,
             prompt_tokens, completion_tokens, audio_seconds_in, audio_seconds_out, characters_out, images,
-            shadow, billed)
+            shadow, billed, attempt)
 ),
 inserted AS (
-    INSERT INTO usage_events (request_id, kind, model, version, worker_id, outcome, tenant_id, key_id,
+    INSERT INTO usage_events (request_id, attempt, kind, model, version, worker_id, outcome, tenant_id, key_id,
         started_at, finished_at, prompt_tokens, completion_tokens, audio_seconds_in, audio_seconds_out,
         characters_out, images, shadow, cost_usd)
-    SELECT b.request_id, b.kind, b.model, b.version, b.worker_id, b.outcome, b.tenant_id, b.key_id,
+    SELECT b.request_id, b.attempt, b.kind, b.model, b.version, b.worker_id, b.outcome, b.tenant_id, b.key_id,
         to_timestamp(b.started_at), to_timestamp(b.finished_at), b.prompt_tokens, b.completion_tokens,
         b.audio_seconds_in, b.audio_seconds_out, b.characters_out, b.images, b.shadow,
         CASE WHEN b.billed THEN
@@ -48,7 +51,7 @@ inserted AS (
     FROM batch b
     LEFT JOIN prices v ON v.model = b.model AND v.version = b.version  -- this version's own price
     LEFT JOIN prices a ON a.model = b.model AND a.version = '*'  -- else the model's price for any version
-    ON CONFLICT (request_id) DO NOTHING
+    ON CONFLICT (request_id, attempt) DO NOTHING
     RETURNING kind, model, tenant_id, key_id, finished_at, outcome, shadow, prompt_tokens, completion_tokens,
         audio_seconds_in, audio_seconds_out, characters_out, images, cost_usd
 ),
@@ -118,12 +121,12 @@ class Written(msgspec.Struct, frozen=True):
 
 
 def columns(events: list[UsageEvent]) -> list[list[object]]:
-    """The batch as one array per column (first event of a request id wins), in WRITE_BATCH's order.
+    """The batch as one array per column (first event of an attempt wins), in WRITE_BATCH's order.
 
-    Sorted by request id, so concurrent writers take the events' key locks in the same order.
+    Sorted by key, so concurrent writers take the events' key locks in the same order.
     """
-    first = {e.request_id: e for e in reversed(events)}
-    unique = [first[rid] for rid in sorted(first)]
+    first = {(e.request_id, e.attempt): e for e in reversed(events)}
+    unique = [first[key] for key in sorted(first)]
     return [
         [e.request_id for e in unique],
         [e.kind for e in unique],
@@ -143,6 +146,7 @@ def columns(events: list[UsageEvent]) -> list[list[object]]:
         [e.images for e in unique],
         [e.shadow for e in unique],
         [not e.shadow and e.outcome not in UNBILLED_OUTCOMES for e in unique],
+        [e.attempt for e in unique],
     ]
 
 

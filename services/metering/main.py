@@ -31,7 +31,7 @@ class MeteringSettings(settings.CommonSettings, kw_only=True, forbid_unknown_fie
     # Deliveries of one message before it goes to the dead letters. A database outage uses up none (the
     # batch is held and retried in place); only crashes mid-batch and unforeseen failures count.
     max_deliver: int = 20
-    write_timeout_s: float = 20.0  # a commit taking longer counts as failed (nak, retry)
+    write_timeout_s: float = 20.0  # a commit taking longer counts as failed (the batch is retried in place)
     max_backoff_s: float = 5.0
     writers: int = 2  # batches committing at once (one PostgreSQL connection each)
     db_pool_size: int = 4  # the writers' connections plus the admin queries'

@@ -56,6 +56,7 @@ class EmbeddedStack:
             **base,
             # ServiceProcess turns this into the started module's own credentials (services.runtime.natsauth).
             **({SECRETS_ENV: str(self.nats.secrets.root)} if self.nats.secure else {}),
+            "INFERBUS_DATA_DIR": str(self.root),  # worker usage spools and the like stay with the stack
             "INFERBUS_NATS_URL": self.nats_url,
             "INFERBUS_DATABASE_URL": self.database_url,
             "INFERBUS_REDIS_URL": self.redis_url,

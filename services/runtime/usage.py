@@ -1,54 +1,108 @@
-"""The worker side of the usage ledger: publish every usage event to JetStream until it is acknowledged.
+"""The worker side of the usage ledger: every usage event reaches JetStream, across outages and restarts.
 
-Publishing never sits on the reply path: events go to an in-memory queue and a background task
-publishes them with `Nats-Msg-Id` = request id, retrying with backoff while JetStream is unreachable.
-On shutdown the queue is drained (bounded by the drain grace) before the connection closes.
+The guarantee: an event the worker created is published until JetStream acknowledges it, however long
+JetStream is away and however often the worker restarts, unless the spool's disk itself is lost.
+- Publishing never sits on the reply path: `publish` appends the event to this process's spool file
+  (written at once, so a crash of the process loses nothing; fsync'd by the background task, one
+  flush per batch, before the batch is published) and to an in-memory queue that a background task
+  publishes with `Nats-Msg-Id` = request id and attempt, retrying with backoff.
+- The queue is bounded: past `usage_max_pending` unacknowledged events the worker admits no new
+  requests (`overloaded`, and it reports itself not ready) until JetStream acknowledges some; the
+  requests already running still finish and their events are kept. Nothing is ever dropped.
+- On shutdown the queue is drained for the drain grace; what is left stays in the spool file, and the
+  next worker started with the same spool directory (any model, any kind) publishes it at start.
+- A replayed event JetStream already had is dropped by its dedup window or the ledger's key, so
+  delivery to the ledger is exactly once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import os
+import re
+import secrets
+import struct
+import zlib
 from collections import deque
+from collections.abc import Collection, Iterable
+from pathlib import Path
+from typing import Final
 
-import nats.js.errors
-from nats.js import JetStreamContext
-from nats.js.api import StreamConfig
+import msgspec
 from prometheus_client import Counter, Gauge
 
 from contracts import usage
-from contracts.usage import UsageEvent, event_encoder
+from contracts.usage import UsageEvent, event_decoder, event_encoder
+from services.runtime import bus, settings
 from services.runtime import logging as log
 
 PUBLISHED = Counter("inferbus_usage_published_total", "Usage events acknowledged by JetStream", ["kind"])
 RETRIES = Counter("inferbus_usage_publish_retries_total", "Usage publishes that failed and were retried")
 PENDING = Gauge("inferbus_usage_pending", "Usage events waiting for a JetStream acknowledgement")
+REPLAYED = Counter("inferbus_usage_replayed_total", "Usage events found in a spool file at start and re-published")
+SPOOL_ERRORS = Counter("inferbus_usage_spool_errors_total", "Spool file writes or flushes that failed")
+FULL = Gauge("inferbus_usage_backlog_full", "1 while the usage backlog is full and the worker admits nothing")
 
 
-async def ensure_stream(js: JetStreamContext) -> None:
+class UsageSettings(msgspec.Struct, kw_only=True):
+    """The worker side's settings: INFERBUS_USAGE_* (and INFERBUS_DATA_DIR), or the config file's [usage]."""
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    data_dir: str = ".inferbus"  # as `inferbus up`'s
+    usage_spool_dir: str = ""  # "": <data_dir>/usage-spool/<NATS server>; "off": no spool (memory only)
+    usage_max_pending: int = 50_000  # unacknowledged events before the worker stops admitting requests
+
+    def spool_directory(self) -> Path | None:
+        if self.usage_spool_dir == "off":
+            return None
+        if self.usage_spool_dir:
+            return Path(self.usage_spool_dir)
+        # One directory per NATS deployment, so workers of two platforms sharing a data dir never
+        # replay each other's events.
+        servers = [u.split("://", 1)[-1].rsplit("@", 1)[-1] for u in self.nats_url.split(",")]
+        return Path(self.data_dir) / "usage-spool" / re.sub(r"[^A-Za-z0-9.-]", "_", "+".join(servers))
+
+
+async def ensure_stream(js: bus.JetStreamContext) -> None:
     """Create the USAGE stream if it does not exist (idempotent; several services may race to it)."""
-    config = StreamConfig(
+    config = bus.StreamConfig(
         name=usage.STREAM,
         subjects=[usage.SUBJECTS],
         duplicate_window=usage.DUPLICATE_WINDOW_S,
         max_age=usage.MAX_AGE_S,
-        description="InferBus usage events (dedup on Nats-Msg-Id = request id)",
+        description="InferBus usage events (dedup on Nats-Msg-Id = request id and attempt)",
     )
     try:
         await js.stream_info(usage.STREAM)
-    except nats.js.errors.NotFoundError:
+    except bus.js_errors.NotFoundError:
         try:
             await js.add_stream(config)
-        except nats.js.errors.BadRequestError:  # created meanwhile by another service
+        except bus.js_errors.BadRequestError:  # created meanwhile by another service
             await js.stream_info(usage.STREAM)
 
 
 class UsagePublisher:
-    def __init__(self, js: JetStreamContext, *, window: int = 64, max_backoff_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        js: bus.JetStreamContext,
+        cfg: UsageSettings | None = None,
+        *,
+        window: int = 64,
+        max_backoff_s: float = 2.0,
+    ) -> None:
+        cfg = cfg or settings.load(UsageSettings, "usage")
         self.js = js
         self.window = window  # publishes in flight at once
         self.max_backoff_s = max_backoff_s
+        self.max_pending = cfg.usage_max_pending
+        directory = cfg.spool_directory()
+        self.spool = Spool(directory) if directory is not None else None
         self.pending: deque[UsageEvent] = deque()
+        self.in_flight = 0
         self.published = 0
+        self.replayed = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -56,13 +110,47 @@ class UsagePublisher:
         self.logger = log.get("usage")
 
     def start(self) -> None:
+        """Open the spool (publishing what earlier workers left in it first), then start publishing."""
+        if self.spool is not None:
+            try:
+                replayed = self.spool.open()
+            except OSError as exc:
+                self.logger.error("usage_spool_unavailable", directory=str(self.spool.directory), error=repr(exc))
+                self.spool = None
+            else:
+                self.replayed = len(replayed)
+                REPLAYED.inc(len(replayed))
+                self._queue(replayed)
         self._task = asyncio.create_task(self._run())
 
+    @property
+    def unacked(self) -> int:
+        return len(self.pending) + self.in_flight
+
+    @property
+    def full(self) -> bool:
+        """The backlog is at its bound: admit no new request until JetStream acknowledges some."""
+        return self.unacked >= self.max_pending
+
     def publish(self, event: UsageEvent) -> None:
-        self.pending.append(event)
-        PENDING.set(len(self.pending))
-        self._idle.clear()
-        self._wake.set()
+        if self.spool is not None:
+            try:
+                self.spool.append(event)
+            except OSError as exc:  # disk full, say: the event is still published from memory
+                SPOOL_ERRORS.inc()
+                self.logger.error("usage_spool_write_failed", error=repr(exc), request_id=event.request_id)
+        self._queue([event])
+
+    def _queue(self, events: Iterable[UsageEvent]) -> None:
+        self.pending.extend(events)
+        if self.pending:
+            self._gauge()
+            self._idle.clear()
+            self._wake.set()
+
+    def _gauge(self) -> None:
+        PENDING.set(self.unacked)
+        FULL.set(1 if self.full else 0)
 
     async def _run(self) -> None:
         backoff = 0.05
@@ -72,13 +160,24 @@ class UsagePublisher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if self.spool is not None and self.spool.dirty:
+                try:
+                    await asyncio.to_thread(self.spool.sync)
+                except OSError as exc:  # the events are still in the kernel's hands, and in memory
+                    SPOOL_ERRORS.inc()
+                    self.logger.error("usage_spool_sync_failed", error=repr(exc))
             batch = [self.pending.popleft() for _ in range(min(len(self.pending), self.window))]
+            self.in_flight = len(batch)
             results = await asyncio.gather(*(self._send(e) for e in batch), return_exceptions=True)
             failed = [e for e, r in zip(batch, results, strict=True) if isinstance(r, BaseException)]
             self.published += len(batch) - len(failed)
-            if failed:  # JetStream or NATS unreachable: keep them (in front), retry after a pause
+            self.pending.extendleft(reversed(failed))  # JetStream or NATS unreachable: keep them in front
+            self.in_flight = 0
+            if self.spool is not None:
+                self._settle()
+            self._gauge()
+            if failed:
                 RETRIES.inc(len(failed))
-                self.pending.extendleft(reversed(failed))
                 self.logger.warning(
                     "usage_publish_retry",
                     failed=len(failed),
@@ -89,28 +188,200 @@ class UsagePublisher:
                 backoff = min(backoff * 2, self.max_backoff_s)
             else:
                 backoff = 0.05
-            PENDING.set(len(self.pending))
+
+    def _settle(self) -> None:
+        assert self.spool is not None
+        try:
+            self.spool.settle(self.pending)
+        except OSError as exc:  # the file keeps events already acknowledged: replayed, then deduplicated
+            self.logger.warning("usage_spool_settle_failed", error=repr(exc))
 
     async def _send(self, event: UsageEvent) -> None:
         await self.js.publish(
             usage.subject(event.kind, event.model),
             event_encoder.encode(event),
             timeout=2.0,
-            headers={"Nats-Msg-Id": event.request_id},
+            headers={"Nats-Msg-Id": usage.msg_id(event)},
         )
         PUBLISHED.labels(event.kind).inc()
 
     async def drain(self, grace_s: float) -> None:
-        """Wait until every queued event is acknowledged (or `grace_s` passes: then log what is left)."""
+        """Wait until every queued event is acknowledged (or `grace_s` passes: the rest stay in the spool)."""
         try:
             async with asyncio.timeout(grace_s):
                 await self._idle.wait()
         except TimeoutError:
             self.logger.error(
-                "usage_events_unpublished",
-                count=len(self.pending),
+                "usage_events_spooled" if self.spool is not None else "usage_events_unpublished",
+                count=self.unacked,
                 request_ids=[e.request_id for e in self.pending][:50],
             )
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self.spool is not None:
+            self.spool.close(keep=self.unacked > 0)
+
+
+# ---- the spool file ---------------------------------------------------------------------------
+
+SUFFIX: Final = ".spool"
+HEADER: Final = struct.Struct("<II")
+MAX_RECORD: Final = 1 << 20
+
+
+def frame(event: UsageEvent) -> bytes:
+    payload = event_encoder.encode(event)
+    return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def read_spool(path: Path) -> tuple[list[UsageEvent], int]:
+    """The events in a spool file, and how many bytes at its end could not be read (a torn write)."""
+    data = path.read_bytes()
+    events: list[UsageEvent] = []
+    at = 0
+    while at + HEADER.size <= len(data):
+        size, crc = HEADER.unpack_from(data, at)
+        payload = data[at + HEADER.size : at + HEADER.size + size]
+        if size > MAX_RECORD or len(payload) < size or zlib.crc32(payload) != crc:
+            break
+        try:
+            events.append(event_decoder.decode(payload))
+        except msgspec.DecodeError:
+            break
+        at += HEADER.size + size
+    return events, len(data) - at
+
+
+class Spool:
+    """An append-only file of the events JetStream has not acknowledged yet, one per live publisher.
+
+    Each publisher owns one file (`<pid>-<random>.spool`) and holds an exclusive `flock` on it, so a
+    file nobody holds belongs to a publisher that is gone. At start a publisher adopts every such file
+    in its directory: it copies their events into its own file (fsync'd) and only then deletes them, so
+    a crash at any point leaves each event in at least one file. Re-publishing an event JetStream
+    already has is harmless, so the file is truncated lazily: when nothing is unacknowledged, or
+    rewritten with only the unacknowledged events once it grows past `compact_bytes`.
+    A record is `<length u32><crc32 u32><msgpack UsageEvent>`; a torn tail ends a file's readable part.
+    """
+
+    def __init__(self, directory: Path, *, compact_bytes: int = 8 << 20) -> None:
+        self.directory = directory
+        self.compact_bytes = compact_bytes
+        self.path = directory / f"{os.getpid()}-{secrets.token_hex(4)}{SUFFIX}"
+        self.size = 0  # bytes in the file
+        self.dirty = False  # appended since the last fsync
+        self._fd = -1
+        self.logger = log.get("usage")
+
+    def open(self) -> list[UsageEvent]:
+        """Create this publisher's file; adopt the files of publishers that are gone and return their events."""
+        for tries_left in (1, 0):  # once more if a stopping publisher removed the directory meanwhile
+            self.directory.mkdir(parents=True, exist_ok=True)
+            try:
+                self._fd = self._create(self.path)
+                break
+            except FileNotFoundError:
+                if not tries_left:
+                    raise
+        adopted: list[UsageEvent] = []
+        orphans: list[Path] = []
+        for path in sorted(self.directory.glob("*" + SUFFIX)):
+            events = None if path == self.path else self._read_orphan(path)
+            if events is not None:
+                adopted += events
+                orphans.append(path)
+        if adopted:
+            self.append_all(adopted)
+            self.sync()
+        for path in orphans:  # only now: their events are on disk in our file
+            path.unlink(missing_ok=True)
+        if orphans:
+            self._sync_directory()
+            self.logger.info("usage_spool_adopted", files=len(orphans), events=len(adopted))
+        return adopted
+
+    def _read_orphan(self, path: Path) -> list[UsageEvent] | None:
+        """The events of a file no live publisher holds; None while one does (or when it vanished)."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            events, torn = read_spool(path)
+        finally:
+            os.close(fd)
+        if torn:
+            self.logger.warning("usage_spool_torn_tail", file=str(path), bytes=torn, events=len(events))
+        return events
+
+    @staticmethod
+    def _create(path: Path) -> int:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+
+    def append(self, event: UsageEvent) -> None:
+        """Write one event: in the kernel's hands at once (a process crash loses nothing), on disk at the next sync."""
+        self._write(frame(event))
+
+    def append_all(self, events: Iterable[UsageEvent]) -> None:
+        self._write(b"".join(frame(e) for e in events))
+
+    def _write(self, record: bytes) -> None:
+        os.write(self._fd, record)
+        self.size += len(record)
+        self.dirty = True
+
+    def sync(self) -> None:
+        """fsync what was appended (from a thread when on the event loop: it waits for the disk)."""
+        self.dirty = False
+        os.fsync(self._fd)
+
+    def settle(self, unacked: Collection[UsageEvent]) -> None:
+        """Forget what JetStream acknowledged: keep only `unacked` (call between publishes)."""
+        if not unacked:
+            if self.size:
+                os.ftruncate(self._fd, 0)
+                self.size = 0
+        elif self.size > self.compact_bytes:
+            self._compact(unacked)
+
+    def _compact(self, unacked: Iterable[UsageEvent]) -> None:
+        fresh = self.path.with_suffix(".tmp")
+        fd = self._create(fresh)
+        record = b"".join(frame(e) for e in unacked)
+        os.write(fd, record)
+        os.fsync(fd)
+        os.replace(fresh, self.path)
+        os.close(self._fd)
+        self._fd = fd
+        self.size = len(record)
+        self.dirty = False
+
+    def close(self, *, keep: bool) -> None:
+        """Close the file; delete it unless `keep` (its events are published by the next worker to start)."""
+        if self._fd < 0:
+            return
+        if keep:
+            os.fsync(self._fd)
+        else:
+            self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = -1
+        if not keep:
+            with contextlib.suppress(OSError):  # not empty: another publisher's file is there
+                self.directory.rmdir()
+
+    def _sync_directory(self) -> None:
+        with contextlib.suppress(OSError):
+            fd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)

@@ -12,10 +12,13 @@ from services.llm.engines.base import Piece, Prepared, Progress
 class BenchmarkEngine:
     name = "benchmark"
 
-    def __init__(self, *, tokens_per_s: float = 0.0, capacity: int = 4096, token_text: str = " tok") -> None:
+    def __init__(
+        self, *, tokens_per_s: float = 0.0, capacity: int = 4096, token_text: str = " tok", prefill_s: float = 0.0
+    ) -> None:
         self.tokens_per_s = tokens_per_s
         self.capacity = capacity
         self.token_text = token_text
+        self.prefill_s = prefill_s  # time before the first token (a long prompt's prefill), e.g. to fail a worker in it
 
     async def load(self, progress: Progress) -> None:
         progress("benchmark engine ready (no model)", 1.0)
@@ -25,6 +28,8 @@ class BenchmarkEngine:
         return Prepared(prompt=None, prompt_tokens=len(text.split()))
 
     async def generate(self, prepared: Prepared, request: GenerateRequest) -> AsyncIterator[Piece]:
+        if self.prefill_s > 0:
+            await asyncio.sleep(self.prefill_s)  # the prefill's duration, not a wait for anything
         loop = asyncio.get_running_loop()
         start = loop.time()
         count = request.max_tokens

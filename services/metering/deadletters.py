@@ -1,0 +1,174 @@
+"""The usage dead-letter stream: messages the ledger cannot take, moved aside with why, so the rest flows.
+
+A message goes to USAGE_DLQ (subject `usage_dlq.<kind>.<model>`, body as it was, the reason in
+headers) and only then is terminated on USAGE, so nothing is lost between the two: if the move fails
+the message stays unacked and comes back. `Nats-Msg-Id` = consumer and USAGE sequence, so moving the
+same delivery twice (a crash between the two steps) stores it once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from typing import Any, Final
+
+import msgspec
+from prometheus_client import Counter
+
+from contracts import usage
+from contracts.usage import DeadLetter, DeadLetterReport
+from services.runtime import bus
+from services.runtime import logging as log
+
+DEAD_LETTERS = Counter(
+    "inferbus_metering_dead_letters_total", "Usage messages moved to the dead-letter stream", ["reason"]
+)
+REASON: Final = "Inferbus-Dlq-Reason"
+DETAIL: Final = "Inferbus-Dlq-Detail"
+SUBJECT: Final = "Inferbus-Dlq-Subject"
+SEQ: Final = "Inferbus-Dlq-Stream-Seq"
+CONSUMER: Final = "Inferbus-Dlq-Consumer"
+DELIVERIES: Final = "Inferbus-Dlq-Deliveries"
+REQUEST_ID: Final = "Inferbus-Dlq-Request-Id"
+DETAIL_MAX: Final = 500
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+async def ensure_stream(js: bus.JetStreamContext) -> None:
+    config = bus.StreamConfig(
+        name=usage.DLQ_STREAM,
+        subjects=[usage.DLQ_SUBJECTS],
+        max_age=usage.DLQ_MAX_AGE_S,
+        description="InferBus usage messages the ledger could not take (see the Inferbus-Dlq-* headers)",
+    )
+    try:
+        await js.stream_info(usage.DLQ_STREAM)
+    except bus.js_errors.NotFoundError:
+        try:
+            await js.add_stream(config)
+        except bus.js_errors.BadRequestError:  # created meanwhile by another replica
+            await js.stream_info(usage.DLQ_STREAM)
+
+
+class _Named(msgspec.Struct):
+    request_id: Any = None
+
+
+_named = msgspec.msgpack.Decoder(_Named)
+
+
+def request_id_of(data: bytes) -> str | None:
+    """The request id of a message that is not a valid event, when one can be read."""
+    try:
+        rid = _named.decode(data).request_id
+    except msgspec.DecodeError:
+        return None
+    return rid[: usage.MAX_ID_CHARS] if isinstance(rid, str) and rid else None
+
+
+def printable(text: str) -> str:
+    """`text` fit for a header value: control characters (NUL, CR, LF, ...) shown as '?'."""
+    return _CONTROL.sub("?", text)
+
+
+def advisory_subject(consumer: str) -> str:
+    """Where JetStream announces a message it stopped delivering to `consumer` (max_deliver reached)."""
+    return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{usage.STREAM}.{consumer}"
+
+
+class DeadLetters:
+    def __init__(self, js: bus.JetStreamContext, consumer: str) -> None:
+        self.js = js
+        self.consumer = consumer
+        self.moved = 0
+        self.logger = log.get("metering")
+
+    async def move(self, msg: bus.Msg, reason: str, detail: str, request_id: str | None = None) -> bool:
+        """Copy `msg` to the dead-letter stream, then terminate it; False (left unacked) when the copy failed."""
+        meta = msg.metadata
+        seq = meta.sequence.stream
+        if not await self._store(msg.subject, msg.data, seq, meta.num_delivered, reason, detail, request_id):
+            return False
+        try:
+            await msg.term()
+        except Exception as exc:  # redelivered, then moved again: the stream keeps one copy
+            self.logger.warning("term_failed", error=repr(exc), stream_seq=seq)
+        return True
+
+    async def on_max_deliveries(self, advisory: bus.Msg) -> None:
+        """JetStream gave up on a message (no delivery ended in an ack or a term: a crash each time): keep it."""
+        try:
+            body = json.loads(advisory.data)
+            seq, deliveries = int(body["stream_seq"]), int(body.get("deliveries", 0))
+            raw = await self.js.get_msg(usage.STREAM, seq)
+        except Exception as exc:
+            self.logger.error("max_deliveries_advisory_failed", error=repr(exc), advisory=advisory.data[:200])
+            return
+        data = raw.data or b""
+        detail = f"JetStream stopped delivering it after {deliveries} deliveries without an ack"
+        await self._store(raw.subject or "", data, seq, deliveries, "max_deliver", detail, request_id_of(data))
+
+    async def _store(
+        self, subject: str, data: bytes, seq: int, deliveries: int, reason: str, detail: str, request_id: str | None
+    ) -> bool:
+        detail = printable(" ".join(detail.split()))[:DETAIL_MAX]  # a header value is one line
+        headers = {
+            "Nats-Msg-Id": f"{self.consumer}:{seq}",
+            REASON: reason,
+            DETAIL: detail,
+            SUBJECT: subject,
+            SEQ: str(seq),
+            CONSUMER: self.consumer,
+            DELIVERIES: str(deliveries),
+        }
+        if request_id:
+            headers[REQUEST_ID] = printable(request_id)
+        try:
+            ack = await self.js.publish(usage.dlq_subject(subject), data, headers=headers, timeout=5.0)
+        except Exception as exc:
+            self.logger.warning("dead_letter_failed", error=repr(exc), stream_seq=seq)
+            return False
+        if ack.duplicate:
+            return True
+        self.moved += 1
+        DEAD_LETTERS.labels(reason).inc()
+        self.logger.error(
+            "usage_dead_lettered", reason=reason, detail=detail, subject=subject, stream_seq=seq,
+            request_id=request_id, deliveries=deliveries,
+        )
+        return True
+
+
+async def recent(js: bus.JetStreamContext, limit: int) -> DeadLetterReport:
+    """The newest `limit` dead letters, newest first."""
+    try:
+        info = await js.stream_info(usage.DLQ_STREAM)
+    except bus.js_errors.NotFoundError:
+        return DeadLetterReport(total=0, letters=[])
+    letters: list[DeadLetter] = []
+    seq = info.state.last_seq
+    while seq >= max(info.state.first_seq, 1) and len(letters) < limit:
+        try:
+            raw = await js.get_msg(usage.DLQ_STREAM, seq)
+        except bus.js_errors.NotFoundError:  # deleted, or aged out meanwhile
+            seq -= 1
+            continue
+        letters.append(_letter(raw.seq or seq, raw.time, raw.headers or {}, len(raw.data or b"")))
+        seq -= 1
+    return DeadLetterReport(total=info.state.messages, letters=letters)
+
+
+def _letter(seq: int, when: dt.datetime | None, headers: dict[str, Any], size: int) -> DeadLetter:
+    return DeadLetter(
+        seq=seq,
+        time=(when or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).isoformat(),
+        reason=headers.get(REASON, "unknown"),
+        detail=headers.get(DETAIL, ""),
+        subject=headers.get(SUBJECT, ""),
+        stream_seq=int(headers.get(SEQ, 0)),
+        consumer=headers.get(CONSUMER, ""),
+        deliveries=int(headers.get(DELIVERIES, 0)),
+        size=size,
+        request_id=headers.get(REQUEST_ID),
+    )
