@@ -29,11 +29,11 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from contracts import usage
 from contracts.usage import UsageEvent, event_decoder
-from services.metering import ledger, pull
+from services.metering import ledger
 from services.metering.deadletters import DeadLetters, request_id_of
 from services.runtime import logging as log
 from services.runtime.bus import AckPolicy as JsAckPolicy
-from services.runtime.bus import ConsumerConfig, DeliverPolicy, JetStreamContext, Msg
+from services.runtime.bus import ConsumerConfig, DeliverPolicy, JetStreamContext, Msg, pull
 
 EVENTS = Counter("inferbus_metering_events_total", "Usage events written to the ledger", ["kind", "shadow"])
 DUPLICATES = Counter("inferbus_metering_duplicates_total", "Usage events already in the ledger (redeliveries)")
