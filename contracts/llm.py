@@ -12,7 +12,8 @@ from contracts.errors import InferBusError, invalid
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(ge=0.0, le=1.0)]
-MaxTokens = Annotated[int, Meta(ge=1)]
+MaxTokens = Annotated[int, Meta(ge=1, le=1 << 20)]  # bounded: it travels as msgpack, and no model goes further
+Seed = Annotated[int, Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 
 
@@ -53,7 +54,7 @@ class _SamplingFields(Struct, kw_only=True, forbid_unknown_fields=True):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None

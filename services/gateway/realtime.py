@@ -1,24 +1,37 @@
 """OpenAI Realtime over WebSocket (`/v1/realtime`): server VAD, ASR -> LLM -> TTS per sentence, barge-in.
 
 `?intent=transcription` (or `session.update` with `type: "transcription"`) makes a dictation session:
-partial transcripts while the user speaks (`conversation.item.input_audio_transcription.delta`, about
-one a second) and a final one per turn, no responses.
+partial transcripts while the user speaks (`conversation.item.input_audio_transcription.delta`) and a
+final one per turn, no responses. A dictated turn goes to the ASR in phrase windows: cut in a pause once
+a window holds MIN_WINDOW_S of audio (at the quietest moment after MAX_WINDOW_S without one), each
+transcribed with the text before it as the prompt. A partial follows each window and the final is the
+windows' text, so every second of audio is transcribed, and billed, once. With
+`audio.input.transcription.partials: false` each turn is transcribed whole (no partials).
 
 Speaks the GA event names the `openai` SDK's realtime client uses (session.update, input_audio_buffer.*,
 conversation.item.*, response.create / cancel, response.output_audio.delta, ...); a client that sends
 `OpenAI-Beta: realtime=v1` gets the older names (response.audio.delta, ...). Audio in and out is
-pcm16, mono, 24 kHz, base64 in the JSON events as the API defines; on the bus it is raw bytes.
+pcm16, mono, 24 kHz, base64 in the JSON events as the API defines; on the bus it is raw bytes. Client
+events are checked against the GA schema (every field read here, with its type); a bad one is answered
+with an `error` event that names the field.
+
+Every stream the socket opens is governed like its HTTP twin (scopes, rate limits, concurrency,
+budgets): a user turn is one transcription request, a response one chat request and, with audio out,
+one speech request. A revoked or expired key's socket gets an error event and is closed.
 
 Turn detection is an energy VAD over 20 ms frames (speech after `prefix` voiced frames, end of turn
-after `silence_duration_ms` of silence). When the user speaks during a response, the response is
-cancelled: the LLM and TTS streams are closed, which publishes their cancel subjects so the workers
-free their slots, and no further audio for it is sent.
+after `silence_duration_ms` of silence). While nobody speaks the input buffer keeps only what a turn
+starting now would take (the prefix padding and the frames being decided on); a turn ends after
+MAX_TURN_S at the latest. When the user speaks during a response, the response is cancelled: the LLM
+and TTS streams are closed, which publishes their cancel subjects so the workers free their slots, and
+no further audio for it is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import io
 import json
 import math
@@ -27,16 +40,20 @@ import secrets
 import time
 import wave
 from array import array
-from collections.abc import AsyncGenerator
-from typing import Any
+from collections import deque
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Annotated, Any, Literal, NamedTuple
 
-from aiohttp import WSMsgType, web
+import msgspec
+from aiohttp import WSCloseCode, WSMsgType, web
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 from contracts.errors import InferBusError
 from contracts.llm import Delta, Final, GenerateRequest, Message
 from contracts.speech import (
     INLINE_MAX,
     AudioChunk,
+    Segment,
     SpeechRequest,
     TranscribeRequest,
     Transcript,
@@ -46,13 +63,16 @@ from contracts.speech import (
 )
 from contracts.speech import SpeechDone as SpeechDoneChunk
 from services.gateway.auth import KeyRecord, bearer
+from services.gateway.errors import from_validation
+from services.gateway.governance import Grant
 from services.gateway.state import GATEWAY, Gateway
 from services.runtime import logging as log
 
 routes = web.RouteTableDef()
 
 RATE = 24_000
-FRAME_BYTES = RATE * 2 // 50  # 20 ms of pcm16
+BYTES_PER_S = RATE * 2
+FRAME_BYTES = BYTES_PER_S // 50  # 20 ms of pcm16
 SUBPROTOCOL_KEY = "openai-insecure-api-key."
 BETA_NAMES = {
     "response.output_audio.delta": "response.audio.delta",
@@ -65,7 +85,12 @@ BETA_NAMES = {
 }
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
 MAX_SENTENCE_CHARS = 160  # no punctuation for this long: speak what there is, cut at a space
-PARTIAL_EVERY = RATE * 2  # dictation: a partial transcript per second of new speech
+MIN_WINDOW_S = 1.0  # dictation: a window is cut at the first pause after this much audio
+MAX_WINDOW_S = 4.0  # ... or, with no pause, at the quietest moment of its last 300 ms
+PAUSE_MS = 160  # a pause within speech: where a window may end without cutting a word
+MAX_TURN_S = 15.0  # a turn is committed by then (a 16 kHz wav of it fits one bus message)
+MAX_EVENT_BYTES = 4 << 20  # one client event (aiohttp's default; a 15 s append is about 1 MB)
+HISTORY = 20  # conversation items the LLM sees
 
 
 def new_id(prefix: str) -> str:
@@ -93,46 +118,8 @@ def downsample_16k(pcm: bytes) -> bytes:
     return out.tobytes()
 
 
-class Vad:
-    """Energy voice activity over 20 ms frames, with a start run and a silence hangover."""
-
-    def __init__(self, threshold: float = 0.5, silence_ms: int = 500, prefix_ms: int = 300) -> None:
-        # threshold 0..1 -> -60..-10 dBFS
-        self.level = 32768 * 10 ** ((-60 + 50 * min(max(threshold, 0.0), 1.0)) / 20)
-        self.silence_frames = max(silence_ms // 20, 1)
-        self.start_frames = 3
-        self.prefix_ms = prefix_ms
-        self.speaking = False
-        self.voiced = 0
-        self.quiet = 0
-        self.frames = 0
-        self._rest = b""
-
-    def feed(self, pcm: bytes) -> list[tuple[str, int]]:
-        """Events ('start' | 'stop', at ms since the first audio) for the frames `pcm` completes."""
-        data = self._rest + pcm
-        events = []
-        whole = len(data) - len(data) % FRAME_BYTES
-        for offset in range(0, whole, FRAME_BYTES):
-            frame = array("h", data[offset : offset + FRAME_BYTES])
-            rms = math.sqrt(sum(s * s for s in frame) / len(frame))
-            self.frames += 1
-            if rms >= self.level:
-                self.voiced += 1
-                self.quiet = 0
-                if not self.speaking and self.voiced >= self.start_frames:
-                    self.speaking = True
-                    events.append(("start", max((self.frames - self.start_frames) * 20, 0)))
-            else:
-                self.voiced = 0
-                if self.speaking:
-                    self.quiet += 1
-                    if self.quiet >= self.silence_frames:
-                        self.speaking = False
-                        self.quiet = 0
-                        events.append(("stop", self.frames * 20))
-        self._rest = data[whole:]
-        return events
+def whisper_wav(pcm: bytes) -> bytes:
+    return wav_bytes(downsample_16k(pcm), 16_000)
 
 
 def split_sentences(text: str) -> tuple[list[str], str]:
@@ -148,6 +135,323 @@ def split_sentences(text: str) -> tuple[list[str], str]:
     return done, rest
 
 
+# ---- the GA schema of what a client sends (the fields read here) ---------------------------------
+
+MaxTokens = Annotated[int, Meta(ge=1, le=4096)] | Literal["inf"]
+Modalities = Annotated[list[Literal["text", "audio"]], Meta(min_length=1, max_length=2)]
+Name = Annotated[str, Meta(max_length=128)]
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
+Speed = Annotated[float, Meta(ge=0.25, le=1.5)]
+Ignored = dict[str, Any] | str | None  # GA fields with nothing to do here (tracing, truncation, ...)
+
+
+class Schema(Struct, kw_only=True, forbid_unknown_fields=True):
+    """Client event parts: a field the GA schema does not have is an error, as with OpenAI."""
+
+
+class AudioFormat(Schema, kw_only=True):
+    type: Literal["audio/pcm"] = "audio/pcm"  # pcm16 only: g711 is refused, never garbled
+    rate: Literal[24000] = 24000
+
+
+class TurnDetection(Schema, kw_only=True):
+    type: Literal["server_vad", "semantic_vad"] = "server_vad"
+    threshold: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.5
+    prefix_padding_ms: Annotated[int, Meta(ge=0, le=5000)] = 300
+    silence_duration_ms: Annotated[int, Meta(ge=20, le=10_000)] = 500
+    create_response: bool = True
+    interrupt_response: bool = True
+    idle_timeout_ms: Annotated[int, Meta(ge=0)] | None = None
+    eagerness: Literal["low", "medium", "high", "auto"] = "auto"
+
+
+class Transcription(Schema, kw_only=True):
+    model: Name = "whisper-tiny-en"
+    language: Annotated[str, Meta(max_length=16)] | None = None
+    prompt: Annotated[str, Meta(max_length=2000)] | None = None
+    partials: bool | None = None  # InferBus: partial transcripts (default: in transcription sessions)
+
+
+class InputAudio(Struct, kw_only=True):
+    format: AudioFormat = msgspec.field(default_factory=AudioFormat)
+    transcription: Transcription | None = msgspec.field(default_factory=Transcription)
+    turn_detection: TurnDetection | None = msgspec.field(default_factory=TurnDetection)
+
+
+class OutputAudio(Struct, kw_only=True):
+    format: AudioFormat = msgspec.field(default_factory=AudioFormat)
+    voice: Name = "alloy"
+    speed: Speed = 1.0
+    model: Name = "hibari"  # InferBus: the TTS model
+
+
+class SessionAudio(Struct, kw_only=True):
+    input: InputAudio = msgspec.field(default_factory=InputAudio)
+    output: OutputAudio = msgspec.field(default_factory=OutputAudio)
+
+
+class SessionConfig(Struct, kw_only=True):
+    """The session as `session.created` / `session.updated` show it."""
+
+    type: Literal["realtime", "transcription"] = "realtime"
+    object: str = "realtime.session"
+    id: str
+    model: str
+    output_modalities: Modalities = msgspec.field(default_factory=lambda: ["audio"])
+    # The default deployment's system prompt (see services/llm/main.py): SmolLM2 stays on task with it.
+    instructions: str = "You are a helpful AI assistant."
+    max_output_tokens: MaxTokens = 256
+    temperature: Temperature = 0.8
+    audio: SessionAudio = msgspec.field(default_factory=SessionAudio)
+
+
+class InputAudioUpdate(Schema, kw_only=True):
+    format: AudioFormat | UnsetType = UNSET
+    transcription: Transcription | UnsetType | None = UNSET
+    turn_detection: TurnDetection | UnsetType | None = UNSET
+    noise_reduction: dict[str, Any] | None = None
+
+
+class OutputAudioUpdate(Schema, kw_only=True):
+    format: AudioFormat | UnsetType = UNSET
+    voice: Name | UnsetType = UNSET
+    speed: Speed | UnsetType = UNSET
+    model: Name | UnsetType = UNSET
+
+
+class AudioUpdate(Schema, kw_only=True):
+    input: InputAudioUpdate | UnsetType = UNSET
+    output: OutputAudioUpdate | UnsetType = UNSET
+
+
+class SessionUpdate(Schema, kw_only=True):
+    type: Literal["realtime", "transcription"] | UnsetType = UNSET
+    instructions: str | UnsetType = UNSET
+    output_modalities: Modalities | UnsetType = UNSET
+    max_output_tokens: MaxTokens | UnsetType = UNSET
+    audio: AudioUpdate | UnsetType = UNSET
+    model: Name | UnsetType = UNSET
+    tools: list[dict[str, Any]] | None = None
+    prompt: dict[str, Any] | None = None
+    tool_choice: Ignored = None
+    tracing: Ignored = None
+    truncation: Ignored = None
+    include: list[str] | None = None
+    object: str | None = None  # a client may send back the session it was shown
+    id: str | None = None
+    # the beta names
+    modalities: Modalities | UnsetType = UNSET
+    max_response_output_tokens: MaxTokens | UnsetType = UNSET
+    temperature: Temperature | UnsetType = UNSET
+    voice: Name | UnsetType = UNSET
+    speed: Speed | UnsetType = UNSET
+    turn_detection: TurnDetection | UnsetType | None = UNSET
+    input_audio_transcription: Transcription | UnsetType | None = UNSET
+    input_audio_format: Literal["pcm16"] | None = None
+    output_audio_format: Literal["pcm16"] | None = None
+    input_audio_noise_reduction: dict[str, Any] | None = None
+
+
+class ContentPart(Schema, kw_only=True):
+    type: Literal["input_text", "input_audio", "text", "output_text", "audio", "output_audio"]
+    text: str | None = None
+    transcript: str | None = None
+    audio: str | None = None  # the audio itself is not heard again: its transcript is what counts
+
+
+class Item(Schema, kw_only=True):
+    id: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
+    type: Literal["message"] = "message"
+    object: Literal["realtime.item"] | None = None
+    status: Literal["completed", "incomplete", "in_progress"] | None = None
+    role: Literal["user", "system", "assistant"]
+    content: list[ContentPart] = []
+
+
+class ResponseParams(Schema, kw_only=True):
+    output_modalities: Modalities | UnsetType = UNSET
+    instructions: str | UnsetType = UNSET
+    max_output_tokens: MaxTokens | UnsetType = UNSET
+    conversation: Annotated[str, Meta(max_length=64)] | None = None
+    metadata: dict[str, str] | None = None
+    input: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    prompt: dict[str, Any] | None = None
+    tool_choice: Ignored = None
+    audio: dict[str, Any] | None = None
+    # the beta names
+    modalities: Modalities | UnsetType = UNSET
+    max_response_output_tokens: MaxTokens | UnsetType = UNSET
+    temperature: Temperature | UnsetType = UNSET
+    voice: Name | None = None
+    output_audio_format: Literal["pcm16"] | None = None
+
+
+class Envelope(Struct):
+    type: str
+    event_id: Annotated[str, Meta(max_length=128)] | None = None
+
+
+class Event(Schema, kw_only=True):
+    type: str
+    event_id: str | None = None
+
+
+class SessionUpdateEvent(Event, kw_only=True):
+    session: SessionUpdate
+
+
+class AppendEvent(Event, kw_only=True):
+    audio: str
+
+
+class ItemCreateEvent(Event, kw_only=True):
+    item: Item
+    previous_item_id: Annotated[str, Meta(max_length=64)] | None = None
+
+
+class ResponseCreateEvent(Event, kw_only=True):
+    response: ResponseParams | None = None
+
+
+class ResponseCancelEvent(Event, kw_only=True):
+    response_id: Annotated[str, Meta(max_length=64)] | None = None
+
+
+class NoFields(Event, kw_only=True):
+    pass
+
+
+_UNKNOWN = re.compile(r"^Object contains unknown field `([^`]*)`(?: - at `\$\.?([^`]*)`)?$")
+
+
+def schema_error(exc: msgspec.MsgspecError) -> tuple[str, str | None]:
+    """What is wrong with an event, and the dotted path of the field (`session.audio.input.format.type`)."""
+    unknown = _UNKNOWN.match(str(exc))
+    if unknown:
+        field, at = unknown.groups()
+        param = f"{at}.{field}" if at else field
+        return f"unknown parameter '{param}'", param
+    bad = from_validation(exc)
+    return bad.message, bad.param
+
+
+def unsupported(param: str, what: str) -> InferBusError:
+    return InferBusError("unsupported_parameter", f"{what} are not supported by this server", param=param)
+
+
+_decoders: dict[type, msgspec.json.Decoder[Any]] = {
+    t: msgspec.json.Decoder(t)
+    for t in (Envelope, SessionUpdateEvent, AppendEvent, ItemCreateEvent, ResponseCreateEvent,
+              ResponseCancelEvent, NoFields)
+}
+
+
+def _set(value: Any, default: Any) -> Any:
+    return default if value is UNSET else value
+
+
+class Close(NamedTuple):
+    code: int
+    reason: str
+
+
+# ---- turn detection and one user turn -----------------------------------------------------------
+
+
+class Vad:
+    """Energy voice activity over 20 ms frames, with a start run, a silence hangover and pauses within speech.
+
+    Frames are counted from `origin`, the stream offset (bytes) of the first audio it is fed.
+    """
+
+    def __init__(self, td: TurnDetection, origin: int) -> None:
+        # threshold 0..1 -> -60..-10 dBFS
+        self.level = 32768 * 10 ** ((-60 + 50 * td.threshold) / 20)
+        self.silence_frames = max(td.silence_duration_ms // 20, 1)
+        self.start_frames = 3
+        self.pause_frames = PAUSE_MS // 20
+        self.origin = origin
+        self.speaking = False
+        self.voiced = 0
+        self.quiet = 0
+        self.frames = 0
+        self.recent: deque[tuple[float, int]] = deque(maxlen=15)  # (rms, frame) of the last 300 ms
+        self.rest = b""
+
+    def at(self, frame: int) -> int:
+        """The stream offset (bytes) where `frame` starts."""
+        return self.origin + frame * FRAME_BYTES
+
+    def quietest(self) -> int:
+        return min(self.recent)[1] if self.recent else self.frames
+
+    def feed(self, pcm: bytes) -> list[tuple[str, int]]:
+        """Events for the frames `pcm` completes: ('start' | 'pause' | 'stop', frame where it happens)."""
+        data = self.rest + pcm
+        events = []
+        whole = len(data) - len(data) % FRAME_BYTES
+        for offset in range(0, whole, FRAME_BYTES):
+            frame = array("h", data[offset : offset + FRAME_BYTES])
+            rms = math.sqrt(sum(s * s for s in frame) / len(frame))
+            index = self.frames
+            self.frames += 1
+            self.recent.append((rms, index))
+            if rms >= self.level:
+                if self.speaking and self.quiet >= self.pause_frames:
+                    events.append(("pause", index - self.quiet + self.quiet // 2))
+                self.voiced += 1
+                self.quiet = 0
+                if not self.speaking and self.voiced >= self.start_frames:
+                    self.speaking = True
+                    events.append(("start", index + 1 - self.start_frames))
+            else:
+                self.voiced = 0
+                if self.speaking:
+                    self.quiet += 1
+                    if self.quiet >= self.silence_frames:
+                        self.speaking = False
+                        self.quiet = 0
+                        events.append(("stop", index + 1))
+        self.rest = data[whole:]
+        return events
+
+
+class Turn:
+    """One user turn: its audio goes to the ASR in one request, or in windows while it is dictated."""
+
+    def __init__(self, item_id: str, start: int) -> None:
+        self.item_id = item_id
+        self.start = start  # stream offset (bytes) of its first audio
+        self.window_start = start  # ... of the audio not sent to the ASR yet
+        self.request_id = new_id("rt-asr")
+        self.requests = 0
+        self.texts: list[str] = []
+        self.sent = 0  # bytes of audio sent to the ASR: what is billed
+        self.last: asyncio.Task[None] | None = None  # the latest window's transcription
+        self.grant: Grant | None = None
+        self.admitted = False
+        self.model = ""
+        self.error: InferBusError | None = None
+
+    def next_request_id(self) -> str:
+        self.requests += 1
+        return f"{self.request_id}-{self.requests}"
+
+    @property
+    def text(self) -> str:
+        return " ".join(t for t in self.texts if t)
+
+
+def _piece(text: str) -> str:
+    """One window's text, ready to join the next: whisper marks a window cut mid-sentence with '...'."""
+    text = text.strip()
+    return text[:-3].rstrip() if text.endswith("...") else text
+
+
+# ---- the session ----------------------------------------------------------------------------------
+
+
 class Session:
     def __init__(self, gw: Gateway, ws: web.WebSocketResponse, key: KeyRecord, model: str, beta: bool) -> None:
         self.gw = gw
@@ -155,50 +459,39 @@ class Session:
         self.key = key
         self.beta = beta
         self.id = new_id("sess")
-        self.config: dict[str, Any] = {
-            "type": "realtime",
-            "object": "realtime.session",
-            "id": self.id,
-            "model": model,
-            "output_modalities": ["audio"],
-            # The default deployment's system prompt (see services/llm/main.py): SmolLM2 stays on task with it.
-            "instructions": "You are a helpful AI assistant.",
-            "max_output_tokens": 256,
-            "temperature": 0.8,
-            "audio": {
-                "input": {
-                    "format": {"type": "audio/pcm", "rate": RATE},
-                    "transcription": {"model": "whisper-tiny-en"},
-                    "turn_detection": {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
-                                       "silence_duration_ms": 500, "create_response": True,
-                                       "interrupt_response": True},
-                },
-                "output": {"format": {"type": "audio/pcm", "rate": RATE}, "voice": "alloy", "model": "hibari"},
-            },
-        }
-        self.items: list[tuple[str, str]] = []  # (role, text) history for the LLM
+        self.config = SessionConfig(id=self.id, model=model)
+        self.items: deque[tuple[str, str]] = deque(maxlen=HISTORY)  # (role, text) history for the LLM
         self.last_item: str | None = None
-        self.pending_item: str | None = None  # the item a detected speech turn will become
         self.transcription_only = False  # a transcription session: partial and final transcripts, no responses
-        self.partials = False  # partial transcripts while the user speaks (dictation)
-        self.partial: asyncio.Task[None] | None = None
-        self.partial_at = 0  # buffer length the last partial transcribed
-        self.partial_text = ""
-        self.finalized: set[str] = set()  # items whose final transcript was sent
         self.buffer = bytearray()
-        self.buffer_start_ms = 0
+        self.audio_end = 0  # stream offset (bytes) just after the last audio appended
+        self.turn: Turn | None = None  # the turn being spoken (server VAD)
+        self.turns: set[Turn] = set()  # turns whose transcription holds a grant
         self.vad = self._vad()
-        self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.outbox: asyncio.Queue[dict[str, Any] | Close | None] = asyncio.Queue()
         self.response: asyncio.Task[None] | None = None
+        self.response_id: str | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.transcribing: set[asyncio.Task[None]] = set()  # committed turns not transcribed yet
+        self.ending = False  # revoked: the close is on its way, nothing more is read
         self.logger = log.get("realtime")
 
     # ---- plumbing ----------------------------------------------------------------------------
 
+    @property
+    def td(self) -> TurnDetection | None:
+        return self.config.audio.input.turn_detection
+
+    @property
+    def partials(self) -> bool:
+        tr = self.config.audio.input.transcription
+        return tr.partials if tr is not None and tr.partials is not None else self.transcription_only
+
     def _vad(self) -> Vad:
-        td = self.config["audio"]["input"]["turn_detection"] or {}
-        return Vad(td.get("threshold", 0.5), td.get("silence_duration_ms", 500), td.get("prefix_padding_ms", 300))
+        return Vad(self.td or TurnDetection(), self.audio_end)
+
+    def alias(self, model: str) -> str:
+        return self.gw.settings.model_aliases.get(model, model)
 
     def emit(self, event: dict[str, Any]) -> None:
         if self.beta:
@@ -207,16 +500,29 @@ class Session:
         self.outbox.put_nowait(event)
 
     def error(self, message: str, code: str = "invalid_request_error", event_id: str | None = None,
-              param: str | None = None) -> None:
-        self.emit({"type": "error", "error": {"type": "invalid_request_error" if code != "server_error" else code,
-                                              "code": code, "message": message, "param": param,
+              param: str | None = None, kind: str = "invalid_request_error") -> None:
+        self.emit({"type": "error", "error": {"type": kind, "code": code, "message": message, "param": param,
                                               "event_id": event_id}})
 
+    def failed(self, exc: InferBusError, event_id: str | None = None) -> None:
+        self.error(exc.message, code=exc.code, event_id=event_id, param=exc.param, kind=exc.spec.type)
+
+    def revoked(self) -> None:
+        self.ending = True
+        self.failed(InferBusError("invalid_api_key", "This API key has been revoked or has expired"))
+        self.outbox.put_nowait(Close(WSCloseCode.POLICY_VIOLATION, "invalid_api_key"))
+
     async def writer(self) -> None:
-        while (event := await self.outbox.get()) is not None:
-            if self.ws.closed:
-                return
-            await self.ws.send_str(json.dumps(event))
+        try:
+            while (event := await self.outbox.get()) is not None:
+                if isinstance(event, Close):
+                    await self.ws.close(code=event.code, message=event.reason.encode())
+                    return
+                if self.ws.closed:
+                    return
+                await self.ws.send_str(json.dumps(event))
+        except ConnectionError:  # the client is gone
+            return
 
     def spawn(self, coro: Any) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
@@ -228,235 +534,358 @@ class Session:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        for turn in list(self.turns):
+            self.release(turn)
         self.outbox.put_nowait(None)
 
     # ---- client events -----------------------------------------------------------------------
 
     async def handle(self, raw: str) -> None:
-        try:
-            event = json.loads(raw)
-        except ValueError:
-            self.error("events must be JSON objects")
-            return
-        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
-            self.error("events must be JSON objects with a 'type'")
-            return
-        kind, event_id = event["type"], event.get("event_id")
-        handler = {
-            "session.update": self.on_session_update,
-            "input_audio_buffer.append": self.on_append,
-            "input_audio_buffer.commit": self.on_commit,
-            "input_audio_buffer.clear": self.on_clear,
-            "conversation.item.create": self.on_item_create,
-            "response.create": self.on_response_create,
-            "response.cancel": self.on_response_cancel,
-        }.get(kind)
-        if handler is None:
-            self.error(f"unknown or unsupported event type {kind!r}", event_id=event_id, param="type")
+        if self.ending:
             return
         try:
-            await handler(event)
-        except (KeyError, TypeError, ValueError) as exc:
-            self.error(f"invalid {kind} event: {exc!r}", event_id=event_id)
+            envelope = _decoders[Envelope].decode(raw)
+        except msgspec.MsgspecError as exc:
+            self.failed(from_validation(exc))
+            return
+        except RecursionError:
+            self.error("events must be JSON objects; this one is nested too deeply")
+            return
+        kind, event_id = envelope.type, envelope.event_id
+        handlers: dict[str, tuple[type, Callable[[Any, str | None], Awaitable[None]]]] = {
+            "session.update": (SessionUpdateEvent, self.on_session_update),
+            "input_audio_buffer.append": (AppendEvent, self.on_append),
+            "input_audio_buffer.commit": (NoFields, self.on_commit),
+            "input_audio_buffer.clear": (NoFields, self.on_clear),
+            "conversation.item.create": (ItemCreateEvent, self.on_item_create),
+            "response.create": (ResponseCreateEvent, self.on_response_create),
+            "response.cancel": (ResponseCancelEvent, self.on_response_cancel),
+        }
+        known = handlers.get(kind)
+        if known is None:
+            self.error(f"unknown or unsupported event type {kind[:64]!r}", event_id=event_id, param="type")
+            return
+        schema, handler = known
+        try:
+            event = _decoders[schema].decode(raw)
+        except msgspec.MsgspecError as exc:
+            message, param = schema_error(exc)
+            self.error(f"invalid {kind} event: {message}", code="invalid_value", event_id=event_id, param=param)
+            return
+        except RecursionError:
+            self.error(f"invalid {kind} event: nested too deeply", code="invalid_value", event_id=event_id)
+            return
+        try:
+            await handler(event, event_id)
+        except InferBusError as exc:
+            self.failed(exc, event_id)
 
-    async def on_session_update(self, event: dict[str, Any]) -> None:
-        update = event.get("session")
-        if not isinstance(update, dict):
-            raise ValueError("'session' must be an object")
-        for field in ("instructions", "output_modalities", "max_output_tokens", "temperature"):
-            if field in update:
-                self.config[field] = update[field]
-        if update.get("modalities"):  # beta name
-            self.config["output_modalities"] = ["text"] if "audio" not in update["modalities"] else ["audio"]
-        audio = update.get("audio") or {}
-        for side in ("input", "output"):
-            for field, value in (audio.get(side) or {}).items():
-                self.config["audio"][side][field] = value
-        if "turn_detection" in update:  # beta name
-            self.config["audio"]["input"]["turn_detection"] = update["turn_detection"]
-        if "voice" in update:
-            self.config["audio"]["output"]["voice"] = update["voice"]
-        if update.get("type") == "transcription":
-            self.transcription_only = self.partials = True
-            self.config["type"] = "transcription"
-        partials = (self.config["audio"]["input"].get("transcription") or {}).get("partials")
-        if partials is not None:
-            self.partials = bool(partials)
-        self.vad = self._vad()
-        self.emit({"type": "session.updated", "session": self.config})
+    async def on_session_update(self, event: SessionUpdateEvent, event_id: str | None) -> None:
+        u = event.session
+        c = self.config
+        if u.tools:
+            raise unsupported("session.tools", "tools")
+        if u.prompt is not None:
+            raise unsupported("session.prompt", "prompt templates")
+        if not isinstance(u.model, UnsetType) and self.alias(u.model) != c.model:
+            raise unsupported("session.model", "model changes within a session (open a new one)")
+        inp, out = c.audio.input, c.audio.output
+        a = u.audio if not isinstance(u.audio, UnsetType) else AudioUpdate()
+        ai = a.input if not isinstance(a.input, UnsetType) else InputAudioUpdate()
+        ao = a.output if not isinstance(a.output, UnsetType) else OutputAudioUpdate()
+        modalities = _set(u.output_modalities, UNSET)
+        if modalities is UNSET and not isinstance(u.modalities, UnsetType):  # beta: ["text"] or ["audio", "text"]
+            modalities = ["audio"] if "audio" in u.modalities else ["text"]
+        inp = msgspec.structs.replace(
+            inp,
+            format=_set(ai.format, inp.format),
+            transcription=_set(ai.transcription, _set(u.input_audio_transcription, inp.transcription)),
+            turn_detection=_set(ai.turn_detection, _set(u.turn_detection, inp.turn_detection)),
+        )
+        out = msgspec.structs.replace(
+            out, format=_set(ao.format, out.format), voice=_set(ao.voice, _set(u.voice, out.voice)),
+            speed=_set(ao.speed, _set(u.speed, out.speed)), model=_set(ao.model, out.model),
+        )
+        old_td = self.td
+        self.config = msgspec.structs.replace(
+            c,
+            type="transcription" if u.type == "transcription" or c.type == "transcription" else "realtime",
+            instructions=_set(u.instructions, c.instructions),
+            output_modalities=_set(modalities, c.output_modalities),
+            max_output_tokens=_set(u.max_output_tokens, _set(u.max_response_output_tokens, c.max_output_tokens)),
+            temperature=_set(u.temperature, c.temperature),
+            audio=SessionAudio(input=inp, output=out),
+        )
+        if self.config.type == "transcription":
+            self.transcription_only = True
+        if self.td != old_td:
+            if self.turn is not None:  # the detector that found it is gone: the turn ends here
+                self.end_turn(self.audio_end)
+            self.vad = self._vad()
+        self.emit({"type": "session.updated", "session": msgspec.to_builtins(self.config)})
 
-    async def on_append(self, event: dict[str, Any]) -> None:
-        pcm = base64.b64decode(event["audio"], validate=True)
+    async def on_append(self, event: AppendEvent, event_id: str | None) -> None:
+        try:
+            pcm = base64.b64decode(event.audio, validate=True)
+        except (binascii.Error, ValueError):
+            raise InferBusError("invalid_request", "audio must be base64-encoded pcm16", param="audio") from None
         if len(pcm) % 2:
-            raise ValueError("pcm16 audio must have an even number of bytes")
-        if not self.buffer:
-            self.buffer_start_ms = self.vad.frames * 20
+            raise InferBusError("invalid_request", "pcm16 audio must have an even number of bytes", param="audio")
+        td = self.td
+        if td is None and len(self.buffer) + len(pcm) > MAX_TURN_S * BYTES_PER_S:
+            raise InferBusError("invalid_request", f"the input audio buffer holds {MAX_TURN_S:.0f} s at most: "
+                                "commit or clear it first", param="audio")
         self.buffer += pcm
-        if not self.config["audio"]["input"]["turn_detection"]:
+        self.audio_end += len(pcm)
+        if td is None:
             return
-        for what, at_ms in self.vad.feed(pcm):
+        for what, frame in self.vad.feed(pcm):
+            at = self.vad.at(frame)
             if what == "start":
-                item_id = new_id("item")
-                self.pending_item = item_id
-                self.emit({"type": "input_audio_buffer.speech_started", "audio_start_ms": at_ms, "item_id": item_id})
-                td = self.config["audio"]["input"]["turn_detection"]
-                if self.response is not None and not self.response.done() and td.get("interrupt_response", True):
-                    self.response.cancel()  # barge-in
-                keep = int(td.get("prefix_padding_ms", 300) * RATE * 2 / 1000)
-                self.buffer = self.buffer[-(len(pcm) + keep) :] if len(self.buffer) > len(pcm) + keep else self.buffer
-                self.partial_at, self.partial_text = 0, ""
-            else:
-                item_id = self.pending_item or new_id("item")
-                self.pending_item = None
-                self.partial_text = ""
-                self.emit({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": at_ms, "item_id": item_id})
-                self.commit(item_id)
-        self.maybe_partial()
+                self.speech_started(at, td)
+            elif what == "pause":
+                self.paused(at)
+            elif self.turn is not None:
+                self.emit({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": self.ms(at),
+                           "item_id": self.turn.item_id})
+                self.end_turn(at)
+        turn = self.turn
+        if turn is None:  # nobody speaks: keep only what a turn starting in the next frames would take
+            keep = self.prefix_bytes(td) + self.vad.start_frames * FRAME_BYTES + len(self.vad.rest)
+            self.drop(self.audio_end - keep)
+        elif self.partials and self.audio_end - turn.window_start >= MAX_WINDOW_S * BYTES_PER_S:
+            self.window(turn, self.vad.at(self.vad.quietest()))
+        elif self.audio_end - turn.window_start >= MAX_TURN_S * BYTES_PER_S:
+            self.emit({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": self.ms(self.audio_end),
+                       "item_id": turn.item_id})
+            self.end_turn(self.audio_end)
+            self.speech_started(self.audio_end, td, prefix=False)
 
-    def maybe_partial(self) -> None:
-        """Dictation: while the user speaks, transcribe what there is every PARTIAL_EVERY of new audio."""
-        if not (self.partials and self.vad.speaking and self.pending_item):
-            return
-        if self.partial is not None and not self.partial.done():
-            return  # one at a time; the next starts with the audio that came meanwhile
-        if len(self.buffer) - self.partial_at < PARTIAL_EVERY:
-            return
-        self.partial_at = len(self.buffer)
-        self.partial = self.spawn(self.transcribe_partial(self.pending_item, bytes(self.buffer)))
+    @staticmethod
+    def prefix_bytes(td: TurnDetection) -> int:
+        return td.prefix_padding_ms * RATE // 1000 * 2
 
-    async def transcribe_partial(self, item_id: str, audio: bytes) -> None:
-        try:
-            text = await self.transcribe(audio)
-        except InferBusError:
-            return  # a partial is a hint; the final transcript reports failures
-        if item_id in self.finalized or not text:
-            return  # the final transcript is out: it supersedes this
-        new = text[len(self.partial_text) :] if text.startswith(self.partial_text) else text
-        self.partial_text = text
-        # `delta` extends what was sent before when the hypothesis grew; `transcript` is always the whole
-        # current hypothesis (earlier words may be revised), for apps that redraw the line.
-        self.emit({"type": "conversation.item.input_audio_transcription.delta", "item_id": item_id,
-                   "content_index": 0, "delta": new, "transcript": text})
+    @staticmethod
+    def ms(offset: int) -> int:
+        return offset * 1000 // BYTES_PER_S
 
-    async def on_commit(self, event: dict[str, Any]) -> None:
-        if len(self.buffer) < FRAME_BYTES * 5:
+    @property
+    def buffer_start(self) -> int:
+        return self.audio_end - len(self.buffer)
+
+    def drop(self, before: int) -> None:
+        """Forget the buffered audio before stream offset `before`."""
+        if before > self.buffer_start:
+            del self.buffer[: before - self.buffer_start]
+
+    def take(self, upto: int) -> bytes:
+        """The buffered audio up to stream offset `upto`, out of the buffer."""
+        n = max(min(upto, self.audio_end) - self.buffer_start, 0)
+        audio = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return audio
+
+    def speech_started(self, at: int, td: TurnDetection, prefix: bool = True) -> None:
+        start = max(at - (self.prefix_bytes(td) if prefix else 0), self.buffer_start)
+        self.drop(start)
+        self.turn = Turn(new_id("item"), start)
+        self.emit({"type": "input_audio_buffer.speech_started", "audio_start_ms": self.ms(at),
+                   "item_id": self.turn.item_id})
+        if self.response is not None and not self.response.done() and td.interrupt_response:
+            self.response.cancel()  # barge-in
+
+    def paused(self, at: int) -> None:
+        turn = self.turn
+        if self.partials and turn is not None and at - turn.window_start >= MIN_WINDOW_S * BYTES_PER_S:
+            self.window(turn, at)
+
+    def window(self, turn: Turn, upto: int) -> None:
+        """Dictation: the turn's audio up to `upto` goes to the ASR now; a partial transcript follows."""
+        audio = self.take(upto)
+        turn.window_start = max(upto, turn.window_start)
+        if audio:
+            turn.last = self.spawn(self.transcribe_window(turn, audio, turn.last))
+
+    def end_turn(self, at: int) -> None:
+        turn, self.turn = self.turn, None
+        if turn is not None:
+            self.commit(turn, self.take(at))
+
+    async def on_commit(self, event: NoFields, event_id: str | None) -> None:
+        turn = self.turn
+        if turn is None and len(self.buffer) < FRAME_BYTES * 5:
             self.error("buffer too small: at least 100 ms of audio is needed to commit",
-                       code="input_audio_buffer_commit_empty", event_id=event.get("event_id"))
+                       code="input_audio_buffer_commit_empty", event_id=event_id)
             return
-        self.commit(new_id("item"))
+        if turn is None:
+            self.commit(Turn(new_id("item"), self.buffer_start), self.take(self.audio_end))
+            return
+        self.end_turn(self.audio_end)
+        td = self.td
+        if td is not None and self.vad.speaking:  # the user goes on talking: that is a new turn
+            self.speech_started(self.audio_end, td, prefix=False)
 
-    async def on_clear(self, event: dict[str, Any]) -> None:
+    async def on_clear(self, event: NoFields, event_id: str | None) -> None:
         self.buffer.clear()
+        if self.turn is not None:
+            self.turn.window_start = self.audio_end
         self.emit({"type": "input_audio_buffer.cleared"})
 
-    async def on_item_create(self, event: dict[str, Any]) -> None:
-        item = event["item"]
-        if item.get("type", "message") != "message" or item.get("role") not in ("user", "system", "assistant"):
-            raise ValueError("only message items with role user, system or assistant are supported")
-        text = "".join(part.get("text") or part.get("transcript") or "" for part in item.get("content", []))
-        item_id = item.get("id") or new_id("item")
-        self.items.append((item["role"], text))
-        view = {"id": item_id, "type": "message", "role": item["role"], "status": "completed",
-                "content": item.get("content", [])}
+    async def on_item_create(self, event: ItemCreateEvent, event_id: str | None) -> None:
+        item = event.item
+        text = "".join(part.text or part.transcript or "" for part in item.content)
+        item_id = item.id or new_id("item")
+        self.items.append((item.role, text))
+        view = {"id": item_id, "type": "message", "role": item.role, "status": "completed",
+                "content": msgspec.to_builtins(item.content)}
         self.emit({"type": "conversation.item.added", "previous_item_id": self.last_item, "item": view})
         self.emit({"type": "conversation.item.done", "previous_item_id": self.last_item, "item": view})
         self.last_item = item_id
 
-    async def on_response_create(self, event: dict[str, Any]) -> None:
+    async def on_response_create(self, event: ResponseCreateEvent, event_id: str | None) -> None:
         if self.transcription_only:
-            self.error("a transcription session does not create responses", event_id=event.get("event_id"))
+            self.error("a transcription session does not create responses", event_id=event_id)
             return
         if self.response is not None and not self.response.done():
             self.error("Conversation already has an active response", code="conversation_already_has_active_response",
-                       event_id=event.get("event_id"))
+                       event_id=event_id)
             return
-        overrides = event.get("response") or {}
-        self.start_response(overrides)
+        params = event.response or ResponseParams()
+        if params.tools:
+            raise unsupported("response.tools", "tools")
+        if params.prompt is not None:
+            raise unsupported("response.prompt", "prompt templates")
+        if params.input is not None:
+            raise unsupported("response.input", "responses over items of their own")
+        self.start_response(params)
 
-    async def on_response_cancel(self, event: dict[str, Any]) -> None:
-        if self.response is None or self.response.done():
-            self.error("no active response to cancel", code="response_cancel_not_active",
-                       event_id=event.get("event_id"))
+    async def on_response_cancel(self, event: ResponseCancelEvent, event_id: str | None) -> None:
+        active = self.response is not None and not self.response.done()
+        if not active or event.response_id not in (None, self.response_id):
+            self.error("no active response to cancel", code="response_cancel_not_active", event_id=event_id)
             return
+        assert self.response is not None
         self.response.cancel()
 
     # ---- a user turn: commit -> transcript -> response ---------------------------------------
 
-    def commit(self, item_id: str) -> None:
-        audio = bytes(self.buffer)
-        self.buffer.clear()
+    def commit(self, turn: Turn, audio: bytes) -> None:
+        item_id = turn.item_id
         self.emit({"type": "input_audio_buffer.committed", "previous_item_id": self.last_item, "item_id": item_id})
         view = {"id": item_id, "type": "message", "role": "user", "status": "completed",
                 "content": [{"type": "input_audio", "transcript": None}]}
         self.emit({"type": "conversation.item.added", "previous_item_id": self.last_item, "item": view})
         self.last_item = item_id
-        self.transcribing.add(self.spawn(self.transcribe_turn(item_id, audio, view)))
+        self.transcribing.add(self.spawn(self.transcribe_turn(turn, audio, view)))
 
-    async def transcribe_turn(self, item_id: str, audio: bytes, view: dict[str, Any]) -> None:
+    async def admit(self, turn: Turn) -> None:
+        """The turn's transcription under the key's scopes and limits: one request, however many windows."""
+        if turn.admitted:
+            return
+        tr = self.config.audio.input.transcription or Transcription()
+        turn.model = self.alias(tr.model)
+        self.turns.add(turn)
+        turn.grant = await self.gw.admit_request(self.key, "/v1/realtime", "asr", turn.model, turn.request_id)
+        turn.admitted = True
+
+    def release(self, turn: Turn) -> None:
+        if turn in self.turns:
+            self.turns.discard(turn)
+            self.gw.release(self.key, turn.grant, turn.model)
+
+    async def transcribe_window(self, turn: Turn, audio: bytes, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)  # in order: each prompts the next
+        if turn.error is not None:
+            return  # the turn failed: its final says so, and nothing more is sent (or billed)
+        try:
+            await self.admit(turn)
+            text = _piece(await self.transcribe(audio, turn))
+        except InferBusError as exc:
+            turn.error = exc
+            return
+        turn.texts.append(text)
+        if text:
+            self.emit({"type": "conversation.item.input_audio_transcription.delta", "item_id": turn.item_id,
+                       "content_index": 0, "delta": (" " if len(turn.texts) > 1 else "") + text,
+                       "transcript": turn.text})
+
+    async def transcribe_turn(self, turn: Turn, audio: bytes, view: dict[str, Any]) -> None:
         task = asyncio.current_task()
         try:
-            await self._transcribe_turn(item_id, audio, view)
+            await self._transcribe_turn(turn, audio, view)
         finally:
+            self.release(turn)
             if task is not None:
                 self.transcribing.discard(task)
 
-    async def _transcribe_turn(self, item_id: str, audio: bytes, view: dict[str, Any]) -> None:
-        seconds = len(audio) / (RATE * 2)
+    async def _transcribe_turn(self, turn: Turn, audio: bytes, view: dict[str, Any]) -> None:
+        if turn.last is not None:
+            await asyncio.gather(turn.last, return_exceptions=True)
         try:
-            transcript = await self.transcribe(audio)
+            if turn.error is not None:
+                raise turn.error
+            if audio:
+                await self.admit(turn)
+                turn.texts.append(_piece(await self.transcribe(audio, turn)))
         except InferBusError as exc:
-            self.emit({"type": "conversation.item.input_audio_transcription.failed", "item_id": item_id,
+            self.emit({"type": "conversation.item.input_audio_transcription.failed", "item_id": turn.item_id,
                        "content_index": 0, "error": {"type": "transcription_error", "code": exc.code,
                                                      "message": exc.message}})
             return
-        self.finalized.add(item_id)
-        self.emit({"type": "conversation.item.input_audio_transcription.completed", "item_id": item_id,
-                   "content_index": 0, "transcript": transcript, "usage": {"type": "duration", "seconds": seconds}})
+        transcript = turn.text
+        self.emit({"type": "conversation.item.input_audio_transcription.completed", "item_id": turn.item_id,
+                   "content_index": 0, "transcript": transcript,
+                   "usage": {"type": "duration", "seconds": round(turn.sent / BYTES_PER_S, 3)}})
         view["content"][0]["transcript"] = transcript
         self.emit({"type": "conversation.item.done", "item": view})
         self.items.append(("user", transcript))
         # With turn detection the server answers by itself; without (push-to-talk) the client sends
         # response.create, which waits for this transcript.
-        td = self.config["audio"]["input"]["turn_detection"]
+        td = self.td
         idle = self.response is None or self.response.done()
-        if td and transcript.strip() and td.get("create_response", True) and idle and not self.transcription_only:
-            self.start_response({})
+        if td and transcript.strip() and td.create_response and idle and not self.transcription_only:
+            self.start_response(ResponseParams())
 
-    async def transcribe(self, pcm: bytes) -> str:
-        model = self.gw.settings.model_aliases.get(
-            self.config["audio"]["input"]["transcription"].get("model", "whisper-tiny-en"), "whisper-tiny-en"
-        )
-        payload = wav_bytes(downsample_16k(pcm), 16_000)
+    async def transcribe(self, pcm: bytes, turn: Turn) -> str:
+        tr = self.config.audio.input.transcription or Transcription()
+        payload = await asyncio.to_thread(whisper_wav, pcm)
         if len(payload) > INLINE_MAX:
             raise InferBusError("invalid_request", "this turn is too long to transcribe (over ~16 s of speech)")
-        request = TranscribeRequest(request_id=new_id("rt-asr"), model=model, audio=payload, filename="turn.wav")
-        route = self.gw.catalogue.route(model, "asr")
-        text = ""
-        async for chunk in self.stream(route.subject, asr_encoder.encode(request), request.request_id, "asr",
-                                       (Transcript,)):
-            if isinstance(chunk, Transcript):
-                text = chunk.text.strip()
-        return text
-
-    def stream(self, subject: str, payload: bytes, request_id: str, kind: str,
-               terminal: tuple[type, ...]) -> AsyncGenerator[Any, None]:
-        decoder = asr_chunk_decoder if kind == "asr" else tts_chunk_decoder
-        return self.gw.dispatcher.client.open(
-            subject, payload, request_id, decoder=decoder, terminal=terminal, what=f"the {kind} model",
-            deadline=time.time() + 120, extra_headers=self.gw.bus_headers(None, self.key),
+        prompt = turn.text[-400:] or tr.prompt
+        request = TranscribeRequest(request_id=turn.next_request_id(), model=turn.model, audio=payload,
+                                    filename="turn.wav", language=tr.language, prompt=prompt)
+        turn.sent += len(pcm)
+        route = self.gw.catalogue.route(turn.model, "asr", key_id=self.key.id)
+        chunks = self.gw.dispatcher.open(
+            "asr", turn.model, route, asr_encoder.encode(request), request.request_id, decoder=asr_chunk_decoder,
+            terminal=(Transcript,), progress=(Segment,), retries=0, deadline=time.time() + 120,
+            headers=self.gw.bus_headers(None, self.key),
         )
+        text = ""
+        try:
+            async for chunk in chunks:
+                if isinstance(chunk, Transcript):
+                    text = chunk.text.strip()
+        finally:
+            await chunks.aclose()
+        return text
 
     # ---- a response: LLM tokens -> sentences -> TTS audio ------------------------------------
 
-    def start_response(self, overrides: dict[str, Any]) -> None:
-        self.response = self.spawn(self.respond(overrides))
+    def start_response(self, params: ResponseParams) -> None:
+        self.response = self.spawn(self.respond(params))
 
-    async def respond(self, overrides: dict[str, Any]) -> None:
+    async def respond(self, params: ResponseParams) -> None:
         waiting = [t for t in self.transcribing if not t.done()]
         if waiting:  # a committed turn is part of this response's prompt
             await asyncio.gather(*waiting, return_exceptions=True)
         response_id, item_id = new_id("resp"), new_id("item")
-        modalities = overrides.get("output_modalities") or self.config["output_modalities"]
+        self.response_id = response_id
+        modalities = _set(params.output_modalities, UNSET)
+        if modalities is UNSET and not isinstance(params.modalities, UnsetType):
+            modalities = ["audio"] if "audio" in params.modalities else ["text"]
+        modalities = _set(modalities, self.config.output_modalities)
         audio_out = "audio" in modalities
         shell = {"id": response_id, "object": "realtime.response", "status": "in_progress", "output": [],
                  "output_modalities": modalities}
@@ -471,12 +900,21 @@ class Session:
         text: list[str] = []
         usage = {"input_tokens": 0, "output_tokens": 0}
         sentences: asyncio.Queue[str | None] = asyncio.Queue()
-        speaker = self.spawn(self.speak(sentences, where)) if audio_out else None
+        speaker: asyncio.Task[None] | None = None
+        tts_model = self.alias(self.config.audio.output.model)
+        tts_grant: Grant | None = None
         status, reason = "completed", None
-        tokens = self.generate(overrides)
+        tokens: AsyncGenerator[Any, None] | None = None
         try:
+            if audio_out:
+                tts_grant = await self.gw.admit_request(self.key, "/v1/realtime", "tts", tts_model,
+                                                        f"{response_id}-tts")
+                speaker = self.spawn(self.speak(sentences, where, tts_model))
+            tokens = self.generate(params)
             pending = ""
             async for chunk in tokens:
+                if speaker is not None and speaker.done():
+                    await speaker  # the speech failed: so does the response
                 if isinstance(chunk, Delta) and chunk.text:
                     text.append(chunk.text)
                     kind = "response.output_audio_transcript.delta" if audio_out else "response.output_text.delta"
@@ -496,12 +934,18 @@ class Session:
             status, reason = "cancelled", "turn_detected"
         except InferBusError as exc:
             status, reason = "failed", exc.code
-            self.error(exc.message, code="server_error" if exc.http_status >= 500 else exc.code)
+            self.failed(exc)
+        except Exception:
+            self.logger.exception("response_failed", response_id=response_id)
+            status, reason = "failed", "internal_error"
+            self.error("The server had an error creating this response", code="server_error", kind="server_error")
         finally:
-            await tokens.aclose()  # at once: the LLM worker hears the cancel
+            if tokens is not None:
+                await tokens.aclose()  # at once: the LLM worker hears the cancel
             if speaker is not None and not speaker.done():
                 speaker.cancel()  # closes its TTS stream: the worker hears the cancel
                 await asyncio.gather(speaker, return_exceptions=True)
+            self.gw.release(self.key, tts_grant, tts_model)
         transcript = "".join(text)
         if transcript:
             self.items.append(("assistant", transcript))
@@ -525,14 +969,19 @@ class Session:
                       "output_token_details": {"text_tokens": usage["output_tokens"], "audio_tokens": 0}},
         }})
 
-    async def generate(self, overrides: dict[str, Any]) -> AsyncGenerator[Any, None]:
+    def max_tokens(self, params: ResponseParams) -> int:
+        limit = _set(params.max_output_tokens, _set(params.max_response_output_tokens, self.config.max_output_tokens))
+        # "inf": as long as the model goes, up to what a chat request without max_tokens gets
+        return self.gw.settings.default_max_tokens if limit == "inf" else int(limit)
+
+    async def generate(self, params: ResponseParams) -> AsyncGenerator[Any, None]:
         cfg = self.config
-        messages = [Message("system", overrides.get("instructions") or cfg["instructions"])]
-        messages += [Message(role, content) for role, content in self.items[-20:]]
-        model = self.gw.settings.model_aliases.get(cfg["model"], cfg["model"])
+        messages = [Message("system", _set(params.instructions, cfg.instructions))]
+        messages += [Message(role, content) for role, content in self.items]
+        model = self.alias(cfg.model)
         request = GenerateRequest(request_id=new_id("rt-llm"), model=model, messages=messages,
-                                  max_tokens=int(overrides.get("max_output_tokens") or cfg["max_output_tokens"]),
-                                  temperature=float(overrides.get("temperature", cfg["temperature"])))
+                                  max_tokens=self.max_tokens(params),
+                                  temperature=_set(params.temperature, cfg.temperature))
         grant = await self.gw.admit(self.key, "/v1/realtime", request)
         chunks = self.gw.dispatcher.generate(
             request, kind="llm", timeout_s=120, headers=self.gw.bus_headers(None, self.key), key_id=self.key.id
@@ -546,16 +995,18 @@ class Session:
         finally:
             await chunks.aclose()  # on cancel too: publishes the LLM's cancel subject
 
-    async def speak(self, sentences: asyncio.Queue[str | None], where: dict[str, Any]) -> None:
-        out = self.config["audio"]["output"]
-        model = self.gw.settings.model_aliases.get(out.get("model", "hibari"), "hibari")
+    async def speak(self, sentences: asyncio.Queue[str | None], where: dict[str, Any], model: str) -> None:
         index = 0
         while (sentence := await sentences.get()) is not None:
-            request = SpeechRequest(request_id=new_id(f"rt-tts{index}"), model=model, input=sentence)
+            request = SpeechRequest(request_id=f"{where['response_id']}-tts{index}", model=model, input=sentence,
+                                    speed=self.config.audio.output.speed)
             index += 1
-            route = self.gw.catalogue.route(model, "tts")
-            chunks = self.stream(route.subject, asr_encoder.encode(request), request.request_id, "tts",
-                                 (SpeechDoneChunk,))
+            route = self.gw.catalogue.route(model, "tts", key_id=self.key.id)
+            chunks = self.gw.dispatcher.open(
+                "tts", model, route, asr_encoder.encode(request), request.request_id, decoder=tts_chunk_decoder,
+                terminal=(SpeechDoneChunk,), progress=(AudioChunk,), retries=0, deadline=time.time() + 120,
+                headers=self.gw.bus_headers(None, self.key),
+            )
             try:
                 async for chunk in chunks:
                     if isinstance(chunk, AudioChunk):
@@ -577,20 +1028,26 @@ def _key_from(request: web.Request) -> str:
 @routes.get("/v1/realtime")
 async def realtime(request: web.Request) -> web.WebSocketResponse:
     gw = request.app[GATEWAY]
-    key = await gw.keys.authenticate(_key_from(request)) if gw.keys else None
-    assert key is not None
+    assert gw.keys is not None
+    key = await gw.keys.authenticate(_key_from(request))
+    dictation = request.query.get("intent") == "transcription"  # OpenAI's transcription sessions
     model = request.query.get("model") or "smollm2-135m-instruct"
     model = gw.settings.model_aliases.get(model, model)
-    key.authorize("llm", model)
+    if dictation:
+        key.authorize("asr", gw.settings.model_aliases.get(Transcription().model, Transcription().model))
+    else:
+        key.authorize("llm", model)
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
-    ws = web.WebSocketResponse(protocols=("realtime",) if "realtime" in protocols else (), heartbeat=20)
+    ws = web.WebSocketResponse(protocols=("realtime",) if "realtime" in protocols else (), heartbeat=20,
+                               max_msg_size=MAX_EVENT_BYTES)
     await ws.prepare(request)
     session = Session(gw, ws, key, model, beta="realtime=v1" in request.headers.get("OpenAI-Beta", ""))
-    if request.query.get("intent") == "transcription":  # OpenAI's transcription sessions: dictation
-        session.transcription_only = session.partials = True
-        session.config["type"] = "transcription"
+    if dictation:
+        session.transcription_only = True
+        session.config = msgspec.structs.replace(session.config, type="transcription")
+    gw.sockets.add(key, session)
     writer = asyncio.create_task(session.writer())
-    session.emit({"type": "session.created", "session": session.config})
+    session.emit({"type": "session.created", "session": msgspec.to_builtins(session.config)})
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
@@ -598,6 +1055,10 @@ async def realtime(request: web.Request) -> web.WebSocketResponse:
             elif msg.type == WSMsgType.BINARY:
                 session.error("send JSON text events; audio goes base64 in input_audio_buffer.append")
     finally:
+        gw.sockets.discard(key, session)
         await session.close()
-        await writer
+        try:
+            await asyncio.wait_for(writer, timeout=2)
+        except TimeoutError:
+            writer.cancel()
     return ws

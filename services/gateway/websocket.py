@@ -1,13 +1,17 @@
-"""/v1/ws: many concurrent generations per socket, keyed by client id, with cancel."""
+"""/v1/ws: many concurrent generations per socket, keyed by client id, with cancel.
+
+A socket authenticates once (header or `auth` event; a few failed attempts close it). When its key is
+revoked or expires, the socket gets an error event and is closed (policy violation), whatever it runs.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgspec
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from contracts.errors import InferBusError, invalid
 from contracts.llm import (
@@ -38,6 +42,13 @@ class ClientEvent(msgspec.Struct, forbid_unknown_fields=True):
 
 _event_decoder = msgspec.json.Decoder(ClientEvent)
 _encode = msgspec.json.encode
+MAX_AUTH_FAILURES = 3
+TOO_DEEP = "We could not parse the JSON body of your request: it is nested too deeply"
+
+
+class Close(NamedTuple):
+    code: int
+    reason: str
 
 
 def _error(exc: InferBusError, rid: str | None) -> dict[str, Any]:
@@ -48,22 +59,52 @@ class Socket:
     def __init__(self, gw: Gateway, ws: web.WebSocketResponse, key: KeyRecord | None) -> None:
         self.gw = gw
         self.ws = ws
-        self.key = key
-        self.outbox: asyncio.Queue[str | None] = asyncio.Queue()
+        self.key: KeyRecord | None = None
+        self.auth_failures = 0
+        self.ending = False  # an error was sent and the close is on its way: nothing more is read
+        self.outbox: asyncio.Queue[str | Close | None] = asyncio.Queue()
         self.running: dict[str, asyncio.Task[None]] = {}
+        if key is not None:
+            self._use(key)
 
     def send(self, event: dict[str, Any]) -> None:
         self.outbox.put_nowait(_encode(event).decode())
 
+    def end(self, exc: InferBusError, code: int = WSCloseCode.POLICY_VIOLATION) -> None:
+        """An error event, then the close: the writer sends both in order."""
+        self.ending = True
+        self.send(_error(exc, None))
+        self.outbox.put_nowait(Close(code, exc.code))
+
+    def revoked(self) -> None:
+        self.end(InferBusError("invalid_api_key", "This API key has been revoked or has expired"))
+
+    def _use(self, key: KeyRecord) -> None:
+        if self.key is not None:
+            self.gw.sockets.discard(self.key, self)
+        self.key = key
+        self.gw.sockets.add(key, self)
+
     async def writer(self) -> None:
-        while (data := await self.outbox.get()) is not None:
-            await self.ws.send_str(data)
+        try:
+            while (item := await self.outbox.get()) is not None:
+                if isinstance(item, Close):
+                    await self.ws.close(code=item.code, message=item.reason.encode())
+                    return
+                await self.ws.send_str(item)
+        except ConnectionError:  # the client is gone: nothing more to tell it
+            return
 
     async def handle(self, raw: str | bytes) -> None:
+        if self.ending:
+            return
         try:
             event = _event_decoder.decode(raw)
         except msgspec.MsgspecError as exc:
             self.send(_error(from_validation(exc), None))
+            return
+        except RecursionError:
+            self.send(_error(invalid(TOO_DEEP), None))
             return
         if event.type == "auth":
             await self._auth(event)
@@ -79,10 +120,14 @@ class Socket:
     async def _auth(self, event: ClientEvent) -> None:
         try:
             assert self.gw.keys is not None
-            self.key = await self.gw.keys.authenticate(event.api_key or "")
+            self._use(await self.gw.keys.authenticate(event.api_key or ""))
             self.send({"type": "authenticated"})
         except InferBusError as exc:
-            self.send(_error(exc, None))
+            self.auth_failures += 1
+            if self.auth_failures >= MAX_AUTH_FAILURES:
+                self.end(InferBusError(exc.code, f"{exc.message}; too many failed attempts, closing the socket"))
+            else:
+                self.send(_error(exc, None))
 
     def _start(self, event: ClientEvent) -> None:
         rid = event.id
@@ -116,6 +161,8 @@ class Socket:
             return chat_to_generate(req, "chatcmpl-" + secrets.token_hex(12), cfg.default_max_tokens)
         except msgspec.MsgspecError as exc:
             raise from_validation(exc) from None
+        except RecursionError:
+            raise invalid(TOO_DEEP, "body") from None
 
     async def _run(self, rid: str, gen: Any) -> None:
         seq = 0
@@ -150,10 +197,15 @@ class Socket:
             self.send(_error(exc, rid))
         except asyncio.CancelledError:
             self.send(_error(InferBusError("cancelled", "cancelled by the client"), rid))
+        except Exception:
+            log.get("gateway").exception("ws_request_failed", id=rid)
+            self.send(_error(InferBusError("internal_error", "The server had an error processing your request"), rid))
         finally:
             await chunks.aclose()
 
     async def close(self) -> None:
+        if self.key is not None:
+            self.gw.sockets.discard(self.key, self)
         for task in list(self.running.values()):
             task.cancel()
         await asyncio.gather(*self.running.values(), return_exceptions=True)
