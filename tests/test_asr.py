@@ -9,7 +9,9 @@ import asyncio
 import dataclasses
 import io
 import itertools
+import math
 import re
+import secrets
 import struct
 import time
 import wave
@@ -25,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 import openai
 import pytest
+import redis.asyncio as aioredis
 from multidict import CIMultiDict
 from nats.js.api import DeliverPolicy
 
@@ -45,6 +48,7 @@ from services.runtime import bus
 from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env
 from services.speech.wer import wer, words
 from tests.conftest import ADMIN_KEY, Gateway
+from tests.test_tenancy import admin
 
 TINY = "whisper-tiny-en"
 BASE = "whisper-base"
@@ -558,3 +562,77 @@ async def test_client_disconnect_cancels(
         pytest.fail(f"the transcription was not cancelled: {stats}")
     assert stats["served"] == before["served"] + 1
     assert (await post_audio(gateway, to_wav(speech.sentences[0]))).status == 200
+
+
+# ---- admission: decode only once admitted, bill by audio length -----------------------------
+
+
+async def test_audio_is_decoded_only_once_admitted(nc: bus.Connection, tiny: dict[str, Any], speech: Speech) -> None:
+    subject = subjects.infer("asr", TINY, VERSION, tiny["worker_id"])
+    tag = secrets.token_hex(4)
+    long = encode(speech.joined([0, 1, 2, 3, 4] * 3), "ogg", "libopus")  # ~50 s: seconds on the only slot
+    assert len(long) <= INLINE_MAX
+    requests = {
+        "busy": TranscribeRequest(request_id=f"asr-busy-{tag}", model=TINY, audio=long, filename="long.ogg"),
+        "queued": TranscribeRequest(request_id=f"asr-queued-{tag}", model=TINY, audio=to_wav(speech.joined([0, 1]))),
+        "garbage": TranscribeRequest(request_id=f"asr-garbage-{tag}", model=TINY, audio=b"not audio " * 500,
+                                     filename="notes.mp3"),
+    }
+    streams = {"busy": asyncio.create_task(raw_stream(nc, subject, asr_encoder.encode(requests["busy"])))}
+    deadline = time.monotonic() + 20
+    while (await asr_stats(nc, tiny["pid"]))["in_flight"] < 1:
+        assert time.monotonic() < deadline and not streams["busy"].done()
+    for name in ("queued", "garbage"):
+        streams[name] = asyncio.create_task(raw_stream(nc, subject, asr_encoder.encode(requests[name])))
+    while (await asr_stats(nc, tiny["pid"]))["queued"] < 1:
+        assert time.monotonic() < deadline and not streams["busy"].done()
+    await nc.publish(subjects.cancel(requests["queued"].request_id), b"")  # leaves while queued
+    busy, queued, garbage = [await streams[name] for name in ("busy", "queued", "garbage")]
+    assert isinstance(busy[-1][1], Transcript) and busy[-1][1].duration > 40
+    assert isinstance(queued[-1][1], ErrorChunk) and queued[-1][1].code == "cancelled"
+    assert isinstance(garbage[-1][1], ErrorChunk) and garbage[-1][1].code == "invalid_request"
+    assert garbage[-1][0] > busy[-1][0]  # its upload was first read once the busy one freed the slot
+    event = await usage_event(nc, requests["queued"].request_id)
+    assert event.outcome == "cancelled" and event.audio_seconds_in == 0  # nothing was decoded, nothing billed
+
+
+async def test_transcriptions_are_budgeted_by_audio_length(
+    infra: EmbeddedStack, gateway: Gateway, tiny: dict[str, Any], nc: bus.Connection, speech: Speech
+) -> None:
+    created = await admin(nc, "keys.create", name="asr-budget", budget={"tokens_per_day": 100})
+    key = created["key"]
+    short = to_wav(speech.sentences[0])
+    form = aiohttp.FormData(default_to_multipart=True)
+    form.add_field("file", short, filename="short.wav", content_type="application/octet-stream")
+    form.add_field("model", TINY)
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http,
+        http.post(f"{gateway.url}/v1/audio/transcriptions", data=form) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        seconds = (await resp.json())["usage"]["seconds"]
+    expected = math.ceil(seconds * 10)  # 10 tokens per second of audio, settled to the decoded length
+    client = aioredis.Redis.from_url(infra.redis_url)
+    try:
+        deadline = time.monotonic() + 5
+        while True:  # the settle runs just after the response
+            counters = [k async for k in client.scan_iter(f"ib:bud:key:{created['info']['id']}:tokens:d*")]
+            counted = int(await client.get(counters[0]) or 0) if counters else 0
+            if counted == expected or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await client.aclose()
+    assert counted == expected
+    # ~15 s of audio (150 tokens) does not fit in what is left of 100.
+    form = aiohttp.FormData(default_to_multipart=True)
+    form.add_field("file", to_wav(speech.joined([0, 1, 2, 3, 4])), filename="long.wav",
+                   content_type="application/octet-stream")
+    form.add_field("model", TINY)
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http,
+        http.post(f"{gateway.url}/v1/audio/transcriptions", data=form) as resp,
+    ):
+        assert resp.status == 429
+        error = (await resp.json())["error"]
+    assert error["code"] == "insufficient_quota" and "daily tokens budget of this API key" in error["message"]

@@ -146,8 +146,11 @@ async def test_forged_identity_headers_change_nothing(
 ) -> None:
     events: list[Any] = []
 
+    arrived = asyncio.Event()
+
     async def on_event(msg: Any) -> None:
         events.append(event_decoder.decode(msg.data))
+        arrived.set()
 
     sub = await nc.subscribe("usage.>", cb=on_event)
     await nc.flush()
@@ -155,9 +158,9 @@ async def test_forged_identity_headers_change_nothing(
     chunks, first = await client.stream(BENCH_MODEL, headers=forged)
     assert isinstance(chunks[-1], Final)
     rid = first[h.REQUEST_ID]
-    deadline = time.monotonic() + 5
-    while not any(e.request_id == rid for e in events) and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
+    async with asyncio.timeout(5):
+        while arrived.clear() or not any(e.request_id == rid for e in events):
+            await arrived.wait()
     await sub.unsubscribe()
     billed = [e for e in events if e.request_id == rid]
     assert len(billed) == 1
@@ -253,9 +256,11 @@ ROLE_FORBIDDEN = {
 @pytest.mark.parametrize("role", sorted(ROLE_FORBIDDEN))
 async def test_service_roles_hold_least_privilege(infra: EmbeddedStack, role: str) -> None:
     errors: list[str] = []
+    heard = asyncio.Event()
 
     async def on_error(exc: Exception) -> None:
         errors.append(str(exc))
+        heard.set()
 
     options = infra.identity(role).options()
     nc = await nats.connect(infra.nats_url, error_cb=on_error, **options)
@@ -263,9 +268,9 @@ async def test_service_roles_hold_least_privilege(infra: EmbeddedStack, role: st
         for subject in ROLE_FORBIDDEN[role]:
             await nc.publish(subject, b"x")
         await nc.flush()
-        deadline = time.monotonic() + 5
-        while len(errors) < len(ROLE_FORBIDDEN[role]) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        async with asyncio.timeout(5):
+            while heard.clear() or len(errors) < len(ROLE_FORBIDDEN[role]):
+                await heard.wait()
         for subject in ROLE_FORBIDDEN[role]:
             assert any(subject.lower() in e.lower() for e in errors), (role, subject, errors)
     finally:

@@ -311,8 +311,10 @@ def cli(infra: EmbeddedStack, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_tenants_and_keys_cli(infra: EmbeddedStack, gateway: Gateway, bench_worker: dict[str, Any]) -> None:
-    made = await asyncio.to_thread(cli, infra, "tenants", "create", "cli-corp", "--rpm", "50", "--usd-per-month", "9")
-    assert made.returncode == 0 and "rpm=50" in made.stdout and "usd_per_month=9" in made.stdout, made.stderr
+    # A token budget: a USD one would be refused (503) until this module's gateway has prices from metering.
+    made = await asyncio.to_thread(cli, infra, "tenants", "create", "cli-corp", "--rpm", "50",
+                                   "--tokens-per-month", "100000")
+    assert made.returncode == 0 and "rpm=50" in made.stdout and "tokens_per_month=100000" in made.stdout, made.stderr
     key = await asyncio.to_thread(cli, infra, "keys", "create", "--name", "cli-app", "--tenant", "cli-corp",
                                   "--scope", "kind:llm", "--tpm", "1000", "--model-rpm", f"{BENCH_MODEL}=5",
                                   "--expires", "30d")

@@ -13,11 +13,7 @@ from collections.abc import AsyncGenerator
 from typing import Any, Literal
 
 import msgspec
-import nats.errors
-import nats.js.errors
 from aiohttp import BodyPartReader, web
-from nats.js.api import ObjectStoreConfig
-from nats.js.object_store import ObjectStore
 
 from contracts.errors import InferBusError, invalid
 from contracts.llm import Accepted
@@ -34,10 +30,13 @@ from services.gateway import transcripts
 from services.gateway.auth import KeyRecord
 from services.gateway.errors import json_response
 from services.gateway.formats import sse
+from services.gateway.governance import upload_seconds_bound
 from services.gateway.openai_routes import VERSION_HEADER
 from services.gateway.openai_routes import _timeout as request_timeout
 from services.gateway.state import GATEWAY, Gateway
+from services.runtime import bus
 from services.runtime import logging as log
+from services.runtime.bus import ObjectStore, ObjectStoreConfig
 from services.runtime.routing import Route
 
 routes = web.RouteTableDef()
@@ -82,7 +81,8 @@ async def _handle(request: web.Request, task: Task, prefix: str) -> web.StreamRe
     form = await _read_form(request, gw.settings.max_audio_bytes, task)
     model = gw.settings.model_aliases.get(form.model, form.model)
     rid = prefix + secrets.token_hex(12)
-    grant = await gw.admit_request(key, request.path, "asr", model, rid)
+    seconds = upload_seconds_bound(form.audio, gw.settings.max_audio_seconds)
+    grant = await gw.admit_request(key, request.path, "asr", model, rid, seconds)
     try:
         return await _transcribe(request, gw, key, form, task, model, rid, timeout, grant.headers if grant else {})
     finally:
@@ -110,7 +110,7 @@ async def _transcribe(
             try:
                 store = await _media_store(gw)
                 await store.put(rid, form.audio)
-            except (nats.errors.Error, TimeoutError) as exc:
+            except (bus.errors.Error, TimeoutError) as exc:
                 log.get("gateway").warning("media_store_failed", error=repr(exc))
                 raise InferBusError("internal_error", "Could not store the upload for the worker; retry") from None
             transcribe = msgspec.structs.replace(transcribe, object_name=rid)
@@ -149,11 +149,11 @@ def _stream(
     key: KeyRecord,
 ) -> AsyncGenerator[Any, None]:
     """The worker's chunks; a per-worker subject without responders is forgotten and the queue group tried."""
-    return gw.dispatcher.open(
+    return gw.metered_audio(request.request_id, gw.dispatcher.open(
         "asr", request.model, route, payload, request.request_id, decoder=asr_chunk_decoder,
         terminal=(Transcript,), progress=(Segment,), retries=0, deadline=deadline,
         headers=gw.bus_headers(http, key),
-    )
+    ))
 
 
 def _respond(
@@ -293,18 +293,18 @@ async def _media_store(gw: Gateway) -> ObjectStore:
     js = gw.service.bus.jetstream()
     try:
         return await js.object_store(MEDIA_BUCKET)
-    except nats.js.errors.BucketNotFoundError:
+    except bus.js_errors.BucketNotFoundError:
         try:
             config = ObjectStoreConfig(description="InferBus media too large to send inline", ttl=MEDIA_TTL_S)
             return await js.create_object_store(MEDIA_BUCKET, config)
-        except nats.js.errors.BadRequestError:  # created meanwhile by another gateway
+        except bus.js_errors.BadRequestError:  # created meanwhile by another gateway
             return await js.object_store(MEDIA_BUCKET)
 
 
 async def _discard(store: ObjectStore, name: str) -> None:
     try:
         await store.delete(name)
-    except nats.js.errors.NotFoundError:
+    except bus.js_errors.NotFoundError:
         pass
     except Exception as exc:  # the bucket's TTL removes it later
         log.get("gateway").warning("media_delete_failed", object=name, error=repr(exc))

@@ -35,6 +35,13 @@ class Ended:
     version: str = ""
 
 
+def as_attempt(payload: bytes, attempt: int) -> bytes:
+    """An encoded request (any kind's: a msgpack map with an `attempt` field) as attempt `attempt` (0: the first)."""
+    fields = msgspec.msgpack.decode(payload)
+    fields["attempt"] = attempt
+    return msgspec.msgpack.encode(fields)
+
+
 class Dispatcher:
     def __init__(self, client: StreamClient, catalogue: Catalogue, *, retries: int = 1) -> None:
         self.client = client
@@ -105,6 +112,8 @@ class Dispatcher:
         the request goes to another worker (or the version's queue group) without using up a retry.
         Other retryable failures are retried up to `retries` times while no `progress` chunk (a token,
         a piece of audio) has reached the caller. Time to the first `progress` chunk is the outcome's TTFT.
+        Every send after the first is a new attempt under the same request id (the request's `attempt`
+        field), so each attempt's usage is its own in the ledger.
         """
         presence = self.catalogue.presence
         ended = ended or Ended()
@@ -112,15 +121,18 @@ class Dispatcher:
         ttft: float | None = None
         accepted = False
         excluded: set[str] = set()
-        attempt = 0
+        retried = 0
+        sent = 0
         try:
             while True:
                 ended.code = "cancelled"  # until this attempt ends one way or the other
                 worker = route.worker_id
                 if worker:
                     presence.acquire(worker)
+                body = payload if sent == 0 else as_attempt(payload, sent)
+                sent += 1
                 chunks = self.client.open(
-                    route.subject, payload, request_id, decoder=decoder, terminal=terminal, what=repr(model),
+                    route.subject, body, request_id, decoder=decoder, terminal=terminal, what=repr(model),
                     deadline=deadline, extra_headers=headers,
                 )
                 try:
@@ -140,11 +152,11 @@ class Dispatcher:
                     ended.code = exc.code
                     if exc.code == "no_worker" and worker:
                         presence.forget(worker)  # gone: out of routing now, not in 3 s
-                    elif ttft is not None or attempt >= retries or exc.code not in RETRY_CODES:
+                    elif ttft is not None or retried >= retries or exc.code not in RETRY_CODES:
                         raise
                     else:
-                        attempt += 1
-                        self.logger.warning("stream_retry", kind=kind, error=exc.code, attempt=attempt)
+                        retried += 1
+                        self.logger.warning("stream_retry", kind=kind, error=exc.code, attempt=sent)
                     if worker:
                         excluded.add(worker)
                     route = self.catalogue.route(
@@ -176,7 +188,7 @@ class Dispatcher:
         copy: asyncio.Task[shadow.Observed],
     ) -> None:
         try:
-            record = shadow.compare(request, version, served, shadow_version, await copy)
+            record = await shadow.compare(request, version, served, shadow_version, await copy)
             await shadow.publish(self.client.nc, record)
         except Exception as exc:  # a comparison is best effort; the client was served already
             self.logger.warning("shadow_compare_failed", error=repr(exc))

@@ -9,22 +9,37 @@ actual spend, and the concurrency slot is released.
 
 Budgets reserve an upper bound (prompt bytes + template allowance, plus max_tokens) before dispatch,
 so concurrent requests can never spend past a budget; settling only gives back what was not used.
+
+Speech is budgeted by audio length: a second of audio (ASR input, TTS output) counts as
+TOKENS_PER_AUDIO_SECOND tokens against token budgets and costs the model's price per audio second
+against USD budgets (as metering bills it). Admission reserves an upper bound of the seconds
+(`upload_seconds_bound`, `speech_seconds_bound`); settling corrects it to the seconds the worker
+reported. Token rate limits (tokens/min) stay for generations only.
+
+Every admission settles, however the request ends: a caller cancelled while the admit script runs
+(a client that disconnects) gives its reservation and concurrency slot back once the script answers.
+USD budgets need prices: until the first price list arrives from metering a request under a USD budget
+is refused (`unknown_prices="closed"`, the default) or admitted unpriced (`"open"`), logged either way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import io
 import math
 import time
-from collections.abc import AsyncGenerator
+import wave
+from collections.abc import AsyncGenerator, Iterable
 from typing import Any, Literal, NamedTuple
 
 from prometheus_client import Counter
 
 from contracts.errors import InferBusError
 from contracts.llm import Accepted, Chunk, Delta, Final, GenerateRequest
+from contracts.speech import AudioChunk, SpeechDone, Transcript
 from contracts.tenancy import Limits
+from contracts.usage import PriceView
 from services.gateway.auth import KeyRecord
 from services.runtime import logging as log
 from services.runtime.resp import RedisUnavailable, ReplyError, Resp, Script
@@ -34,6 +49,13 @@ LIMITER_DOWN = Counter("inferbus_gateway_limiter_unavailable_total", "Requests w
 SPEND = Counter("inferbus_gateway_settled_total", "Settled usage per tenant", ["tenant", "unit"])
 
 MICRO = 1_000_000  # budgets in USD are counted in micro-dollars (integers in Redis)
+# A second of audio against token budgets: one token per 100 ms, as OpenAI's audio models count audio.
+TOKENS_PER_AUDIO_SECOND = 10
+# Upper bounds of an upload's duration before it is decoded: PCM WAV from its format and size; anything
+# else as if at 6 kbit/s, the lowest bitrate speech codecs (Opus) use.
+MIN_COMPRESSED_BYTES_PER_SECOND = 750
+# ... and of synthesized speech: at most one second per 8 characters at speed 1 (speech runs 12-16), plus 1 s.
+MIN_CHARS_PER_SECOND = 8.0
 
 _ADMIT = """
 local clock = redis.call('TIME')
@@ -155,9 +177,11 @@ class Grant(NamedTuple):
     slots: list[Slot]
     caps: list[Cap]
     prompt_estimate: int
-    estimate_tokens: int  # prompt estimate + max_tokens: what was reserved
+    estimate_tokens: int  # prompt estimate + max_tokens (or audio seconds as tokens): what was reserved
     headers: dict[str, str]
     tenant_id: str
+    model: str = ""
+    audio: bool = False  # speech: settled by audio seconds, not tokens
 
 
 def estimate_prompt_tokens(request: GenerateRequest) -> int:
@@ -165,6 +189,27 @@ def estimate_prompt_tokens(request: GenerateRequest) -> int:
     if request.prompt is not None:
         return len(request.prompt.encode()) + 16
     return sum(len(m.content.encode()) + 8 for m in request.messages or []) + 32
+
+
+def audio_tokens(seconds: float) -> int:
+    return math.ceil(seconds * TOKENS_PER_AUDIO_SECOND)
+
+
+def upload_seconds_bound(data: bytes, max_seconds: float) -> float:
+    """At least the duration of an uploaded audio file, without decoding it; at most `max_seconds`."""
+    try:
+        with wave.open(io.BytesIO(data)) as w:
+            byte_rate = w.getframerate() * w.getsampwidth() * w.getnchannels()
+    except (wave.Error, EOFError, ValueError):
+        byte_rate = 0
+    # All of the file's bytes as samples: a bound even when the header's data size lies.
+    seconds = len(data) / byte_rate if byte_rate > 0 else len(data) / MIN_COMPRESSED_BYTES_PER_SECOND
+    return min(seconds, max_seconds)
+
+
+def speech_seconds_bound(characters: int, speed: float = 1.0) -> float:
+    """At least the duration of the speech synthesized from `characters` characters at `speed`."""
+    return characters / (MIN_CHARS_PER_SECOND * max(speed, 0.25)) + 1.0
 
 
 def reset_text(ms: float) -> str:
@@ -184,14 +229,29 @@ def _period_keys(now: dt.datetime) -> tuple[tuple[str, int], tuple[str, int]]:
 
 
 class Prices:
-    """Per-model prices (USD per token) for money budgets; filled from the metering service."""
+    """Per-model prices for money budgets; filled from the metering service. Unpriced models cost 0."""
 
     def __init__(self) -> None:
         self.per_model: dict[str, tuple[float, float]] = {}  # model -> (input, output) USD per token, worst case
+        self.per_audio_second: dict[str, float] = {}  # model -> USD per second of audio, worst case
+        self.loaded = False  # a price list arrived at least once: a missing model is free, not unknown
+
+    def load(self, views: Iterable[PriceView]) -> None:
+        """The price list from metering: per model, the dearest version (budgets reserve an upper bound)."""
+        per_model: dict[str, tuple[float, float]] = {}
+        per_second: dict[str, float] = {}
+        for view in views:
+            old_in, old_out = per_model.get(view.model, (0.0, 0.0))
+            per_model[view.model] = (max(old_in, view.input_per_1m / 1e6), max(old_out, view.output_per_1m / 1e6))
+            per_second[view.model] = max(per_second.get(view.model, 0.0), view.per_audio_second)
+        self.per_model, self.per_audio_second, self.loaded = per_model, per_second, True
 
     def estimate_usd(self, model: str, prompt: int, completion: int) -> float:
         price_in, price_out = self.per_model.get(model, (0.0, 0.0))
         return prompt * price_in + completion * price_out
+
+    def audio_usd(self, model: str, seconds: float) -> float:
+        return seconds * self.per_audio_second.get(model, 0.0)
 
 
 class Governor:
@@ -203,17 +263,24 @@ class Governor:
         global_limits: Limits | None = None,
         endpoint_limits: dict[str, Limits] | None = None,
         stale_s: float = 3660.0,
+        unknown_prices: Literal["open", "closed"] = "closed",
     ) -> None:
         self.redis = Resp(redis_url, timeout_s=0.5)
         self.admit_script = Script(self.redis, _ADMIT)
         self.settle_script = Script(self.redis, _SETTLE)
         self.failure = failure
+        self.unknown_prices = unknown_prices
         self.global_limits = global_limits or Limits()
         self.endpoint_limits = endpoint_limits or {}
         self.stale_ms = stale_s * 1000
         self.prices = Prices()
         self.logger = log.get("governance")
         self._down_logged = 0.0
+        self._unpriced_logged = 0.0
+        self._audio_spent: dict[str, float] = {}  # request id -> seconds of audio its stream reported
+        # Admissions whose script may have run although no answer came (Redis timed out or dropped the
+        # connection): their slots are released once Redis answers again. Bounded: a slot left over ages out.
+        self._uncertain: dict[str, tuple[str, Grant]] = {}
         # Settles run off the response path; a key's next admission here waits for its pending ones,
         # so one client's back-to-back requests always see their corrected counters.
         self._settling: dict[str, asyncio.Task[None]] = {}
@@ -261,7 +328,7 @@ class Governor:
                 span = "daily" if period.startswith("d") else "monthly"
                 caps.append(Cap(f"ib:bud:{scope}:{unit}:{period}", f"{span} {unit} budget of {who}", unit, scaled,
                                 amount, ttl))
-        return Grant(request_id, rates, slots, caps, prompt, tokens, {}, key.tenant_id)
+        return Grant(request_id, rates, slots, caps, prompt, tokens, {}, key.tenant_id, model)
 
     # ---- admission and settlement ------------------------------------------------------------
 
@@ -271,14 +338,23 @@ class Governor:
         usd = self.prices.estimate_usd(request.model, prompt, request.max_tokens)
         return await self._admit(key, self.plan(key, endpoint, request.model, request.request_id, prompt, tokens, usd))
 
-    async def admit_request(self, key: KeyRecord, endpoint: str, model: str, request_id: str) -> Grant:
-        """Requests/min and concurrency for work not measured in tokens (speech): token limits do not apply."""
-        grant = self.plan(key, endpoint, model, request_id, 0, 0, 0.0)
-        return await self._admit(key, grant._replace(rates=[r for r in grant.rates if r.unit == "requests"], caps=[]))
+    async def admit_request(
+        self, key: KeyRecord, endpoint: str, model: str, request_id: str, audio_seconds: float = 0.0
+    ) -> Grant:
+        """Speech: requests/min, concurrency, and budgets for `audio_seconds` (an upper bound of its audio).
+
+        Token rate limits do not apply; token budgets count the audio as TOKENS_PER_AUDIO_SECOND per second.
+        """
+        tokens = audio_tokens(audio_seconds)
+        grant = self.plan(key, endpoint, model, request_id, 0, tokens, self.prices.audio_usd(model, audio_seconds))
+        speech = grant._replace(rates=[r for r in grant.rates if r.unit == "requests"], audio=True)
+        return await self._admit(key, speech)
 
     async def _admit(self, key: KeyRecord, grant: Grant) -> Grant:
         if not (grant.rates or grant.slots or grant.caps):
             return grant
+        if not self.prices.loaded and any(c.unit == "usd" for c in grant.caps):
+            self._unpriced(key, grant)
         pending = self._settling.get(key.id)
         if pending is not None:
             await asyncio.shield(pending)
@@ -290,10 +366,18 @@ class Governor:
             args += [s.limit, self.stale_ms]
         for c in grant.caps:
             args += [c.limit, c.amount, c.ttl_s]
+        # Shielded: a caller cancelled meanwhile (its client left) must not lose what the script committed.
+        script = asyncio.ensure_future(self.admit_script(keys=keys, args=args))
         try:
-            denied, retry, out = await self.admit_script(keys=keys, args=args)
+            denied, retry, out = await asyncio.shield(script)
+        except asyncio.CancelledError:
+            script.add_done_callback(lambda done: self._abandoned(key.id, grant, done))
+            raise
         except (RedisUnavailable, ReplyError) as exc:
+            self._uncertain_slots(key.id, grant)
             return self._unavailable(grant, exc)
+        if self._uncertain:
+            self._release_uncertain()
         headers = _headers(grant.rates, out)
         if int(denied) == 0:
             DECISIONS.labels("admitted", "-").inc()
@@ -327,6 +411,39 @@ class Governor:
             "insufficient_quota", f"The {cap.name} ({shown}) would be exceeded by this request"
         ).with_headers(headers)
 
+    def _abandoned(self, key_id: str, grant: Grant, script: asyncio.Future[Any]) -> None:
+        """The caller left while its admission ran: give back whatever the admission took."""
+        if script.cancelled():
+            return
+        if script.exception() is not None:
+            self._uncertain_slots(key_id, grant)
+        elif int(script.result()[0]) == 0:
+            self._audio_spent.pop(grant.request_id, None)
+            self.settle_later(key_id, grant, 0, 0, grant.model)
+
+    def _uncertain_slots(self, key_id: str, grant: Grant) -> None:
+        if grant.slots and len(self._uncertain) < 10_000:
+            self._uncertain[grant.request_id] = (key_id, grant._replace(rates=[], caps=[], audio=False))
+
+    def _release_uncertain(self) -> None:
+        """Redis answers again: free the slots admissions that got no answer may hold (freeing none is harmless)."""
+        pending, self._uncertain = self._uncertain, {}
+        for key_id, grant in pending.values():
+            self.settle_later(key_id, grant, 0, 0, grant.model)
+
+    def _unpriced(self, key: KeyRecord, grant: Grant) -> None:
+        now = time.monotonic()
+        if now - self._unpriced_logged > 5:  # one log line per 5 s, not one per request
+            self._unpriced_logged = now
+            self.logger.warning(
+                "prices_unknown", mode=self.unknown_prices, key_id=key.id, tenant_id=key.tenant_id, model=grant.model
+            )
+        if self.unknown_prices == "closed":
+            raise InferBusError(
+                "limiter_unavailable",
+                "Prices are not loaded yet, so a USD budget cannot be checked: retry shortly",
+            ).with_headers({"Retry-After": "5"})
+
     def _unavailable(self, grant: Grant, exc: BaseException) -> Grant:
         LIMITER_DOWN.labels(self.failure).inc()
         now = time.monotonic()
@@ -342,6 +459,7 @@ class Governor:
     ) -> None:
         """Settle in the background, chained after the key's previous settle."""
         if not (grant.slots or grant.caps or any(r.unit == "tokens" for r in grant.rates)):
+            self._audio_spent.pop(grant.request_id, None)
             return  # request-rate limits only: nothing to correct or release
         previous = self._settling.get(key_id)
 
@@ -355,14 +473,22 @@ class Governor:
         task.add_done_callback(lambda t: self._settling.pop(key_id, None) if self._settling.get(key_id) is t else None)
 
     async def settle(self, grant: Grant, prompt_tokens: int | None, completion_tokens: int, model: str) -> None:
-        """Correct the estimate to what was used and release the concurrency slot."""
+        """Correct the estimate to what was used and release the concurrency slot.
+
+        A speech grant is settled by the audio seconds its stream reported (`metered_audio`); the token
+        arguments are ignored for it.
+        """
+        if grant.audio:
+            seconds = self._audio_spent.pop(grant.request_id, 0.0)
+            used, usd = audio_tokens(seconds), self.prices.audio_usd(model, seconds)
+            SPEND.labels(grant.tenant_id, "audio_seconds").inc(seconds)
+        else:
+            prompt = prompt_tokens if prompt_tokens is not None else grant.prompt_estimate
+            used, usd = prompt + completion_tokens, self.prices.estimate_usd(model, prompt, completion_tokens)
+            SPEND.labels(grant.tenant_id, "tokens").inc(used)
         if not (grant.rates or grant.slots or grant.caps):
             return
-        prompt = prompt_tokens if prompt_tokens is not None else grant.prompt_estimate
-        used = prompt + completion_tokens
         delta_tokens = used - grant.estimate_tokens
-        usd = self.prices.estimate_usd(model, prompt, completion_tokens)
-        SPEND.labels(grant.tenant_id, "tokens").inc(used)
         SPEND.labels(grant.tenant_id, "usd").inc(usd)
         args: list[Any] = [time.time() * 1000, grant.request_id, len(grant.rates), len(grant.slots), len(grant.caps)]
         for r in grant.rates:
@@ -392,12 +518,27 @@ class Governor:
                     prompt, completion = chunk.usage.prompt_tokens, chunk.usage.completion_tokens
                 yield chunk
         finally:
-            await chunks.aclose()
             if not accepted:  # no worker ever took it: nothing was used
                 prompt = 0
-            # A task, not an await: off the response path, and a client that disconnects (cancelling the
-            # handler) cannot stop its slot from being freed.
+            # A task, not an await, and before anything awaits here: off the response path, and a client that
+            # disconnects (cancelling the handler, maybe more than once) cannot stop its slot from being freed.
             self.settle_later(key_id, grant, prompt, completion, model)
+            await chunks.aclose()
+
+    async def metered_audio(self, request_id: str, chunks: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
+        """Pass a speech stream through, noting the seconds of audio it reports for the settle."""
+        try:
+            async for chunk in chunks:
+                if isinstance(chunk, Transcript):
+                    self._audio_spent[request_id] = chunk.duration
+                elif isinstance(chunk, SpeechDone):
+                    self._audio_spent[request_id] = chunk.audio_seconds
+                elif isinstance(chunk, AudioChunk) and chunk.sample_rate > 0:
+                    spent = self._audio_spent.get(request_id, 0.0)
+                    self._audio_spent[request_id] = spent + len(chunk.pcm) / 2 / chunk.sample_rate
+                yield chunk
+        finally:
+            await chunks.aclose()
 
 
 def _headers(rates: list[Rate], out: list[Any]) -> dict[str, str]:

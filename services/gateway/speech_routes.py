@@ -20,6 +20,7 @@ from contracts.errors import InferBusError, invalid
 from contracts.llm import Accepted
 from contracts.speech import AudioChunk, SpeechDone, SpeechRequest, asr_encoder, tts_chunk_decoder
 from services.gateway.auth import KeyRecord
+from services.gateway.governance import speech_seconds_bound
 from services.gateway.openai_routes import VERSION_HEADER, _decode, _timeout
 from services.gateway.speech_formats import AudioEncoder, Format, content_type, encoder_for
 from services.gateway.state import GATEWAY, Gateway
@@ -68,7 +69,8 @@ async def speech(request: web.Request) -> web.StreamResponse:
     model = gw.settings.model_aliases.get(body.model, body.model)
     rid = "speech-" + secrets.token_hex(12)
     speech_request = _speech_request(body, model, rid, gw.settings.max_speech_chars)
-    grant = await gw.admit_request(key, request.path, "tts", model, rid)
+    seconds = speech_seconds_bound(len(body.input), body.speed)
+    grant = await gw.admit_request(key, request.path, "tts", model, rid, seconds)
     try:
         return await _speak(request, gw, key, body, speech_request, grant.headers if grant else {})
     finally:
@@ -145,8 +147,8 @@ def _synthesize(
     A retryable failure before any audio is retried once (the dispatcher's rules, as for generations).
     """
     route = gw.catalogue.route(speech.model, "tts", key_id=key.id)
-    return gw.dispatcher.open(
+    return gw.metered_audio(speech.request_id, gw.dispatcher.open(
         "tts", speech.model, route, asr_encoder.encode(speech), speech.request_id, decoder=tts_chunk_decoder,
         terminal=(SpeechDone,), progress=(AudioChunk,), retries=1, deadline=deadline,
         headers=gw.bus_headers(request, key),
-    )
+    ))

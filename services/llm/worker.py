@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -20,7 +21,7 @@ from contracts.llm import (
     chunk_encoder,
     request_decoder,
 )
-from services.llm.engines import Engine, Piece
+from services.llm.engines import Engine, Piece, Prepared
 from services.llm.stops import StopScanner
 from services.runtime import worker
 from services.runtime.bus import Connection
@@ -39,6 +40,8 @@ TTFT = Histogram("inferbus_llm_ttft_seconds", "Request receipt to first token", 
 DURATION = Histogram("inferbus_llm_request_seconds", "Request receipt to terminal chunk", ["model", "version"])
 
 _DONE = object()
+# A prompt this short is rendered and tokenized on the loop: the hop to the thread costs more than it does.
+INLINE_PREPARE_CHARS = 2048
 
 
 class Tally:
@@ -78,6 +81,10 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
         self.shadow_served = 0
         self.shadow_tokens = 0
         self.faults = 0
+        # Chat template + tokenizer run here, off the event loop. One thread: tokenizers are not all safe
+        # to share between threads, and a prompt waiting here counts against max_queue like a queued one.
+        self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+        self.preparing = 0
 
     def _kind_stats(self) -> dict[str, Any]:
         return {
@@ -93,8 +100,26 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
     def _usage_fields(self, request: GenerateRequest, tally: Tally) -> dict[str, Any]:
         return {"prompt_tokens": tally.prompt, "completion_tokens": tally.completion, "shadow": request.shadow}
 
+    async def stop(self, grace: float = 10.0) -> None:
+        await super().stop(grace)
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _prepare(self, request: GenerateRequest, out: ReplyStream) -> Prepared:
+        """The engine's prepare (chat template, tokenize): in the prepare thread unless the prompt is tiny."""
+        size = len(request.prompt or "") + sum(len(m.content) for m in request.messages or ())
+        if size <= INLINE_PREPARE_CHARS:
+            return self.engine.prepare(request)
+        if self.queued + self.preparing >= self.s.max_queue:
+            raise InferBusError("overloaded", "the worker's queue is full; retry shortly")
+        self.preparing += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await self._beating(loop.run_in_executor(self._prepare_pool, self.engine.prepare, request), out)
+        finally:
+            self.preparing -= 1
+
     async def _handle(self, request: GenerateRequest, out: ReplyStream, received: float, tally: Tally) -> None:
-        prepared = self.engine.prepare(request)
+        prepared = await self._prepare(request, out)
         if self.s.fault_delay_ms > 0:
             await asyncio.sleep(self.s.fault_delay_ms / 1000)
         if self.s.fault_error_rate > 0 and random.random() < self.s.fault_error_rate:

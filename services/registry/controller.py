@@ -1,17 +1,26 @@
-"""Canary analysis: per-version sliding windows of request outcomes, and the verdict on a canary.
+"""Canary analysis: per-version sliding windows of request outcomes, the verdict on a canary, and the
+lease that lets one registry replica act on verdicts.
 
 The verdict is pure (windows + policy in, decision out) so it is tested without a bus; the registry
-service turns a decision into a policy change (rollback, next rollout step, promotion).
+service turns a decision into a policy change (rollback, next rollout step, promotion), only while it
+holds the controller's lease, and only if the policy is still the one it analysed (`only_if`).
 """
 
 from __future__ import annotations
 
+import secrets
+import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
-from contracts.errors import CATALOGUE
+from contracts.errors import CATALOGUE, InferBusError
 from contracts.registry import Analysis, Outcome, TrafficPolicy, VersionMetrics
+from services.runtime import bus
+
+LEASE_BUCKET = "INFERBUS_LEASES"
+CONTROLLER_LEASE = "canary-controller"
 
 
 class Sample(NamedTuple):
@@ -132,3 +141,87 @@ def analyse(policy: TrafficPolicy, windows: Windows, model: str, since: float, n
     if verdict.action == "step" and (policy.rollout is None or time.time() - policy.rollout.stepped_at < a.interval_s):
         return Verdict("wait", verdict.reason)
     return verdict
+
+
+def only_if(
+    expected: TrafficPolicy, change: Callable[[TrafficPolicy, set[str]], TrafficPolicy]
+) -> Callable[[TrafficPolicy, set[str]], TrafficPolicy]:
+    """`change`, refused (conflict) when the stored policy is no longer the one the verdict was reached on."""
+
+    def guarded(policy: TrafficPolicy, versions: set[str]) -> TrafficPolicy:
+        if policy != expected:
+            raise InferBusError("conflict", "the traffic policy changed since it was analysed")
+        return change(policy, versions)
+
+    return guarded
+
+
+class Lease:
+    """Leadership among replicas: one key in a NATS KV bucket whose TTL is the lease's length.
+
+    `refresh` creates the key (only when absent) or renews it by revision (only while it is still ours),
+    so at most one holder exists; a holder that dies stops renewing and its key expires after the TTL.
+    A holder counts itself leader until a margin before the TTL runs out from when it last wrote, so it
+    stops acting before anyone else can take over, even when it cannot reach NATS.
+    """
+
+    MARGIN = 0.2  # of the TTL
+
+    def __init__(self, name: str, ttl_s: float) -> None:
+        self.name = name
+        self.ttl_s = ttl_s
+        self.holder = f"{socket.gethostname()}:{secrets.token_hex(4)}"
+        self.revision = 0  # of our entry, while we hold the lease
+        self.valid_until = 0.0  # monotonic
+        self._kv: bus.KeyValue | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.revision > 0 and time.monotonic() < self.valid_until
+
+    async def open(self, js: bus.JetStreamContext) -> None:
+        """The lease bucket, created on first use; an existing bucket's TTL wins (replicas must agree on it)."""
+        try:
+            self._kv = await js.key_value(LEASE_BUCKET)
+        except bus.js_errors.BucketNotFoundError:
+            try:
+                self._kv = await js.create_key_value(
+                    bucket=LEASE_BUCKET, history=1, ttl=self.ttl_s, description="InferBus leader leases"
+                )
+            except bus.js_errors.BadRequestError:  # created meanwhile by another replica
+                self._kv = await js.key_value(LEASE_BUCKET)
+        ttl = (await self._kv.status()).ttl
+        if ttl:
+            self.ttl_s = ttl
+
+    async def refresh(self) -> bool:
+        """Renew the lease if we hold it, else take it if nobody does; whether we hold it now."""
+        kv = self._require()
+        started = time.monotonic()
+        try:
+            if self.revision:
+                self.revision = await kv.update(self.name, self.holder.encode(), last=self.revision)
+            else:
+                self.revision = await kv.create(self.name, self.holder.encode())
+        except bus.js_errors.KeyWrongLastSequenceError:  # someone else holds it, or took it after ours ran out
+            self.revision = 0
+            return False
+        except Exception:  # NATS unreachable: keep the lease until it runs out, then let it go
+            if not self.held:
+                self.revision = 0
+            return self.held
+        self.valid_until = started + self.ttl_s * (1 - self.MARGIN)
+        return True
+
+    async def release(self) -> None:
+        """Step down at once (a clean shutdown): the next replica need not wait for the TTL."""
+        revision, self.revision = self.revision, 0
+        if revision and self._kv is not None:
+            try:
+                await self._kv.delete(self.name, last=revision)
+            except Exception:  # taken over already, or NATS gone: the TTL ends it
+                pass
+
+    def _require(self) -> bus.KeyValue:
+        assert self._kv is not None, "lease not opened"
+        return self._kv

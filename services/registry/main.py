@@ -1,19 +1,23 @@
-"""Registry service: admin requests over `registry.admin.*`, routing tables to KV, the canary controller."""
+"""Registry service: admin requests over `registry.admin.*`, routing tables to KV, the canary controller.
+
+Every replica answers admin requests, keeps routing tables published and hears outcomes; only the one
+holding the controller's lease (NATS KV, `controller.Lease`) steps, promotes or rolls back canaries.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
-from nats.aio.msg import Msg
-from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge
 
 from contracts import subjects
 from contracts.control import load_decoder
+from contracts.errors import InferBusError
 from contracts.registry import (
     Comparisons,
     Deploy,
@@ -35,7 +39,7 @@ from contracts.registry import (
 )
 from services.registry import controller, store
 from services.registry.store import PolicyChange
-from services.runtime import admin, db, service, settings
+from services.runtime import admin, bus, db, service, settings
 from services.runtime import logging as log
 from services.runtime.routing import Presence, routing_bucket
 
@@ -43,6 +47,7 @@ POLICY_CHANGES = Counter("inferbus_registry_policy_changes_total", "Traffic poli
 ROLLBACKS = Counter("inferbus_registry_rollbacks_total", "Canaries rolled back by the controller", ["model"])
 PROMOTIONS = Counter("inferbus_registry_promotions_total", "Canary steps and promotions by the controller", ["model"])
 CANARY_WEIGHT = Gauge("inferbus_registry_canary_weight_percent", "Current canary weight", ["model"])
+LEADER = Gauge("inferbus_registry_controller_leader", "1 while this replica holds the canary controller's lease")
 CONTROLLER = "canary-controller"
 
 
@@ -82,6 +87,9 @@ class RegistrySettings(settings.CommonSettings, kw_only=True, forbid_unknown_fie
     )
     resync_s: float = 30.0  # republish every table this often (heals a KV write lost to a NATS blip)
     tick_s: float = 0.25  # how often the controller looks for an analysis that is due
+    # The controller's lease: a dead leader's canaries wait at most this long for another replica. Used when
+    # this registry creates the lease bucket; an existing bucket's TTL wins (every replica must agree).
+    leader_lease_s: float = 5.0
 
 
 class Registry:
@@ -94,9 +102,10 @@ class Registry:
         self.canary_since: dict[str, tuple[str, float]] = {}
         self.last_analysis: dict[str, float] = {}
         self._store: store.Store | None = None
-        self._kv: KeyValue | None = None
+        self._kv: bus.KeyValue | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._lock = asyncio.Lock()
+        self.lease = controller.Lease(controller.CONTROLLER_LEASE, cfg.leader_lease_s)
         self.logger = log.get("registry")
 
     @property
@@ -113,6 +122,7 @@ class Registry:
         self._store = store.Store(pool)
         nc = self.service.bus
         self._kv = await routing_bucket(nc.jetstream())
+        await self.lease.open(nc.jetstream())
         for seed in self.cfg.seed:
             await self._seed(seed)
         await self.publish_all()
@@ -139,18 +149,28 @@ class Registry:
                 for op, typ, fn in endpoints
             ]
         )
-        self._tasks = [asyncio.create_task(self._controller_loop()), asyncio.create_task(self._resync_loop())]
+        self._tasks = [
+            asyncio.create_task(self._lease_loop()),
+            asyncio.create_task(self._controller_loop()),
+            asyncio.create_task(self._resync_loop()),
+        ]
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.lease.release()
         await self.service.close()
         if self._store is not None:
             await self._store.pool.close()
 
     def stats(self) -> dict[str, Any]:
-        return {"models": len(self.tables), "canaries": sum(1 for t in self.tables.values() if t.policy.canary)}
+        return {
+            "pid": os.getpid(),
+            "models": len(self.tables),
+            "canaries": sum(1 for t in self.tables.values() if t.policy.canary),
+            "leader": self.lease.held,
+        }
 
     # ---- tables ------------------------------------------------------------------------------
 
@@ -290,19 +310,19 @@ class Registry:
 
     # ---- bus inputs --------------------------------------------------------------------------
 
-    async def _on_heartbeat(self, msg: Msg) -> None:
+    async def _on_heartbeat(self, msg: bus.Msg) -> None:
         try:
             self.presence.heard(load_decoder.decode(msg.data))
         except msgspec.DecodeError:
             self.logger.warning("bad_heartbeat", subject=msg.subject)
 
-    async def _on_outcome(self, msg: Msg) -> None:
+    async def _on_outcome(self, msg: bus.Msg) -> None:
         try:
             self.windows.add(outcome_decoder.decode(msg.data))
         except msgspec.DecodeError:
             self.logger.warning("bad_outcome", subject=msg.subject)
 
-    async def _on_shadow(self, msg: Msg) -> None:
+    async def _on_shadow(self, msg: bus.Msg) -> None:
         try:
             record = shadow_decoder.decode(msg.data)
         except msgspec.DecodeError:
@@ -315,10 +335,30 @@ class Registry:
 
     # ---- canary controller -------------------------------------------------------------------
 
+    async def _lease_loop(self) -> None:
+        while True:
+            was = self.lease.held
+            held = await self.lease.refresh()
+            if held != was:
+                LEADER.set(1 if held else 0)
+                self.logger.info("controller_leader" if held else "controller_follower", holder=self.lease.holder)
+                self.canary_since.clear()  # a new leader starts its windows when it first sees each canary
+            await asyncio.sleep(self.lease.ttl_s / 4)
+
     async def _controller_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.tick_s)
-            for table in list(self.tables.values()):
+            if not self.lease.held:
+                continue
+            try:  # from the database: another replica may have changed a policy since this one published
+                tables = await self.store.tables()
+            except Exception as exc:
+                self.logger.warning("canary_tables_unavailable", error=repr(exc))
+                continue
+            for table in tables:
+                self.tables[table.model] = table
+                if not self.lease.held:
+                    break
                 try:
                     await self._analyse(table)
                 except Exception:
@@ -337,14 +377,26 @@ class Registry:
             return
         self.last_analysis[model] = now
         verdict = controller.analyse(policy, self.windows, model, since[1], now)
+        if verdict.action == "wait":
+            return
+        action, change = (
+            ("auto_rollback", store.rollback(model))
+            if verdict.action == "rollback"
+            else ("auto_promote", store.step(model))
+        )
+        try:
+            await self._change(model, action, CONTROLLER, controller.only_if(policy, change), verdict.reason)
+        except InferBusError as exc:
+            if exc.code != "conflict":
+                raise
+            self.logger.info("canary_verdict_stale", model=model, action=action, reason=exc.message)
+            return
         if verdict.action == "rollback":
-            self.logger.warning("canary_rolled_back", model=model, version=policy.canary, reason=verdict.reason)
             ROLLBACKS.labels(model).inc()
-            await self._change(model, "auto_rollback", CONTROLLER, store.rollback(model), verdict.reason)
-        elif verdict.action == "step":
+            self.logger.warning("canary_rolled_back", model=model, version=policy.canary, reason=verdict.reason)
+        else:
             PROMOTIONS.labels(model).inc()
             self.logger.info("canary_step", model=model, version=policy.canary, reason=verdict.reason)
-            await self._change(model, "auto_promote", CONTROLLER, store.step(model), verdict.reason)
 
 
 async def main(stop: asyncio.Event) -> None:

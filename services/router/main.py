@@ -3,18 +3,21 @@
 Each request is forwarded, bytes and headers untouched, to the worker the registry's policy and
 live load pick (`infer.<kind>.<model>.<version>[.<worker>]`) with the caller's own reply subject, so
 the worker streams straight back to the caller: the router adds one hop on the way in, none on the
-way out. A sampled request is also copied to the shadow version; for those the router listens on
-the caller's inbox too, to compare the served output with the shadow's.
+way out. To see how a forwarded request ended, the router also listens on the caller's inbox (a
+subscription per watched request, dropped at the stream's end): that gives the outcome it reports
+for canary analysis, the served output a sampled shadow copy is compared with, and a fast
+`no_worker` answer when the picked worker is gone (the no-responders status reaches the publisher,
+the router, not the caller).
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
-from nats.aio.msg import Msg
 from prometheus_client import Counter
 
 from contracts import headers as h
@@ -22,18 +25,43 @@ from contracts import subjects
 from contracts.control import load_decoder
 from contracts.errors import InferBusError
 from contracts.llm import Delta, ErrorChunk, Final, chunk_decoder, chunk_encoder, request_decoder
+from contracts.registry import Outcome, RoutingTable, outcome_encoder
+from contracts.speech import AudioChunk, Segment, SpeechDone, Transcript, asr_chunk_decoder, tts_chunk_decoder
+from services.runtime import bus, service, settings, shadow
 from services.runtime import logging as log
-from services.runtime import service, settings, shadow
-from services.runtime.routing import Presence, Router, Tables
+from services.runtime.routing import Presence, Route, Router, Tables
 from services.runtime.streaming import StreamClient
 
 FORWARDED = Counter("inferbus_router_forwarded_total", "Requests forwarded by the alias router", ["model", "version"])
 REFUSED = Counter("inferbus_router_refused_total", "Requests the alias router answered with an error", ["code"])
+OUTCOMES = Counter("inferbus_router_outcomes_total", "Outcomes of watched forwarded requests", ["model", "code"])
+
+
+class StreamShape(NamedTuple):
+    """How to read one kind's reply stream: its chunk decoder, terminal chunk and progress chunks."""
+
+    decoder: msgspec.msgpack.Decoder[Any]
+    terminal: type
+    progress: tuple[type, ...]
+
+
+SHAPES: dict[str, StreamShape] = {
+    "llm": StreamShape(chunk_decoder, Final, (Delta,)),
+    "asr": StreamShape(asr_chunk_decoder, Transcript, (Segment,)),
+    "tts": StreamShape(tts_chunk_decoder, SpeechDone, (AudioChunk,)),
+}
 
 
 class RouterSettings(settings.CommonSettings, kw_only=True, forbid_unknown_fields=True):
     kinds: list[str] = msgspec.field(default_factory=lambda: ["llm"])
     shadow_timeout_s: float = 120.0
+    # Percent of forwarded requests watched for their outcome (canary analysis, per-version metrics in
+    # `models show`). Requests to a model with a canary or a shadow copy are always watched.
+    outcome_percent: float = 100.0
+    # A watched stream silent this long (worker heartbeats included) failed; no stream is watched longer
+    # than its deadline header or max_watch_s.
+    watch_idle_s: float = 5.0
+    max_watch_s: float = 3600.0
 
 
 class AliasRouter:
@@ -44,6 +72,7 @@ class AliasRouter:
         self.tables = Tables()
         self.router = Router(self.presence, self.tables)
         self.forwarded = 0
+        self.outcomes = 0
         self._client: StreamClient | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.logger = log.get("router")
@@ -57,22 +86,27 @@ class AliasRouter:
         await self._client.start()
         for kind in self.cfg.kinds:
             await nc.subscribe(subjects.alias_all(kind), queue="inferbus-router", cb=self._on_request)
-        self.service.stats_source = lambda: {"forwarded": self.forwarded, "tables": len(self.tables.by_model)}
+        self.service.stats_source = lambda: {
+            "forwarded": self.forwarded,
+            "outcomes": self.outcomes,
+            "tables": len(self.tables.by_model),
+        }
         await self.service.register([])
 
     async def close(self) -> None:
         await self.tables.close()
         for task in list(self._tasks):
             task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.service.close()
 
-    async def _on_heartbeat(self, msg: Msg) -> None:
+    async def _on_heartbeat(self, msg: bus.Msg) -> None:
         try:
             self.presence.heard(load_decoder.decode(msg.data))
         except msgspec.DecodeError:
             self.logger.warning("bad_heartbeat", subject=msg.subject)
 
-    async def _on_request(self, msg: Msg) -> None:
+    async def _on_request(self, msg: bus.Msg) -> None:
         nc = self.service.bus
         if not msg.reply:
             REFUSED.labels("no_reply").inc()
@@ -92,71 +126,157 @@ class AliasRouter:
             REFUSED.labels(code).inc()
             await nc.publish(msg.reply, chunk_encoder.encode(ErrorChunk(0, code, text)))
             return
-        watch = await InboxWatch.start(nc, msg.reply) if route.shadow is not None else None
+        if route.shadow is not None and kind != "llm":
+            route = route._replace(shadow=None)  # shadow copies are generations
+        watch = None
+        if kind in SHAPES and (route.shadow is not None or self._watched(table)):
+            watch = await InboxWatch.start(nc, msg.reply, SHAPES[kind], keep_text=route.shadow is not None)
         await nc.publish(route.subject, msg.data, reply=msg.reply, headers=msg.headers)
         self.forwarded += 1
         FORWARDED.labels(model, route.version).inc()
         if watch is not None:
-            assert route.shadow is not None
-            self._spawn(self._shadow(msg, watch, kind, route.version, route.shadow))
+            self._spawn(self._follow(msg, watch, kind, model, route))
+
+    def _watched(self, table: RoutingTable) -> bool:
+        policy = table.policy
+        if policy.canary and policy.canary_weight > 0:
+            return True
+        return random.random() * 100 < self.cfg.outcome_percent
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _shadow(self, msg: Msg, watch: InboxWatch, kind: str, version: str, shadow_version: str) -> None:
-        """Run the copy on the shadow version while the served stream is watched; publish the comparison."""
+    async def _follow(self, msg: bus.Msg, watch: InboxWatch, kind: str, model: str, route: Route) -> None:
+        """Wait for the served stream's end; report its outcome; compare it with a shadow copy if one runs."""
+        nc = self.service.bus
+        copy = self._start_copy(msg, kind, route)
+        try:
+            try:
+                await watch.wait(self.cfg.watch_idle_s, self._deadline(msg))
+            finally:
+                await watch.stop()
+            code = watch.code
+            if code == "no_worker":  # the status reached us, the publisher, not the caller: tell it now
+                if route.worker_id is not None:
+                    self.presence.forget(route.worker_id)  # gone: out of routing now, not in 3 s
+                text = f"no worker is serving {model!r} right now"
+                await nc.publish(msg.reply, chunk_encoder.encode(ErrorChunk(0, "no_worker", text)))
+            if code != "cancelled" and not nc.is_closed:  # a caller that left says nothing about the version
+                OUTCOMES.labels(model, code or "ok").inc()
+                self.outcomes += 1
+                outcome = Outcome(model, route.version, code is None, code or "ok", watch.latency_ms, watch.ttft_ms)
+                await nc.publish(subjects.outcome(kind, model), outcome_encoder.encode(outcome))
+            if copy is not None:
+                await self._compare(copy, watch, route)
+        finally:
+            if copy is not None and not copy[1].done():
+                copy[1].cancel()
+
+    def _deadline(self, msg: bus.Msg) -> float:
+        """The stream's deadline on the monotonic clock: the caller's header, capped at max_watch_s."""
+        limit = time.monotonic() + self.cfg.max_watch_s
+        raw = msg.headers.get(h.DEADLINE) if msg.headers else None
+        try:
+            return min(limit, time.monotonic() + float(raw) / 1000 - time.time()) if raw else limit
+        except ValueError:
+            return limit
+
+    def _start_copy(self, msg: bus.Msg, kind: str, route: Route) -> tuple[Any, asyncio.Task[shadow.Observed]] | None:
+        if route.shadow is None:
+            return None
         assert self._client is not None
         try:
             request = request_decoder.decode(msg.data)
         except msgspec.DecodeError:
-            await watch.sub.unsubscribe()
-            return
+            return None
         deadline = time.time() + self.cfg.shadow_timeout_s
-        copy = shadow.run_copy(self._client, kind, shadow.shadow_copy(request), shadow_version, deadline)
+        copy = shadow.run_copy(self._client, kind, shadow.shadow_copy(request), route.shadow, deadline)
+        return request, asyncio.create_task(copy)
+
+    async def _compare(self, copy: tuple[Any, asyncio.Task[shadow.Observed]], watch: InboxWatch, route: Route) -> None:
+        request, task = copy
+        assert route.shadow is not None
         try:
             async with asyncio.timeout(self.cfg.shadow_timeout_s):
-                shadow_seen, served = await asyncio.gather(copy, watch.result())
-            await shadow.publish(
-                self.service.bus, shadow.compare(request, version, served, shadow_version, shadow_seen)
-            )
+                shadow_seen = await task
         except TimeoutError:
             self.logger.warning("shadow_timeout", model=request.model, request_id=request.request_id)
-        finally:
-            await watch.sub.unsubscribe()
+            return
+        record = await shadow.compare(request, route.version, watch.observed(), route.shadow, shadow_seen)
+        await shadow.publish(self.service.bus, record)
 
 
 class InboxWatch:
-    """Listens on a caller's inbox (subscribed before the request is forwarded) for the served output."""
+    """Listens on a caller's inbox (subscribed before the request is forwarded) for how the stream ends."""
 
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
+    def __init__(self, shape: StreamShape, keep_text: bool) -> None:
+        self.shape = shape
+        self.keep_text = keep_text
+        self.started = self.last = time.monotonic()
+        self.chunks = 0
         self.parts: list[str] = []
-        self.error: str | None = None
+        self.code: str | None = "cancelled"  # None: completed; an error code otherwise
+        self.latency_ms = 0.0
+        self.ttft_ms: float | None = None
         self.done = asyncio.Event()
         self.sub: Any = None
 
     @classmethod
-    async def start(cls, nc: Any, inbox: str) -> InboxWatch:
-        watch = cls()
+    async def start(cls, nc: Any, inbox: str, shape: StreamShape, *, keep_text: bool = False) -> InboxWatch:
+        watch = cls(shape, keep_text)
         watch.sub = await nc.subscribe(inbox, cb=watch._on_chunk)
         return watch
 
-    async def _on_chunk(self, msg: Msg) -> None:
-        try:
-            chunk = chunk_decoder.decode(msg.data)
-        except msgspec.DecodeError:
+    async def _on_chunk(self, msg: bus.Msg) -> None:
+        if self.done.is_set():
             return
-        if isinstance(chunk, Delta):
-            self.parts.append(chunk.text)
-        elif isinstance(chunk, ErrorChunk | Final):
-            self.error = chunk.code if isinstance(chunk, ErrorChunk) else None
-            self.done.set()
+        self.last = time.monotonic()
+        if msg.headers and msg.headers.get(h.STATUS) == h.NO_RESPONDERS and not msg.data:
+            return self._end("no_worker")
+        try:
+            chunk = self.shape.decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            return self._end("stream_broken")
+        self.chunks += 1
+        if isinstance(chunk, self.shape.progress):
+            if self.ttft_ms is None:
+                self.ttft_ms = (self.last - self.started) * 1000
+            if self.keep_text and isinstance(chunk, Delta):
+                self.parts.append(chunk.text)
+        elif isinstance(chunk, ErrorChunk):
+            self._end(chunk.code)
+        elif isinstance(chunk, self.shape.terminal):
+            self._end(None)
 
-    async def result(self) -> shadow.Observed:
-        await self.done.wait()
-        return shadow.Observed((time.perf_counter() - self.started) * 1000, self.error, "".join(self.parts))
+    def _end(self, code: str | None) -> None:
+        self.code = code
+        self.latency_ms = (time.monotonic() - self.started) * 1000
+        self.done.set()
+
+    async def wait(self, idle_s: float, deadline: float) -> None:
+        """Until the stream ends, goes silent for `idle_s` (worker_timeout / stream_broken) or `deadline`."""
+        while not self.done.is_set():
+            now = time.monotonic()
+            if now >= deadline:
+                return self._end("deadline_exceeded")
+            if now - self.last >= idle_s:
+                return self._end("stream_broken" if self.chunks else "worker_timeout")
+            try:
+                async with asyncio.timeout(min(deadline, self.last + idle_s) - now):
+                    await self.done.wait()
+            except TimeoutError:
+                continue
+
+    async def stop(self) -> None:
+        try:
+            await self.sub.unsubscribe()
+        except Exception:  # the connection is closing
+            pass
+
+    def observed(self) -> shadow.Observed:
+        return shadow.Observed(self.latency_ms, self.code, "".join(self.parts))
 
 
 async def main(stop: asyncio.Event) -> None:

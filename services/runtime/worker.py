@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import msgspec
-from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge, Histogram
 
 from contracts import headers as h
@@ -19,9 +18,9 @@ from contracts import subjects
 from contracts.control import WorkerLoad, load_encoder
 from contracts.errors import InferBusError
 from contracts.llm import Accepted, ErrorChunk, Heartbeat
-from contracts.usage import UsageEvent
+from contracts.usage import MAX_ID_CHARS, UsageEvent
 from services.runtime import logging as log
-from services.runtime.bus import Connection
+from services.runtime.bus import Connection, Msg
 from services.runtime.replies import ReplyStream, deadline_in, trace_id
 from services.runtime.usage import UsagePublisher
 
@@ -32,6 +31,8 @@ THROUGHPUT_WINDOW_S = 5.0
 class Request(Protocol):
     @property
     def request_id(self) -> str: ...
+    @property
+    def attempt(self) -> int: ...
 
 
 RequestT = TypeVar("RequestT", bound=Request)
@@ -88,6 +89,8 @@ class Worker(Generic[RequestT, TallyT]):
         self.usage = usage
         self.slots = asyncio.Semaphore(engine.capacity)
         self.active: dict[str, asyncio.Task[None]] = {}
+        # Cancels arrive on `infer.cancel.<token(request id)>`: the subject token each running id is heard by.
+        self._cancel_tokens: dict[str, set[str]] = {}
         self.queued = 0
         self.served = 0
         self.cancelled = 0
@@ -171,6 +174,7 @@ class Worker(Generic[RequestT, TallyT]):
             "capacity": self.engine.capacity,
             "served": self.served,
             "cancelled": self.cancelled,
+            "usage_unacked": self.usage.unacked if self.usage is not None else 0,
             **self._kind_stats(),
         }
 
@@ -206,7 +210,7 @@ class Worker(Generic[RequestT, TallyT]):
             queued=self.queued,
             capacity=self.engine.capacity,
             tokens_per_s=self._per_s(),  # the kind's throughput: tokens, audio seconds or characters
-            ready=self.ready,
+            ready=self.ready and not self._usage_full(),
         )
         subject = subjects.heartbeat(self.kind, s.model, s.version, s.worker_id)
         await self.nc.publish(subject, load_encoder.encode(load))
@@ -220,9 +224,9 @@ class Worker(Generic[RequestT, TallyT]):
         self._spawn(self._serve(msg))
 
     async def _on_cancel(self, msg: Msg) -> None:
-        task = self.active.get(msg.subject.split(".", 2)[2])
-        if task is not None:
-            task.cancel()
+        # Ids that differ only in '.', '*', '>' or spaces share a token: a cancel stops all of them.
+        for rid in self._cancel_tokens.get(msg.subject.split(".", 2)[2], ()):
+            self.active[rid].cancel()
 
     # ---- one request --------------------------------------------------------------------------
 
@@ -237,12 +241,17 @@ class Worker(Generic[RequestT, TallyT]):
             await out.send(ErrorChunk, "invalid_request", f"undecodable request: {exc}")
             return
         rid = request.request_id
+        if not rid.strip() or len(rid) > MAX_ID_CHARS:
+            await out.send(ErrorChunk, "invalid_request", f"request_id must be 1-{MAX_ID_CHARS} characters, not blank")
+            return
         if rid in self.active:
             await out.send(ErrorChunk, "invalid_request", f"request id {rid!r} is already running")
             return
         task = asyncio.current_task()
         assert task is not None
         self.active[rid] = task
+        cancel_token = subjects.token(rid)
+        self._cancel_tokens.setdefault(cancel_token, set()).add(rid)
         m = self.metrics
         m.in_flight.labels(*self._labels).inc()
         outcome = "ok"
@@ -268,6 +277,9 @@ class Worker(Generic[RequestT, TallyT]):
                 await self._send_error(out, "engine_error", f"the engine failed: {type(exc).__name__}")
             finally:
                 del self.active[rid]
+                self._cancel_tokens[cancel_token].discard(rid)
+                if not self._cancel_tokens[cancel_token]:
+                    del self._cancel_tokens[cancel_token]
                 self.served += 1
                 m.in_flight.labels(*self._labels).dec()
                 m.requests.labels(*self._labels, outcome).inc()
@@ -289,6 +301,7 @@ class Worker(Generic[RequestT, TallyT]):
             finished_at=time.time(),
             key_id=hdrs.get(h.KEY_ID),
             tenant_id=hdrs.get(h.TENANT),
+            attempt=request.attempt,
             **self._usage_fields(request, tally),
         )
 
@@ -301,6 +314,11 @@ class Worker(Generic[RequestT, TallyT]):
         """Hold one of the engine's slots; wait for it in a queue of max_queue, sending Heartbeats meanwhile."""
         if self.queued >= self.s.max_queue:
             raise InferBusError("overloaded", "the worker's queue is full; retry shortly")
+        if self._usage_full():
+            raise InferBusError(
+                "overloaded", "the worker cannot reach the usage ledger (JetStream) and holds as many unpublished"
+                " usage events as it may; it admits new requests once they are acknowledged"
+            )
         self.queued += 1
         try:
             while True:
@@ -316,6 +334,9 @@ class Worker(Generic[RequestT, TallyT]):
             yield
         finally:
             self.slots.release()
+
+    def _usage_full(self) -> bool:
+        return self.usage is not None and self.usage.full
 
     async def _beating(self, work: Awaitable[T], out: ReplyStream) -> T:
         """Await `work`, sending a Heartbeat every heartbeat_s meanwhile (the caller's idle timeout)."""

@@ -1,4 +1,4 @@
-"""ASR worker: fetch and decode the audio, admission, segments as they are decoded, heartbeats, cancellation, usage."""
+"""ASR worker: admission, then fetch and decode the audio; segments as decoded, heartbeats, cancellation, usage."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import io
 import time
 from typing import Any
 
-import nats.js.errors
 from prometheus_client import Counter, Gauge, Histogram
 
 from contracts.errors import invalid
@@ -20,7 +19,7 @@ from contracts.speech import (
     asr_encoder,
     asr_request_decoder,
 )
-from services.runtime import worker
+from services.runtime import bus, worker
 from services.runtime.bus import Connection
 from services.runtime.replies import ReplyStream
 from services.runtime.usage import UsagePublisher
@@ -122,17 +121,19 @@ class ASRWorker(Worker[TranscribeRequest, Tally]):
 
     async def _handle(self, request: TranscribeRequest, out: ReplyStream, received: float, tally: Tally) -> None:
         options = self._options(request)
-        data = request.audio
-        if data is None:
-            assert request.object_name is not None
-            data = await self._beating(self._fetch(request.object_name), out)
-            tally.fetched = True
-        audio = await self._beating(
-            asyncio.to_thread(audio_io.decode, data, self.s.max_audio_seconds, request.filename), out
-        )
-        del data
-        tally.audio_seconds = audio_io.duration(audio)
+        # Fetch and decode only once admitted: the engine's slots (and the queue limit ahead of them) bound
+        # the threads and the memory decoded audio takes, and a request that leaves while queued used nothing.
         async with self._admitted(out):
+            data = request.audio
+            if data is None:
+                assert request.object_name is not None
+                data = await self._beating(self._fetch(request.object_name), out)
+                tally.fetched = True
+            audio = await self._beating(
+                asyncio.to_thread(audio_io.decode, data, self.s.max_audio_seconds, request.filename), out
+            )
+            del data
+            tally.audio_seconds = audio_io.duration(audio)
             await self._run(audio, options, out, tally)
 
     async def _run(self, audio: audio_io.Audio, options: Options, out: ReplyStream, tally: Tally) -> None:
@@ -174,7 +175,7 @@ class ASRWorker(Worker[TranscribeRequest, Tally]):
         try:
             store = await self.nc.jetstream().object_store(MEDIA_BUCKET)
             await store.get(name, writeinto=buf)
-        except nats.js.errors.NotFoundError:
+        except bus.js_errors.NotFoundError:
             raise invalid(f"The audio object '{name}' is not in the media store (expired or never stored)") from None
         finally:
             self._spawn(self._discard(name))
@@ -184,7 +185,7 @@ class ASRWorker(Worker[TranscribeRequest, Tally]):
         try:
             store = await self.nc.jetstream().object_store(MEDIA_BUCKET)
             await store.delete(name)
-        except nats.js.errors.NotFoundError:
+        except bus.js_errors.NotFoundError:
             pass
         except Exception as exc:  # the bucket's TTL removes it later
             self.logger.warning("media_delete_failed", object=name, error=repr(exc))
