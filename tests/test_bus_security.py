@@ -277,7 +277,7 @@ async def test_service_roles_hold_least_privilege(infra: EmbeddedStack, role: st
         await nc.close()
 
 
-def test_the_generated_config_and_credentials_are_private(infra: EmbeddedStack) -> None:
+async def test_the_generated_config_and_credentials_are_private(infra: EmbeddedStack) -> None:
     root = infra.nats.secrets.root
     assert root.stat().st_mode & 0o777 == 0o700
     for path in root.iterdir():
@@ -288,7 +288,7 @@ def test_the_generated_config_and_credentials_are_private(infra: EmbeddedStack) 
     assert "auth_callout" in text and natsauth.CLIENTS in text
 
 
-def test_the_docs_hold_the_permission_table_the_code_enforces() -> None:
+async def test_the_docs_hold_the_permission_table_the_code_enforces() -> None:
     from pathlib import Path
 
     readme = (Path(__file__).parent.parent / "infra" / "nats" / "README.md").read_text()
