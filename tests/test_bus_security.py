@@ -168,7 +168,7 @@ async def test_forged_identity_headers_change_nothing(
     assert billed[0].completion_tokens == chunks[-1].usage.completion_tokens
 
 
-async def test_garbage_gets_typed_errors_and_the_edge_keeps_serving(client: Client) -> None:
+async def test_garbage_gets_typed_errors_and_the_edge_keeps_serving(client: Client, gateway: Gateway) -> None:
     cases = [
         b"", b"\x00\xff\x13garbage", msgspec.msgpack.encode({"model": BENCH_MODEL}),
         msgspec.msgpack.encode([1, 2, 3]), b"\xc1" * 1000,
@@ -182,6 +182,7 @@ async def test_garbage_gets_typed_errors_and_the_edge_keeps_serving(client: Clie
         chunks, _ = await client.stream(BENCH_MODEL, raw=raw)
         assert len(chunks) == 1 and isinstance(chunks[0], ErrorChunk), raw
         assert chunks[0].code == "invalid_request", (raw, chunks[0])
+    assert gateway.proc.log().count("nats_edge_refused") >= len(cases)  # each refusal is logged
     await client.nc.publish("infer.cancel.nothing-here", b"\xff")
     chunks, _ = await client.stream(BENCH_MODEL)
     assert isinstance(chunks[-1], Final)

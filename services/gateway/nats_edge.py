@@ -187,6 +187,8 @@ class Edge:
             EDGE.labels("ok").inc()
         except InferBusError as exc:
             EDGE.labels(exc.code).inc()
+            self.logger.info("nats_edge_refused", code=exc.code, subject=msg.subject,
+                             key_id=slot[0] if slot else None)  # never the key itself
             await nc.publish(msg.reply, chunk_encoder.encode(ErrorChunk(seq, exc.code, exc.message)))
         except asyncio.CancelledError:
             EDGE.labels("cancelled").inc()
