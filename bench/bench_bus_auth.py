@@ -53,9 +53,10 @@ import msgspec  # noqa: E402
 import nats  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from bench import harness  # noqa: E402
+from bench import fleet, harness  # noqa: E402
 from bench.bench_spine import CpuMeter, Http, machine, ms, pct, run_load, side_by_side  # noqa: E402
-from bench.harness import say  # noqa: E402
+from bench.fleet import admin, start_worker  # noqa: E402
+from bench.harness import Report, say  # noqa: E402
 from bench.results import write_section  # noqa: E402
 from contracts import subjects  # noqa: E402
 from contracts.llm import (  # noqa: E402
@@ -68,15 +69,7 @@ from contracts.llm import (  # noqa: E402
     request_encoder,
 )
 from services.runtime import bus, metrics, natsauth  # noqa: E402
-from services.runtime.embedded import free_port  # noqa: E402
-from services.runtime.local import (  # noqa: E402
-    EmbeddedStack,
-    ServiceProcess,
-    settings_env,
-    wait_http,
-    wait_service,
-    wait_worker,
-)
+from services.runtime.local import EmbeddedStack, ServiceProcess, wait_http, wait_service, wait_worker  # noqa: E402
 from services.runtime.streaming import StreamClient  # noqa: E402
 
 ADMIN_KEY = "ib-bench-admin-" + secrets.token_hex(16)
@@ -126,24 +119,7 @@ QUICK = {
 
 
 def start_gateway(stack: EmbeddedStack, name: str, procs: list[ServiceProcess]) -> tuple[ServiceProcess, str]:
-    port = free_port()
-    env = stack.env(
-        INFERBUS_PORT=str(port),
-        INFERBUS_ADMIN_KEY=ADMIN_KEY,
-        **settings_env(models=[{"name": FAST_MODEL, "version": "v1"}]),
-    )
-    proc = ServiceProcess(name, "services.gateway", env, stack.root)
-    procs.append(proc)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def start_worker(
-    stack: EmbeddedStack, name: str, model: str, version: str, procs: list[ServiceProcess], **settings: Any
-) -> ServiceProcess:
-    env = stack.env(**settings_env(model=model, version=version, engine="benchmark", **settings))
-    proc = ServiceProcess(name, "services.llm", env, stack.root)
-    procs.append(proc)
-    return proc
+    return fleet.start_gateway(stack, name, procs, ADMIN_KEY, models=[{"name": FAST_MODEL, "version": "v1"}])
 
 
 def open_stack(infra: EmbeddedStack) -> EmbeddedStack:
@@ -152,18 +128,6 @@ def open_stack(infra: EmbeddedStack) -> EmbeddedStack:
     stack.nats_url = stack.nats.start()
     stack.database_url, stack.redis_url = infra.database_url, infra.redis_url
     return stack
-
-
-class AdminFailed(Exception):
-    pass
-
-
-async def admin(nc: bus.Connection, op: str, **body: Any) -> Any:
-    msg = await nc.request(subjects.registry_admin(op), msgspec.json.encode(body), timeout=10)
-    reply = msgspec.json.decode(msg.data)
-    if reply.get("error"):
-        raise AdminFailed(f"{op}: {reply['error'].get('code')}: {reply['error'].get('message')}")
-    return reply.get("result")
 
 
 async def create_key(http: aiohttp.ClientSession, base: str) -> tuple[str, str]:
@@ -342,93 +306,76 @@ def lag_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
 # ---- paced load --------------------------------------------------------------------------------------
 
 
+class Tally:
+    """What one load produced: latencies, characters of output, errors (the first three printed)."""
+
+    def __init__(self) -> None:
+        self.lat: list[float] = []
+        self.chars: list[int] = []
+        self.errors: list[str] = []
+
+    async def call(self, fn: Callable[[], Awaitable[tuple[float, int]]]) -> bool:
+        """One request; whether it succeeded."""
+        try:
+            d, c = await fn()
+        except Exception as exc:
+            self.errors.append(repr(exc))
+            if len(self.errors) <= 3:
+                say(f"  request failed: {exc!r}")
+            return False
+        self.lat.append(d)
+        self.chars.append(c)
+        return True
+
+    def result(self, wall: float, **extra: Any) -> dict[str, Any]:
+        return {"lat": self.lat, "chars": self.chars, "errors": self.errors, **extra, "wall": wall}
+
+
 async def paced(
     fn: Callable[[], Awaitable[tuple[float, int]]], rate: float, seconds: float, cap: int = 64
 ) -> dict[str, Any]:
     """Start fn `rate` times a second for `seconds` (open loop; at most `cap` in flight) and wait for all."""
     loop = asyncio.get_running_loop()
-    lat: list[float] = []
-    chars: list[int] = []
-    errors: list[str] = []
-    skipped = [0]
-    in_flight: set[asyncio.Task[None]] = set()
-
-    async def one() -> None:
-        try:
-            d, c = await fn()
-            lat.append(d)
-            chars.append(c)
-        except Exception as exc:
-            errors.append(repr(exc))
-            if len(errors) <= 3:
-                say(f"  request failed: {exc!r}")
-
+    tally = Tally()
+    skipped = 0
+    in_flight: set[asyncio.Task[bool]] = set()
     start = loop.time()
     n = 0
     while (due := start + n / rate) < start + seconds:
         await asyncio.sleep(max(0.0, due - loop.time()))
         n += 1
         if len(in_flight) >= cap:
-            skipped[0] += 1
+            skipped += 1
             continue
-        task = asyncio.create_task(one())
+        task = asyncio.create_task(tally.call(fn))
         in_flight.add(task)
         task.add_done_callback(in_flight.discard)
     await asyncio.gather(*in_flight)
-    return {"lat": lat, "chars": chars, "errors": errors, "skipped": skipped[0], "wall": loop.time() - start}
+    return tally.result(loop.time() - start, skipped=skipped)
 
 
 async def idle(seconds: float) -> dict[str, Any]:
     await asyncio.sleep(seconds)
-    return {"lat": [], "chars": [], "errors": [], "wall": seconds}
+    return Tally().result(seconds)
 
 
 async def closed(fn: Callable[[], Awaitable[tuple[float, int]]], concurrency: int, seconds: float) -> dict[str, Any]:
     """`concurrency` lanes calling fn back to back for `seconds` (closed loop: as fast as the stack answers)."""
     loop = asyncio.get_running_loop()
-    lat: list[float] = []
-    chars: list[int] = []
-    errors: list[str] = []
+    tally = Tally()
     start = loop.time()
     end = start + seconds
 
     async def lane() -> None:
         while loop.time() < end:
-            try:
-                d, c = await fn()
-                lat.append(d)
-                chars.append(c)
-            except Exception as exc:
-                errors.append(repr(exc))
-                if len(errors) <= 3:
-                    say(f"  request failed: {exc!r}")
+            if not await tally.call(fn):
                 await asyncio.sleep(0.05)  # no tight loop of failures
 
     await asyncio.gather(*(lane() for _ in range(concurrency)))
-    return {"lat": lat, "chars": chars, "errors": errors, "wall": loop.time() - start}
+    return tally.result(loop.time() - start)
 
 
 # ---- results -------------------------------------------------------------------------------------------
-
-
-class Report:
-    def __init__(self) -> None:
-        self.tables: dict[str, list[str]] = {}
-        self.notes: list[str] = []
-
-    def table(self, key: str, header: list[str]) -> None:
-        self.tables[key] = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-
-    def row(self, key: str, *cells: str) -> None:
-        self.tables[key].append("| " + " | ".join(cells) + " |")
-        say("  " + " | ".join(cells))
-
-    def note(self, text: str) -> None:
-        self.notes.append(text)
-        say(f"  note: {text}")
-
-    def markdown(self, key: str) -> str:
-        return "\n".join(self.tables[key]) + "\n"
 
 
 TITLES = {
@@ -593,19 +540,9 @@ async def nats_path(cfg: dict[str, Any], client: KeyClient, http: Http, pids: di
 # ---- 3. event-loop lag with shadow traffic -------------------------------------------------------------
 
 
-async def until_gateway(session: aiohttp.ClientSession, base: str, revision: int, limit_s: float = 20) -> None:
+async def until_gateway(session: aiohttp.ClientSession, base: str, revision: int) -> None:
     """Wait until the gateway routes the shadow model from `revision` (or later) and sees both workers."""
-    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    deadline = time.monotonic() + limit_s
-    while True:
-        async with session.get(f"{base}/v1/models/{SHADOW_MODEL}", headers=headers) as resp:
-            if resp.status == 200:
-                ib = (await resp.json())["inferbus"]
-                if (ib["revision"] or 0) >= revision and len(ib["live_workers"]) >= 2:
-                    return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the gateway never showed {SHADOW_MODEL} at revision {revision} with 2 workers")
-        await asyncio.sleep(0.05)
+    await fleet.until_gateway(session, base, ADMIN_KEY, SHADOW_MODEL, revision, workers=2, limit_s=20)
 
 
 async def set_shadow(nc: bus.Connection, session: aiohttp.ClientSession, base: str, on: bool) -> None:
@@ -626,19 +563,14 @@ async def shadow_lag(
     rep: Report,
 ) -> None:
     say("3. starting the registry")
-    registry = ServiceProcess("registry", "services.registry", infra.env(), infra.root)
-    procs.append(registry)
-    await wait_service(nc, "inferbus-registry", registry)
-    for version in ("v1", "v2"):
-        await admin(nc, "register", model=SHADOW_MODEL, version=version, engine="benchmark")
-    await admin(nc, "deploy", model=SHADOW_MODEL, version="v1")
+    registry = await fleet.start_registry(infra, nc, procs)
+    await fleet.register(nc, SHADOW_MODEL, ("v1", "v2"))
     view = await admin(nc, "shadow", model=SHADOW_MODEL, version="v2", rate=SHADOW_RATE)
     revision = int(view["revision"])
     shadow_policy = {k: v for k, v in view["policy"].items() if "shadow" in k}
     say(f"3. {SHADOW_MODEL}: v1 stable, v2 shadow at {SHADOW_RATE:.0f} % (revision {revision}, {shadow_policy})")
     say("3. starting the router and the v1 and v2 workers")
-    router = ServiceProcess("router", "services.router", infra.env(), infra.root)
-    procs.append(router)
+    router = fleet.start_router(infra, procs)
     v1 = start_worker(infra, "llm-shadow-v1", SHADOW_MODEL, "v1", procs)
     v2 = start_worker(infra, "llm-shadow-v2", SHADOW_MODEL, "v2", procs,
                       engine_options={"token_text": SHADOW_TOKEN_TEXT})
@@ -678,15 +610,7 @@ async def shadow_lag(
             raise RuntimeError("no Final chunk")
         return time.perf_counter() - t0, chars
 
-    deadline = time.monotonic() + 15
-    while True:  # the router needs the table and a heartbeat of v1
-        try:
-            await via_router()
-            break
-        except Exception as exc:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the router never served {SHADOW_MODEL}: {exc!r}") from exc
-            await asyncio.sleep(0.1)
+    await fleet.until_router_serves(via_router, SHADOW_MODEL)
     say("3. warm-up (2 s, paced)")
     await asyncio.gather(paced(via_gateway, cfg["http_rps"], 2.0), paced(via_router, cfg["nats_rps"], 2.0))
     await asyncio.sleep(1.0)  # the warm-up's comparisons land
@@ -787,7 +711,7 @@ async def shadow_lag(
             "characters"
         )
         rep.note(f"{label}: " + "; ".join(parts) + f"; {meter.summary()}")
-    stats = {s.get("worker_id"): s for s in await bus.service_stats(nc, "inferbus-llm", wait=0.3)}
+    stats = await fleet.worker_stats(nc, wait=0.3)
     rep.note(f"v2 (shadow) worker served {stats.get(ids['v2'], {}).get('shadow_served', '?')} shadow copies in "
              f"all, warm-up included; v1 served {stats.get(ids['v1'], {}).get('served', '?')} requests")
 
@@ -866,9 +790,6 @@ async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServicePr
 
 
 def write_results(rep: Report, quick: bool, outcome: harness.Outcome, note: str) -> str:
-    others = CpuMeter.others or [0.0]
-    other_mean, other_max = sum(others) / len(others), max(others)
-    load = outcome.load
     about = [
         "Stacks: one embedded PostgreSQL and Redis; two nats-servers: **secure** (the platform's accounts, one "
         "user per service role with least-privilege permissions, auth callout for API keys: "
@@ -877,10 +798,7 @@ def write_results(rep: Report, quick: bool, outcome: harness.Outcome, note: str)
         "secure bus for part 3. The load generator (Python asyncio: aiohttp keep-alive pool for HTTP, plain "
         "nats-py for the API-key client, the gateway's `StreamClient` for the router) runs **on the same 2 "
         "cores**, so every figure includes its CPU contention.",
-        f"Noise: processes outside the bench used {other_mean:.2f} cores on average (max {other_max:.2f}) during "
-        f"the measured windows (load average {load[0]} at start, {load[1]} at the end)."
-        + (" Figures taken with other load present are noisy." if other_max > 0.2 else ""),
-        *([f"Note: {note}"] if note else []),
+        *harness.noise(CpuMeter.others, outcome, note),
     ]
     tables = [
         "What the numbers mean:",
@@ -920,15 +838,9 @@ def write_results(rep: Report, quick: bool, outcome: harness.Outcome, note: str)
         "rounds):",
         "",
         rep.markdown("1s"),
-        f"## {TITLES['2a']}",
-        "",
-        rep.markdown("2a"),
-        f"## {TITLES['2b']}",
-        "",
-        rep.markdown("2b"),
-        f"## {TITLES['3']}",
-        "",
-        rep.markdown("3"),
+        rep.section("2a"),
+        rep.section("2b"),
+        rep.section("3"),
     ]
     text = harness.markdown(
         "InferBus bus authentication benchmark", "bench_bus_auth.py", quick, outcome, about,
@@ -941,15 +853,14 @@ def write_results(rep: Report, quick: bool, outcome: harness.Outcome, note: str)
 def main() -> int:
     args = harness.arguments(__doc__, "smaller counts (~1.5 minutes)", note=True)
     cfg = QUICK if args.quick else FULL
-    rep = Report()
+    rep = Report(TITLES)
     outcome = harness.run(
         "bus-auth", lambda infra, procs: bench(cfg, infra, procs, rep), quick=args.quick, machine=machine()
     )
     if outcome is None:
         return 1
     write_results(rep, args.quick, outcome, args.note)
-    tables = "\n\n".join(f"{title}\n\n{rep.markdown(key)}" for key, title in TITLES.items())
-    harness.report("bus-auth", tables, outcome, RESULTS_PATH)
+    harness.report("bus-auth", rep.titled(), outcome, RESULTS_PATH)
     return 0
 
 

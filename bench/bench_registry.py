@@ -38,9 +38,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
-import msgspec  # noqa: E402
 
-from bench import harness  # noqa: E402
+from bench import fleet, harness  # noqa: E402
 from bench.bench_spine import (  # noqa: E402
     CpuMeter,
     Direct,
@@ -52,19 +51,13 @@ from bench.bench_spine import (  # noqa: E402
     say,
     side_by_side,
 )
+from bench.fleet import admin, start_worker  # noqa: E402
+from bench.harness import Report  # noqa: E402
 from bench.results import write_section  # noqa: E402
 from contracts import subjects  # noqa: E402
 from contracts.registry import RoutingTable  # noqa: E402
 from services.runtime import bus  # noqa: E402
-from services.runtime.embedded import free_port  # noqa: E402
-from services.runtime.local import (  # noqa: E402
-    EmbeddedStack,
-    ServiceProcess,
-    settings_env,
-    wait_http,
-    wait_service,
-    wait_worker,
-)
+from services.runtime.local import EmbeddedStack, ServiceProcess, wait_http, wait_service, wait_worker  # noqa: E402
 from services.runtime.routing import Tables  # noqa: E402
 from services.runtime.streaming import StreamClient  # noqa: E402
 
@@ -100,18 +93,6 @@ POLL_S = 0.005  # gateway polling interval during policy propagation
 ROUND_PAUSE_S = 1.2  # between split rounds: longer than the worker heartbeat (1 s), so no stale load carries over
 
 
-class AdminFailed(Exception):
-    pass
-
-
-async def admin(nc: bus.Connection, op: str, **body: Any) -> Any:
-    msg = await nc.request(subjects.registry_admin(op), msgspec.json.encode(body), timeout=10)
-    reply = msgspec.json.decode(msg.data)  # {"result": ...} or {"error": {"code", "message", "param"}}
-    if reply.get("error"):
-        raise AdminFailed(f"{op}: {reply['error'].get('code')}: {reply['error'].get('message')}")
-    return reply.get("result")
-
-
 class WatchedTables(Tables):
     """The routing-table watcher the gateway and router use, noting when each revision of a model arrived."""
 
@@ -131,55 +112,24 @@ class GatewayProc:
         self.name = name
         self.proc = proc
         self.url = url
-        self.headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
-
-    async def model(self, http: aiohttp.ClientSession, model: str) -> dict[str, Any] | None:
-        async with http.get(f"{self.url}/v1/models/{model}", headers=self.headers) as resp:
-            if resp.status != 200:
-                await resp.read()
-                return None
-            view: dict[str, Any] = await resp.json()
-            return view
 
     async def revision(self, http: aiohttp.ClientSession, model: str) -> int:
-        view = await self.model(http, model)
+        view = await fleet.model_view(http, self.url, ADMIN_KEY, model)
         return int((view or {}).get("inferbus", {}).get("revision") or 0)
 
     async def until(
         self, http: aiohttp.ClientSession, model: str, revision: int, workers: int = 0, limit_s: float = 15
     ) -> None:
-        deadline = time.monotonic() + limit_s
-        while True:
-            view = await self.model(http, model)
-            if view is not None:
-                ib = view["inferbus"]
-                if (ib["revision"] or 0) >= revision and len(ib["live_workers"]) >= workers:
-                    return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name} never showed {model} at revision {revision} with {workers} workers")
-            await asyncio.sleep(0.05)
+        await fleet.until_gateway(http, self.url, ADMIN_KEY, model, revision, workers, limit_s, name=self.name)
 
 
 def start_gateway(infra: EmbeddedStack, name: str, procs: list[ServiceProcess], **settings: Any) -> GatewayProc:
-    port = free_port()
-    env = infra.env(INFERBUS_PORT=str(port), INFERBUS_ADMIN_KEY=ADMIN_KEY, **settings_env(**settings))
-    proc = ServiceProcess(name, "services.gateway", env, infra.root)
-    procs.append(proc)
-    return GatewayProc(name, proc, f"http://127.0.0.1:{port}")
-
-
-def start_worker(
-    infra: EmbeddedStack, name: str, model: str, version: str, procs: list[ServiceProcess], **settings: Any
-) -> ServiceProcess:
-    env = infra.env(**settings_env(model=model, version=version, engine="benchmark", **settings))
-    proc = ServiceProcess(name, "services.llm", env, infra.root)
-    procs.append(proc)
-    return proc
+    return GatewayProc(name, *fleet.start_gateway(infra, name, procs, ADMIN_KEY, **settings))
 
 
 async def worker_served(nc: bus.Connection, ids: dict[str, str]) -> dict[str, int]:
     """`served` of each worker in `ids` (label -> worker_id)."""
-    by_id = {s.get("worker_id"): s for s in await bus.service_stats(nc, "inferbus-llm", wait=0.2)}
+    by_id = await fleet.worker_stats(nc)
     out = {}
     for label, worker_id in ids.items():
         if worker_id not in by_id:
@@ -189,26 +139,6 @@ async def worker_served(nc: bus.Connection, ids: dict[str, str]) -> dict[str, in
 
 
 # ---- results ------------------------------------------------------------------------------------
-
-
-class Report:
-    def __init__(self) -> None:
-        self.tables: dict[str, list[str]] = {}
-        self.notes: list[str] = []
-
-    def table(self, key: str, header: list[str]) -> None:
-        self.tables[key] = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-
-    def row(self, key: str, *cells: str) -> None:
-        self.tables[key].append("| " + " | ".join(cells) + " |")
-        say("  " + " | ".join(cells))
-
-    def note(self, text: str) -> None:
-        self.notes.append(text)
-        say(f"  note: {text}")
-
-    def markdown(self, key: str) -> str:
-        return "\n".join(self.tables[key]) + "\n"
 
 
 TITLES = {
@@ -297,15 +227,7 @@ async def alias_hop(cfg: dict[str, Any], client: StreamClient, pids: dict[str, i
     direct = Direct(client, ALIAS_MODEL, "v1")
     routed = Direct(client, ALIAS_MODEL, "v1")
     routed.subject = subjects.infer("llm", ALIAS_MODEL)
-    deadline = time.monotonic() + 15
-    while True:  # the router needs the table (and, for per-worker forwarding, a heartbeat)
-        try:
-            await routed.once()
-            break
-        except Exception as exc:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"router never served {ALIAS_MODEL}: {exc!r}") from exc
-            await asyncio.sleep(0.1)
+    await fleet.until_router_serves(routed.once, ALIAS_MODEL)
     ways: dict[str, Callable[[], Awaitable[float]]] = {"direct": direct.once, "router": routed.once}
     say("b. warm-up")
     await side_by_side(ways, 400, 16, 2)
@@ -416,18 +338,13 @@ async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServicePr
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
     try:
         say("starting the registry")
-        registry = ServiceProcess("registry", "services.registry", infra.env(), infra.root)
-        procs.append(registry)
-        await wait_service(nc, "inferbus-registry", registry)
+        registry = await fleet.start_registry(infra, nc, procs)
         for model, versions in ((POLICY_MODEL, ("v1", "v2")), (ALIAS_MODEL, ("v1",)), (SPLIT_MODEL, ("v1",))):
-            for version in versions:
-                await admin(nc, "register", model=model, version=version, engine="benchmark")
-            await admin(nc, "deploy", model=model, version="v1")
+            await fleet.register(nc, model, versions)
         await watched.watch(nc.jetstream())
 
         say("starting the router, two gateways (p2c, queue) and five benchmark workers")
-        router = ServiceProcess("router", "services.router", infra.env(), infra.root)
-        procs.append(router)
+        router = fleet.start_router(infra, procs)
         p2c = start_gateway(infra, "gateway-p2c", procs)
         await wait_http(p2c.url, p2c.proc)  # one at a time: both apply the gateway migrations at start
         queue = start_gateway(infra, "gateway-queue", procs, dispatch="queue")
@@ -485,18 +402,12 @@ async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServicePr
 
 
 def write_results(rep: Report, quick: bool, outcome: harness.Outcome, note: str) -> str:
-    others = CpuMeter.others or [0.0]
-    other_mean, other_max = sum(others) / len(others), max(others)
-    load = outcome.load
     about = [
         "Stack: embedded nats-server, PostgreSQL and Redis; the registry, the alias router, two gateways "
         "(default P2C dispatch, and INFERBUS_DISPATCH=queue) and five benchmark-engine workers, all as "
         "separate processes. The load generator (Python asyncio: aiohttp for HTTP, the gateway's own "
         "`StreamClient` for NATS) runs **on the same 2 cores**, so every figure includes its CPU contention.",
-        f"Noise: processes outside the bench used {other_mean:.2f} cores on average (max {other_max:.2f}) during "
-        f"the measured windows (load average {load[0]} at start, {load[1]} at the end)."
-        + (" Figures taken with other load present are noisy." if other_max > 0.2 else ""),
-        *([f"Note: {note}"] if note else []),
+        *harness.noise(CpuMeter.others, outcome, note),
     ]
     tables = [
         "What the numbers mean:",
@@ -527,15 +438,9 @@ def write_results(rep: Report, quick: bool, outcome: harness.Outcome, note: str)
         f"through each gateway, alternating rounds with {ROUND_PAUSE_S} s pauses so no stale heartbeat load "
         "carries over from one mode's round to the other's.",
         "",
-        f"## {TITLES['a']}",
-        "",
-        rep.markdown("a"),
-        f"## {TITLES['b']}",
-        "",
-        rep.markdown("b"),
-        f"## {TITLES['c']}",
-        "",
-        rep.markdown("c"),
+        rep.section("a"),
+        rep.section("b"),
+        rep.section("c"),
     ]
     text = harness.markdown(
         "InferBus registry and routing benchmark", "bench_registry.py", quick, outcome, about,
@@ -548,15 +453,14 @@ def write_results(rep: Report, quick: bool, outcome: harness.Outcome, note: str)
 def main() -> int:
     args = harness.arguments(__doc__, "smaller counts", note=True)
     cfg = QUICK if args.quick else FULL
-    rep = Report()
+    rep = Report(TITLES)
     outcome = harness.run(
         "registry", lambda infra, procs: bench(cfg, infra, procs, rep), quick=args.quick, machine=machine()
     )
     if outcome is None:
         return 1
     write_results(rep, args.quick, outcome, args.note)
-    tables = "\n\n".join(f"{title}\n\n{rep.markdown(key)}" for key, title in TITLES.items())
-    harness.report("registry", tables, outcome, RESULTS_PATH)
+    harness.report("registry", rep.titled(), outcome, RESULTS_PATH)
     return 0
 
 

@@ -121,6 +121,51 @@ def arguments(doc: str | None, quick_help: str, *, note: bool = False) -> argpar
     return parser.parse_args()
 
 
+class Report:
+    """A benchmark's markdown tables (by key) and notes, each row and note printed as it comes."""
+
+    def __init__(self, titles: dict[str, str]) -> None:
+        self.titles = titles  # table key -> its title
+        self.tables: dict[str, list[str]] = {}
+        self.notes: list[str] = []
+
+    def table(self, key: str, header: list[str]) -> None:
+        self.tables[key] = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def row(self, key: str, *cells: str) -> None:
+        self.tables[key].append("| " + " | ".join(cells) + " |")
+        say("  " + " | ".join(cells))
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        say(f"  note: {text}")
+
+    def markdown(self, key: str) -> str:
+        return "\n".join(self.tables[key]) + "\n"
+
+    def section(self, key: str) -> str:
+        """The table as a RESULTS.md section: its title as a heading, then the table."""
+        return f"## {self.titles[key]}\n\n{self.markdown(key)}"
+
+    def titled(self) -> str:
+        """Every table under its title, for the console."""
+        return "\n\n".join(f"{title}\n\n{self.markdown(key)}" for key, title in self.titles.items())
+
+
+def noise(others: list[float], outcome: Outcome, note: str = "") -> list[str]:
+    """The about-lines on the run's conditions: the cores that processes outside the bench used during the
+    measured windows (`others`, one figure a window), the load average, and the --note."""
+    others = others or [0.0]
+    other_mean, other_max = sum(others) / len(others), max(others)
+    load = outcome.load
+    return [
+        f"Noise: processes outside the bench used {other_mean:.2f} cores on average (max {other_max:.2f}) during "
+        f"the measured windows (load average {load[0]} at start, {load[1]} at the end)."
+        + (" Figures taken with other load present are noisy." if other_max > 0.2 else ""),
+        *([f"Note: {note}"] if note else []),
+    ]
+
+
 def report(section: str, table: str, outcome: Outcome, results_path: Path) -> None:
     """Print the table and the services' warnings; say where the section was written."""
     print()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 
 from services.runtime import bus
 from services.runtime.embedded import free_port
-from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env, wait_http, wait_worker
+from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env, wait_http, wait_service, wait_worker
 
 ADMIN_KEY = "ib-test-admin-" + "x" * 24
 BENCH_MODEL = "bench-fast"
@@ -23,20 +24,33 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 SlowWorker = tuple[ServiceProcess, dict[str, Any]]
 Workers = dict[str, ServiceProcess]
 
-@pytest.fixture(scope="session")
-def infra(request: pytest.FixtureRequest) -> Iterator[EmbeddedStack]:
-    root = Path(tempfile.mkdtemp(prefix="inferbus-test-"))
-    root.chmod(0o755)
-    servers = EmbeddedStack(root)
+
+@contextlib.contextmanager
+def stack_in_tempdir(
+    prefix: str, keep: Callable[[], bool] = lambda: False, **options: Any
+) -> Iterator[EmbeddedStack]:
+    """A started EmbeddedStack (nats-server, PostgreSQL, Redis) in a fresh folder, stopped at the end.
+
+    The folder is removed then, unless `keep()` says otherwise (its logs and data are kept for a look).
+    """
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root.chmod(0o755)  # PostgreSQL may run as a user of its own
+    stack = EmbeddedStack(root, **options)
     try:
-        servers.start()
-        yield servers
+        stack.start()
+        yield stack
     finally:
-        servers.stop()
-        if request.session.testsfailed:
+        stack.stop()
+        if keep():
             print(f"\nservice logs and data kept under {root}")
         else:  # data dirs and joined model weights (~150 MB) would pile up run after run
             shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def infra(request: pytest.FixtureRequest) -> Iterator[EmbeddedStack]:
+    with stack_in_tempdir("inferbus-test-", keep=lambda: bool(request.session.testsfailed)) as servers:
+        yield servers
 
 
 @pytest.fixture(scope="session")
@@ -83,12 +97,21 @@ def start_gateway(infra: EmbeddedStack, **settings: Any) -> Gateway:
     return Gateway(ServiceProcess("gateway", "services.gateway", env, infra.root), f"http://127.0.0.1:{port}")
 
 
+@contextlib.asynccontextmanager
+async def running_gateway(infra: EmbeddedStack, **settings: Any) -> AsyncIterator[Gateway]:
+    """A gateway (start_gateway's settings), once it answers HTTP; stopped at the end."""
+    gw = start_gateway(infra, **settings)
+    try:
+        await wait_http(gw.url, gw.proc)
+        yield gw
+    finally:
+        gw.proc.stop()
+
+
 @pytest.fixture(scope="session")
 async def gateway(infra: EmbeddedStack) -> AsyncIterator[Gateway]:
-    gw = start_gateway(infra)
-    await wait_http(gw.url, gw.proc)
-    yield gw
-    gw.proc.stop()
+    async with running_gateway(infra) as gw:
+        yield gw
 
 
 @pytest.fixture(scope="session")
@@ -123,3 +146,29 @@ def workers() -> Iterator[Workers]:
     yield started
     for proc in started.values():
         proc.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_service(infra: EmbeddedStack, nc: bus.Connection, service: str) -> AsyncIterator[ServiceProcess]:
+    """`python -m services.<service>` with the stack's settings, once it answers as inferbus-<service>; stopped
+    at the end."""
+    proc = ServiceProcess(service, f"services.{service}", infra.env(), infra.root)
+    try:
+        await wait_service(nc, f"inferbus-{service}", proc)
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+async def registry(infra: EmbeddedStack, nc: bus.Connection) -> AsyncIterator[ServiceProcess]:
+    """A registry of the requesting module's own."""
+    async with running_service(infra, nc, "registry") as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+async def router(infra: EmbeddedStack, nc: bus.Connection, registry: ServiceProcess) -> AsyncIterator[ServiceProcess]:
+    """An alias router of the requesting module's own, beside its registry."""
+    async with running_service(infra, nc, "router") as proc:
+        yield proc

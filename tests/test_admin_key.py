@@ -8,8 +8,8 @@ import aiohttp
 import pytest
 
 from services.gateway.auth import new_key
-from services.runtime.local import EmbeddedStack, wait_http
-from tests.conftest import Gateway, start_gateway
+from services.runtime.local import EmbeddedStack
+from tests.conftest import Gateway, running_gateway
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -29,48 +29,32 @@ async def _key_id(gateway: Gateway, prefix: str) -> str:
     return next(k["id"] for k in data["data"] if k["prefix"] == prefix)
 
 
-async def _start(infra: EmbeddedStack, **settings: Any) -> Gateway:
-    gw = start_gateway(infra, **settings)
-    await wait_http(gw.url, gw.proc)
-    return gw
+async def _rotated(infra: EmbeddedStack, new: str, old: str) -> None:
+    """A gateway started with `new` as its admin key and `old` as the previous one takes only `new`."""
+    async with running_gateway(infra, admin_key=new, admin_key_previous=old) as gw:
+        assert await _status(gw.url, new) == 200
+        assert await _status(gw.url, old) == 401
 
 
 async def test_a_revoked_bootstrap_key_stays_revoked_and_rotation_replaces_it(
     infra: EmbeddedStack, gateway: Gateway
 ) -> None:
     first = new_key()
-    gw = await _start(infra, admin_key=first)
-    try:
+    async with running_gateway(infra, admin_key=first) as gw:
         assert await _status(gw.url, first) == 200
         async with aiohttp.ClientSession() as http, http.post(
             gateway.url + f"/v1/admin/keys/{await _key_id(gateway, first[:10])}/revoke", json={},
             headers=gateway.headers,
         ) as resp:
             assert resp.status == 200
-    finally:
-        gw.proc.stop()
-    gw = await _start(infra, admin_key=first)  # a restart must not un-revoke it
-    try:
+    async with running_gateway(infra, admin_key=first) as gw:  # a restart must not un-revoke it
         assert await _status(gw.url, first) == 401
         assert "admin_key_revoked" in gw.proc.log()
-    finally:
-        gw.proc.stop()
-    second = new_key()
-    gw = await _start(infra, admin_key=second, admin_key_previous=first)
-    try:
-        assert await _status(gw.url, second) == 200
-        assert await _status(gw.url, first) == 401
-    finally:
-        gw.proc.stop()
+    await _rotated(infra, new_key(), first)
 
 
 async def test_rotation_revokes_a_live_previous_key(infra: EmbeddedStack, gateway: Gateway) -> None:
-    old, new = new_key(), new_key()
-    gw = await _start(infra, admin_key=old)
-    gw.proc.stop()
-    gw = await _start(infra, admin_key=new, admin_key_previous=old)
-    try:
-        assert await _status(gw.url, new) == 200
-        assert await _status(gw.url, old) == 401
-    finally:
-        gw.proc.stop()
+    old = new_key()
+    async with running_gateway(infra, admin_key=old):
+        pass  # `old` is the admin key on record, live (never revoked)
+    await _rotated(infra, new_key(), old)

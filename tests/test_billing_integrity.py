@@ -11,10 +11,7 @@ import asyncio
 import math
 import os
 import secrets
-import shutil
 import signal
-import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
@@ -35,8 +32,8 @@ from services.runtime import bus
 from services.runtime.local import SECRETS_ENV, EmbeddedStack, ServiceProcess, settings_env, wait_worker
 from services.runtime.streaming import StreamClient
 from services.runtime.usage import Spool, read_spool
-from tests.conftest import SLOW_MODEL, Gateway, SlowWorker, Workers, start_worker, worker_stats
-from tests.test_metering import CLI, admin, own_postgres, start_metering, until, wait_metering
+from tests.conftest import SLOW_MODEL, Gateway, SlowWorker, Workers, stack_in_tempdir, start_worker, worker_stats
+from tests.test_metering import admin, own_ledger, own_postgres, run_cli, start_metering, until, wait_metering
 
 
 class Ledger:
@@ -56,25 +53,8 @@ class Ledger:
 
 @pytest.fixture(scope="module")
 async def ledger(infra: EmbeddedStack, nc: bus.Connection) -> AsyncIterator[Ledger]:
-    tag = secrets.token_hex(4)
-    pg, url = await own_postgres(infra, f"pg-billing-{tag}")
-    durable = f"billing-{tag}"
-    proc = start_metering(infra, url, durable)
-    try:
-        await wait_metering(nc, proc)
-        pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
-        assert pool is not None
-        try:
-            yield Ledger(proc, pool, durable)
-        finally:
-            await pool.close()
-    finally:
-        proc.stop()
-        await asyncio.to_thread(pg.stop)
-        try:
-            await nc.jetstream().delete_consumer(usage.STREAM, durable)
-        except Exception as exc:  # the consumer's cleanup is best effort; the stream outlives the session
-            print(f"could not delete consumer {durable}: {exc!r}")
+    async with own_ledger(infra, nc, "billing") as (proc, _, pool, durable):
+        yield Ledger(proc, pool, durable)
 
 
 # ---- a retry before the first token is an attempt of its own -----------------------------------
@@ -218,13 +198,7 @@ async def cli(infra: EmbeddedStack, *argv: str) -> tuple[int, str, str]:
     credentials = infra.identity("admin").credentials
     if credentials:
         env["INFERBUS_NATS_CREDENTIALS"] = credentials
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", CLI, *argv, env=env, cwd=os.getcwd(),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_cli(env, *argv)
 
 
 def good_event(rid: str, model: str, i: int) -> UsageEvent:
@@ -323,15 +297,8 @@ SPOOL_MODEL = "spool-bench"
 @pytest.fixture(scope="module")
 def platform() -> Iterator[EmbeddedStack]:
     """A platform of its own: this module takes its JetStream away."""
-    root = Path(tempfile.mkdtemp(prefix="inferbus-billing-"))
-    root.chmod(0o755)  # PostgreSQL may run as a user of its own
-    stack = EmbeddedStack(root)
-    try:
-        stack.start()
+    with stack_in_tempdir("inferbus-billing-") as stack:
         yield stack
-    finally:
-        stack.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def spool_worker(stack: EmbeddedStack, spool: Path, **settings: Any) -> ServiceProcess:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
 import ssl
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import nats
 import nats.errors
@@ -14,22 +11,15 @@ import pytest
 
 from services.runtime import bus
 from services.runtime.local import EmbeddedStack, wait_worker
-from tests.conftest import start_worker
+from tests.conftest import stack_in_tempdir, start_worker
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 @pytest.fixture(scope="module")
 def tls_stack() -> Iterator[EmbeddedStack]:
-    root = Path(tempfile.mkdtemp(prefix="inferbus-tls-"))
-    root.chmod(0o755)
-    stack = EmbeddedStack(root, tls=True)
-    try:
-        stack.start()
+    with stack_in_tempdir("inferbus-tls-", tls=True) as stack:
         yield stack
-    finally:
-        stack.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 async def test_services_and_clients_speak_tls(tls_stack: EmbeddedStack) -> None:

@@ -111,12 +111,24 @@ def audit_time(entry: dict[str, Any]) -> float:
     return dt.datetime.fromisoformat(entry["at"]).timestamp()
 
 
+async def deployed(infra: EmbeddedStack, nc: bus.Connection, workers: Workers, model: str, **v2: Any) -> None:
+    """`model` v1 (stable) and v2 (with worker settings `v2`), one benchmark worker each."""
+    await serve(infra, nc, workers, model, v1={}, v2=v2)
+    await admin(nc, "deploy", model=model, version="v1")
+
+
+async def roll_back(nc: bus.Connection, model: str) -> None:
+    """A canary of v2 at 50 %, analysed every 0.5 s, and router traffic until the controller rolls it back."""
+    analysis = {"interval_s": 0.5, "window_s": 30, "min_samples": 10}
+    await admin(nc, "canary", model=model, version="v2", weight=50, analysis=analysis)
+    await drive_until(nc, model, lambda view: view["policy"].get("canary") is None)
+
+
 async def test_router_traffic_reports_outcomes(
     infra: EmbeddedStack, nc: bus.Connection, router: ServiceProcess, workers: Workers
 ) -> None:
     model = "lead-outcomes"
-    await serve(infra, nc, workers, model, v1={}, v2={"fault_error_rate": 1.0})
-    await admin(nc, "deploy", model=model, version="v1")
+    await deployed(infra, nc, workers, model, fault_error_rate=1.0)
     patient = {"interval_s": 60, "window_s": 60, "min_samples": 1000}  # no verdict during this test
     heard: list[Outcome] = []
 
@@ -184,11 +196,8 @@ async def test_failing_canary_is_rolled_back_once(
 ) -> None:
     model = "lead-rollback"
     leader = await leader_among(nc, registries)
-    await serve(infra, nc, workers, model, v1={}, v2={"fault_error_rate": 1.0})
-    await admin(nc, "deploy", model=model, version="v1")
-    analysis = {"interval_s": 0.5, "window_s": 30, "min_samples": 10}
-    await admin(nc, "canary", model=model, version="v2", weight=50, analysis=analysis)
-    await drive_until(nc, model, lambda view: view["policy"].get("canary") is None)
+    await deployed(infra, nc, workers, model, fault_error_rate=1.0)
+    await roll_back(nc, model)
     rolled_back = time.monotonic()
     # Both replicas have reloaded every table twice since (resync_s = 1): a follower acting on the canary it
     # loaded would have done so by now.
@@ -208,8 +217,7 @@ async def test_healthy_canary_steps_once_per_interval(
 ) -> None:
     model = "lead-steps"
     leader = await leader_among(nc, registries)
-    await serve(infra, nc, workers, model, v1={}, v2={})
-    await admin(nc, "deploy", model=model, version="v1")
+    await deployed(infra, nc, workers, model)
     interval = 2.0
     analysis = {"interval_s": interval, "window_s": 30, "min_samples": 5}
     await admin(nc, "canary", model=model, version="v2", weight=20, steps=[20, 40, 60, 80, 100], analysis=analysis)
@@ -232,8 +240,7 @@ async def test_another_replica_takes_over_when_the_leader_dies(
     workers: Workers,
 ) -> None:
     model = "lead-takeover"
-    await serve(infra, nc, workers, model, v1={}, v2={"fault_error_rate": 1.0})
-    await admin(nc, "deploy", model=model, version="v1")
+    await deployed(infra, nc, workers, model, fault_error_rate=1.0)
     leader = await leader_among(nc, registries)
     leader.kill()  # no step-down: the lease has to run out
     killed = time.monotonic()
@@ -241,9 +248,7 @@ async def test_another_replica_takes_over_when_the_leader_dies(
     assert survivor is not leader
     ttl = (await nc.jetstream().stream_info("KV_INFERBUS_LEASES")).config.max_age or 0
     assert time.monotonic() - killed < ttl * 1.5 + 2  # the lease ran out, then the next refresh took it
-    analysis = {"interval_s": 0.5, "window_s": 30, "min_samples": 10}
-    await admin(nc, "canary", model=model, version="v2", weight=50, analysis=analysis)
-    await drive_until(nc, model, lambda view: view["policy"].get("canary") is None)
+    await roll_back(nc, model)
     rollbacks = [e for e in await admin(nc, "history", model=model) if e["action"] == "auto_rollback"]
     assert len(rollbacks) == 1 and rollbacks[0]["actor"] == "canary-controller"
     assert survivor.log().count('"canary_rolled_back"') >= 1

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import socket
@@ -29,7 +30,7 @@ from contracts.llm import Delta, ErrorChunk, Final, GenerateRequest, Message, ch
 from services.runtime import bus
 from services.runtime.embedded import PostgresServer
 from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env, wait_http, wait_service
-from tests.conftest import BENCH_MODEL, DEFAULT_MODEL, Gateway, Workers, start_gateway
+from tests.conftest import BENCH_MODEL, DEFAULT_MODEL, Gateway, Workers, running_gateway, start_gateway
 from tests.test_registry import admin as registry_admin
 from tests.test_registry import completions, nats_generate, serve, until_gateway
 from tests.test_tenancy import admin
@@ -42,26 +43,8 @@ LOOP_BOUND_S = 0.4
 @pytest.fixture(scope="module")
 async def gw(infra: EmbeddedStack) -> AsyncIterator[Gateway]:
     """This module's own gateway: it has never loaded prices (no metering runs here until a test starts one)."""
-    gateway = start_gateway(infra)
-    await wait_http(gateway.url, gateway.proc)
-    yield gateway
-    gateway.proc.stop()
-
-
-@pytest.fixture(scope="module")
-async def registry(infra: EmbeddedStack, nc: bus.Connection) -> AsyncIterator[ServiceProcess]:
-    proc = ServiceProcess("registry", "services.registry", infra.env(), infra.root)
-    await wait_service(nc, "inferbus-registry", proc)
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-async def router(infra: EmbeddedStack, nc: bus.Connection, registry: ServiceProcess) -> AsyncIterator[ServiceProcess]:
-    proc = ServiceProcess("router", "services.router", infra.env(), infra.root)
-    await wait_service(nc, "inferbus-router", proc)
-    yield proc
-    proc.stop()
+    async with running_gateway(infra) as gateway:
+        yield gateway
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -72,6 +55,18 @@ async def complete(http: aiohttp.ClientSession, gw: Gateway, key: str, **fields:
     body = {"model": BENCH_MODEL, "prompt": "hello", "max_tokens": 2, **fields}
     async with http.post(f"{gw.url}/v1/completions", headers=bearer(key), json=body) as resp:
         return resp.status, await resp.json()
+
+
+async def until_admitted(
+    http: aiohttp.ClientSession, gw: Gateway, key: str, limit_s: float, pause_s: float = 0.05
+) -> tuple[int, dict[str, Any]]:
+    """Completions with `key` until one is admitted (200) or `limit_s` has passed; the last (status, body)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        status, body = await complete(http, gw, key)
+        if status == 200 or time.monotonic() > deadline:
+            return status, body
+        await asyncio.sleep(pause_s)
 
 
 # ---- the event loop ---------------------------------------------------------------------------
@@ -199,30 +194,35 @@ async def held_slots(client: aioredis.Redis, key_id: str, limit_s: float = 5) ->
         await asyncio.sleep(0.02)
 
 
-async def test_clients_leaving_during_admission_release_their_slot(
-    infra: EmbeddedStack, nc: bus.Connection, gw: Gateway, bench_worker: dict[str, Any]
-) -> None:
-    created = await admin(nc, "keys.create", name="leaver", limits={"concurrency": 1})
+@contextlib.asynccontextmanager
+async def one_slot_key(
+    infra: EmbeddedStack, nc: bus.Connection, gw: Gateway, name: str
+) -> AsyncIterator[tuple[aiohttp.ClientSession, str, str, aioredis.Redis]]:
+    """(HTTP session, key, key id, Redis client) for a new key limited to one request at a time; the key has
+    been used once (authenticated: later requests go straight to admit) and its slot is free again."""
+    created = await admin(nc, "keys.create", name=name, limits={"concurrency": 1})
     key, key_id = created["key"], created["info"]["id"]
     client = aioredis.Redis.from_url(infra.redis_url)
     try:
         async with aiohttp.ClientSession() as http:
-            assert (await complete(http, gw, key))[0] == 200  # authenticated: later requests go straight to admit
+            assert (await complete(http, gw, key))[0] == 200
             assert await held_slots(client, key_id) == []
-            # Redis holds every write (the admit script) for 300 ms, as a slow Redis would: the clients leave
-            # 50 ms after sending, while their admission is in flight. The first script to run takes the slot.
-            await client.client_pause(300, all=False)  # CLIENT PAUSE 300 WRITE
-            await asyncio.gather(*(send_and_leave(gw.url, key, 0.05) for _ in range(8)))
-            deadline = time.monotonic() + 10  # a leaked slot would be held for an hour
-            while True:
-                status, body = await complete(http, gw, key)
-                if status == 200 or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.05)
-            assert status == 200, body
-            assert await held_slots(client, key_id) == []
+            yield http, key, key_id, client
     finally:
         await client.aclose()
+
+
+async def test_clients_leaving_during_admission_release_their_slot(
+    infra: EmbeddedStack, nc: bus.Connection, gw: Gateway, bench_worker: dict[str, Any]
+) -> None:
+    async with one_slot_key(infra, nc, gw, "leaver") as (http, key, key_id, client):
+        # Redis holds every write (the admit script) for 300 ms, as a slow Redis would: the clients leave
+        # 50 ms after sending, while their admission is in flight. The first script to run takes the slot.
+        await client.client_pause(300, all=False)  # CLIENT PAUSE 300 WRITE
+        await asyncio.gather(*(send_and_leave(gw.url, key, 0.05) for _ in range(8)))
+        status, body = await until_admitted(http, gw, key, limit_s=10)  # a leaked slot would be held for an hour
+        assert status == 200, body
+        assert await held_slots(client, key_id) == []
 
 
 BUSY_SCRIPT = """
@@ -251,29 +251,16 @@ async def redis_busy(url: str) -> None:
 async def test_admission_redis_answered_too_late_frees_its_slot(
     infra: EmbeddedStack, nc: bus.Connection, gw: Gateway, bench_worker: dict[str, Any]
 ) -> None:
-    created = await admin(nc, "keys.create", name="late-redis", limits={"concurrency": 1})
-    key, key_id = created["key"], created["info"]["id"]
-    client = aioredis.Redis.from_url(infra.redis_url)
-    try:
-        async with aiohttp.ClientSession() as http:
-            assert (await complete(http, gw, key))[0] == 200
-            assert await held_slots(client, key_id) == []
-            # Redis runs another client's script for 1.5 s: the gateway gives up on its admit script after 0.5 s
-            # and admits without limits (fail-open), then Redis runs the script and takes the slot anyway.
-            busy = asyncio.ensure_future(client.eval(BUSY_SCRIPT, 0, "1500"))
-            await redis_busy(infra.redis_url)
-            assert (await complete(http, gw, key))[0] == 200
-            await busy
-            deadline = time.monotonic() + 5  # released once Redis answers again, not after an hour
-            while True:
-                status, body = await complete(http, gw, key)
-                if status == 200 or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.05)
-            assert status == 200, body
-            assert await held_slots(client, key_id) == []
-    finally:
-        await client.aclose()
+    async with one_slot_key(infra, nc, gw, "late-redis") as (http, key, key_id, client):
+        # Redis runs another client's script for 1.5 s: the gateway gives up on its admit script after 0.5 s
+        # and admits without limits (fail-open), then Redis runs the script and takes the slot anyway.
+        busy = asyncio.ensure_future(client.eval(BUSY_SCRIPT, 0, "1500"))
+        await redis_busy(infra.redis_url)
+        assert (await complete(http, gw, key))[0] == 200
+        await busy
+        status, body = await until_admitted(http, gw, key, limit_s=5)  # released once Redis answers, not in an hour
+        assert status == 200, body
+        assert await held_slots(client, key_id) == []
 
 
 # ---- budgets ----------------------------------------------------------------------------------
@@ -308,12 +295,7 @@ async def test_usd_budgets_wait_for_prices(
             metering = ServiceProcess("metering-loop", "services.metering", env, infra.root)
             await wait_service(nc, "inferbus-metering", metering)
             await set_price(nc, model=BENCH_MODEL, input_per_1m=1.0, output_per_1m=2.0)  # gateways hear it
-            deadline = time.monotonic() + 20
-            while True:
-                status, body = await complete(http, gw, usd["key"])
-                if status == 200 or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.1)
+            status, body = await until_admitted(http, gw, usd["key"], limit_s=20, pause_s=0.1)
             assert status == 200, body
     finally:
         opened.proc.stop()

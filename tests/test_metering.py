@@ -98,6 +98,33 @@ async def own_postgres(infra: EmbeddedStack, name: str) -> tuple[PostgresServer,
     return pg, url
 
 
+@contextlib.asynccontextmanager
+async def own_ledger(
+    infra: EmbeddedStack, nc: bus.Connection, name: str
+) -> AsyncIterator[tuple[ServiceProcess, str, asyncpg.Pool, str]]:
+    """A metering process with a PostgreSQL and a durable consumer of its own (both named `name`-<tag>), ready:
+    (process, database URL, a pool on that database, durable). All of it goes at the end, the consumer too."""
+    tag = secrets.token_hex(4)
+    pg, url = await own_postgres(infra, f"pg-{name}-{tag}")
+    durable = f"{name}-{tag}"
+    proc = start_metering(infra, url, durable)
+    try:
+        await wait_metering(nc, proc)
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+        assert pool is not None
+        try:
+            yield proc, url, pool, durable
+        finally:
+            await pool.close()
+    finally:
+        proc.stop()
+        await asyncio.to_thread(pg.stop)
+        try:
+            await nc.jetstream().delete_consumer(usage.STREAM, durable)
+        except Exception as exc:  # the consumer's cleanup is best effort; the stream outlives the session
+            print(f"could not delete consumer {durable}: {exc!r}")
+
+
 async def fetch(url: str, sql: str, *args: Any) -> list[asyncpg.Record] | None:
     """Rows from a fresh connection; None while PostgreSQL is unreachable."""
     try:
@@ -302,23 +329,8 @@ class Meter:
 
 @pytest.fixture(scope="module")
 async def meter(infra: EmbeddedStack, nc: bus.Connection) -> AsyncIterator[Meter]:
-    tag = secrets.token_hex(4)
-    pg, url = await own_postgres(infra, f"pg-meter-{tag}")
-    durable = f"meter-{tag}"
-    proc = start_metering(infra, url, durable)
-    try:
-        await wait_metering(nc, proc)
-        pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
-        assert pool is not None
-        try:
-            yield Meter(proc, url, pool, durable)
-        finally:
-            await pool.close()
-    finally:
-        proc.stop()
-        await asyncio.to_thread(pg.stop)
-        with contextlib.suppress(Exception):
-            await nc.jetstream().delete_consumer(usage.STREAM, durable)
+    async with own_ledger(infra, nc, "meter") as (proc, url, pool, durable):
+        yield Meter(proc, url, pool, durable)
 
 
 def tenant() -> str:
@@ -610,8 +622,8 @@ CLI = (
 )
 
 
-async def cli(infra: EmbeddedStack, *argv: str) -> tuple[int, str, str]:
-    env = {**infra.env(), "INFERBUS_NATS_URL": infra.nats_url}
+async def run_cli(env: dict[str, str], *argv: str) -> tuple[int, str, str]:
+    """`inferbus usage ...` (CLI) in a process of its own with `env`: (exit status, stdout, stderr)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", CLI, *argv, env=env, cwd=os.getcwd(),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -619,6 +631,10 @@ async def cli(infra: EmbeddedStack, *argv: str) -> tuple[int, str, str]:
     out, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+async def cli(infra: EmbeddedStack, *argv: str) -> tuple[int, str, str]:
+    return await run_cli({**infra.env(), "INFERBUS_NATS_URL": infra.nats_url}, *argv)
 
 
 async def test_cli_usage_and_prices(meter: Meter, nc: bus.Connection, infra: EmbeddedStack) -> None:

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -26,7 +25,7 @@ from contracts.control import Reply
 from contracts.llm import Accepted, ErrorChunk, Final, GenerateRequest, chunk_decoder, request_encoder
 from contracts.tenancy import CreateKey
 from services.runtime import bus
-from services.runtime.local import EmbeddedStack, ServiceProcess, wait_service, wait_worker
+from services.runtime.local import EmbeddedStack, ServiceProcess, wait_worker
 from tests.conftest import Gateway, Workers, start_worker
 
 
@@ -61,22 +60,6 @@ def binomial_interval(n: int, p: float, confidence: float = 0.999) -> tuple[int,
         acc += pmf[high]
         high -= 1
     return low, high
-
-
-@pytest.fixture(scope="module")
-async def registry(infra: EmbeddedStack, nc: bus.Connection) -> AsyncIterator[ServiceProcess]:
-    proc = ServiceProcess("registry", "services.registry", infra.env(), infra.root)
-    await wait_service(nc, "inferbus-registry", proc)
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-async def router(infra: EmbeddedStack, nc: bus.Connection, registry: ServiceProcess) -> AsyncIterator[ServiceProcess]:
-    proc = ServiceProcess("router", "services.router", infra.env(), infra.root)
-    await wait_service(nc, "inferbus-router", proc)
-    yield proc
-    proc.stop()
 
 
 async def serve(

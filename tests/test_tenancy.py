@@ -22,7 +22,7 @@ from services.runtime import bus
 from services.runtime.embedded import free_port
 from services.runtime.local import EmbeddedStack, wait_http
 from services.runtime.metrics import url as metrics_url
-from tests.conftest import ADMIN_KEY, BENCH_MODEL, Gateway, start_gateway
+from tests.conftest import ADMIN_KEY, BENCH_MODEL, Gateway, running_gateway, start_gateway
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 CREATED_KEYS: list[str] = []  # every key made here: none may ever show up in a log, metric or error body
@@ -30,10 +30,8 @@ CREATED_KEYS: list[str] = []  # every key made here: none may ever show up in a 
 
 @pytest.fixture(scope="module")
 async def second_gateway(infra: EmbeddedStack) -> AsyncIterator[Gateway]:
-    gw = start_gateway(infra)
-    await wait_http(gw.url, gw.proc)
-    yield gw
-    gw.proc.stop()
+    async with running_gateway(infra) as gw:
+        yield gw
 
 
 async def admin(nc: bus.Connection, op: str, **body: Any) -> Any:

@@ -17,17 +17,15 @@ from contracts import usage
 from contracts.control import Reply
 from contracts.usage import SetPrice
 from services.runtime import bus
-from services.runtime.local import EmbeddedStack, ServiceProcess, wait_service
-from tests.conftest import BENCH_MODEL, Gateway
+from services.runtime.local import EmbeddedStack, ServiceProcess
+from tests.conftest import BENCH_MODEL, Gateway, running_service
 from tests.test_tenancy import admin, complete
 
 
 @pytest.fixture(scope="module")
 async def metering(infra: EmbeddedStack, nc: bus.Connection) -> AsyncIterator[ServiceProcess]:
-    proc = ServiceProcess("metering", "services.metering", infra.env(), infra.root)
-    await wait_service(nc, "inferbus-metering", proc)
-    yield proc
-    proc.stop()
+    async with running_service(infra, nc, "metering") as proc:
+        yield proc
 
 
 async def usage_of(http: aiohttp.ClientSession, gw: Gateway, key: str, **params: str) -> tuple[int, Any]:

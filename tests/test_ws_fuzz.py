@@ -19,8 +19,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from services.runtime.local import EmbeddedStack, wait_http
-from tests.conftest import ADMIN_KEY, BENCH_MODEL, Gateway, start_gateway
+from services.runtime.local import EmbeddedStack
+from tests.conftest import ADMIN_KEY, BENCH_MODEL, Gateway, running_gateway
 
 SEED = 20_240_611
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -135,10 +135,8 @@ def noise(rnd: random.Random) -> Iterator[str | bytes]:
 @pytest.fixture(scope="module")
 async def fuzzed(infra: EmbeddedStack) -> AsyncIterator[Gateway]:
     """A gateway of this module's own, so its log holds only what the fuzz did to it."""
-    gw = start_gateway(infra)
-    await wait_http(gw.url, gw.proc)
-    yield gw
-    gw.proc.stop()
+    async with running_gateway(infra) as gw:
+        yield gw
 
 
 class Prober:
