@@ -19,7 +19,9 @@ from contracts.llm import Accepted, Delta, ErrorChunk, Final, GenerateRequest, M
 from contracts.usage import event_decoder
 from services.runtime import bus, natsauth
 from services.runtime.local import EmbeddedStack
+from services.runtime.metrics import url as metrics_url
 from tests.conftest import BENCH_MODEL, DEFAULT_MODEL, SLOW_MODEL, Gateway
+from tests.test_secrets_and_metrics import instance_info, scrape, value
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -104,7 +106,9 @@ async def client(infra: EmbeddedStack, narrow: tuple[str, str]) -> AsyncIterator
     await c.nc.close()
 
 
-async def test_unauthenticated_and_wrong_credentials_are_refused(infra: EmbeddedStack, gateway: Gateway) -> None:
+async def test_unauthenticated_and_wrong_credentials_are_refused(
+    infra: EmbeddedStack, gateway: Gateway, nc: bus.Connection
+) -> None:
     for kw in ({}, {"token": "ib-not-a-key-" + "z" * 30}, {"user": "gateway", "password": "guess"}):
         with pytest.raises(nats.errors.Error, match="Authorization"):
             await nats.connect(infra.nats_url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=3,
@@ -112,6 +116,13 @@ async def test_unauthenticated_and_wrong_credentials_are_refused(infra: Embedded
     log = gateway.proc.log()
     assert "nats_auth_refused" in log
     assert "ib-not-a-key-" not in log  # refusals are logged without the key
+    # ... and counted, on the gateway's metrics port
+    info = await instance_info(nc, "inferbus-gateway", http=gateway.url)
+    url = metrics_url(info)
+    assert url is not None
+    samples = await scrape(url)
+    assert value(samples, "inferbus_nats_auth_total", decision="refused", reason="invalid_key") >= 1
+    assert value(samples, "inferbus_nats_auth_total", decision="refused", reason="no_key") >= 1
 
 
 async def test_a_key_calls_its_model_and_the_stream_comes_back(client: Client, narrow: tuple[str, str]) -> None:
