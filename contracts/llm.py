@@ -169,7 +169,18 @@ class ErrorChunk(Struct, frozen=True, tag="e", array_like=True):
         return InferBusError(self.code, self.message)
 
 
-Chunk = Accepted | Delta | Heartbeat | Final | ErrorChunk
+class Bundle(Struct, frozen=True, tag="b", array_like=True):
+    """Several chunks of one stream in one bus message, for callers that ask (`Inferbus-Bundle: 1`).
+
+    `items` are the chunks' own encodings, in order, each with its own seq (`seq` is the first's); a
+    short answer complete before the worker's first flush (Accepted, Delta, Final) is one message.
+    """
+
+    seq: int
+    items: list[msgspec.Raw]
+
+
+Chunk = Accepted | Delta | Heartbeat | Final | ErrorChunk | Bundle
 TERMINAL = (Final, ErrorChunk)
 
 chunk_encoder = msgspec.msgpack.Encoder()

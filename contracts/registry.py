@@ -234,4 +234,13 @@ table_encoder = msgspec.json.Encoder()
 table_decoder = msgspec.json.Decoder(RoutingTable)
 outcome_encoder = msgspec.msgpack.Encoder()
 outcome_decoder = msgspec.msgpack.Decoder(Outcome)
+outcomes_decoder = msgspec.msgpack.Decoder(list[Outcome])
+
+
+def decode_outcomes(data: bytes) -> list[Outcome]:
+    """One outcome, or a batch of them (a msgpack list; edges batch outcomes to send fewer messages)."""
+    try:
+        return [outcome_decoder.decode(data)]
+    except msgspec.DecodeError:
+        return outcomes_decoder.decode(data)
 shadow_decoder = msgspec.msgpack.Decoder(ShadowRecord)

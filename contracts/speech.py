@@ -15,7 +15,7 @@ from typing import Final, Literal
 import msgspec
 from msgspec import Struct
 
-from contracts.llm import Accepted, Attempt, ErrorChunk, Heartbeat
+from contracts.llm import Accepted, Attempt, Bundle, ErrorChunk, Heartbeat
 
 MEDIA_BUCKET: Final = "INFERBUS_MEDIA"
 INLINE_MAX: Final = 512 * 1024
@@ -68,7 +68,7 @@ class Transcript(Struct, frozen=True, tag="t", array_like=True):
     version: str
 
 
-AsrChunk = Accepted | Heartbeat | Segment | Transcript | ErrorChunk
+AsrChunk = Accepted | Heartbeat | Segment | Transcript | ErrorChunk | Bundle
 
 
 # ---- TTS -------------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ class SpeechDone(Struct, frozen=True, tag="sd", array_like=True):
     version: str
 
 
-TtsChunk = Accepted | Heartbeat | AudioChunk | SpeechDone | ErrorChunk
+TtsChunk = Accepted | Heartbeat | AudioChunk | SpeechDone | ErrorChunk | Bundle
 
 asr_encoder = msgspec.msgpack.Encoder()
 asr_request_decoder = msgspec.msgpack.Decoder(TranscribeRequest)

@@ -18,7 +18,7 @@ import pytest
 
 from contracts import subjects
 from contracts.llm import ErrorChunk, Final, GenerateRequest
-from contracts.registry import Outcome, outcome_decoder
+from contracts.registry import Outcome, decode_outcomes
 from services.runtime import bus
 from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env, wait_service
 from tests.conftest import Workers
@@ -133,7 +133,7 @@ async def test_router_traffic_reports_outcomes(
     heard: list[Outcome] = []
 
     async def on_outcome(msg: Any) -> None:
-        heard.append(outcome_decoder.decode(msg.data))
+        heard.extend(decode_outcomes(msg.data))
 
     sub = await nc.subscribe(subjects.outcome("llm", model), cb=on_outcome)
     try:
@@ -168,7 +168,7 @@ async def test_router_answers_no_worker_at_once(nc: bus.Connection, router: Serv
     heard: list[Outcome] = []
 
     async def on_outcome(msg: Any) -> None:
-        heard.append(outcome_decoder.decode(msg.data))
+        heard.extend(decode_outcomes(msg.data))
 
     sub = await nc.subscribe(subjects.outcome("llm", model), cb=on_outcome)
     try:

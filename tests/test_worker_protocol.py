@@ -133,3 +133,51 @@ async def test_no_responders_is_immediate(nc: bus.Connection) -> None:
             pass
     assert failure.value.code == "no_worker"
     assert time.monotonic() - start < 0.1
+
+
+async def test_bundles_when_asked_a_short_answer_is_one_message(
+    nc: bus.Connection, bench_worker: dict[str, Any]
+) -> None:
+    from contracts import headers as h
+    from contracts.llm import Bundle
+    from services.runtime.streaming import unbundle
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish(subjects.infer("llm", BENCH_MODEL, "v1"), request_encoder.encode(_req("bundled-1", 16)),
+                     reply=inbox, headers={h.BUNDLE: "1"})
+    messages = []
+    try:
+        while True:
+            messages.append((await sub.next_msg(timeout=10)).data)
+            chunks = [c for m in messages for c in unbundle(chunk_decoder, m)]
+            if isinstance(chunks[-1], Final | ErrorChunk):
+                break
+    finally:
+        await sub.unsubscribe()
+    assert len(messages) == 1 and isinstance(chunk_decoder.decode(messages[0]), Bundle)
+    assert isinstance(chunks[0], Accepted) and isinstance(chunks[-1], Final)
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    assert sum(c.tokens for c in chunks if isinstance(c, Delta)) == 16 == chunks[-1].usage.completion_tokens
+
+
+async def test_bundles_keep_a_paced_stream_streaming(nc: bus.Connection, one_slot: dict[str, Any]) -> None:
+    """Tokens that come apart still go out as they come: bundling never holds a token back for the next."""
+    from contracts import headers as h
+    from services.runtime.streaming import unbundle
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    payload = request_encoder.encode(_req("bundled-2", 8, QUEUED_MODEL))
+    await nc.publish(subjects.infer("llm", QUEUED_MODEL, "v1"), payload,
+                     reply=inbox, headers={h.BUNDLE: "1"})
+    per_message: list[list[Any]] = []
+    try:
+        while not per_message or not isinstance(per_message[-1][-1], Final | ErrorChunk):
+            per_message.append(unbundle(chunk_decoder, (await sub.next_msg(timeout=10)).data))
+    finally:
+        await sub.unsubscribe()
+    chunks = [c for m in per_message for c in m]
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    assert sum(isinstance(c, Delta) for c in chunks) == 8
+    assert len(per_message) >= 8  # at 40 tokens/s each token is its own message (the last may share with Final)

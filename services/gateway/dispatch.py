@@ -13,13 +13,13 @@ from typing import Any
 
 import msgspec
 
-from contracts import subjects
 from contracts.errors import InferBusError
 from contracts.llm import Accepted, Chunk, Delta, Final, GenerateRequest, chunk_decoder, request_encoder
-from contracts.registry import Outcome, outcome_encoder
+from contracts.registry import Outcome
 from services.gateway.catalogue import Catalogue
 from services.runtime import logging as log
 from services.runtime import shadow
+from services.runtime.outcomes import OutcomeBatcher
 from services.runtime.routing import Route
 from services.runtime.streaming import StreamClient
 
@@ -46,6 +46,7 @@ class Dispatcher:
     def __init__(self, client: StreamClient, catalogue: Catalogue, *, retries: int = 1) -> None:
         self.client = client
         self.catalogue = catalogue
+        self.outcomes = OutcomeBatcher(client.nc)
         self.retries = retries
         self.logger = log.get("dispatch")
         self._background: set[asyncio.Task[None]] = set()
@@ -172,7 +173,7 @@ class Dispatcher:
             code = ended.code
             if code != "cancelled" and not self.client.nc.is_closed:  # fed to canary analysis
                 outcome = Outcome(model, route.version, code is None, code or "ok", ended.latency_ms, ttft)
-                await self.client.nc.publish(subjects.outcome(kind, model), outcome_encoder.encode(outcome))
+                self.outcomes.add(kind, outcome)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

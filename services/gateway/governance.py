@@ -38,7 +38,7 @@ from prometheus_client import Counter
 from contracts.errors import InferBusError
 from contracts.llm import Accepted, Chunk, Delta, Final, GenerateRequest
 from contracts.speech import AudioChunk, SpeechDone, Transcript
-from contracts.tenancy import Limits
+from contracts.tenancy import Budget, Limits
 from contracts.usage import PriceView
 from services.gateway.auth import KeyRecord
 from services.runtime import logging as log
@@ -48,6 +48,8 @@ DECISIONS = Counter("inferbus_gateway_limit_decisions_total", "Admission decisio
 LIMITER_DOWN = Counter("inferbus_gateway_limiter_unavailable_total", "Requests while Redis was unreachable", ["mode"])
 SPEND = Counter("inferbus_gateway_settled_total", "Settled usage per tenant", ["tenant", "unit"])
 
+NO_LIMITS = Limits()
+NO_BUDGET = Budget()
 MICRO = 1_000_000  # budgets in USD are counted in micro-dollars (integers in Redis)
 # A second of audio against token budgets: one token per 100 ms, as OpenAI's audio models count audio.
 TOKENS_PER_AUDIO_SECOND = 10
@@ -332,7 +334,18 @@ class Governor:
 
     # ---- admission and settlement ------------------------------------------------------------
 
-    async def admit(self, key: KeyRecord, endpoint: str, request: GenerateRequest) -> Grant:
+    def unlimited(self, key: KeyRecord, endpoint: str, model: str) -> bool:
+        """No limit or budget applies: admission needs no Redis round trip and nothing to settle."""
+        return (
+            key.limits == NO_LIMITS and key.tenant_limits == NO_LIMITS and model not in key.model_limits
+            and key.budget == NO_BUDGET and key.tenant_budget == NO_BUDGET
+            and self.global_limits == NO_LIMITS and endpoint not in self.endpoint_limits
+        )
+
+    async def admit(self, key: KeyRecord, endpoint: str, request: GenerateRequest) -> Grant | None:
+        """A grant to settle after the stream, or None when nothing applies to this key (the common case)."""
+        if self.unlimited(key, endpoint, request.model):
+            return None
         prompt = estimate_prompt_tokens(request)
         tokens = prompt + request.max_tokens
         usd = self.prices.estimate_usd(request.model, prompt, request.max_tokens)

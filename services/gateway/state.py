@@ -263,6 +263,8 @@ class Gateway:
     async def close(self) -> None:
         if self.edge is not None:
             await self.edge.close()
+        if self._dispatcher is not None:
+            await self._dispatcher.outcomes.close()
         for task in list(self._kicks):
             task.cancel()
         for conn in self._extra_connections:

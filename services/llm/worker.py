@@ -78,6 +78,9 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
         self, nc: Connection, engine: Engine, settings: WorkerSettings, usage: UsagePublisher | None = None
     ) -> None:
         super().__init__(nc, engine, settings, usage)
+        self._ttft = TTFT.labels(*self._labels)
+        self._tokens = {(traffic, part): TOKENS.labels(*self._labels, part, traffic)
+                        for traffic in ("live", "shadow") for part in ("prompt", "completion")}
         self.shadow_served = 0
         self.shadow_tokens = 0
         self.faults = 0
@@ -173,9 +176,9 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
                 text = "".join(text_parts)
                 if text or tokens:
                     if first:
-                        TTFT.labels(*self._labels).observe(time.monotonic() - received)
+                        self._ttft.observe(time.monotonic() - received)
                         first = False
-                    await out.send(Delta, text, tokens)
+                    await out.send(Delta, text, tokens, more=done)  # done: Final follows at once
                 if done:
                     break
         finally:
@@ -186,8 +189,8 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
         if request.shadow:
             self.shadow_served += 1
             self.shadow_tokens += prepared.prompt_tokens + completion
-        TOKENS.labels(*self._labels, "prompt", traffic).inc(prepared.prompt_tokens)
-        TOKENS.labels(*self._labels, "completion", traffic).inc(completion)
+        self._tokens[traffic, "prompt"].inc(prepared.prompt_tokens)
+        self._tokens[traffic, "completion"].inc(completion)
         await out.send(Final, finish, Usage(prepared.prompt_tokens, completion), self.s.version)
 
     async def _coalesce(self, queue: asyncio.Queue[object], batch: list[object]) -> None:

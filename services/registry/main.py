@@ -33,7 +33,7 @@ from contracts.registry import (
     SetShadow,
     ShowModel,
     WorkerView,
-    outcome_decoder,
+    decode_outcomes,
     shadow_decoder,
     table_encoder,
 )
@@ -318,7 +318,8 @@ class Registry:
 
     async def _on_outcome(self, msg: bus.Msg) -> None:
         try:
-            self.windows.add(outcome_decoder.decode(msg.data))
+            for outcome in decode_outcomes(msg.data):
+                self.windows.add(outcome)
         except msgspec.DecodeError:
             self.logger.warning("bad_outcome", subject=msg.subject)
 

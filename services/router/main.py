@@ -25,12 +25,13 @@ from contracts import subjects
 from contracts.control import load_decoder
 from contracts.errors import InferBusError
 from contracts.llm import Delta, ErrorChunk, Final, chunk_decoder, chunk_encoder, request_decoder
-from contracts.registry import Outcome, RoutingTable, outcome_encoder
+from contracts.registry import Outcome, RoutingTable
 from contracts.speech import AudioChunk, Segment, SpeechDone, Transcript, asr_chunk_decoder, tts_chunk_decoder
 from services.runtime import bus, service, settings, shadow
 from services.runtime import logging as log
+from services.runtime.outcomes import OutcomeBatcher
 from services.runtime.routing import Presence, Route, Router, Tables
-from services.runtime.streaming import StreamClient
+from services.runtime.streaming import StreamClient, unbundle
 
 FORWARDED = Counter("inferbus_router_forwarded_total", "Requests forwarded by the alias router", ["model", "version"])
 REFUSED = Counter("inferbus_router_refused_total", "Requests the alias router answered with an error", ["code"])
@@ -74,6 +75,7 @@ class AliasRouter:
         self.forwarded = 0
         self.outcomes = 0
         self._client: StreamClient | None = None
+        self.outcome_batcher: OutcomeBatcher | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.logger = log.get("router")
 
@@ -84,6 +86,7 @@ class AliasRouter:
         await self.tables.watch(nc.jetstream())
         self._client = StreamClient(nc)
         await self._client.start()
+        self.outcome_batcher = OutcomeBatcher(nc)
         for kind in self.cfg.kinds:
             await nc.subscribe(subjects.alias_all(kind), queue="inferbus-router", cb=self._on_request)
         self.service.stats_source = lambda: {
@@ -98,6 +101,8 @@ class AliasRouter:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.outcome_batcher is not None:
+            await self.outcome_batcher.close()
         await self.service.close()
 
     async def _on_heartbeat(self, msg: bus.Msg) -> None:
@@ -166,8 +171,9 @@ class AliasRouter:
             if code != "cancelled" and not nc.is_closed:  # a caller that left says nothing about the version
                 OUTCOMES.labels(model, code or "ok").inc()
                 self.outcomes += 1
-                outcome = Outcome(model, route.version, code is None, code or "ok", watch.latency_ms, watch.ttft_ms)
-                await nc.publish(subjects.outcome(kind, model), outcome_encoder.encode(outcome))
+                assert self.outcome_batcher is not None
+                self.outcome_batcher.add(
+                    kind, Outcome(model, route.version, code is None, code or "ok", watch.latency_ms, watch.ttft_ms))
             if copy is not None:
                 await self._compare(copy, watch, route)
         finally:
@@ -236,19 +242,21 @@ class InboxWatch:
         if msg.headers and msg.headers.get(h.STATUS) == h.NO_RESPONDERS and not msg.data:
             return self._end("no_worker")
         try:
-            chunk = self.shape.decoder.decode(msg.data)
-        except msgspec.DecodeError:
+            chunks = unbundle(self.shape.decoder, msg.data)
+        except InferBusError:
             return self._end("stream_broken")
-        self.chunks += 1
-        if isinstance(chunk, self.shape.progress):
-            if self.ttft_ms is None:
-                self.ttft_ms = (self.last - self.started) * 1000
-            if self.keep_text and isinstance(chunk, Delta):
-                self.parts.append(chunk.text)
-        elif isinstance(chunk, ErrorChunk):
-            self._end(chunk.code)
-        elif isinstance(chunk, self.shape.terminal):
-            self._end(None)
+        for chunk in chunks:
+            self.chunks += 1
+            if isinstance(chunk, self.shape.progress):
+                if self.ttft_ms is None:
+                    self.ttft_ms = (self.last - self.started) * 1000
+                if self.keep_text and isinstance(chunk, Delta):
+                    self.parts.append(chunk.text)
+            elif isinstance(chunk, ErrorChunk):
+                return self._end(chunk.code)
+            elif isinstance(chunk, self.shape.terminal):
+                return self._end(None)
+        return None
 
     def _end(self, code: str | None) -> None:
         self.code = code

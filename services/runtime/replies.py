@@ -2,34 +2,105 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 import msgspec
 
 from contracts import headers as h
+from contracts.llm import Accepted, Bundle, Heartbeat
 from services.runtime.bus import Connection, Msg
 
 
 class ReplyStream:
-    """Numbers every chunk (`seq` from 0) and publishes it to the caller's inbox; closed after a terminal one."""
+    """Numbers every chunk (`seq` from 0) and publishes it to the caller's inbox; closed after a terminal one.
+
+    With `bundle` (the caller sent `Inferbus-Bundle: 1`) chunks wait to be sent together: a terminal one
+    sends everything at once, a progress one (a token) at the end of this loop iteration, anything
+    else (Accepted, Heartbeat) with the next or within `HOLD_S`. So a short answer is one message.
+    """
+
+    HOLD_S = 0.002
 
     def __init__(
-        self, nc: Connection, reply: str, encoder: msgspec.msgpack.Encoder, terminal: tuple[type, ...]
+        self,
+        nc: Connection,
+        reply: str,
+        encoder: msgspec.msgpack.Encoder,
+        terminal: tuple[type, ...],
+        *,
+        bundle: bool = False,
     ) -> None:
         self.nc = nc
         self.reply = reply
         self.encoder = encoder
         self.terminal = terminal
+        self.bundle = bundle
         self.seq = 0
         self.closed = False
+        self._pending: list[bytes] = []
+        self._first_seq = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._soon = False
 
-    async def send(self, make: Any, *fields: Any) -> None:
+    async def send(self, make: Any, *fields: Any, more: bool = False) -> None:
+        """`more`: the caller sends another chunk right after this one (the terminal): hold it for that."""
         chunk = make(self.seq, *fields)
         self.seq += 1
-        if isinstance(chunk, self.terminal):
+        data = self.encoder.encode(chunk)
+        terminal = isinstance(chunk, self.terminal)
+        if terminal:
             self.closed = True
-        await self.nc.publish(self.reply, self.encoder.encode(chunk))
+        if not self.bundle:
+            await self.nc.publish(self.reply, data)
+            return
+        if not self._pending:
+            self._first_seq = chunk.seq
+        self._pending.append(data)
+        if terminal:
+            await self.flush()
+        elif more:
+            return
+        elif not isinstance(chunk, Accepted | Heartbeat):
+            if not self._soon:
+                self._soon = True
+                asyncio.get_running_loop().call_soon(self._flush_later)
+        elif self._timer is None and not self._soon:
+            self._timer = asyncio.get_running_loop().call_later(self.HOLD_S, self._flush_later)
+
+    def _flush_later(self) -> None:
+        if self._pending:
+            task = asyncio.ensure_future(self.flush())
+            _flushing.add(task)
+            task.add_done_callback(_flushing.discard)
+        else:
+            self._reset()
+
+    def _reset(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._soon = False
+
+    async def flush(self) -> None:
+        """Send what is pending: one chunk as itself, several as one Bundle."""
+        self._reset()
+        pending, self._pending = self._pending, []
+        if not pending or self.nc.is_closed:
+            return
+        if len(pending) == 1:
+            await self.nc.publish(self.reply, pending[0])
+        else:
+            items = [msgspec.Raw(p) for p in pending]
+            await self.nc.publish(self.reply, self.encoder.encode(Bundle(self._first_seq, items)))
+
+
+_flushing: set[asyncio.Future[None]] = set()  # flushes scheduled from callbacks, kept until done
+
+
+def wants_bundles(msg: Msg) -> bool:
+    return msg.headers is not None and msg.headers.get(h.BUNDLE) == "1"
 
 
 def deadline_in(msg: Msg) -> float | None:

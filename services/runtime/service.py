@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import uuid
 from collections.abc import Awaitable, Callable
@@ -103,4 +104,16 @@ def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
             loop.add_signal_handler(sig, stop.set)
         await main(stop)
 
-    asyncio.run(runner())
+    with asyncio.Runner(loop_factory=loop_factory()) as loop_runner:
+        loop_runner.run(runner())
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop (measured faster on the request path, bench/bench_floor.py) unless INFERBUS_UVLOOP=0."""
+    if os.environ.get("INFERBUS_UVLOOP", "1") in ("0", "false"):
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop

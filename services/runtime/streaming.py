@@ -14,6 +14,7 @@ from contracts import headers as h
 from contracts import subjects
 from contracts.errors import InferBusError
 from contracts.llm import (
+    Bundle,
     Chunk,
     ErrorChunk,
     Final,
@@ -23,6 +24,17 @@ from contracts.llm import (
     request_encoder,
 )
 from services.runtime.bus import Connection, Msg
+
+
+def unbundle(decoder: msgspec.msgpack.Decoder[Any], data: bytes) -> list[Any]:
+    """The chunks one reply message holds: itself, or a Bundle's items (raises stream_broken if undecodable)."""
+    try:
+        chunk = decoder.decode(data)
+        if isinstance(chunk, Bundle):
+            return [decoder.decode(item) for item in chunk.items]
+    except msgspec.DecodeError:
+        raise InferBusError("stream_broken", "undecodable chunk from worker") from None
+    return [chunk]
 
 
 class StreamClient:
@@ -90,7 +102,7 @@ class StreamClient:
         token = secrets.token_hex(8)
         queue: asyncio.Queue[Msg] = asyncio.Queue()
         self._queues[token] = queue
-        hdrs = {h.REQUEST_ID: request_id}
+        hdrs = {h.REQUEST_ID: request_id, h.BUNDLE: "1"}
         if deadline is not None:
             hdrs[h.DEADLINE] = str(int(deadline * 1000))
         if extra_headers:
@@ -119,24 +131,21 @@ class StreamClient:
                 if msg.headers and msg.headers.get(h.STATUS) == h.NO_RESPONDERS and not msg.data:
                     finished = True
                     raise InferBusError("no_worker", f"no worker is serving {what} right now")
-                try:
-                    chunk = decoder.decode(msg.data)
-                except msgspec.DecodeError:
-                    raise InferBusError("stream_broken", "undecodable chunk from worker") from None
-                if chunk.seq != expected:
-                    raise InferBusError("stream_broken", f"chunk gap: expected seq {expected}, got {chunk.seq}")
-                expected += 1
                 timeout = self.idle_timeout
-                if isinstance(chunk, Heartbeat):
-                    continue
-                if isinstance(chunk, ErrorChunk):
-                    finished = True
-                    raise chunk.to_error()
-                if isinstance(chunk, terminal):
-                    finished = True
+                for chunk in unbundle(decoder, msg.data):
+                    if chunk.seq != expected:
+                        raise InferBusError("stream_broken", f"chunk gap: expected seq {expected}, got {chunk.seq}")
+                    expected += 1
+                    if isinstance(chunk, Heartbeat):
+                        continue
+                    if isinstance(chunk, ErrorChunk):
+                        finished = True
+                        raise chunk.to_error()
+                    if isinstance(chunk, terminal):
+                        finished = True
+                        yield chunk
+                        return
                     yield chunk
-                    return
-                yield chunk
         finally:
             del self._queues[token]
             if not finished and not self.nc.is_closed:

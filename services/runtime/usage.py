@@ -24,6 +24,7 @@ import os
 import re
 import secrets
 import struct
+import time
 import zlib
 from collections import deque
 from collections.abc import Collection, Iterable
@@ -91,11 +92,15 @@ class UsagePublisher:
         *,
         window: int = 64,
         max_backoff_s: float = 2.0,
+        group_commit_s: float = 0.01,
     ) -> None:
         cfg = cfg or settings.load(UsageSettings, "usage")
         self.js = js
         self.window = window  # publishes in flight at once
         self.max_backoff_s = max_backoff_s
+        # Group commit: under load, one spool fsync (and one burst of publishes) per this long, not per event.
+        self.group_commit_s = group_commit_s
+        self._last_sync = 0.0
         self.max_pending = cfg.usage_max_pending
         directory = cfg.spool_directory()
         self.spool = Spool(directory) if directory is not None else None
@@ -161,6 +166,10 @@ class UsagePublisher:
                 await self._wake.wait()
                 continue
             if self.spool is not None and self.spool.dirty:
+                wait = self._last_sync + self.group_commit_s - time.monotonic()
+                if wait > 0 and len(self.pending) < self.window:
+                    await asyncio.sleep(wait)  # gather the events that arrive meanwhile into this commit
+                self._last_sync = time.monotonic()
                 try:
                     await asyncio.to_thread(self.spool.sync)
                 except OSError as exc:  # the events are still in the kernel's hands, and in memory

@@ -21,7 +21,7 @@ from contracts.llm import Accepted, ErrorChunk, Heartbeat
 from contracts.usage import MAX_ID_CHARS, UsageEvent
 from services.runtime import logging as log
 from services.runtime.bus import Connection, Msg
-from services.runtime.replies import ReplyStream, deadline_in, trace_id
+from services.runtime.replies import ReplyStream, deadline_in, trace_id, wants_bundles
 from services.runtime.usage import UsagePublisher
 
 T = TypeVar("T")
@@ -99,6 +99,10 @@ class Worker(Generic[RequestT, TallyT]):
         self._tasks: set[asyncio.Task[None]] = set()
         self._subs: list[Any] = []
         self._labels = (settings.model, settings.version)
+        # Children bound once: a label lookup per request per metric shows in profiles.
+        self._in_flight = self.metrics.in_flight.labels(*self._labels)
+        self._duration = self.metrics.duration.labels(*self._labels)
+        self._by_outcome: dict[str, Any] = {}
         self.logger = log.get(self.kind)
 
     # ---- what a kind provides -----------------------------------------------------------------
@@ -232,7 +236,7 @@ class Worker(Generic[RequestT, TallyT]):
 
     async def _serve(self, msg: Msg) -> None:
         assert msg.reply
-        out = ReplyStream(self.nc, msg.reply, self.encoder, self.terminal)
+        out = ReplyStream(self.nc, msg.reply, self.encoder, self.terminal, bundle=wants_bundles(msg))
         received = time.monotonic()
         started_at = time.time()
         try:
@@ -252,8 +256,7 @@ class Worker(Generic[RequestT, TallyT]):
         self.active[rid] = task
         cancel_token = subjects.token(rid)
         self._cancel_tokens.setdefault(cancel_token, set()).add(rid)
-        m = self.metrics
-        m.in_flight.labels(*self._labels).inc()
+        self._in_flight.inc()
         outcome = "ok"
         tally = self._new_tally()
         with log.bound(request_id=rid, trace_id=trace_id(msg)):
@@ -281,9 +284,12 @@ class Worker(Generic[RequestT, TallyT]):
                 if not self._cancel_tokens[cancel_token]:
                     del self._cancel_tokens[cancel_token]
                 self.served += 1
-                m.in_flight.labels(*self._labels).dec()
-                m.requests.labels(*self._labels, outcome).inc()
-                m.duration.labels(*self._labels).observe(time.monotonic() - received)
+                self._in_flight.dec()
+                counter = self._by_outcome.get(outcome)
+                if counter is None:
+                    counter = self._by_outcome[outcome] = self.metrics.requests.labels(*self._labels, outcome)
+                counter.inc()
+                self._duration.observe(time.monotonic() - received)
                 if self.usage is not None:
                     self.usage.publish(self._usage_event(request, msg, outcome, tally, started_at))
                 self._finished(request, outcome, tally)
