@@ -177,7 +177,7 @@ class UsagePublisher:
                     self.logger.error("usage_spool_sync_failed", error=repr(exc))
             batch = [self.pending.popleft() for _ in range(min(len(self.pending), self.window))]
             self.in_flight = len(batch)
-            results = await asyncio.gather(*(self._send(e) for e in batch), return_exceptions=True)
+            results = await self._send_all(batch)
             failed = [e for e, r in zip(batch, results, strict=True) if isinstance(r, BaseException)]
             self.published += len(batch) - len(failed)
             self.pending.extendleft(reversed(failed))  # JetStream or NATS unreachable: keep them in front
@@ -205,14 +205,37 @@ class UsagePublisher:
         except OSError as exc:  # the file keeps events already acknowledged: replayed, then deduplicated
             self.logger.warning("usage_spool_settle_failed", error=repr(exc))
 
-    async def _send(self, event: UsageEvent) -> None:
-        await self.js.publish(
-            usage.subject(event.kind, event.model),
-            event_encoder.encode(event),
-            timeout=2.0,
-            headers={"Nats-Msg-Id": usage.msg_id(event)},
-        )
-        PUBLISHED.labels(event.kind).inc()
+    async def _send_all(self, batch: list[UsageEvent]) -> list[object]:
+        """Publish the batch without waiting in between, then collect the acks under one timer (per event:
+        its PubAck, or the exception that stands for it)."""
+        futures: list[object] = []
+        for event in batch:
+            try:
+                futures.append(await self.js.publish_async(
+                    usage.subject(event.kind, event.model),
+                    event_encoder.encode(event),
+                    headers={"Nats-Msg-Id": usage.msg_id(event)},
+                ))
+            except Exception as exc:  # not connected: this one (and likely the rest) is retried
+                futures.append(exc)
+        waiting = [f for f in futures if isinstance(f, asyncio.Future)]
+        if waiting:
+            await asyncio.wait(waiting, timeout=2.0)
+        results: list[object] = []
+        for event, f in zip(batch, futures, strict=True):
+            if not isinstance(f, asyncio.Future):
+                results.append(f)
+            elif not f.done():
+                f.cancel()
+                results.append(TimeoutError("no JetStream acknowledgement within 2 s"))
+            elif f.cancelled():
+                results.append(TimeoutError("publish cancelled"))
+            elif f.exception() is not None:
+                results.append(f.exception())
+            else:
+                PUBLISHED.labels(event.kind).inc()
+                results.append(f.result())
+        return results
 
     async def drain(self, grace_s: float) -> None:
         """Wait until every queued event is acknowledged (or `grace_s` passes: the rest stay in the spool)."""
