@@ -6,7 +6,7 @@ VLLM_VENV ?= .venv-vllm
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: install browser up test test-core test-vllm lint bench
+.PHONY: install browser up test test-core test-vllm lint bench bench-deps
 
 $(VENV)/.installed: pyproject.toml
 	@echo "[make] installing InferBus into $(VENV) (first run builds llama-cpp-python, a few minutes)"
@@ -42,3 +42,12 @@ lint: install
 
 bench: install
 	$(PY) bench/bench_spine.py
+
+# What bench/bench_floor.py and bench/profile_hot_path.py need beyond the project: wrk (Debian package; root
+# or sudo) and py-spy (in the dev extra; installed into $(VENV) here when it is missing).
+bench-deps:
+	@command -v wrk >/dev/null || { \
+	  echo "[make] installing wrk (Debian package)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq wrk; }
+	@[ -x $(VENV)/bin/py-spy ] || { [ -x $(PY) ] || $(MAKE) install; $(PY) -m pip install -q 'py-spy>=0.3.14'; }
