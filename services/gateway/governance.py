@@ -223,6 +223,9 @@ def reset_text(ms: float) -> str:
     return f"{int(minutes)}m{secs:.0f}s" if minutes >= 1 else f"{secs:.3g}s"
 
 
+_NO_PERIODS = (("", 0), ("", 0))
+
+
 def _period_keys(now: dt.datetime) -> tuple[tuple[str, int], tuple[str, int]]:
     """(day bucket, seconds it still has + a day), (month bucket, likewise): counters expire on their own."""
     day = now.strftime("%Y-%m-%d")
@@ -313,9 +316,12 @@ class Governor:
             if limits.concurrency:
                 slots.append(Slot(f"ib:cc:{scope}", f"concurrent requests for {who}", limits.concurrency))
         caps: list[Cap] = []
-        (day, day_ttl), (month, month_ttl) = _period_keys(dt.datetime.now(dt.UTC))
-        for scope, who, budget in ((f"key:{key.id}", "this API key", key.budget),
-                                   (f"tenant:{key.tenant_id}", "this organisation", key.tenant_budget)):
+        budgets = [(scope, who, budget) for scope, who, budget in (
+            (f"key:{key.id}", "this API key", key.budget),
+            (f"tenant:{key.tenant_id}", "this organisation", key.tenant_budget),
+        ) if budget != NO_BUDGET]
+        (day, day_ttl), (month, month_ttl) = _period_keys(dt.datetime.now(dt.UTC)) if budgets else _NO_PERIODS
+        for scope, who, budget in budgets:
             spans: list[tuple[float | None, Literal["tokens", "usd"], str, int]] = [
                 (budget.tokens_per_day, "tokens", day, day_ttl),
                 (budget.tokens_per_month, "tokens", month, month_ttl),

@@ -17,11 +17,14 @@ class ReplyStream:
     """Numbers every chunk (`seq` from 0) and publishes it to the caller's inbox; closed after a terminal one.
 
     With `bundle` (the caller sent `Inferbus-Bundle: 1`) chunks wait to be sent together: a terminal one
-    sends everything at once, a progress one (a token) at the end of this loop iteration, anything
+    sends everything at once; a progress one (a token) at the end of this loop iteration, or, while
+    tokens come faster than one per `COALESCE_S`, once that much time has passed since the last
+    message (a fast stream goes out a few tokens per message, a slow one token by token); anything
     else (Accepted, Heartbeat) with the next or within `HOLD_S`. So a short answer is one message.
     """
 
     HOLD_S = 0.002
+    COALESCE_S = 0.0005
 
     def __init__(
         self,
@@ -43,6 +46,7 @@ class ReplyStream:
         self._first_seq = 0
         self._timer: asyncio.TimerHandle | None = None
         self._soon = False
+        self._last_flush = 0.0
 
     async def send(self, make: Any, *fields: Any, more: bool = False) -> None:
         """`more`: the caller sends another chunk right after this one (the terminal): hold it for that."""
@@ -65,7 +69,14 @@ class ReplyStream:
         elif not isinstance(chunk, Accepted | Heartbeat):
             if not self._soon:
                 self._soon = True
-                asyncio.get_running_loop().call_soon(self._flush_later)
+                loop = asyncio.get_running_loop()
+                wait = self._last_flush + self.COALESCE_S - loop.time()
+                if wait > 0:  # a fast stream: gather what comes in the next fraction of a millisecond
+                    if self._timer is not None:
+                        self._timer.cancel()
+                    self._timer = loop.call_later(wait, self._flush_later)
+                else:
+                    loop.call_soon(self._flush_later)
         elif self._timer is None and not self._soon:
             self._timer = asyncio.get_running_loop().call_later(self.HOLD_S, self._flush_later)
 
@@ -89,6 +100,7 @@ class ReplyStream:
         pending, self._pending = self._pending, []
         if not pending or self.nc.is_closed:
             return
+        self._last_flush = asyncio.get_running_loop().time()
         if len(pending) == 1:
             await self.nc.publish(self.reply, pending[0])
         else:
