@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections import deque
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -37,6 +38,31 @@ def unbundle(decoder: msgspec.msgpack.Decoder[Any], data: bytes) -> list[Any]:
     return [chunk]
 
 
+class _Inbox:
+    """One stream's messages: a deque and at most one waiter (an asyncio.Queue costs more to make per request)."""
+
+    __slots__ = ("messages", "waiter")
+
+    def __init__(self) -> None:
+        self.messages: deque[Msg] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+
+    def put(self, msg: Msg) -> None:
+        self.messages.append(msg)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def get(self, wait_s: float) -> Msg:
+        if not self.messages:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(wait_s):
+                    await self.waiter
+            finally:
+                self.waiter = None
+        return self.messages.popleft()
+
+
 class StreamClient:
     """Opens generation streams on the bus. One wildcard inbox subscription serves every stream."""
 
@@ -45,7 +71,7 @@ class StreamClient:
         self.first_chunk_timeout = first_chunk_timeout
         self.idle_timeout = idle_timeout
         self._prefix = f"_INBOX.{secrets.token_hex(8)}"
-        self._queues: dict[str, asyncio.Queue[Msg]] = {}
+        self._queues: dict[str, _Inbox] = {}
         self._sub: object | None = None
 
     async def start(self) -> None:
@@ -53,9 +79,9 @@ class StreamClient:
         await self.nc.flush()
 
     async def _route(self, msg: Msg) -> None:
-        queue = self._queues.get(msg.subject[len(self._prefix) + 1 :])
-        if queue is not None:
-            queue.put_nowait(msg)
+        inbox = self._queues.get(msg.subject[len(self._prefix) + 1 :])
+        if inbox is not None:
+            inbox.put(msg)
 
     async def stream(
         self,
@@ -100,8 +126,8 @@ class StreamClient:
         which frees the worker's engine slot.
         """
         token = secrets.token_hex(8)
-        queue: asyncio.Queue[Msg] = asyncio.Queue()
-        self._queues[token] = queue
+        inbox = _Inbox()
+        self._queues[token] = inbox
         hdrs = {h.REQUEST_ID: request_id, h.BUNDLE: "1"}
         if deadline is not None:
             hdrs[h.DEADLINE] = str(int(deadline * 1000))
@@ -120,8 +146,7 @@ class StreamClient:
                         raise InferBusError("deadline_exceeded", "the request deadline passed")
                     wait = min(wait, left)
                 try:
-                    async with asyncio.timeout(wait):
-                        msg = await queue.get()
+                    msg = await inbox.get(wait)
                 except TimeoutError:
                     if deadline is not None and deadline - time.time() <= 0:
                         raise InferBusError("deadline_exceeded", "the request deadline passed") from None
