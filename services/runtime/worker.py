@@ -331,17 +331,20 @@ class Worker(Generic[RequestT, TallyT]):
                 "overloaded", "the worker cannot reach the usage ledger (JetStream) and holds as many unpublished"
                 " usage events as it may; it admits new requests once they are acknowledged"
             )
-        self.queued += 1
-        try:
-            while True:
-                try:
-                    async with asyncio.timeout(self.s.heartbeat_s):
-                        await self.slots.acquire()
-                    break
-                except TimeoutError:
-                    await out.send(Heartbeat)
-        finally:
-            self.queued -= 1
+        if not self.slots.locked():
+            await self.slots.acquire()  # a free slot: no queue, no timer
+        else:
+            self.queued += 1
+            try:
+                while True:
+                    try:
+                        async with asyncio.timeout(self.s.heartbeat_s):
+                            await self.slots.acquire()
+                        break
+                    except TimeoutError:
+                        await out.send(Heartbeat)
+            finally:
+                self.queued -= 1
         try:
             yield
         finally:
