@@ -286,12 +286,14 @@ class Governor:
         # Admissions whose script may have run although no answer came (Redis timed out or dropped the
         # connection): their slots are released once Redis answers again. Bounded: a slot left over ages out.
         self._uncertain: dict[str, tuple[str, Grant]] = {}
-        # Settles run off the response path; a key's next admission here waits for its pending ones,
-        # so one client's back-to-back requests always see their corrected counters.
-        self._settling: dict[str, asyncio.Task[None]] = {}
+        # Settles run off the response path, but their command is written at once on the one Redis
+        # connection, so Redis runs it before any later admission: one client's back-to-back requests
+        # always see their corrected counters, without waiting for the settle's answer.
+        self._settling: set[asyncio.Future[Any]] = set()
+        self._settle_loaded = False  # the settle script is known to Redis (it is loaded before the first admit)
 
     async def close(self) -> None:
-        await asyncio.gather(*self._settling.values(), return_exceptions=True)
+        await asyncio.gather(*self._settling, return_exceptions=True)
         await self.redis.close()
 
     # ---- what applies to one request ---------------------------------------------------------
@@ -374,9 +376,12 @@ class Governor:
             return grant
         if not self.prices.loaded and any(c.unit == "usd" for c in grant.caps):
             self._unpriced(key, grant)
-        pending = self._settling.get(key.id)
-        if pending is not None:
-            await asyncio.shield(pending)
+        if not self._settle_loaded:  # so a settle queued later never meets NOSCRIPT (and runs out of order)
+            try:
+                await self.redis.call("SCRIPT", "LOAD", self.settle_script.source)
+                self._settle_loaded = True
+            except (RedisUnavailable, ReplyError) as exc:
+                return self._unavailable(grant, exc)
         keys = [r.key for r in grant.rates] + [s.key for s in grant.slots] + [c.key for c in grant.caps]
         args: list[Any] = [time.time() * 1000, grant.request_id, len(grant.rates), len(grant.slots), len(grant.caps)]
         for r in grant.rates:
@@ -476,23 +481,53 @@ class Governor:
     def settle_later(
         self, key_id: str, grant: Grant, prompt_tokens: int | None, completion_tokens: int, model: str
     ) -> None:
-        """Settle in the background, chained after the key's previous settle."""
+        """Settle off the response path; the command is queued now, ahead of any later admission."""
         if not (grant.slots or grant.caps or any(r.unit == "tokens" for r in grant.rates)):
             self._audio_spent.pop(grant.request_id, None)
             return  # request-rate limits only: nothing to correct or release
-        previous = self._settling.get(key_id)
+        command = self._settle_command(grant, prompt_tokens, completion_tokens, model)
+        if command is None:
+            return
+        keys, args = command
+        future = self.redis.call_nowait("EVALSHA", self.settle_script.sha, len(keys), *keys, *args)
+        self._settling.add(future)
 
-        async def run() -> None:
-            if previous is not None:
-                await asyncio.gather(previous, return_exceptions=True)
-            await self.settle(grant, prompt_tokens, completion_tokens, model)
+        def done(f: asyncio.Future[Any]) -> None:
+            self._settling.discard(f)
+            exc = None if f.cancelled() else f.exception()
+            if exc is None:
+                return
+            if isinstance(exc, ReplyError) and str(exc).startswith("NOSCRIPT"):  # Redis restarted: load it
+                self._settle_loaded = False
+                task = asyncio.ensure_future(self._settle_again(keys, args))
+                self._settling.add(task)
+                task.add_done_callback(self._settling.discard)
+            else:
+                self.logger.warning("settle_failed", error=repr(exc))
 
-        task = asyncio.create_task(run())
-        self._settling[key_id] = task
-        task.add_done_callback(lambda t: self._settling.pop(key_id, None) if self._settling.get(key_id) is t else None)
+        future.add_done_callback(done)
+
+    async def _settle_again(self, keys: list[str], args: list[Any]) -> None:
+        try:
+            await self.settle_script(keys=keys, args=args)
+        except (RedisUnavailable, ReplyError) as exc:
+            self.logger.warning("settle_failed", error=repr(exc))
 
     async def settle(self, grant: Grant, prompt_tokens: int | None, completion_tokens: int, model: str) -> None:
-        """Correct the estimate to what was used and release the concurrency slot.
+        """Correct the estimate to what was used and release the concurrency slot (and wait for Redis)."""
+        command = self._settle_command(grant, prompt_tokens, completion_tokens, model)
+        if command is None:
+            return
+        keys, args = command
+        try:
+            await self.settle_script(keys=keys, args=args)
+        except (RedisUnavailable, ReplyError) as exc:
+            self.logger.warning("settle_failed", error=repr(exc))
+
+    def _settle_command(
+        self, grant: Grant, prompt_tokens: int | None, completion_tokens: int, model: str
+    ) -> tuple[list[str], list[Any]] | None:
+        """The settle script's keys and arguments (None: nothing to settle); counts the spend.
 
         A speech grant is settled by the audio seconds its stream reported (`metered_audio`); the token
         arguments are ignored for it.
@@ -506,7 +541,7 @@ class Governor:
             used, usd = prompt + completion_tokens, self.prices.estimate_usd(model, prompt, completion_tokens)
             SPEND.labels(grant.tenant_id, "tokens").inc(used)
         if not (grant.rates or grant.slots or grant.caps):
-            return
+            return None
         delta_tokens = used - grant.estimate_tokens
         SPEND.labels(grant.tenant_id, "usd").inc(usd)
         args: list[Any] = [time.time() * 1000, grant.request_id, len(grant.rates), len(grant.slots), len(grant.caps)]
@@ -515,10 +550,7 @@ class Governor:
         for c in grant.caps:
             args.append(delta_tokens if c.unit == "tokens" else math.ceil(usd * MICRO) - c.amount)
         keys = [r.key for r in grant.rates] + [s.key for s in grant.slots] + [c.key for c in grant.caps]
-        try:
-            await self.settle_script(keys=keys, args=args)
-        except (RedisUnavailable, ReplyError) as exc:
-            self.logger.warning("settle_failed", error=repr(exc))
+        return keys, args
 
     async def governed(
         self, key_id: str, grant: Grant, chunks: AsyncGenerator[Chunk, None], model: str
