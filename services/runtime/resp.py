@@ -71,15 +71,14 @@ class Resp:
             return writer
 
     async def _send(self, writer: asyncio.StreamWriter, args: tuple[Any, ...]) -> Any:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append(future)
         if self._out and self._out_writer is not writer:
             self._write_out()
-        if not self._out:
-            self._out_writer = writer
-            loop.call_soon(self._write_out)
+        # A caller waits for this one: write it now, with whatever settles are queued (in their order).
         self._out.append(_pack(args))
+        self._out_writer = writer
+        self._write_out()
         try:
             async with asyncio.timeout(self.timeout_s):
                 reply = await future
