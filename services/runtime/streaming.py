@@ -24,6 +24,7 @@ from contracts.llm import (
     chunk_decoder,
     request_encoder,
 )
+from services.runtime import bus
 from services.runtime.bus import Connection, Msg
 
 
@@ -135,7 +136,7 @@ class StreamClient:
             hdrs.update(extra_headers)
         finished = False
         try:
-            await self.nc.publish(subject, payload, reply=f"{self._prefix}.{token}", headers=hdrs)
+            await bus.publish(self.nc, subject, payload, reply=f"{self._prefix}.{token}", headers=hdrs)
             expected = 0
             timeout = self.first_chunk_timeout
             while True:

@@ -133,6 +133,33 @@ async def connect(
     return nc
 
 
+_NEWLINES = str.maketrans("\r\n", "  ")
+
+
+async def publish(nc: Client, subject: str, payload: bytes, *, reply: str = "", headers: dict[str, str]) -> None:
+    """`nc.publish` with headers, without nats-py's per-header regex checks (our header names are constants;
+    values have CR/LF replaced so none can inject a header). Falls back to nats-py when not connected."""
+    try:
+        send = nc._send_command
+        flush_queue = nc._flush_queue
+    except AttributeError:
+        send = None
+    if send is None or not nc.is_connected or nc.is_draining_pubs or len(payload) > nc.max_payload:
+        await nc.publish(subject, payload, reply=reply, headers=headers)
+        return
+    lines = ["NATS/1.0"]
+    for key, value in headers.items():
+        lines.append(f"{key}: {value.translate(_NEWLINES).strip()}")
+    block = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    cmd = b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
+        subject.encode(), reply.encode(), len(block), len(block) + len(payload), block, payload)
+    nc.stats["out_msgs"] += 1
+    nc.stats["out_bytes"] += len(payload)
+    await send(cmd)
+    if flush_queue is not None and flush_queue.empty():
+        await nc._flush_pending()
+
+
 async def discover(nc: Client, verb: str = "STATS", name: str | None = None, wait: float = 0.5) -> list[dict[str, Any]]:
     """Ask every micro service (or every instance of `name`) and gather the answers for `wait` s."""
     subject = f"$SRV.{verb}" + (f".{name}" if name else "")
