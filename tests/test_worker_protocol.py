@@ -181,3 +181,30 @@ async def test_bundles_keep_a_paced_stream_streaming(nc: bus.Connection, one_slo
     assert [c.seq for c in chunks] == list(range(len(chunks)))
     assert sum(isinstance(c, Delta) for c in chunks) == 8
     assert len(per_message) >= 8  # at 40 tokens/s each token is its own message (the last may share with Final)
+
+
+async def test_bundles_coalesce_a_fast_stream(infra: EmbeddedStack, nc: bus.Connection) -> None:
+    """Tokens that each take a loop turn but come faster than one per 0.5 ms share messages."""
+    from contracts import headers as h
+    from services.runtime.streaming import unbundle
+
+    proc = start_worker(infra, "bench-burst", engine_options={"tokens_per_s": 1e12})
+    try:
+        await wait_worker(nc, "bench-burst", proc)
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        payload = request_encoder.encode(_req("bundled-3", 32, "bench-burst"))
+        await nc.publish(subjects.infer("llm", "bench-burst", "v1"), payload, reply=inbox, headers={h.BUNDLE: "1"})
+        per_message: list[list[Any]] = []
+        try:
+            while not per_message or not isinstance(per_message[-1][-1], Final | ErrorChunk):
+                per_message.append(unbundle(chunk_decoder, (await sub.next_msg(timeout=10)).data))
+        finally:
+            await sub.unsubscribe()
+    finally:
+        proc.stop()
+    chunks = [c for m in per_message for c in m]
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    deltas = [c for c in chunks if isinstance(c, Delta)]
+    assert sum(d.tokens for d in deltas) == 32
+    assert len(per_message) < len(deltas)  # tokens that came apart share messages
