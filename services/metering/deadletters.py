@@ -42,13 +42,7 @@ async def ensure_stream(js: bus.JetStreamContext) -> None:
         max_age=usage.DLQ_MAX_AGE_S,
         description="InferBus usage messages the ledger could not take (see the Inferbus-Dlq-* headers)",
     )
-    try:
-        await js.stream_info(usage.DLQ_STREAM)
-    except bus.js_errors.NotFoundError:
-        try:
-            await js.add_stream(config)
-        except bus.js_errors.BadRequestError:  # created meanwhile by another replica
-            await js.stream_info(usage.DLQ_STREAM)
+    await bus.ensure_stream(js, config)
 
 
 class _Named(msgspec.Struct):

@@ -75,13 +75,7 @@ async def ensure_stream(js: bus.JetStreamContext) -> None:
         max_age=usage.MAX_AGE_S,
         description="InferBus usage events (dedup on Nats-Msg-Id = request id and attempt)",
     )
-    try:
-        await js.stream_info(usage.STREAM)
-    except bus.js_errors.NotFoundError:
-        try:
-            await js.add_stream(config)
-        except bus.js_errors.BadRequestError:  # created meanwhile by another service
-            await js.stream_info(usage.STREAM)
+    await bus.ensure_stream(js, config)
 
 
 class UsagePublisher:

@@ -160,6 +160,18 @@ async def publish(nc: Client, subject: str, payload: bytes, *, reply: str = "", 
         await nc._flush_pending()
 
 
+async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    """Create the stream if it does not exist (idempotent: several services may race to create it)."""
+    assert config.name is not None
+    try:
+        await js.stream_info(config.name)
+    except js_errors.NotFoundError:
+        try:
+            await js.add_stream(config)
+        except js_errors.BadRequestError:  # created meanwhile by another service
+            await js.stream_info(config.name)
+
+
 async def discover(nc: Client, verb: str = "STATS", name: str | None = None, wait: float = 0.5) -> list[dict[str, Any]]:
     """Ask every micro service (or every instance of `name`) and gather the answers for `wait` s."""
     subject = f"$SRV.{verb}" + (f".{name}" if name else "")
