@@ -21,7 +21,7 @@ from services.runtime import logging as log
 from services.runtime import shadow
 from services.runtime.outcomes import OutcomeBatcher
 from services.runtime.routing import Route
-from services.runtime.streaming import StreamClient
+from services.runtime.streaming import Pace, StreamClient
 
 RETRY_CODES = frozenset({"stream_broken", "worker_timeout", "overloaded"})
 
@@ -60,6 +60,7 @@ class Dispatcher:
         headers: dict[str, str] | None = None,
         key_id: str | None = None,
         affinity: str | None = None,
+        pace: Pace | None = None,
     ) -> AsyncGenerator[Chunk, None]:
         """An LLM generation where the routing picks; a sampled copy goes to the shadow version."""
         route = self.catalogue.route(
@@ -76,7 +77,7 @@ class Dispatcher:
         chunks = self.open(
             kind, request.model, route, request_encoder.encode(request), request.request_id,
             decoder=chunk_decoder, terminal=(Final,), progress=(Delta,), retries=self.retries,
-            deadline=deadline, headers=headers, affinity=affinity, ended=ended,
+            deadline=deadline, headers=headers, affinity=affinity, ended=ended, pace=pace,
         )
         try:
             async for chunk in chunks:
@@ -106,6 +107,7 @@ class Dispatcher:
         headers: dict[str, str] | None = None,
         affinity: str | None = None,
         ended: Ended | None = None,
+        pace: Pace | None = None,
     ) -> AsyncGenerator[Any, None]:
         """Any kind's request on `route`: its chunks (one Accepted), then the outcome to the registry.
 
@@ -134,7 +136,7 @@ class Dispatcher:
                 sent += 1
                 chunks = self.client.open(
                     route.subject, body, request_id, decoder=decoder, terminal=terminal, what=repr(model),
-                    deadline=deadline, extra_headers=headers,
+                    deadline=deadline, extra_headers=headers, pace=pace,
                 )
                 try:
                     async for chunk in chunks:

@@ -25,6 +25,7 @@ from services.gateway.errors import from_validation, json_response
 from services.gateway.formats import DONE, ChatFormat, CompletionFormat, sse
 from services.gateway.state import GATEWAY, Gateway
 from services.runtime import logging as log
+from services.runtime.streaming import Pace
 
 VERSION_HEADER = "x-inferbus-model-version"
 # Same value, same worker while it stays healthy (a conversation id, say); the `user` field otherwise.
@@ -92,6 +93,7 @@ async def _respond(
     with log.bound(request_id=gen.request_id, model=gen.model):
         timeout = _timeout(request, gw)
         grant = await gw.admit(key, request.path, gen)
+        pace = Pace()
         chunks = gw.dispatcher.generate(
             gen,
             kind="llm",
@@ -99,6 +101,7 @@ async def _respond(
             headers=gw.bus_headers(request, key),
             key_id=key.id,
             affinity=request.headers.get(AFFINITY_HEADER),
+            pace=pace,
         )
         limit_headers: dict[str, str] = {}
         if grant is not None:
@@ -113,7 +116,7 @@ async def _respond(
             assert isinstance(first, Accepted)
             headers = {VERSION_HEADER: first.version, "x-request-id": gen.request_id, **limit_headers}
             if stream:
-                return await _stream(request, chunks, fmt, headers)
+                return await _stream(request, chunks, fmt, headers, pace)
             parts: list[str] = []
             async for chunk in chunks:
                 if isinstance(chunk, Delta):
@@ -126,7 +129,7 @@ async def _respond(
 
 
 async def _stream(
-    request: web.Request, chunks: Any, fmt: ChatFormat | CompletionFormat, headers: dict[str, str]
+    request: web.Request, chunks: Any, fmt: ChatFormat | CompletionFormat, headers: dict[str, str], pace: Pace
 ) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers}
@@ -135,20 +138,26 @@ async def _stream(
     start = fmt.start()
     if start:
         await response.write(start)
+    out: list[bytes] = []  # events that arrived in one bus message go out in one write
     try:
         async for chunk in chunks:
             if isinstance(chunk, Delta):
                 if chunk.text:
-                    await response.write(fmt.delta(chunk.text))
+                    out.append(fmt.delta(chunk.text))
             elif isinstance(chunk, Final):
                 tail = fmt.finish(chunk.finish_reason)
                 if fmt.include_usage:
                     tail += fmt.usage(chunk.usage)
-                await response.write(tail + DONE)
+                out.append(tail + DONE)
+            if out and not pace.more:
+                await response.write(b"".join(out))
+                out.clear()
     except InferBusError as exc:
         # Mid-stream failure: a terminal error event, never a clean [DONE].
         log.get("gateway").warning("stream_failed", code=exc.code, error=exc.message)
-        await response.write(sse(exc.openai_body()))
+        out.append(sse(exc.openai_body()))
+    if out:
+        await response.write(b"".join(out))
     return response
 
 

@@ -64,6 +64,16 @@ class _Inbox:
         return self.messages.popleft()
 
 
+class Pace:
+    """Set by `StreamClient.open` before each chunk it yields: `more` when another one the caller will see
+    is already in hand (the same bus message), so the caller can write them to its client in one go."""
+
+    __slots__ = ("more",)
+
+    def __init__(self) -> None:
+        self.more = False
+
+
 class StreamClient:
     """Opens generation streams on the bus. One wildcard inbox subscription serves every stream."""
 
@@ -118,6 +128,7 @@ class StreamClient:
         what: str = "this model",
         deadline: float | None = None,
         extra_headers: dict[str, str] | None = None,
+        pace: Pace | None = None,
     ) -> AsyncGenerator[Any, None]:
         """Publish one request and yield its chunks until a `terminal` one; raise on an error chunk.
 
@@ -158,7 +169,12 @@ class StreamClient:
                     finished = True
                     raise InferBusError("no_worker", f"no worker is serving {what} right now")
                 timeout = self.idle_timeout
-                for chunk in unbundle(decoder, msg.data):
+                chunks = unbundle(decoder, msg.data)
+                # The caller sees all but heartbeats: `more` while one of those is still in this message.
+                last = max((i for i, c in enumerate(chunks) if not isinstance(c, Heartbeat)), default=-1)
+                for index, chunk in enumerate(chunks):
+                    if pace is not None:
+                        pace.more = index < last
                     if chunk.seq != expected:
                         raise InferBusError("stream_broken", f"chunk gap: expected seq {expected}, got {chunk.seq}")
                     expected += 1
