@@ -69,7 +69,7 @@ async def test_up_serves_and_stops_cleanly() -> None:
                         model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Hi."}], max_tokens=4,
                         timeout=5)
                 except openai.APIError:
-                    await asyncio.sleep(0.5)
+                    await asyncio.sleep(0.1)
         assert served.usage is not None and served.usage.completion_tokens > 0
         descendants = psutil.Process(proc.pid).children(recursive=True)
 

@@ -9,10 +9,12 @@ from typing import Any
 
 import pytest
 
+from contracts import headers as h
 from contracts import subjects
 from contracts.errors import InferBusError
 from contracts.llm import (
     Accepted,
+    Bundle,
     Chunk,
     Delta,
     ErrorChunk,
@@ -25,7 +27,7 @@ from contracts.llm import (
 )
 from services.runtime import bus
 from services.runtime.local import EmbeddedStack, wait_worker
-from services.runtime.streaming import StreamClient
+from services.runtime.streaming import StreamClient, unbundle
 from tests.conftest import BENCH_MODEL, start_worker, worker_stats
 
 QUEUED_MODEL = "bench-one-slot"
@@ -47,6 +49,21 @@ async def _raw(nc: bus.Connection, subject: str, payload: bytes, limit: float = 
     finally:
         await sub.unsubscribe()
     return out
+
+
+async def _bundled(nc: bus.Connection, model: str, request: GenerateRequest) -> list[bytes]:
+    """The raw messages of one stream asked for with `Inferbus-Bundle: 1`, until the terminal chunk."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish(subjects.infer("llm", model, "v1"), request_encoder.encode(request), reply=inbox,
+                     headers={h.BUNDLE: "1"})
+    messages: list[bytes] = []
+    try:
+        while not messages or not isinstance(unbundle(chunk_decoder, messages[-1])[-1], Final | ErrorChunk):
+            messages.append((await sub.next_msg(timeout=10)).data)
+    finally:
+        await sub.unsubscribe()
+    return messages
 
 
 @pytest.fixture(scope="module")
@@ -138,23 +155,8 @@ async def test_no_responders_is_immediate(nc: bus.Connection) -> None:
 async def test_bundles_when_asked_a_short_answer_is_one_message(
     nc: bus.Connection, bench_worker: dict[str, Any]
 ) -> None:
-    from contracts import headers as h
-    from contracts.llm import Bundle
-    from services.runtime.streaming import unbundle
-
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
-    await nc.publish(subjects.infer("llm", BENCH_MODEL, "v1"), request_encoder.encode(_req("bundled-1", 16)),
-                     reply=inbox, headers={h.BUNDLE: "1"})
-    messages = []
-    try:
-        while True:
-            messages.append((await sub.next_msg(timeout=10)).data)
-            chunks = [c for m in messages for c in unbundle(chunk_decoder, m)]
-            if isinstance(chunks[-1], Final | ErrorChunk):
-                break
-    finally:
-        await sub.unsubscribe()
+    messages = await _bundled(nc, BENCH_MODEL, _req("bundled-1", 16))
+    chunks = [c for m in messages for c in unbundle(chunk_decoder, m)]
     assert len(messages) == 1 and isinstance(chunk_decoder.decode(messages[0]), Bundle)
     assert isinstance(chunks[0], Accepted) and isinstance(chunks[-1], Final)
     assert [c.seq for c in chunks] == list(range(len(chunks)))
@@ -163,20 +165,8 @@ async def test_bundles_when_asked_a_short_answer_is_one_message(
 
 async def test_bundles_keep_a_paced_stream_streaming(nc: bus.Connection, one_slot: dict[str, Any]) -> None:
     """Tokens that come apart still go out as they come: bundling never holds a token back for the next."""
-    from contracts import headers as h
-    from services.runtime.streaming import unbundle
-
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
-    payload = request_encoder.encode(_req("bundled-2", 8, QUEUED_MODEL))
-    await nc.publish(subjects.infer("llm", QUEUED_MODEL, "v1"), payload,
-                     reply=inbox, headers={h.BUNDLE: "1"})
-    per_message: list[list[Any]] = []
-    try:
-        while not per_message or not isinstance(per_message[-1][-1], Final | ErrorChunk):
-            per_message.append(unbundle(chunk_decoder, (await sub.next_msg(timeout=10)).data))
-    finally:
-        await sub.unsubscribe()
+    messages = await _bundled(nc, QUEUED_MODEL, _req("bundled-2", 8, QUEUED_MODEL))
+    per_message = [unbundle(chunk_decoder, m) for m in messages]
     chunks = [c for m in per_message for c in m]
     assert [c.seq for c in chunks] == list(range(len(chunks)))
     assert sum(isinstance(c, Delta) for c in chunks) == 8
@@ -185,26 +175,14 @@ async def test_bundles_keep_a_paced_stream_streaming(nc: bus.Connection, one_slo
 
 async def test_bundles_coalesce_a_fast_stream(infra: EmbeddedStack, nc: bus.Connection) -> None:
     """Tokens that each take a loop turn but come faster than one per 0.5 ms share messages."""
-    from contracts import headers as h
-    from services.runtime.streaming import unbundle
-
     proc = start_worker(infra, "bench-burst", engine_options={"tokens_per_s": 1e12})
     try:
         await wait_worker(nc, "bench-burst", proc)
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
-        payload = request_encoder.encode(_req("bundled-3", 32, "bench-burst"))
-        await nc.publish(subjects.infer("llm", "bench-burst", "v1"), payload, reply=inbox, headers={h.BUNDLE: "1"})
-        per_message: list[list[Any]] = []
-        try:
-            while not per_message or not isinstance(per_message[-1][-1], Final | ErrorChunk):
-                per_message.append(unbundle(chunk_decoder, (await sub.next_msg(timeout=10)).data))
-        finally:
-            await sub.unsubscribe()
+        messages = await _bundled(nc, "bench-burst", _req("bundled-3", 32, "bench-burst"))
     finally:
         proc.stop()
-    chunks = [c for m in per_message for c in m]
+    chunks = [c for m in messages for c in unbundle(chunk_decoder, m)]
     assert [c.seq for c in chunks] == list(range(len(chunks)))
     deltas = [c for c in chunks if isinstance(c, Delta)]
     assert sum(d.tokens for d in deltas) == 32
-    assert len(per_message) < len(deltas)  # tokens that came apart share messages
+    assert len(messages) < len(deltas)  # tokens that came apart share messages

@@ -499,7 +499,7 @@ class Governor:
                 return
             if isinstance(exc, ReplyError) and str(exc).startswith("NOSCRIPT"):  # Redis restarted: load it
                 self._settle_loaded = False
-                task = asyncio.ensure_future(self._settle_again(keys, args))
+                task = asyncio.ensure_future(self._run_settle(keys, args))
                 self._settling.add(task)
                 task.add_done_callback(self._settling.discard)
             else:
@@ -507,7 +507,7 @@ class Governor:
 
         future.add_done_callback(done)
 
-    async def _settle_again(self, keys: list[str], args: list[Any]) -> None:
+    async def _run_settle(self, keys: list[str], args: list[Any]) -> None:
         try:
             await self.settle_script(keys=keys, args=args)
         except (RedisUnavailable, ReplyError) as exc:
@@ -518,11 +518,7 @@ class Governor:
         command = self._settle_command(grant, prompt_tokens, completion_tokens, model)
         if command is None:
             return
-        keys, args = command
-        try:
-            await self.settle_script(keys=keys, args=args)
-        except (RedisUnavailable, ReplyError) as exc:
-            self.logger.warning("settle_failed", error=repr(exc))
+        await self._run_settle(*command)
 
     def _settle_command(
         self, grant: Grant, prompt_tokens: int | None, completion_tokens: int, model: str

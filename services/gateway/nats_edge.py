@@ -143,6 +143,7 @@ class Edge:
     def __init__(self, gateway: Any) -> None:
         self.gw = gateway
         self.running: dict[tuple[str, str], asyncio.Task[None]] = {}  # (key id, client's id) -> stream
+        self._tasks: set[asyncio.Task[None]] = set()  # every request's task, until it ends
         self.logger = log.get("nats-edge")
 
     async def start(self, nc: bus.Connection) -> None:
@@ -152,9 +153,10 @@ class Edge:
         await nc.flush()
 
     async def close(self) -> None:
-        for task in list(self.running.values()):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self.running.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _on_request(self, msg: Any) -> None:
         if not msg.reply:
@@ -162,7 +164,8 @@ class Edge:
             return
         # A task per request: nats-py runs one subscription's callbacks one at a time.
         task = asyncio.create_task(self._serve(msg))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, msg: Any) -> None:
         nc = self.gw.service.bus

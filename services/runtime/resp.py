@@ -70,15 +70,19 @@ class Resp:
                 await self._send(writer, command)
             return writer
 
-    async def _send(self, writer: asyncio.StreamWriter, args: tuple[Any, ...]) -> Any:
+    def _enqueue(self, writer: asyncio.StreamWriter, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """Queue a command for `writer` (its reply's future); `_write_out` sends what is queued in one write."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append(future)
         if self._out and self._out_writer is not writer:
             self._write_out()
-        # A caller waits for this one: write it now, with whatever settles are queued (in their order).
-        self._out.append(_pack(args))
         self._out_writer = writer
-        self._write_out()
+        self._out.append(_pack(args))
+        return future
+
+    async def _send(self, writer: asyncio.StreamWriter, args: tuple[Any, ...]) -> Any:
+        future = self._enqueue(writer, args)
+        self._write_out()  # a caller waits for this one: now, with the settles queued before it (in order)
         try:
             async with asyncio.timeout(self.timeout_s):
                 reply = await future
@@ -127,16 +131,9 @@ class Resp:
         writer = self._writer
         if writer is None or writer.is_closing():
             return asyncio.ensure_future(self.call(*args))
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append(future)
-        if self._out and self._out_writer is not writer:
-            self._write_out()
         if not self._out:
-            self._out_writer = writer
-            loop.call_soon(self._write_out)
-        self._out.append(_pack(args))
-        return future
+            asyncio.get_running_loop().call_soon(self._write_out)
+        return self._enqueue(writer, args)
 
     async def call(self, *args: Any) -> Any:
         writer = self._writer

@@ -38,6 +38,7 @@ from nats.micro.service import EndpointStats
 from nats.micro.service import Service as MicroService
 
 from services.runtime import logging as log
+from services.runtime.natsauth import inbox_prefix, read_credentials
 
 Connection = Client
 __all__ = [
@@ -85,8 +86,6 @@ class Identity:
         return Identity(credentials, tls_ca=self.tls_ca, tls_cert=self.tls_cert, tls_key=self.tls_key)
 
     def options(self) -> dict[str, Any]:
-        from services.runtime.natsauth import inbox_prefix, read_credentials
-
         opts: dict[str, Any] = {}
         if self.credentials:
             opts["user"], opts["password"] = read_credentials(self.credentials)
