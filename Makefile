@@ -6,7 +6,7 @@ VLLM_VENV ?= .venv-vllm
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: install browser up test test-core test-vllm lint bench bench-deps
+.PHONY: install browser up test test-core test-vllm lint bench bench-deps bench-providers
 
 $(VENV)/.installed: pyproject.toml
 	@echo "[make] installing InferBus into $(VENV) (first run builds llama-cpp-python, a few minutes)"
@@ -51,3 +51,9 @@ bench-deps:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq wrk; }
 	@[ -x $(VENV)/bin/py-spy ] || { [ -x $(PY) ] || $(MAKE) install; $(PY) -m pip install -q 'py-spy>=0.3.14'; }
+
+# Remote providers against one mock upstream, side by side with the LiteLLM proxy and the Portkey gateway
+# (installed under bench/.peers/ on first use: a venv and an npm package; needs Node 20+).
+bench-providers: install bench-deps
+	bash bench/peers.sh
+	$(PY) bench/bench_providers.py --write

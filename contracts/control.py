@@ -19,6 +19,7 @@ class WorkerLoad(Struct, frozen=True, kw_only=True):
     capacity: int
     tokens_per_s: float
     ready: bool
+    upstream: str | None = None  # a remote provider's last health check: "ok" or why not
 
 
 class AdminError(Struct, frozen=True, omit_defaults=True):

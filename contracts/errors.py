@@ -35,6 +35,12 @@ _SPECS: Final = (
     ErrorSpec("deadline_exceeded", 504, "timeout_error", False),
     ErrorSpec("engine_error", 500, "server_error", True),
     ErrorSpec("internal_error", 500, "server_error", True),
+    # A remote provider's failures, as the client sees them (its 429 is `rate_limited`, with Retry-After).
+    ErrorSpec("upstream_error", 502, "server_error", True),  # 5xx, a refused connection, a malformed chunk
+    ErrorSpec("upstream_timeout", 504, "timeout_error", True),
+    ErrorSpec("upstream_auth_failed", 502, "server_error", False),  # the provider refused our credentials
+    ErrorSpec("content_filter", 400, "invalid_request_error", False),  # the provider's content policy
+    ErrorSpec("circuit_open", 503, "server_error", True),  # every route's breaker is open
 )
 
 CATALOGUE: Final[dict[str, ErrorSpec]] = {spec.code: spec for spec in _SPECS}
@@ -51,10 +57,17 @@ class InferBusError(Exception):
         self.message = message
         self.param = param
         self.headers: dict[str, str] = {}
+        self.retry_after: float | None = None  # seconds; travels in the error chunk on the bus
 
     def with_headers(self, headers: dict[str, str]) -> InferBusError:
         """HTTP headers the response carries with this error (Retry-After, x-ratelimit-*)."""
         self.headers = headers
+        return self
+
+    def retry_in(self, seconds: float) -> InferBusError:
+        """The cause says when to retry (an upstream's 429): Retry-After on HTTP, `retry_after` on the bus."""
+        self.retry_after = max(0.0, float(seconds))
+        self.headers = {**self.headers, "Retry-After": str(max(1, round(self.retry_after)))}
         return self
 
     @property

@@ -164,9 +164,11 @@ class ErrorChunk(Struct, frozen=True, tag="e", array_like=True):
     seq: int
     code: str
     message: str
+    retry_after: float | None = None  # seconds, when the cause says (an upstream's 429 Retry-After)
 
     def to_error(self) -> InferBusError:
-        return InferBusError(self.code, self.message)
+        exc = InferBusError(self.code, self.message)
+        return exc.retry_in(self.retry_after) if self.retry_after is not None else exc
 
 
 class Bundle(Struct, frozen=True, tag="b", array_like=True):

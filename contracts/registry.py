@@ -11,16 +11,18 @@ from typing import Any, Final, Literal
 import msgspec
 from msgspec import Struct
 
+# Remote providers: engines of the LLM worker that call an upstream API (served by the provider hosts).
+REMOTE_ENGINES: Final = frozenset({"openai", "anthropic", "gemini"})
 # Engines each kind can run: a version's engine must belong to its model's kind.
 ENGINES: Final[dict[str, frozenset[str]]] = {
-    "llm": frozenset({"llamacpp", "transformers", "vllm", "benchmark", "openai"}),
+    "llm": frozenset({"llamacpp", "transformers", "vllm", "benchmark"}) | REMOTE_ENGINES,
     "embed": frozenset({"sentence-transformers", "benchmark"}),
     "asr": frozenset({"faster-whisper", "benchmark"}),
     "tts": frozenset({"hibari-tts", "piper", "benchmark"}),
     "vision": frozenset({"transformers", "benchmark"}),
 }
 
-VersionStatus = Literal["registered", "stable", "canary", "ab", "shadow", "rolled_back", "retired"]
+VersionStatus = Literal["registered", "stable", "canary", "ab", "pool", "shadow", "rolled_back", "retired"]
 Sticky = Literal["key", "user"]
 
 
@@ -44,6 +46,47 @@ class Rollout(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     stepped_at: float = 0.0  # unix seconds of the last step
 
 
+Strategy = Literal["weighted", "least_busy", "latency", "cost"]
+# Error classes a fallback is taken on (before the first token reached the client), by default.
+FALLBACK_ON: Final = (
+    "rate_limited", "upstream_error", "upstream_timeout", "worker_timeout", "stream_broken", "no_worker",
+    "overloaded", "engine_error", "context_length_exceeded", "content_filter", "circuit_open",
+)
+# Failures that count against an upstream endpoint's circuit breaker: a remote provider's, not the request's.
+# A local worker's failures are handled by retries on another worker, presence and canary analysis instead.
+BREAKER_CODES: Final = frozenset({"upstream_error", "upstream_timeout", "upstream_auth_failed"})
+
+
+class Breaker(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A version's circuit breaker: open after `failures` failures within `window_s`, probe after `cooldown_s`."""
+
+    failures: int = 3
+    window_s: float = 10.0
+    cooldown_s: float = 5.0
+    max_cooldown_s: float = 60.0  # a failed probe doubles the cooldown up to this
+
+
+class Routing(Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """How a model's requests pick a version, and where they go when it fails.
+
+    With a `pool` (version -> weight), `strategy` picks among its versions for every request that is not a
+    canary's: weighted (by weight), least_busy (lowest load of their live workers), latency (lowest moving
+    average of time to first token plus inter-token latency, as this gateway measured it) or cost (lowest
+    price per token in the price list). Without a pool the stable/canary/A-B policy picks as before.
+    When the version fails before the first token with a code in `fallback_on`, the other pool versions are
+    tried (in strategy order), then each model of `fallbacks` in order (under its own policy), within
+    `max_attempts` sends and `budget_s` seconds.
+    """
+
+    strategy: Strategy = "weighted"
+    pool: dict[str, float] = {}
+    fallbacks: list[str] = []
+    fallback_on: list[str] = msgspec.field(default_factory=lambda: list(FALLBACK_ON))
+    max_attempts: int = 3
+    budget_s: float = 30.0
+    breaker: Breaker = Breaker()
+
+
 class TrafficPolicy(Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
     stable: str | None = None
     canary: str | None = None
@@ -54,6 +97,7 @@ class TrafficPolicy(Struct, frozen=True, kw_only=True, omit_defaults=True, forbi
     shadow_rate: float = 0.0  # percent of requests copied to the shadow version
     rollout: Rollout | None = None
     analysis: Analysis = Analysis()
+    routing: Routing = Routing()
 
 
 class RoutingTable(Struct, frozen=True, kw_only=True):
@@ -72,6 +116,24 @@ class VersionInfo(Struct, frozen=True, kw_only=True):
     params: dict[str, Any]
     status: str
     created_at: str
+    secrets: list[str] = []  # the names of its provider secrets; their values are never shown
+
+
+class ProviderVersion(Struct, frozen=True, kw_only=True):
+    """A remote version as the provider hosts receive it: with its secrets, decrypted (their role alone)."""
+
+    model: str
+    version: str
+    engine: str
+    params: dict[str, Any]
+    secrets: dict[str, str]
+    revision: str  # changes whenever the params or secrets do
+
+
+class ProviderVersions(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Request on subjects.PROVIDER_VERSIONS: every remote version (optionally of one engine)."""
+
+    engines: list[str] = []
 
 
 class WorkerView(Struct, frozen=True, kw_only=True):
@@ -83,6 +145,7 @@ class WorkerView(Struct, frozen=True, kw_only=True):
     tokens_per_s: float
     healthy: bool
     last_seen_s: float
+    upstream: str | None = None  # a remote version's last health check: "ok" or why not
 
 
 class VersionMetrics(Struct, frozen=True, kw_only=True):
@@ -102,6 +165,7 @@ class ModelView(Struct, frozen=True, kw_only=True):
     versions: list[VersionInfo]
     workers: list[WorkerView] = []
     metrics: list[VersionMetrics] = []
+    breakers: dict[str, dict[str, Any]] = {}  # version -> its circuit breaker, when not closed
 
 
 class AuditEntry(Struct, frozen=True, kw_only=True):
@@ -175,6 +239,29 @@ class RegisterVersion(_Admin, kw_only=True, forbid_unknown_fields=True):
     version: str | None = None
     engine: str | None = None
     params: dict[str, Any] = {}
+    # Provider secrets (api_key, ...): encrypted at rest, delivered only to provider hosts, never shown.
+    secrets: dict[str, str] = {}
+
+
+class SetSecrets(_Admin, kw_only=True, forbid_unknown_fields=True):
+    """Rotate a remote version's secrets without a restart: a value replaces, None deletes."""
+
+    model: str
+    version: str
+    secrets: dict[str, str | None]
+
+
+class SetRouting(_Admin, kw_only=True, forbid_unknown_fields=True):
+    """Replace the fields given of a model's routing (strategy, pool, fallbacks, ...); None keeps one."""
+
+    model: str
+    strategy: Strategy | None = None
+    pool: dict[str, float] | None = None
+    fallbacks: list[str] | None = None
+    fallback_on: list[str] | None = None
+    max_attempts: int | None = None
+    budget_s: float | None = None
+    breaker: Breaker | None = None
 
 
 class Deploy(_Admin, kw_only=True, forbid_unknown_fields=True):
@@ -231,6 +318,7 @@ class Comparisons(_Admin, kw_only=True, forbid_unknown_fields=True):
 
 
 table_encoder = msgspec.json.Encoder()
+provider_versions_decoder = msgspec.json.Decoder(list[ProviderVersion])
 table_decoder = msgspec.json.Decoder(RoutingTable)
 outcome_encoder = msgspec.msgpack.Encoder()
 outcome_decoder = msgspec.msgpack.Decoder(Outcome)

@@ -73,6 +73,22 @@ def outcome(kind: str, model: str) -> str:
 
 
 OUTCOME_ALL: Final = "registry.outcome.>"
+
+# Remote provider versions (engine openai/anthropic/gemini) with their decrypted secrets: asked by the
+# provider hosts only (their role alone may), and a broadcast when one is registered, changed or rotated.
+PROVIDER_VERSIONS: Final = "registry.provider.versions"
+PROVIDER_CHANGED: Final = "registry.provider.changed"
+
+# NATS KV bucket with one circuit breaker per upstream endpoint (gateways and routers read and write it).
+BREAKER_BUCKET: Final = "INFERBUS_BREAKERS"
+
+# The per-request log (JetStream stream REQUESTS): the edge publishes, metering writes PostgreSQL.
+REQUEST_LOG_STREAM: Final = "REQUESTS"
+REQUEST_LOG_ALL: Final = "requestlog.>"
+
+
+def request_log(kind: str) -> str:
+    return f"requestlog.{_kind(kind)}"
 SHADOW_RECORD: Final = "registry.shadow.record"
 
 # NATS KV bucket holding one routing table per model (the registry writes, gateways and routers watch).

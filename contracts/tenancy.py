@@ -3,6 +3,10 @@
 Scopes on a key: "admin" (everything, admin endpoints included), "inference" (every kind and model),
 or a narrower set of "kind:<kind>" and/or "model:<model>" (a request must match both sets when both
 are given).
+
+Request logging: a tenant says whether its requests' bodies go into the request log (`log_bodies`)
+and for how many days they are kept (`log_retention_days`); a key may say otherwise, and where it
+does (not None) its own setting wins.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import msgspec
 from msgspec import Struct
 
 DEFAULT_TENANT: Final = "default"
+DEFAULT_LOG_RETENTION_DAYS: Final = 7
+MAX_LOG_RETENTION_DAYS: Final = 3650
 
 
 class Limits(Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -39,6 +45,8 @@ class Tenant(Struct, frozen=True, kw_only=True):
     limits: Limits = Limits()
     budget: Budget = Budget()
     metadata: dict[str, Any] = {}
+    log_bodies: bool = False
+    log_retention_days: int = DEFAULT_LOG_RETENTION_DAYS
 
 
 class KeyInfo(Struct, frozen=True, kw_only=True):
@@ -56,11 +64,23 @@ class KeyInfo(Struct, frozen=True, kw_only=True):
     model_limits: dict[str, Limits] = {}
     budget: Budget = Budget()
     metadata: dict[str, Any] = {}
+    log_bodies: bool | None = None  # None: the tenant's setting
+    log_retention_days: int | None = None
 
 
 class NewKey(Struct, frozen=True, kw_only=True):
     key: str  # shown once
     info: KeyInfo
+
+
+def body_logging(
+    key_bodies: bool | None, key_days: int | None, tenant_bodies: bool, tenant_days: int
+) -> tuple[bool, int]:
+    """Whether a request's bodies are logged, and for how many days: the key's settings where it has them."""
+    return (
+        tenant_bodies if key_bodies is None else key_bodies,
+        tenant_days if key_days is None else key_days,
+    )
 
 
 # ---- admin requests ------------------------------------------------------------------------
@@ -75,6 +95,8 @@ class CreateTenant(_Admin, kw_only=True, forbid_unknown_fields=True):
     limits: Limits = Limits()
     budget: Budget = Budget()
     metadata: dict[str, Any] = {}
+    log_bodies: bool = False
+    log_retention_days: int = DEFAULT_LOG_RETENTION_DAYS
 
 
 class UpdateTenant(_Admin, kw_only=True, forbid_unknown_fields=True):
@@ -82,6 +104,8 @@ class UpdateTenant(_Admin, kw_only=True, forbid_unknown_fields=True):
     limits: Limits | None = None
     budget: Budget | None = None
     metadata: dict[str, Any] | None = None
+    log_bodies: bool | None = None
+    log_retention_days: int | None = None
 
 
 class ListTenants(_Admin, kw_only=True, forbid_unknown_fields=True):
@@ -97,6 +121,8 @@ class CreateKey(_Admin, kw_only=True, forbid_unknown_fields=True):
     model_limits: dict[str, Limits] = {}
     budget: Budget = Budget()
     metadata: dict[str, Any] = {}
+    log_bodies: bool | None = None  # None: the tenant's setting
+    log_retention_days: int | None = None
 
 
 class ListKeys(_Admin, kw_only=True, forbid_unknown_fields=True):
@@ -121,6 +147,9 @@ class UpdateKey(_Admin, kw_only=True, forbid_unknown_fields=True):
     model_limits: dict[str, Limits] | None = None
     budget: Budget | None = None
     metadata: dict[str, Any] | None = None
+    log_bodies: bool | None = None
+    log_retention_days: int | None = None
+    log_inherit: bool = False  # drop the key's own logging settings: the tenant's apply again
 
 
 class Revoked(Struct, frozen=True, kw_only=True):

@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Any
 
-from services.cli import models, state, tenancy, usage
+from services.cli import models, requests, state, tenancy, usage
 from services.runtime import bus
 
 
@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     tenancy.add_parsers(sub)
     models.add_parser(sub)
     usage.add_parser(sub)
+    requests.add_parser(sub)
     args = parser.parse_args(argv)
 
     if args.command == "up":
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         return usage.run(args, parser)
     if args.command == "models":
         return models.run(args, parser)
+    if args.command == "requests":
+        return requests.run(args, parser)
     parser.error("unknown command")
     return 2
 

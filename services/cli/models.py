@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -12,6 +15,7 @@ import msgspec
 from contracts import subjects
 from contracts.registry import (
     Analysis,
+    Breaker,
     Comparisons,
     Deploy,
     History,
@@ -21,6 +25,8 @@ from contracts.registry import (
     Rollback,
     SetAB,
     SetCanary,
+    SetRouting,
+    SetSecrets,
     SetShadow,
     ShowModel,
 )
@@ -42,6 +48,23 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--engine", help="engine of the version, e.g. llamacpp, transformers, vllm")
     s.add_argument("--description", default="")
     s.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="engine parameter (repeatable)")
+    s.add_argument("--secret", action="append", default=[], metavar="NAME[=VALUE]", help=SECRET_HELP)
+    s = ms.add_parser("secrets", help="set, rotate or delete a remote version's secrets (no restart needed)")
+    s.add_argument("model")
+    s.add_argument("version")
+    s.add_argument("secrets", nargs="*", metavar="NAME[=VALUE]", help=SECRET_HELP)
+    s.add_argument("--delete", action="append", default=[], metavar="NAME", help="delete this secret (repeatable)")
+    s = ms.add_parser("routing", help="routing strategy, version pool, fallback chain and circuit breaker")
+    s.add_argument("model")
+    s.add_argument("--strategy", choices=["weighted", "least_busy", "latency", "cost"])
+    s.add_argument("--pool", metavar="VERSION=WEIGHT,...", help="versions that serve interchangeably ('' clears)")
+    s.add_argument("--fallbacks", metavar="MODEL,...", help="models tried in order when this one fails ('' clears)")
+    s.add_argument("--fallback-on", metavar="CODE,...", help="error codes that trigger a fallback")
+    s.add_argument("--max-attempts", type=int, help="sends per request across routes (default 3)")
+    s.add_argument("--budget", type=float, help="seconds a request may spend on fallbacks (default 30)")
+    s.add_argument("--breaker-failures", type=int, help="failures in the window that open a breaker (default 3)")
+    s.add_argument("--breaker-window", type=float, help="breaker failure window in seconds (default 10)")
+    s.add_argument("--breaker-cooldown", type=float, help="seconds a breaker stays open before a probe (default 5)")
     s = ms.add_parser("deploy", help="make VERSION the stable version now (ends canary and A/B)")
     s.add_argument("model")
     s.add_argument("version")
@@ -99,6 +122,7 @@ def build(args: argparse.Namespace) -> tuple[str, msgspec.Struct]:
                 params[key] = value
         if args.version and not args.engine:
             raise ValueError("registering a version needs --engine")
+        secrets = {name: value for name, value in map(secret_value, args.secret) if value is not None}
         return "register", RegisterVersion(
             model=args.model,
             kind=args.kind,
@@ -106,8 +130,17 @@ def build(args: argparse.Namespace) -> tuple[str, msgspec.Struct]:
             version=args.version,
             engine=args.engine,
             params=params,
+            secrets=secrets,
             actor=actor,
         )
+    if cmd == "secrets":
+        changes: dict[str, str | None] = dict(map(secret_value, args.secrets))
+        changes.update({name: None for name in args.delete})
+        if not changes:
+            raise ValueError("give NAME=VALUE pairs to set, or --delete NAME")
+        return "secrets", SetSecrets(model=args.model, version=args.version, secrets=changes, actor=actor)
+    if cmd == "routing":
+        return "routing", routing_request(args, actor)
     if cmd == "deploy":
         return "deploy", Deploy(model=args.model, version=args.version, actor=actor)
     if cmd == "canary":
@@ -158,6 +191,51 @@ def build(args: argparse.Namespace) -> tuple[str, msgspec.Struct]:
     raise ValueError(f"unknown models command {cmd!r}")
 
 
+SECRET_HELP = ("provider secret, e.g. api_key=env:OPENAI_API_KEY (from the environment), api_key=@file, or just"
+               " api_key to be asked for it; a literal api_key=sk-... works but stays in your shell history")
+
+
+def secret_value(item: str) -> tuple[str, str]:
+    """NAME=VALUE, NAME=env:VAR, NAME=@path, or NAME alone (asked for, or read from stdin when piped)."""
+    name, sep, value = item.partition("=")
+    if not name:
+        raise ValueError(f"--secret expects NAME[=VALUE], got {item!r}")
+    if not sep:
+        value = getpass.getpass(f"{name}: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
+    elif value.startswith("env:"):
+        if value[4:] not in os.environ:
+            raise ValueError(f"secret {name}: the environment variable {value[4:]} is not set")
+        value = os.environ[value[4:]]
+    elif value.startswith("@"):
+        value = Path(value[1:]).expanduser().read_text().strip()
+    if not value:
+        raise ValueError(f"secret {name} is empty")
+    return name, value
+
+
+def routing_request(args: argparse.Namespace, actor: str) -> SetRouting:
+    def names(raw: str | None) -> list[str] | None:
+        return None if raw is None else [x.strip() for x in raw.split(",") if x.strip()]
+
+    pool: dict[str, float] | None = None
+    if args.pool is not None:
+        pool = {}
+        for item in names(args.pool) or []:
+            version, sep, weight = item.partition("=")
+            pool[version] = float(weight) if sep else 100.0
+    breaker = None
+    if any(x is not None for x in (args.breaker_failures, args.breaker_window, args.breaker_cooldown)):
+        overrides = {k: v for k, v in {"failures": args.breaker_failures, "window_s": args.breaker_window,
+                                        "cooldown_s": args.breaker_cooldown}.items() if v is not None}
+        breaker = msgspec.structs.replace(Breaker(), **overrides)
+    request = SetRouting(model=args.model, strategy=args.strategy, pool=pool, fallbacks=names(args.fallbacks),
+                         fallback_on=names(args.fallback_on), max_attempts=args.max_attempts, budget_s=args.budget,
+                         breaker=breaker, actor=actor)
+    if request == SetRouting(model=args.model, actor=actor):
+        raise ValueError("nothing to change: give --strategy, --pool, --fallbacks, ...")
+    return request
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         op, body = build(args)
@@ -179,6 +257,12 @@ def _policy(p: dict[str, Any]) -> str:
         parts.append("ab=" + ",".join(f"{v}:{w:g}%" for v, w in p["ab"].items()) + f" sticky={p.get('sticky', 'key')}")
     if p.get("shadow"):
         parts.append(f"shadow={p['shadow']}@{p.get('shadow_rate', 0):g}%")
+    r = p.get("routing") or {}
+    if r.get("pool"):
+        pool = ",".join(f"{v}:{w:g}" for v, w in r["pool"].items())
+        parts.append(f"pool={pool} strategy={r.get('strategy', 'weighted')}")
+    if r.get("fallbacks"):
+        parts.append("fallbacks=" + ">".join(r["fallbacks"]))
     return " ".join(parts)
 
 
@@ -194,11 +278,19 @@ def _model_line(m: dict[str, Any]) -> list[str]:
     ]
 
 
+def _breaker(state: dict[str, Any] | None) -> str:
+    if not state:
+        return "closed"
+    return f"{state['state']} ({state.get('reason', '')})"
+
+
 def render(op: str, result: Any) -> str:
     if op == "list":
         if not result:
             return "no models registered"
         return table([["MODEL", "KIND", "POLICY", "VERSIONS", "WORKERS", "REV"], *map(_model_line, result)])
+    if op == "secrets":
+        return f"{result['model']}/{result['version']} secrets: {', '.join(result['secrets']) or 'none'}"
     if op == "history":
         rows = [["ID", "AT", "ACTOR", "ACTION", "REASON / CHANGE"]]
         for e in result:
@@ -236,8 +328,9 @@ def render(op: str, result: Any) -> str:
     out.append(
         table(
             [
-                ["VERSION", "ENGINE", "STATUS", "CREATED"],
-                *[[v["version"], v["engine"], v["status"], v["created_at"][:19]] for v in m["versions"]],
+                ["VERSION", "ENGINE", "STATUS", "CREATED", "SECRETS", "BREAKER"],
+                *[[v["version"], v["engine"], v["status"], v["created_at"][:19], ",".join(v.get("secrets", [])) or "-",
+                   _breaker(m.get("breakers", {}).get(v["version"]))] for v in m["versions"]],
             ]
         )
     )
@@ -245,7 +338,7 @@ def render(op: str, result: Any) -> str:
         out.append(
             table(
                 [
-                    ["WORKER", "VERSION", "IN FLIGHT", "QUEUED", "TOK/S", "HEALTHY", "SEEN"],
+                    ["WORKER", "VERSION", "IN FLIGHT", "QUEUED", "TOK/S", "HEALTHY", "UPSTREAM", "SEEN"],
                     *[
                         [
                             w["worker_id"],
@@ -254,6 +347,7 @@ def render(op: str, result: Any) -> str:
                             str(w["queued"]),
                             f"{w['tokens_per_s']:g}",
                             "yes" if w["healthy"] else "no",
+                            w.get("upstream") or "-",
                             f"{w['last_seen_s']}s ago",
                         ]
                         for w in m["workers"]

@@ -10,6 +10,7 @@ import msgspec
 
 from contracts import subjects
 from contracts.tenancy import (
+    DEFAULT_LOG_RETENTION_DAYS,
     Budget,
     CreateKey,
     CreateTenant,
@@ -34,6 +35,9 @@ def _governance_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--usd-per-day", type=float)
     p.add_argument("--usd-per-month", type=float)
     p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE", help="metadata (repeatable)")
+    p.add_argument("--log-bodies", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep request and response bodies in the request log (a key's setting wins over its tenant's)")
+    p.add_argument("--log-retention-days", type=int, help="days logged bodies are kept (default 7)")
 
 
 def add_parsers(sub: Any) -> None:
@@ -72,6 +76,7 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("key_id")
     s.add_argument("--model-rpm", action="append", default=[], metavar="MODEL=N")
     s.add_argument("--model-tpm", action="append", default=[], metavar="MODEL=N")
+    s.add_argument("--log-inherit", action="store_true", help="drop the key's logging settings (the tenant's apply)")
     _governance_flags(s)
 
 
@@ -116,19 +121,22 @@ def build(args: argparse.Namespace) -> tuple[str, msgspec.Struct]:
         if cmd == "create":
             return "tenants.create", CreateTenant(
                 name=args.name, limits=_limits(args) or Limits(), budget=_budget(args) or Budget(), metadata=meta,
-                actor=actor,
+                log_bodies=bool(args.log_bodies),
+                log_retention_days=args.log_retention_days or DEFAULT_LOG_RETENTION_DAYS, actor=actor,
             )
         if cmd == "list":
             return "tenants.list", ListTenants(actor=actor)
         return "tenants.update", UpdateTenant(
-            tenant=args.tenant, limits=_limits(args), budget=_budget(args), metadata=meta or None, actor=actor
+            tenant=args.tenant, limits=_limits(args), budget=_budget(args), metadata=meta or None,
+            log_bodies=args.log_bodies, log_retention_days=args.log_retention_days, actor=actor,
         )
     cmd = args.keys_command
     if cmd == "create":
         return "keys.create", CreateKey(
             name=args.name, tenant=args.tenant, scopes=args.scopes or ["inference"],
             expires_in_s=duration(args.expires) if args.expires else None, limits=_limits(args) or Limits(),
-            model_limits=_model_limits(args) or {}, budget=_budget(args) or Budget(), metadata=meta, actor=actor,
+            model_limits=_model_limits(args) or {}, budget=_budget(args) or Budget(), metadata=meta,
+            log_bodies=args.log_bodies, log_retention_days=args.log_retention_days, actor=actor,
         )
     if cmd == "list":
         return "keys.list", ListKeys(tenant=args.tenant, include_revoked=args.all, actor=actor)
@@ -138,15 +146,25 @@ def build(args: argparse.Namespace) -> tuple[str, msgspec.Struct]:
         return "keys.rotate", RotateKey(key_id=args.key_id, grace_s=duration(args.grace), actor=actor)
     return "keys.update", UpdateKey(
         key_id=args.key_id, limits=_limits(args), model_limits=_model_limits(args), budget=_budget(args),
-        metadata=meta or None, actor=actor,
+        metadata=meta or None, log_bodies=args.log_bodies, log_retention_days=args.log_retention_days,
+        log_inherit=args.log_inherit, actor=actor,
     )
 
 
-def _governance(item: dict[str, Any]) -> str:
+def _governance(item: dict[str, Any], key: bool = False) -> str:
     parts = [f"{k}={v}" for k, v in item.get("limits", {}).items()]
     parts += [f"{m}:{k}={v}" for m, lim in item.get("model_limits", {}).items() for k, v in lim.items()]
     parts += [f"{k}={v}" for k, v in item.get("budget", {}).items()]
-    return " ".join(parts) or "-"
+    return " ".join(parts + _logging(item, key)) or "-"
+
+
+def _logging(item: dict[str, Any], key: bool) -> list[str]:
+    """A key's own logging settings (None: its tenant's); a tenant's when it logs bodies."""
+    bodies, days = item.get("log_bodies"), item.get("log_retention_days")
+    if not key and not bodies:
+        return []
+    parts = [] if bodies is None else [f"log_bodies={'on' if bodies else 'off'}"]
+    return parts + ([] if days is None else [f"log_retention={days}d"])
 
 
 def render(op: str, result: Any) -> str:
@@ -157,13 +175,14 @@ def render(op: str, result: Any) -> str:
         return f"tenant {result['id']} ({result['name']}): {_governance(result)}"
     if op == "keys.list":
         return table([["ID", "NAME", "PREFIX", "TENANT", "SCOPES", "LIMITS / BUDGET", "EXPIRES", "REVOKED"],
-                      *[[k["id"], k["name"], k["prefix"] + "…", k["tenant_id"], ",".join(k["scopes"]), _governance(k),
+                      *[[k["id"], k["name"], k["prefix"] + "…", k["tenant_id"], ",".join(k["scopes"]),
+                         _governance(k, key=True),
                          (k["expires_at"] or "-")[:19], (k["revoked_at"] or "-")[:19]] for k in result]])
     if op in ("keys.create", "keys.rotate"):
         info = result["info"]
         return (f"key id: {info['id']}  tenant: {info['tenant_id']}  scopes: {','.join(info['scopes'])}\n"
                 f"key:    {result['key']}\n(shown once: store it now)")
-    return f"key {result['id']} ({result['name']}): {_governance(result)}" + (
+    return f"key {result['id']} ({result['name']}): {_governance(result, key=True)}" + (
         f", revoked at {result['revoked_at'][:19]}" if result.get("revoked_at") else "")
 
 

@@ -220,6 +220,7 @@ async def up(port: int | None, ready_timeout: float, rotate_admin_key: bool = Fa
             "INFERBUS_DATABASE_URL": urls["DATABASE"],
             "INFERBUS_REDIS_URL": urls["REDIS"],
             "PYTHONUNBUFFERED": "1",
+            "INFERBUS_DATA_DIR": str(data),
             **({SECRETS_ENV: str(secrets_dir)} if secrets_dir else {}),
         }
         env.pop("INFERBUS_PORT", None)
@@ -233,6 +234,7 @@ async def up(port: int | None, ready_timeout: float, rotate_admin_key: bool = Fa
             Supervised("metering", "services.metering", plain),
             Supervised("gateway", "services.gateway", gateway_env),
             Supervised("llm", "services.llm", plain),
+            Supervised("providers", "services.llm.providers", plain),  # remote provider versions
             Supervised("asr", "services.speech.asr", plain),
             Supervised("tts", "services.speech.tts", plain),
         ]

@@ -6,7 +6,16 @@ import asyncio
 
 from aiohttp import web
 
-from services.gateway import admin_routes, audio_routes, openai_routes, playground, realtime, speech_routes, websocket
+from services.gateway import (
+    admin_routes,
+    audio_routes,
+    openai_routes,
+    playground,
+    realtime,
+    requests_routes,
+    speech_routes,
+    websocket,
+)
 from services.gateway.errors import error_middleware
 from services.gateway.state import GATEWAY, Gateway, GatewaySettings
 from services.runtime import logging as log
@@ -23,6 +32,7 @@ def build_app(gw: Gateway) -> web.Application:
     app.add_routes(speech_routes.routes)
     app.add_routes(realtime.routes)
     app.add_routes(playground.routes)
+    requests_routes.register(app)
     # No /metrics here: it names tenants and their spend. It is on the loopback metrics port.
     return app
 

@@ -14,12 +14,13 @@ import asyncpg
 import msgspec
 
 from contracts.errors import InferBusError
-from contracts.tenancy import DEFAULT_TENANT, Budget, Limits, Revoked
+from contracts.tenancy import DEFAULT_LOG_RETENTION_DAYS, DEFAULT_TENANT, Budget, Limits, Revoked
 
 KEY_PREFIX = "ib-"
 _SELECT = (
     "SELECT k.id, k.name, k.scopes, k.tenant_id, k.expires_at, k.limits, k.model_limits, k.budget,"
-    " t.limits AS tenant_limits, t.budget AS tenant_budget"
+    " t.limits AS tenant_limits, t.budget AS tenant_budget, k.log_bodies, k.log_retention_days,"
+    " t.log_bodies AS tenant_log_bodies, t.log_retention_days AS tenant_log_retention_days"
     " FROM api_keys k JOIN tenants t ON t.id = k.tenant_id"
 )
 
@@ -35,6 +36,11 @@ class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
     budget: Budget = Budget()
     tenant_limits: Limits = Limits()
     tenant_budget: Budget = Budget()
+    # Request log: bodies stored or not, and for how long (the key's settings where set, else the tenant's).
+    log_bodies: bool | None = None
+    log_retention_days: int | None = None
+    tenant_log_bodies: bool = False
+    tenant_log_retention_days: int = DEFAULT_LOG_RETENTION_DAYS
 
     @property
     def is_admin(self) -> bool:
@@ -89,6 +95,10 @@ def record_from_row(row: asyncpg.Record) -> KeyRecord:
         budget=_json(row["budget"], Budget),
         tenant_limits=_json(row["tenant_limits"], Limits),
         tenant_budget=_json(row["tenant_budget"], Budget),
+        log_bodies=row["log_bodies"],
+        log_retention_days=row["log_retention_days"],
+        tenant_log_bodies=row["tenant_log_bodies"],
+        tenant_log_retention_days=row["tenant_log_retention_days"],
     )
 
 

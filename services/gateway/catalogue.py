@@ -10,7 +10,7 @@ import msgspec
 from contracts.control import WorkerLoad
 from contracts.errors import InferBusError
 from contracts.registry import RoutingTable
-from services.runtime.routing import Presence, Route, Router, Tables
+from services.runtime.routing import Presence, Route, Router, Tables, ranked
 
 
 class ModelEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -71,6 +71,25 @@ class Catalogue:
                 version = live[0].version
         return self.router.to_worker(kind, model, version, affinity, exclude)
 
+    def alternatives(self, model: str, kind: str, first: str) -> list[tuple[str, str | None]]:
+        """Where a request for `model` goes when `first` fails: a canary's stable version, the pool's other
+        versions best first, then each fallback model (version None: its own policy picks)."""
+        table = self.tables.get(kind, model)
+        if table is None:
+            return []
+        out: list[tuple[str, str | None]] = []
+        stable = table.policy.stable
+        if first == table.policy.canary and stable is not None and stable not in table.policy.routing.pool:
+            out.append((model, stable))
+        out += [(model, v) for v in ranked(table, self.router.signals) if v != first]
+        out += [(m, None) for m in table.policy.routing.fallbacks]
+        return out
+
+    def engine_of(self, kind: str, model: str, version: str, worker_id: str) -> str | None:
+        """The engine (provider) a worker runs, from its heartbeats."""
+        seen = self.presence.workers.get((kind, model, version), {}).get(worker_id)
+        return seen.load.engine if seen is not None else None
+
     def listing(self) -> list[Listed]:
         names: dict[tuple[str, str], str] = {}
         for kind, model in self.tables.by_model:
@@ -116,6 +135,8 @@ class Catalogue:
                         "capacity": w.capacity,
                         "tokens_per_s": w.tokens_per_s,
                         "healthy": w.ready,
+                        "engine": w.engine,
+                        **({"upstream": w.upstream} if w.upstream is not None else {}),
                     }
                     for w in item.workers
                 ],

@@ -34,6 +34,11 @@ class _Format:
                                      "model": model, "system_fingerprint": None}
         self.include_usage = include_usage
 
+    def served(self, model: str, provider: str | None, version: str) -> None:
+        """What served the request: `model` (another one's after a fallback) and the system fingerprint."""
+        self.base["model"] = model
+        self.base["system_fingerprint"] = f"{provider or 'inferbus'}:{version}"
+
     def _chunk(self, content: dict[str, Any], finish: str | None = None) -> bytes:
         body = {**self.base, "choices": [{"index": 0, **content, "logprobs": None, "finish_reason": finish}]}
         if self.include_usage:

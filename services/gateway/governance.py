@@ -39,7 +39,7 @@ from contracts.errors import InferBusError
 from contracts.llm import Accepted, Chunk, Delta, Final, GenerateRequest
 from contracts.speech import AudioChunk, SpeechDone, Transcript
 from contracts.tenancy import Budget, Limits
-from contracts.usage import PriceView
+from contracts.usage import ANY_VERSION, PriceView
 from services.gateway.auth import KeyRecord
 from services.runtime import logging as log
 from services.runtime.resp import RedisUnavailable, ReplyError, Resp, Script
@@ -239,10 +239,12 @@ class Prices:
     def __init__(self) -> None:
         self.per_model: dict[str, tuple[float, float]] = {}  # model -> (input, output) USD per token, worst case
         self.per_audio_second: dict[str, float] = {}  # model -> USD per second of audio, worst case
+        self.per_version: dict[tuple[str, str], float] = {}  # (model, version) -> USD per input + output token
         self.loaded = False  # a price list arrived at least once: a missing model is free, not unknown
 
     def load(self, views: Iterable[PriceView]) -> None:
         """The price list from metering: per model, the dearest version (budgets reserve an upper bound)."""
+        views = list(views)
         per_model: dict[str, tuple[float, float]] = {}
         per_second: dict[str, float] = {}
         for view in views:
@@ -250,6 +252,12 @@ class Prices:
             per_model[view.model] = (max(old_in, view.input_per_1m / 1e6), max(old_out, view.output_per_1m / 1e6))
             per_second[view.model] = max(per_second.get(view.model, 0.0), view.per_audio_second)
         self.per_model, self.per_audio_second, self.loaded = per_model, per_second, True
+        self.per_version = {(v.model, v.version): (v.input_per_1m + v.output_per_1m) / 1e6 for v in views}
+
+    def per_token(self, model: str, version: str) -> float | None:
+        """A version's price per token (input + output), for the cost strategy; None when it has none."""
+        price = self.per_version.get((model, version))
+        return price if price is not None else self.per_version.get((model, ANY_VERSION))
 
     def estimate_usd(self, model: str, prompt: int, completion: int) -> float:
         price_in, price_out = self.per_model.get(model, (0.0, 0.0))

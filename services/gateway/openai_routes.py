@@ -17,10 +17,12 @@ from contracts.llm import (
     Delta,
     Final,
     GenerateRequest,
+    Usage,
     chat_to_generate,
     completion_to_generate,
 )
 from services.gateway.auth import KeyRecord
+from services.gateway.dispatch import Served
 from services.gateway.errors import from_validation, json_response
 from services.gateway.formats import DONE, ChatFormat, CompletionFormat, sse
 from services.gateway.state import GATEWAY, Gateway
@@ -28,15 +30,21 @@ from services.runtime import logging as log
 from services.runtime.streaming import Pace
 
 VERSION_HEADER = "x-inferbus-model-version"
+MODEL_HEADER = "x-inferbus-model"  # the model that served (another one's name after a fallback)
+PROVIDER_HEADER = "x-inferbus-provider"  # the engine that served: llamacpp, openai, anthropic, gemini, ...
+FALLBACKS_HEADER = "x-inferbus-fallbacks"  # routes given up on before it: model:version=error_code, ...
 # Same value, same worker while it stays healthy (a conversation id, say); the `user` field otherwise.
 AFFINITY_HEADER = "x-inferbus-affinity"
 TIMEOUT_HEADER = "x-inferbus-timeout"
 
 routes = web.RouteTableDef()
+ADMITTED = web.RequestKey("admitted", float)  # monotonic time the request was authorized
+BODY = web.RequestKey("body", bytes)
 
 
 async def _decode(request: web.Request, cls: type[Any]) -> Any:
     body = await request.read()
+    request[BODY] = body
     if not body:
         raise invalid("The request body is empty: send a JSON object")
     try:
@@ -62,6 +70,7 @@ def _timeout(request: web.Request, gw: Gateway) -> float:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     key = await gw.authorize(request)
+    request[ADMITTED] = time.monotonic()
     req = await _decode(request, ChatCompletionRequest)
     rid = "chatcmpl-" + secrets.token_hex(12)
     gen = chat_to_generate(req, rid, gw.settings.default_max_tokens)
@@ -74,6 +83,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def completions(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     key = await gw.authorize(request)
+    request[ADMITTED] = time.monotonic()
     req = await _decode(request, CompletionRequest)
     rid = "cmpl-" + secrets.token_hex(12)
     gen = completion_to_generate(req, rid, gw.settings.default_max_tokens)
@@ -92,8 +102,15 @@ async def _respond(
 ) -> web.StreamResponse:
     with log.bound(request_id=gen.request_id, model=gen.model):
         timeout = _timeout(request, gw)
-        grant = await gw.admit(key, request.path, gen)
+        try:
+            grant = await gw.admit(key, request.path, gen)
+        except InferBusError as exc:  # refused by limits, budgets or scopes: logged too
+            gw.log_request(key, request_id=gen.request_id, kind="llm", model=gen.model,
+                           admitted=request.get(ADMITTED, time.monotonic()), served=Served(), error=exc,
+                           http_status=exc.http_status, usage=None, streamed=stream, request_body=request.get(BODY))
+            raise
         pace = Pace()
+        served = Served()
         chunks = gw.dispatcher.generate(
             gen,
             kind="llm",
@@ -102,39 +119,81 @@ async def _respond(
             key_id=key.id,
             affinity=request.headers.get(AFFINITY_HEADER),
             pace=pace,
+            served=served,
         )
         limit_headers: dict[str, str] = {}
         if grant is not None:
             assert gw.governor is not None
             chunks = gw.governor.governed(key.id, grant, chunks, gen.model)
             limit_headers = grant.headers
+        outcome = Outcome()
         try:
             try:
                 first = await anext(chunks)  # errors before the first byte keep their HTTP status
             except InferBusError as exc:
                 raise exc.with_headers({**limit_headers, **exc.headers}) from None
             assert isinstance(first, Accepted)
-            headers = {VERSION_HEADER: first.version, "x-request-id": gen.request_id, **limit_headers}
+            headers = {VERSION_HEADER: first.version, "x-request-id": gen.request_id, **served_headers(served),
+                       **limit_headers}
+            fmt.served(served.model or gen.model, served.provider, first.version)
             if stream:
-                return await _stream(request, chunks, fmt, headers, pace)
-            parts: list[str] = []
+                return await _stream(request, chunks, fmt, headers, pace, outcome)
             async for chunk in chunks:
                 if isinstance(chunk, Delta):
-                    parts.append(chunk.text)
+                    outcome.parts.append(chunk.text)
                 elif isinstance(chunk, Final):
-                    return json_response(200, fmt.whole("".join(parts), chunk.finish_reason, chunk.usage), headers)
+                    outcome.usage = chunk.usage
+                    whole = fmt.whole("".join(outcome.parts), chunk.finish_reason, chunk.usage)
+                    return json_response(200, whole, headers)
             raise InferBusError("stream_broken", "the stream ended without a final chunk")
+        except InferBusError as exc:
+            outcome.error = exc
+            raise
+        except BaseException:  # the client went away (cancelled): logged as such
+            outcome.error = InferBusError("cancelled", "the client closed the connection")
+            raise
         finally:
             await chunks.aclose()
+            error = outcome.error
+            gw.log_request(
+                key, request_id=gen.request_id, kind="llm", model=gen.model,
+                admitted=request.get(ADMITTED, time.monotonic()), served=served, error=error,
+                http_status=error.http_status if error is not None and not outcome.started else 200,
+                usage=outcome.usage, streamed=stream, request_body=request.get(BODY),
+                response_text="".join(outcome.parts),
+            )
+
+
+def served_headers(served: Served) -> dict[str, str]:
+    out = {MODEL_HEADER: served.model}
+    if served.provider:
+        out[PROVIDER_HEADER] = served.provider
+    if served.fallbacks:
+        out[FALLBACKS_HEADER] = ", ".join(served.fallbacks)
+    return out
+
+
+class Outcome:
+    """How a response went, for the request log."""
+
+    __slots__ = ("error", "parts", "started", "usage")
+
+    def __init__(self) -> None:
+        self.started = False  # the 200 and its headers went out (a stream's later error is an event)
+        self.error: InferBusError | None = None
+        self.usage: Usage | None = None
+        self.parts: list[str] = []
 
 
 async def _stream(
-    request: web.Request, chunks: Any, fmt: ChatFormat | CompletionFormat, headers: dict[str, str], pace: Pace
+    request: web.Request, chunks: Any, fmt: ChatFormat | CompletionFormat, headers: dict[str, str], pace: Pace,
+    outcome: Outcome,
 ) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers}
     )
     await response.prepare(request)
+    outcome.started = True
     start = fmt.start()
     if start:
         await response.write(start)
@@ -144,7 +203,9 @@ async def _stream(
             if isinstance(chunk, Delta):
                 if chunk.text:
                     out.append(fmt.delta(chunk.text))
+                    outcome.parts.append(chunk.text)
             elif isinstance(chunk, Final):
+                outcome.usage = chunk.usage
                 tail = fmt.finish(chunk.finish_reason)
                 if fmt.include_usage:
                     tail += fmt.usage(chunk.usage)
@@ -155,6 +216,7 @@ async def _stream(
     except InferBusError as exc:
         # Mid-stream failure: a terminal error event, never a clean [DONE].
         log.get("gateway").warning("stream_failed", code=exc.code, error=exc.message)
+        outcome.error = exc
         out.append(sse(exc.openai_body()))
     if out:
         await response.write(b"".join(out))

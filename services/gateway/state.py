@@ -14,8 +14,11 @@ from aiohttp import web
 from contracts import headers as h
 from contracts import subjects, usage
 from contracts.control import Reply, load_decoder
-from contracts.llm import GenerateRequest
+from contracts.errors import InferBusError
+from contracts.llm import GenerateRequest, Usage
+from contracts.requestlog import MAX_BODY_CHARS, MAX_FALLBACKS, Fallback, RequestRecord
 from contracts.tenancy import (
+    DEFAULT_LOG_RETENTION_DAYS,
     CreateKey,
     CreateTenant,
     Limits,
@@ -25,17 +28,19 @@ from contracts.tenancy import (
     RotateKey,
     UpdateKey,
     UpdateTenant,
+    body_logging,
     revoked_decoder,
 )
 from contracts.usage import ListPrices, PriceView
 from services.gateway.auth import KeyRecord, KeyStore, bearer
 from services.gateway.catalogue import Catalogue, ModelEntry
-from services.gateway.dispatch import Dispatcher
+from services.gateway.dispatch import Dispatcher, Served
 from services.gateway.governance import Governor, Grant
 from services.gateway.nats_edge import Callout, Edge, Kicker
 from services.gateway.tenancy import TenancyAdmin
-from services.runtime import admin, bus, db, service, settings
+from services.runtime import admin, bus, db, requestlog, service, settings
 from services.runtime import logging as log
+from services.runtime.breakers import Breakers
 from services.runtime.natsauth import Issuer
 from services.runtime.streaming import StreamClient
 
@@ -156,6 +161,8 @@ class Gateway:
         self.tenancy: TenancyAdmin | None = None
         self.governor: Governor | None = None
         self._dispatcher: Dispatcher | None = None
+        self.breakers: Breakers | None = None
+        self.request_log: requestlog.RequestLogPublisher | None = None
         self._prices_task: asyncio.Task[None] | None = None
         self.in_flight = 0
         self.edge: Edge | None = None
@@ -200,7 +207,20 @@ class Gateway:
             self.logger.warning("routing_tables_unavailable", error=repr(exc))
         client = StreamClient(nc, first_chunk_timeout=cfg.first_chunk_timeout_s, idle_timeout=cfg.idle_timeout_s)
         await client.start()
-        self._dispatcher = Dispatcher(client, self.catalogue)
+        self.breakers = Breakers(f"gateway-{self.service.instance_id}")
+        try:
+            await self.breakers.watch(nc.jetstream())
+        except Exception as exc:  # JetStream off: breakers are this process's own
+            self.logger.warning("breakers_unshared", error=repr(exc))
+        if self.governor is not None:
+            self.catalogue.router.signals.price = self.governor.prices.per_token
+        self._dispatcher = Dispatcher(client, self.catalogue, breakers=self.breakers)
+        try:
+            await requestlog.ensure_stream(nc.jetstream())
+        except Exception as exc:  # JetStream off: the publisher keeps records until it is back (bounded)
+            self.logger.warning("request_log_stream_unavailable", error=repr(exc))
+        self.request_log = requestlog.RequestLogPublisher(nc)
+        self.request_log.start()
         await self._start_nats_edge()
         self.service.stats_source = self.stats
         self.service.metadata.update({"http": f"http://{cfg.host}:{cfg.port}"})
@@ -263,6 +283,8 @@ class Gateway:
     async def close(self) -> None:
         if self.edge is not None:
             await self.edge.close()
+        if self.request_log is not None:
+            await self.request_log.drain(2.0)
         if self._dispatcher is not None:
             await self._dispatcher.outcomes.close()
         for task in list(self._kicks):
@@ -272,6 +294,8 @@ class Gateway:
         if self._prices_task is not None:
             self._prices_task.cancel()
         await self.catalogue.tables.close()
+        if self.breakers is not None:
+            await self.breakers.close()
         if self.governor is not None:
             await self.governor.close()
         await self.service.close()
@@ -281,7 +305,51 @@ class Gateway:
     def stats(self) -> dict[str, Any]:
         prices = self.governor.prices.per_model if self.governor is not None else {}
         return {"in_flight": self.in_flight, "models": len(self.catalogue.listing()), "priced_models": sorted(prices),
-                "sockets": len(self.sockets)}
+                "sockets": len(self.sockets), "breakers": self.breakers.snapshot() if self.breakers else {},
+                "request_log": self.request_log.stats() if self.request_log else {}}
+
+    def log_request(
+        self,
+        key: KeyRecord | None,
+        *,
+        request_id: str,
+        kind: str,
+        model: str,
+        admitted: float,
+        served: Served,
+        error: InferBusError | None,
+        http_status: int,
+        usage: Usage | None,
+        streamed: bool,
+        request_body: bytes | None = None,
+        response_text: str | None = None,
+    ) -> None:
+        """One request-log record, off the response path (the publisher batches to JetStream)."""
+        if self.request_log is None:
+            return
+        bodies, days = (False, DEFAULT_LOG_RETENTION_DAYS) if key is None else body_logging(
+            key.log_bodies, key.log_retention_days, key.tenant_log_bodies, key.tenant_log_retention_days)
+        fallbacks = []
+        for item in served.fallbacks[:MAX_FALLBACKS]:
+            target, _, code = item.rpartition("=")
+            fallbacks.append(Fallback(target=target, code=code))
+        request_text = request_body.decode("utf-8", "replace") if bodies and request_body is not None else None
+        truncated = bodies and any(t is not None and len(t) > MAX_BODY_CHARS for t in (request_text, response_text))
+        try:
+            self.request_log.add(RequestRecord(
+                request_id=request_id, ts=time.time() - (time.monotonic() - admitted), kind=kind, model=model,
+                status="error" if error is not None else "ok", version=served.version, provider=served.provider,
+                worker_id=served.worker_id, key_id=key.id if key else None, tenant_id=key.tenant_id if key else None,
+                attempts=max(served.attempts, 1), fallbacks=fallbacks, error_code=error.code if error else None,
+                http_status=http_status, latency_ms=(time.monotonic() - admitted) * 1000, ttft_ms=served.ttft_ms,
+                prompt_tokens=usage.prompt_tokens if usage else 0,
+                completion_tokens=usage.completion_tokens if usage else 0, streamed=streamed,
+                request_body=request_text[:MAX_BODY_CHARS] if request_text is not None else None,
+                response_body=response_text[:MAX_BODY_CHARS] if bodies and response_text is not None else None,
+                bodies_truncated=truncated, body_retention_days=days,
+            ))
+        except Exception as exc:  # the log never fails a request
+            self.logger.warning("request_log_failed", error=repr(exc))
 
     async def _on_heartbeat(self, msg: Any) -> None:
         try:

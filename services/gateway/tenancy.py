@@ -19,6 +19,7 @@ from contracts import subjects
 from contracts.errors import InferBusError, invalid
 from contracts.subjects import KINDS
 from contracts.tenancy import (
+    MAX_LOG_RETENTION_DAYS,
     Budget,
     CreateKey,
     CreateTenant,
@@ -40,7 +41,8 @@ from services.runtime.bus import Connection
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:@/-]{0,127}$")
 _KEY_COLUMNS = (
-    "id, name, prefix, tenant_id, scopes, created_at, expires_at, revoked_at, limits, model_limits, budget, metadata"
+    "id, name, prefix, tenant_id, scopes, created_at, expires_at, revoked_at, limits, model_limits, budget, metadata,"
+    " log_bodies, log_retention_days"
 )
 
 
@@ -85,6 +87,12 @@ def check_budget(budget: Budget) -> Budget:
     return budget
 
 
+def check_retention(days: int | None, param: str = "log_retention_days") -> int | None:
+    if days is not None and not 1 <= days <= MAX_LOG_RETENTION_DAYS:
+        raise invalid(f"{param} must be between 1 and {MAX_LOG_RETENTION_DAYS} days", param)
+    return days
+
+
 def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
 
@@ -103,6 +111,8 @@ def _key_info(row: asyncpg.Record) -> KeyInfo:
         model_limits=msgspec.json.decode(row["model_limits"], type=dict[str, Limits]),
         budget=msgspec.json.decode(row["budget"], type=Budget),
         metadata=msgspec.json.decode(row["metadata"]),
+        log_bodies=row["log_bodies"],
+        log_retention_days=row["log_retention_days"],
     )
 
 
@@ -114,6 +124,8 @@ def _tenant(row: asyncpg.Record) -> Tenant:
         limits=msgspec.json.decode(row["limits"], type=Limits),
         budget=msgspec.json.decode(row["budget"], type=Budget),
         metadata=msgspec.json.decode(row["metadata"]),
+        log_bodies=row["log_bodies"],
+        log_retention_days=row["log_retention_days"],
     )
 
 
@@ -134,13 +146,16 @@ class TenancyAdmin:
         check_name(req.name, "name")
         check_limits(req.limits)
         check_budget(req.budget)
+        check_retention(req.log_retention_days)
         tenant_id = "ten_" + secrets.token_hex(6)
         async with self.pool.acquire() as con, con.transaction():
             if await con.fetchval("SELECT 1 FROM tenants WHERE name = $1", req.name):
                 raise InferBusError("conflict", f"a tenant named {req.name!r} exists", param="name")
             row = await con.fetchrow(
-                "INSERT INTO tenants (id, name, limits, budget, metadata) VALUES ($1, $2, $3, $4, $5) RETURNING *",
-                tenant_id, req.name, dumps(req.limits), dumps(req.budget), dumps(req.metadata),
+                "INSERT INTO tenants (id, name, limits, budget, metadata, log_bodies, log_retention_days)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
+                tenant_id, req.name, dumps(req.limits), dumps(req.budget), dumps(req.metadata), req.log_bodies,
+                req.log_retention_days,
             )
             await _audit(con, req.actor, "create_tenant", tenant_id, {"name": req.name})
         return _tenant(row)
@@ -150,15 +165,19 @@ class TenancyAdmin:
             check_limits(req.limits)
         if req.budget is not None:
             check_budget(req.budget)
+        check_retention(req.log_retention_days)
         async with self.pool.acquire() as con, con.transaction():
             tenant_id = await self.tenant_id(con, req.tenant)
             row = await con.fetchrow(
                 "UPDATE tenants SET limits = coalesce($2::jsonb, limits), budget = coalesce($3::jsonb, budget),"
-                " metadata = coalesce($4::jsonb, metadata) WHERE id = $1 RETURNING *",
+                " metadata = coalesce($4::jsonb, metadata), log_bodies = coalesce($5, log_bodies),"
+                " log_retention_days = coalesce($6, log_retention_days) WHERE id = $1 RETURNING *",
                 tenant_id,
                 dumps(req.limits) if req.limits is not None else None,
                 dumps(req.budget) if req.budget is not None else None,
                 dumps(req.metadata) if req.metadata is not None else None,
+                req.log_bodies,
+                req.log_retention_days,
             )
             await _audit(con, req.actor, "update_tenant", tenant_id, msgspec.to_builtins(req))
         await self._changed({"tenant_id": tenant_id})
@@ -176,6 +195,7 @@ class TenancyAdmin:
         for model, limits in req.model_limits.items():
             check_limits(limits, f"model_limits.{model}")
         check_budget(req.budget)
+        check_retention(req.log_retention_days)
         if req.expires_in_s is not None and (not math.isfinite(req.expires_in_s) or req.expires_in_s <= 0):
             raise invalid("expires_in_s must be a positive number of seconds", "expires_in_s")
         key = new_key()
@@ -183,10 +203,11 @@ class TenancyAdmin:
             tenant_id = await self.tenant_id(con, req.tenant)
             row = await con.fetchrow(
                 "INSERT INTO api_keys (id, name, prefix, key_hash, scopes, tenant_id, expires_at, limits,"
-                " model_limits, budget, metadata) VALUES ($1, $2, $3, $4, $5, $6,"
-                " now() + make_interval(secs => $7::float8), $8, $9, $10, $11) RETURNING " + _KEY_COLUMNS,
+                " model_limits, budget, metadata, log_bodies, log_retention_days) VALUES ($1, $2, $3, $4, $5, $6,"
+                " now() + make_interval(secs => $7::float8), $8, $9, $10, $11, $12, $13) RETURNING " + _KEY_COLUMNS,
                 "key_" + secrets.token_hex(6), req.name, key[:10], key_hash(key), scopes, tenant_id,
                 req.expires_in_s, dumps(req.limits), dumps(req.model_limits), dumps(req.budget), dumps(req.metadata),
+                req.log_bodies, req.log_retention_days,
             )
             await _audit(con, req.actor, "create_key", row["id"], {"name": req.name, "tenant_id": tenant_id})
         return NewKey(key=key, info=_key_info(row))
@@ -227,8 +248,9 @@ class TenancyAdmin:
             old = await self._live_key(con, req.key_id)
             row = await con.fetchrow(
                 "INSERT INTO api_keys (id, name, prefix, key_hash, scopes, tenant_id, expires_at, limits,"
-                " model_limits, budget, metadata, rotated_from)"
-                " SELECT $2, name, $3, $4, scopes, tenant_id, expires_at, limits, model_limits, budget, metadata, id"
+                " model_limits, budget, metadata, log_bodies, log_retention_days, rotated_from)"
+                " SELECT $2, name, $3, $4, scopes, tenant_id, expires_at, limits, model_limits, budget, metadata,"
+                " log_bodies, log_retention_days, id"
                 " FROM api_keys WHERE id = $1 RETURNING " + _KEY_COLUMNS,
                 req.key_id, "key_" + secrets.token_hex(6), key[:10], key_hash(key),
             )
@@ -251,17 +273,27 @@ class TenancyAdmin:
             check_limits(limits, f"model_limits.{model}")
         if req.budget is not None:
             check_budget(req.budget)
+        check_retention(req.log_retention_days)
+        if req.log_inherit and (req.log_bodies is not None or req.log_retention_days is not None):
+            raise invalid("log_inherit drops the key's logging settings: set them, or inherit, not both",
+                          "log_inherit")
         async with self.pool.acquire() as con, con.transaction():
             await self._live_key(con, req.key_id)
             row = await con.fetchrow(
                 "UPDATE api_keys SET limits = coalesce($2::jsonb, limits),"
                 " model_limits = coalesce($3::jsonb, model_limits), budget = coalesce($4::jsonb, budget),"
-                " metadata = coalesce($5::jsonb, metadata) WHERE id = $1 RETURNING " + _KEY_COLUMNS,
+                " metadata = coalesce($5::jsonb, metadata),"
+                " log_bodies = CASE WHEN $6 THEN NULL ELSE coalesce($7, log_bodies) END,"
+                " log_retention_days = CASE WHEN $6 THEN NULL ELSE coalesce($8, log_retention_days) END"
+                " WHERE id = $1 RETURNING " + _KEY_COLUMNS,
                 req.key_id,
                 dumps(req.limits) if req.limits is not None else None,
                 dumps(req.model_limits) if req.model_limits is not None else None,
                 dumps(req.budget) if req.budget is not None else None,
                 dumps(req.metadata) if req.metadata is not None else None,
+                req.log_inherit,
+                req.log_bodies,
+                req.log_retention_days,
             )
             await _audit(con, req.actor, "update_key", req.key_id, msgspec.to_builtins(req))
         await self._changed({"key_id": req.key_id})

@@ -110,7 +110,7 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
     async def _prepare(self, request: GenerateRequest, out: ReplyStream) -> Prepared:
         """The engine's prepare (chat template, tokenize): in the prepare thread unless the prompt is tiny."""
         size = len(request.prompt or "") + sum(len(m.content) for m in request.messages or ())
-        if size <= INLINE_PREPARE_CHARS:
+        if size <= INLINE_PREPARE_CHARS or getattr(self.engine, "remote", False):  # a remote one builds a dict
             return self.engine.prepare(request)
         if self.queued + self.preparing >= self.s.max_queue:
             raise InferBusError("overloaded", "the worker's queue is full; retry shortly")
@@ -164,7 +164,13 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
                     if isinstance(piece, BaseException):
                         raise piece
                     assert isinstance(piece, Piece)
-                    tokens += piece.tokens
+                    if piece.prompt_tokens is not None:  # a provider's own count replaces ours
+                        tally.prompt = piece.prompt_tokens
+                    if piece.completion_tokens is not None:
+                        tokens = max(0, piece.completion_tokens - completion)
+                        completion = piece.completion_tokens - tokens
+                    else:
+                        tokens += piece.tokens
                     text_parts.append(scanner.feed(piece.text))
                     if scanner.stopped:
                         finish, done = "stop", True
@@ -189,12 +195,13 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
             await asyncio.gather(pump, return_exceptions=True)
         self._record(completion)
         traffic = "shadow" if request.shadow else "live"
+        prompt_tokens = tally.prompt
         if request.shadow:
             self.shadow_served += 1
-            self.shadow_tokens += prepared.prompt_tokens + completion
-        self._tokens[traffic, "prompt"].inc(prepared.prompt_tokens)
+            self.shadow_tokens += prompt_tokens + completion
+        self._tokens[traffic, "prompt"].inc(prompt_tokens)
         self._tokens[traffic, "completion"].inc(completion)
-        await out.send(Final, finish, Usage(prepared.prompt_tokens, completion), self.s.version)
+        await out.send(Final, finish, Usage(prompt_tokens, completion), self.s.version)
 
     async def _coalesce(self, queue: asyncio.Queue[object], batch: list[object]) -> None:
         """Take what is already queued; optionally wait `coalesce_ms` for more, up to a token cap."""

@@ -1,4 +1,5 @@
-"""Metering service: the USAGE stream into the PostgreSQL ledger, prices, and usage queries over `metering.admin.*`."""
+"""Metering service: the USAGE stream into the PostgreSQL ledger, prices, usage queries over `metering.admin.*`,
+and the request log (the REQUESTS stream into PostgreSQL, its retention, its queries)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import asyncpg
 import msgspec
 from faststream.nats import NatsBroker, NatsSecurity, NatsToken, NatsUserPassword
 
+from contracts import requestlog as reqlog
 from contracts import usage
+from contracts.requestlog import RequestPage, RequestQuery, RetentionReport, RunRetention
 from contracts.usage import DeadLetterReport, ListDeadLetters, ListPrices, PriceView, SetPrice, UsageQuery, UsageReport
-from services.metering import deadletters, prices, query
+from services.metering import deadletters, prices, query, requestlog
 from services.metering.consumer import Consumer, ensure_consumer
 from services.runtime import admin, bus, db, service, settings
 from services.runtime import logging as log
+from services.runtime.requestlog import ensure_stream as ensure_requests_stream
 from services.runtime.usage import ensure_stream
 
 QUEUE = "metering"
@@ -36,6 +40,14 @@ class MeteringSettings(settings.CommonSettings, kw_only=True, forbid_unknown_fie
     writers: int = 2  # batches committing at once (one PostgreSQL connection each)
     db_pool_size: int = 4  # the writers' connections plus the admin queries'
     drain_s: float = 10.0  # on SIGTERM, time the batches in hand get to commit and ack
+    # The request log (REQUESTS stream): its consumer, and how long rows and bodies are kept.
+    requestlog_durable: str = "requestlog"
+    requestlog_batch_size: int = 64  # messages per fetch (each an edge flush of up to 256 records)
+    requestlog_fetch_wait_s: float = 0.2  # longest wait for a batch when the stream is idle
+    requestlog_ack_wait_s: float = 30.0
+    requestlog_max_deliver: int = 20
+    requestlog_retention_days: int = 30  # rows older than this are deleted (bodies go at their own expiry)
+    requestlog_retention_interval_s: float = 3600.0
 
 
 def broker_identity(identity: bus.Identity) -> dict[str, Any]:
@@ -60,6 +72,8 @@ class Metering:
         self._pool: asyncpg.Pool | None = None
         self._consumer: Consumer | None = None
         self._subscriber: Any = None
+        self._requests: requestlog.RequestLogConsumer | None = None
+        self._retention: requestlog.Retention | None = None
         self.logger = log.get("metering")
 
     @property
@@ -78,7 +92,11 @@ class Metering:
         js = self.service.bus.jetstream()
         await ensure_stream(js)
         await deadletters.ensure_stream(js)
+        await ensure_requests_stream(js)
         await ensure_consumer(js, cfg.durable, cfg.ack_wait_s, cfg.max_ack_pending, cfg.max_deliver)
+        await requestlog.ensure_consumer(
+            js, cfg.requestlog_durable, cfg.requestlog_ack_wait_s, cfg.requestlog_max_deliver
+        )
         dead = deadletters.DeadLetters(js, cfg.durable)
         await self.service.bus.subscribe(
             deadletters.advisory_subject(cfg.durable), queue=f"{QUEUE}-dlq", cb=dead.on_max_deliveries
@@ -110,12 +128,35 @@ class Metering:
         self._subscriber = self._consumer.subscribe(self.broker)
         self._consumer.start()
         await self.broker.start()
+        self._requests = requestlog.RequestLogConsumer(
+            self._pool,
+            js,
+            durable=cfg.requestlog_durable,
+            batch_size=cfg.requestlog_batch_size,
+            fetch_wait_s=cfg.requestlog_fetch_wait_s,
+            write_timeout_s=cfg.write_timeout_s,
+            max_backoff_s=cfg.max_backoff_s,
+        )
+        await self._requests.start()
+        self._retention = requestlog.Retention(
+            self._pool,
+            row_retention_days=cfg.requestlog_retention_days,
+            interval_s=cfg.requestlog_retention_interval_s,
+        )
+        self._retention.start()
         self.service.stats_source = self.stats
         endpoints: list[tuple[str, str, service.MicroHandler, str | None]] = [
             ("prices_set", usage.PRICES_SET, admin.handler(self.logger, SetPrice, self.set_price), QUEUE),
             ("prices_list", usage.PRICES_LIST, admin.handler(self.logger, ListPrices, self.list_prices), QUEUE),
             ("usage_query", usage.USAGE_QUERY, admin.handler(self.logger, UsageQuery, self.usage_query), QUEUE),
             ("dead_letters", usage.DEAD_LETTERS, admin.handler(self.logger, ListDeadLetters, self.dead_letters), QUEUE),
+            ("requests_query", reqlog.REQUESTS_QUERY, admin.handler(self.logger, RequestQuery, self.requests), QUEUE),
+            (
+                "requests_retention",
+                reqlog.REQUESTS_RETENTION,
+                admin.handler(self.logger, RunRetention, self.run_retention),
+                QUEUE,
+            ),
         ]
         await self.service.register(endpoints)
 
@@ -124,6 +165,10 @@ class Metering:
             await self._subscriber.stop()  # no more fetches
         if self._consumer is not None:
             await self._consumer.stop(self.cfg.drain_s)  # commit and ack what was fetched
+        if self._requests is not None:
+            await self._requests.stop(self.cfg.drain_s)
+        if self._retention is not None:
+            await self._retention.stop()
         if self.broker is not None:
             await self.broker.stop()
         await self.service.close()
@@ -131,7 +176,11 @@ class Metering:
             await self._pool.close()
 
     def stats(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), **(self._consumer.stats() if self._consumer is not None else {})}
+        return {
+            "pid": os.getpid(),
+            **(self._consumer.stats() if self._consumer is not None else {}),
+            **(self._requests.stats() if self._requests is not None else {}),
+        }
 
     async def set_price(self, req: SetPrice) -> PriceView:
         view = await prices.set_price(self.pool, req)
@@ -147,6 +196,13 @@ class Metering:
 
     async def dead_letters(self, req: ListDeadLetters) -> DeadLetterReport:
         return await deadletters.recent(self.service.bus.jetstream(), req.limit)
+
+    async def requests(self, req: RequestQuery) -> RequestPage:
+        return await requestlog.query(self.pool, req)
+
+    async def run_retention(self, req: RunRetention) -> RetentionReport:
+        assert self._retention is not None
+        return await self._retention.run()
 
 
 async def main(stop: asyncio.Event) -> None:

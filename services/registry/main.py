@@ -10,6 +10,7 @@ import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -19,17 +20,21 @@ from contracts import subjects
 from contracts.control import load_decoder
 from contracts.errors import InferBusError
 from contracts.registry import (
+    REMOTE_ENGINES,
     Comparisons,
     Deploy,
     History,
     ListModels,
     ModelView,
     Promote,
+    ProviderVersions,
     RegisterVersion,
     Rollback,
     RoutingTable,
     SetAB,
     SetCanary,
+    SetRouting,
+    SetSecrets,
     SetShadow,
     ShowModel,
     WorkerView,
@@ -39,8 +44,10 @@ from contracts.registry import (
 )
 from services.registry import controller, store
 from services.registry.store import PolicyChange
+from services.registry.vault import Vault
 from services.runtime import admin, bus, db, service, settings
 from services.runtime import logging as log
+from services.runtime.breakers import Breakers, breaker_key
 from services.runtime.routing import Presence, routing_bucket
 
 POLICY_CHANGES = Counter("inferbus_registry_policy_changes_total", "Traffic policy changes", ["model", "action"])
@@ -90,6 +97,10 @@ class RegistrySettings(settings.CommonSettings, kw_only=True, forbid_unknown_fie
     # The controller's lease: a dead leader's canaries wait at most this long for another replica. Used when
     # this registry creates the lease bucket; an existing bucket's TTL wins (every replica must agree).
     leader_lease_s: float = 5.0
+    # Provider secrets are sealed with this key (base64, 32 bytes; INFERBUS_SECRETS_KEY), or with one kept
+    # in <data_dir>/secrets/provider-secrets.key when it is empty (made on first use, 0600).
+    secrets_key: str = ""
+    data_dir: str = ".inferbus"
 
 
 class Registry:
@@ -105,6 +116,7 @@ class Registry:
         self._kv: bus.KeyValue | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._lock = asyncio.Lock()
+        self.breakers = Breakers("registry")
         self.lease = controller.Lease(controller.CONTROLLER_LEASE, cfg.leader_lease_s)
         self.logger = log.get("registry")
 
@@ -119,10 +131,14 @@ class Registry:
         applied = await db.migrate(pool, "services.registry", "registry")
         if applied:
             self.logger.info("migrations_applied", files=applied)
-        self._store = store.Store(pool)
+        self._store = store.Store(pool, Vault.open(self.cfg.secrets_key, Path(self.cfg.data_dir)))
         nc = self.service.bus
         self._kv = await routing_bucket(nc.jetstream())
         await self.lease.open(nc.jetstream())
+        try:
+            await self.breakers.watch(nc.jetstream())  # read only: shown by `models show`
+        except Exception as exc:
+            self.logger.warning("breakers_unavailable", error=repr(exc))
         for seed in self.cfg.seed:
             await self._seed(seed)
         await self.publish_all()
@@ -142,13 +158,16 @@ class Registry:
             ("shadow", SetShadow, self.shadow),
             ("history", History, self.history),
             ("comparisons", Comparisons, self.comparisons),
+            ("secrets", SetSecrets, self.set_secrets),
+            ("routing", SetRouting, self.set_routing),
         ]
-        await self.service.register(
-            [
-                (op, subjects.registry_admin(op), admin.handler(self.logger, typ, fn), "registry")
-                for op, typ, fn in endpoints
-            ]
-        )
+        handlers: list[tuple[str, str, Any, str | None]] = [
+            (op, subjects.registry_admin(op), admin.handler(self.logger, typ, fn), "registry")
+            for op, typ, fn in endpoints
+        ]
+        handlers.append(("provider_versions", subjects.PROVIDER_VERSIONS,
+                         admin.handler(self.logger, ProviderVersions, self.provider_versions), "registry"))
+        await self.service.register(handlers)
         self._tasks = [
             asyncio.create_task(self._lease_loop()),
             asyncio.create_task(self._controller_loop()),
@@ -160,6 +179,7 @@ class Registry:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.lease.release()
+        await self.breakers.close()
         await self.service.close()
         if self._store is not None:
             await self._store.pool.close()
@@ -227,9 +247,34 @@ class Registry:
             engine=req.engine,
             params=req.params,
             actor=req.actor,
+            secrets=req.secrets,
         )
         await self.publish(table)
+        if req.engine in REMOTE_ENGINES:
+            await self._providers_changed()
         return await self._view(table)
+
+    async def set_secrets(self, req: SetSecrets) -> dict[str, Any]:
+        names = await self.store.set_secrets(req.model, req.version, req.secrets, req.actor)
+        self.logger.info("secrets_changed", model=req.model, version=req.version, names=sorted(req.secrets))
+        await self._providers_changed()
+        return {"model": req.model, "version": req.version, "secrets": names}
+
+    async def set_routing(self, req: SetRouting) -> ModelView:
+        fields = {name: getattr(req, name) for name in
+                  ("strategy", "pool", "fallbacks", "fallback_on", "max_attempts", "budget_s", "breaker")}
+        change = store.routing(req.model, fields)
+        return await self._view(await self._change(req.model, "routing", req.actor, change))
+
+    async def provider_versions(self, req: ProviderVersions) -> list[Any]:
+        return list(await self.store.provider_versions(req.engines))
+
+    async def _providers_changed(self) -> None:
+        """Tell the provider hosts to fetch their versions again (new version, new secrets)."""
+        try:
+            await self.service.bus.publish(subjects.PROVIDER_CHANGED, b"")
+        except Exception as exc:  # they also refetch on their own every few seconds
+            self.logger.warning("provider_notify_failed", error=repr(exc))
 
     async def _change(
         self, model: str, action: str, actor: str, change: PolicyChange, reason: str = ""
@@ -294,6 +339,7 @@ class Registry:
                 tokens_per_s=w.tokens_per_s,
                 healthy=w.ready,
                 last_seen_s=round(self.presence.age(w.worker_id) or 0.0, 2),
+                upstream=w.upstream,
             )
             for w in self.presence.live(table.kind, table.model)
         ]
@@ -306,6 +352,8 @@ class Registry:
             versions=await self.store.versions(table.model),
             workers=workers,
             metrics=self.windows.metrics(table.model, table.versions, table.policy.analysis.window_s),
+            breakers={v: self.breakers.snapshot()[key] for v in table.versions
+                      if (key := breaker_key(table.kind, table.model, v)) in self.breakers.states},
         )
 
     # ---- bus inputs --------------------------------------------------------------------------

@@ -7,9 +7,11 @@ InferBusError before anything is written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -17,11 +19,15 @@ import asyncpg
 import msgspec
 
 from contracts import subjects
-from contracts.errors import InferBusError, invalid
+from contracts.errors import CATALOGUE, InferBusError, invalid
 from contracts.registry import (
     ENGINES,
+    FALLBACK_ON,
+    REMOTE_ENGINES,
     Analysis,
     AuditEntry,
+    Breaker,
+    ProviderVersion,
     Rollout,
     RoutingTable,
     ShadowRecord,
@@ -29,6 +35,7 @@ from contracts.registry import (
     TrafficPolicy,
     VersionInfo,
 )
+from services.registry.vault import Sealed, Vault, VaultError, looks_secret
 
 PolicyChange = Callable[[TrafficPolicy, set[str]], TrafficPolicy]
 
@@ -50,9 +57,33 @@ def _policy_json(policy: TrafficPolicy) -> dict[str, Any]:
     return out
 
 
+def check_remote(engine: str, params: dict[str, Any], secrets: dict[str, str]) -> None:
+    """A remote version's params and secrets: credentials only as secrets, a usable base URL."""
+    for name in params:
+        if looks_secret(name):
+            raise invalid(f"'{name}' looks like a credential: pass it as a secret (--secret {name}=...)", "params")
+    if engine not in REMOTE_ENGINES:
+        if secrets:
+            raise invalid(f"secrets are for remote provider versions ({', '.join(sorted(REMOTE_ENGINES))})", "secrets")
+        return
+    base_url = params.get("base_url")
+    if engine == "openai" and not base_url:
+        raise invalid("an openai version needs --param base_url=https://.../v1", "params.base_url")
+    if base_url is not None:
+        url = urllib.parse.urlsplit(str(base_url))
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise invalid(f"base_url must be an http(s) URL, got {base_url!r}", "params.base_url")
+        if url.username or url.password:
+            raise invalid("base_url must not hold credentials: pass them as secrets", "params.base_url")
+    for name, value in secrets.items():
+        if not name or not isinstance(value, str) or not value:
+            raise invalid("each secret needs a name and a non-empty value", "secrets")
+
+
 class Store:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, vault: Vault | None = None) -> None:
         self.pool = pool
+        self.vault = vault
 
     # ---- reads ------------------------------------------------------------------------------
 
@@ -83,8 +114,9 @@ class Store:
 
     async def versions(self, model: str) -> list[VersionInfo]:
         rows = await self.pool.fetch(
-            "SELECT version, engine, params, status, created_at FROM registry_versions"
-            " WHERE model=$1 ORDER BY created_at",
+            "SELECT version, engine, params, status, created_at,"
+            " ARRAY(SELECT name FROM registry_secrets s WHERE s.model = v.model AND s.version = v.version"
+            " ORDER BY name) AS secrets FROM registry_versions v WHERE model=$1 ORDER BY created_at",
             model,
         )
         return [
@@ -94,9 +126,83 @@ class Store:
                 params=json.loads(r["params"]),
                 status=r["status"],
                 created_at=r["created_at"].isoformat(),
+                secrets=list(r["secrets"]),
             )
             for r in rows
         ]
+
+    async def provider_versions(self, engines: list[str]) -> list[ProviderVersion]:
+        """Every remote version with its params and decrypted secrets (for the provider hosts only)."""
+        wanted = sorted(set(engines) & REMOTE_ENGINES) if engines else sorted(REMOTE_ENGINES)
+        rows = await self.pool.fetch(
+            "SELECT model, version, engine, params FROM registry_versions WHERE engine = ANY($1::text[])"
+            " ORDER BY model, version",
+            wanted,
+        )
+        sealed = await self.pool.fetch(
+            "SELECT s.model, s.version, s.name, s.nonce, s.ciphertext, s.key_id FROM registry_secrets s"
+            " JOIN registry_versions v USING (model, version) WHERE v.engine = ANY($1::text[])",
+            wanted,
+        )
+        by_version: dict[tuple[str, str], dict[str, str]] = {}
+        for r in sealed:
+            value = self._vault().unseal(Sealed(r["nonce"], r["ciphertext"], r["key_id"]), r["model"], r["version"],
+                                         r["name"])
+            by_version.setdefault((r["model"], r["version"]), {})[r["name"]] = value
+        out = []
+        for r in rows:
+            secrets = by_version.get((r["model"], r["version"]), {})
+            params = json.loads(r["params"])
+            digest = hashlib.sha256(json.dumps([params, sorted(secrets.items())], sort_keys=True).encode())
+            out.append(ProviderVersion(model=r["model"], version=r["version"], engine=r["engine"], params=params,
+                                       secrets=secrets, revision=digest.hexdigest()[:16]))
+        return out
+
+    def _vault(self) -> Vault:
+        if self.vault is None:
+            raise InferBusError("internal_error", "the registry has no secrets key")
+        return self.vault
+
+    async def set_secrets(self, model: str, version: str, secrets: dict[str, str | None], actor: str) -> list[str]:
+        """Replace (or, with None, delete) secrets of a remote version; the names it has afterwards."""
+        async with self.pool.acquire() as con, con.transaction():
+            row = await con.fetchrow(
+                "SELECT engine FROM registry_versions WHERE model=$1 AND version=$2 FOR UPDATE", model, version
+            )
+            if row is None:
+                raise InferBusError("not_found", f"version '{version}' of '{model}' is not registered", param="version")
+            if row["engine"] not in REMOTE_ENGINES:
+                raise invalid(f"'{model}/{version}' runs engine {row['engine']}, not a remote provider", "version")
+            await self._write_secrets(con, model, version, secrets)
+            await _audit(con, model, actor, "set_secrets", "", None,
+                         {"version": version, "changed": sorted(secrets)})  # names only, never values
+            names = await con.fetch(
+                "SELECT name FROM registry_secrets WHERE model=$1 AND version=$2 ORDER BY name", model, version
+            )
+        return [r["name"] for r in names]
+
+    async def _write_secrets(
+        self, con: asyncpg.Connection, model: str, version: str, secrets: dict[str, str | None]
+    ) -> None:
+        for name, value in secrets.items():
+            if not name or subjects.token(name) != name:
+                raise invalid(f"secret name {name!r} must be one word", "secrets")
+            if value is None:
+                await con.execute(
+                    "DELETE FROM registry_secrets WHERE model=$1 AND version=$2 AND name=$3", model, version, name
+                )
+                continue
+            try:
+                sealed = self._vault().seal(value, model, version, name)
+            except VaultError as exc:
+                raise InferBusError("internal_error", str(exc)) from None
+            await con.execute(
+                "INSERT INTO registry_secrets (model, version, name, nonce, ciphertext, key_id)"
+                " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (model, version, name) DO UPDATE SET"
+                " nonce = excluded.nonce, ciphertext = excluded.ciphertext, key_id = excluded.key_id,"
+                " updated_at = now()",
+                model, version, name, sealed.nonce, sealed.ciphertext, sealed.key_id,
+            )
 
     async def history(self, model: str, limit: int) -> list[AuditEntry]:
         await self.model_row(model)
@@ -134,8 +240,10 @@ class Store:
         engine: str | None,
         params: dict[str, Any],
         actor: str,
+        secrets: dict[str, str] | None = None,
     ) -> RoutingTable:
         check_name(model, "model")
+        secrets = secrets or {}
         if kind not in ENGINES:
             raise invalid(f"kind must be one of {', '.join(sorted(ENGINES))}", "kind")
         if version is not None:
@@ -150,6 +258,9 @@ class Store:
                     f"{', '.join(sorted(ENGINES[kind]))}",
                     "engine",
                 )
+            check_remote(engine, params, secrets)
+        elif secrets:
+            raise invalid("secrets belong to a version: name one", "secrets")
         async with self.pool.acquire() as con, con.transaction():
             row = await con.fetchrow("SELECT kind FROM registry_models WHERE name=$1 FOR UPDATE", model)
             if row is None:
@@ -184,6 +295,7 @@ class Store:
                     engine,
                     json.dumps(params),
                 )
+                await self._write_secrets(con, model, version, dict(secrets))
                 await _audit(
                     con,
                     model,
@@ -191,7 +303,7 @@ class Store:
                     "register_version",
                     "",
                     None,
-                    {"version": version, "engine": engine, "params": params},
+                    {"version": version, "engine": engine, "params": params, "secrets": sorted(secrets)},
                 )
                 await con.execute(
                     "UPDATE registry_policies SET revision = revision + 1, updated_at = now() WHERE model=$1", model
@@ -411,6 +523,43 @@ def shadow(model: str, version: str | None, rate: float) -> PolicyChange:
     return change
 
 
+def routing(model: str, fields: dict[str, Any]) -> PolicyChange:
+    """Replace the given routing fields; pool versions must be registered, fallbacks other models."""
+    pool = fields.get("pool")
+    if pool is not None:
+        for version, weight in pool.items():
+            check_name(version, "pool")
+            check_weight(weight, "pool")
+    for name in fields.get("fallbacks") or []:
+        check_name(name, "fallbacks")
+        if name == model:
+            raise invalid("a model cannot fall back to itself", "fallbacks")
+    for code in fields.get("fallback_on") or []:
+        if code not in CATALOGUE:
+            raise invalid(f"unknown error code {code!r} in fallback_on; e.g. {', '.join(FALLBACK_ON[:4])}",
+                          "fallback_on")
+    attempts = fields.get("max_attempts")
+    if attempts is not None and not 1 <= attempts <= 10:
+        raise invalid("max_attempts must be between 1 and 10", "max_attempts")
+    budget = fields.get("budget_s")
+    if budget is not None and not (math.isfinite(budget) and 0 < budget <= 3600):
+        raise invalid("budget_s must be between 0 and 3600 seconds", "budget_s")
+    breaker: Breaker | None = fields.get("breaker")
+    if breaker is not None and not (
+        1 <= breaker.failures <= 1000 and 0 < breaker.window_s <= 3600 and 0 < breaker.cooldown_s
+        <= breaker.max_cooldown_s <= 86400
+    ):
+        raise invalid("breaker: failures 1-1000, window_s up to 3600, 0 < cooldown_s <= max_cooldown_s", "breaker")
+
+    def change(p: TrafficPolicy, versions: set[str]) -> TrafficPolicy:
+        for version in pool or {}:
+            _known(version, versions, model)
+        updated = msgspec.structs.replace(p.routing, **{k: v for k, v in fields.items() if v is not None})
+        return msgspec.structs.replace(p, routing=updated)
+
+    return change
+
+
 # ---- helpers -----------------------------------------------------------------------------------
 
 
@@ -425,7 +574,8 @@ def _table(row: asyncpg.Record) -> RoutingTable:
 
 
 def _roles(p: TrafficPolicy) -> dict[str, str]:
-    roles = {v: "ab" for v in p.ab}
+    roles = {v: "pool" for v in p.routing.pool}
+    roles.update({v: "ab" for v in p.ab})
     if p.shadow:
         roles[p.shadow] = "shadow"
     if p.canary:

@@ -29,8 +29,9 @@ from contracts.registry import Outcome, RoutingTable
 from contracts.speech import AudioChunk, Segment, SpeechDone, Transcript, asr_chunk_decoder, tts_chunk_decoder
 from services.runtime import bus, service, settings, shadow
 from services.runtime import logging as log
+from services.runtime.breakers import Breakers
 from services.runtime.outcomes import OutcomeBatcher
-from services.runtime.routing import Presence, Route, Router, Tables
+from services.runtime.routing import Presence, Route, Router, Tables, ranked
 from services.runtime.streaming import StreamClient, unbundle
 
 FORWARDED = Counter("inferbus_router_forwarded_total", "Requests forwarded by the alias router", ["model", "version"])
@@ -72,6 +73,7 @@ class AliasRouter:
         self.presence = Presence()
         self.tables = Tables()
         self.router = Router(self.presence, self.tables)
+        self.breakers = Breakers(f"router-{self.service.instance_id}")
         self.forwarded = 0
         self.outcomes = 0
         self._client: StreamClient | None = None
@@ -84,6 +86,7 @@ class AliasRouter:
         nc = self.service.bus
         await nc.subscribe(subjects.HEARTBEAT_ALL, cb=self._on_heartbeat)
         await self.tables.watch(nc.jetstream())
+        await self.breakers.watch(nc.jetstream())
         self._client = StreamClient(nc)
         await self._client.start()
         self.outcome_batcher = OutcomeBatcher(nc)
@@ -98,6 +101,7 @@ class AliasRouter:
 
     async def close(self) -> None:
         await self.tables.close()
+        await self.breakers.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -126,6 +130,8 @@ class AliasRouter:
                 sticky = request_decoder.decode(msg.data).user
             route = self.router.route(kind, model, sticky=sticky)
             assert route is not None
+            if not await self._admits(kind, model, route.version):
+                route = await self._around_open_breaker(kind, model, table, route)
         except (InferBusError, msgspec.DecodeError) as exc:
             code, text = (exc.code, exc.message) if isinstance(exc, InferBusError) else ("invalid_request", str(exc))
             REFUSED.labels(code).inc()
@@ -141,6 +147,35 @@ class AliasRouter:
         FORWARDED.labels(model, route.version).inc()
         if watch is not None:
             self._spawn(self._follow(msg, watch, kind, model, route))
+
+    async def _admits(self, kind: str, model: str, version: str) -> bool:
+        verdict = self.breakers.verdict(kind, model, version)
+        return verdict == "closed" or (verdict == "probe" and await self.breakers.claim_probe(kind, model, version))
+
+    async def _around_open_breaker(self, kind: str, model: str, table: RoutingTable, first: Route) -> Route:
+        """The chosen version's breaker is open: the pool's next version or a fallback model whose is not.
+
+        The router forwards with the caller's own reply subject, so it cannot retry a failed stream; what it
+        can do is never send to a version its breaker says is down."""
+        assert self.outcome_batcher is not None  # the skipped version's failure, for canary analysis
+        self.outcome_batcher.add(kind, Outcome(model, first.version, False, "circuit_open", 0.0, None))
+        policy = table.policy
+        versions = ranked(table, self.router.signals)
+        if first.version == policy.canary and policy.stable is not None:
+            versions.insert(0, policy.stable)  # a failing canary's requests go to its stable version
+        for version in versions:
+            if version != first.version and await self._admits(kind, model, version):
+                return self.router.to_worker(kind, model, version)
+        for fallback in table.policy.routing.fallbacks:
+            fallback_table = self.tables.get(kind, fallback)
+            if fallback_table is None:
+                continue
+            route = self.router.route(kind, fallback)
+            if route is not None and await self._admits(kind, fallback, route.version):
+                return route._replace(shadow=None)
+        wait = self.breakers.retry_after(kind, model, first.version)
+        raise InferBusError("circuit_open", f"'{model}' version '{first.version}' is failing; its circuit is open"
+                            f" (retry in {wait:.0f} s) and no fallback is available")
 
     def _watched(self, table: RoutingTable) -> bool:
         policy = table.policy
@@ -168,17 +203,31 @@ class AliasRouter:
                     self.presence.forget(route.worker_id)  # gone: out of routing now, not in 3 s
                 text = f"no worker is serving {model!r} right now"
                 await nc.publish(msg.reply, chunk_encoder.encode(ErrorChunk(0, "no_worker", text)))
+            served_model = self._model_of(kind, model, route)
+            if code is None:
+                self.breakers.success(kind, served_model, route.version)
+            elif code != "cancelled":
+                table = self.tables.get(kind, served_model)
+                if table is not None:
+                    self.breakers.failure(kind, served_model, route.version, code, table.policy.routing.breaker)
             if code != "cancelled" and not nc.is_closed:  # a caller that left says nothing about the version
                 OUTCOMES.labels(model, code or "ok").inc()
                 self.outcomes += 1
                 assert self.outcome_batcher is not None
                 self.outcome_batcher.add(
-                    kind, Outcome(model, route.version, code is None, code or "ok", watch.latency_ms, watch.ttft_ms))
+                    kind, Outcome(served_model, route.version, code is None, code or "ok", watch.latency_ms,
+                                  watch.ttft_ms))
             if copy is not None:
                 await self._compare(copy, watch, route)
         finally:
             if copy is not None and not copy[1].done():
                 copy[1].cancel()
+
+    @staticmethod
+    def _model_of(kind: str, model: str, route: Route) -> str:
+        """The model a route serves (a fallback's, when the subject names another)."""
+        parts = route.subject.split(".")
+        return parts[2] if len(parts) > 2 and parts[2] != subjects.token(model) else model
 
     def _deadline(self, msg: bus.Msg) -> float:
         """The stream's deadline on the monotonic clock: the caller's header, capped at max_watch_s."""

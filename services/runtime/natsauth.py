@@ -53,7 +53,10 @@ _JS = ("$JS.API.>", "$JS.ACK.>", "$JS.FC.>")
 # Nobody but the registry writes the routing table, nobody but metering consumes USAGE, and no
 # service deletes, purges or rewrites a stream (the operator may).
 _ROUTING_WRITES = ("$KV.INFERBUS_ROUTING.>",)
-_USAGE_CONSUMERS = ("$JS.API.CONSUMER.*.USAGE", "$JS.API.CONSUMER.*.USAGE.>", "$JS.API.CONSUMER.MSG.NEXT.USAGE.>")
+_USAGE_CONSUMERS = ("$JS.API.CONSUMER.*.USAGE", "$JS.API.CONSUMER.*.USAGE.>", "$JS.API.CONSUMER.MSG.NEXT.USAGE.>",
+                    # the request log may hold bodies: only metering reads it
+                    "$JS.API.CONSUMER.*.REQUESTS", "$JS.API.CONSUMER.*.REQUESTS.>",
+                    "$JS.API.CONSUMER.MSG.NEXT.REQUESTS.>")
 _DESTRUCTIVE = (
     "$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>", "$JS.API.STREAM.UPDATE.>", "$JS.API.STREAM.MSG.DELETE.>",
 )
@@ -63,14 +66,17 @@ ROLES: dict[str, Permissions] = {
     "gateway": Permissions(
         pub_allow=(*_REPLIES, *_JS, "infer.>", "registry.outcome.>", "registry.shadow.record",
                    "admin.keys.revoked", "admin.keys.changed", "metering.admin.prices.list",
-                   "metering.admin.usage.query", "$O.INFERBUS_MEDIA.>", "$SRV.>"),
+                   "metering.admin.usage.query", "metering.admin.requests.query", "$O.INFERBUS_MEDIA.>", "$SRV.>",
+                   "requestlog.>",
+                   "$KV.INFERBUS_BREAKERS.>"),
         sub_allow=(*_SERVICE_SUB, "edge.>", "admin.keys.>", "admin.tenants.>", "registry.heartbeat.>",
                    "metering.prices.changed"),
         pub_deny=(*_ROUTING_WRITES, *_USAGE_CONSUMERS, *_DESTRUCTIVE),
     ),
     # Alias router for the platform's own publishers: forwards to workers, copies to shadows.
     "router": Permissions(
-        pub_allow=(*_REPLIES, *_JS, "infer.>", "registry.outcome.>", "registry.shadow.record"),
+        pub_allow=(*_REPLIES, *_JS, "infer.>", "registry.outcome.>", "registry.shadow.record",
+                   "$KV.INFERBUS_BREAKERS.>"),
         sub_allow=(*_SERVICE_SUB, "_R_.>", "infer.*.*", "registry.heartbeat.>"),
         pub_deny=(*_ROUTING_WRITES, *_USAGE_CONSUMERS, *_DESTRUCTIVE),
         sub_deny=("infer.cancel.*",),
@@ -82,10 +88,17 @@ ROLES: dict[str, Permissions] = {
         sub_allow=(*_SERVICE_SUB, "infer.*.*.*", "infer.*.*.*.*", "infer.cancel.*"),
         pub_deny=(*_ROUTING_WRITES, *_USAGE_CONSUMERS, *_DESTRUCTIVE),
     ),
+    # A worker that serves remote provider versions: a worker that may also ask the registry for those
+    # versions' decrypted secrets (no other role may) and hear when they change.
+    "provider": Permissions(
+        pub_allow=(*_REPLIES, *_JS, "registry.heartbeat.>", "usage.>", "registry.provider.versions"),
+        sub_allow=(*_SERVICE_SUB, "infer.*.*.*", "infer.*.*.*.*", "infer.cancel.*", "registry.provider.changed"),
+        pub_deny=(*_ROUTING_WRITES, *_USAGE_CONSUMERS, *_DESTRUCTIVE),
+    ),
     "registry": Permissions(
         pub_allow=(*_REPLIES, *_JS, "$KV.INFERBUS_ROUTING.>", "$KV.INFERBUS_LEASES.>", "registry.>"),
         sub_allow=(*_SERVICE_SUB, "registry.admin.>", "registry.outcome.>", "registry.shadow.record",
-                   "registry.heartbeat.>"),
+                   "registry.heartbeat.>", "registry.provider.versions"),
         pub_deny=(*_USAGE_CONSUMERS, "$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>"),
     ),
     "metering": Permissions(
@@ -109,6 +122,7 @@ MODULE_ROLES = {
     "services.router": "router",
     "services.registry": "registry",
     "services.metering": "metering",
+    "services.llm.providers": "provider",
     "services.llm": "worker",
     "services.speech.asr": "worker",
     "services.speech.tts": "worker",

@@ -42,7 +42,84 @@ def fraction(key: str) -> float:
     return int.from_bytes(digest, "big") / 2**64 * 100
 
 
-def pick_version(table: RoutingTable, sticky: str | None = None, rnd: Callable[[], float] = random.random) -> str:
+class Latency:
+    """Moving averages of time to first token and inter-token latency per version, as this process saw them."""
+
+    ALPHA = 0.2  # weight of the newest observation
+    TOKENS = 16  # score = TTFT + TOKENS x inter-token latency: a short answer's time to its end
+
+    def __init__(self) -> None:
+        self.by_version: dict[tuple[str, str, str], tuple[float, float, int]] = {}  # (ttft, itl, samples)
+
+    def observe(self, kind: str, model: str, version: str, ttft_ms: float, itl_ms: float) -> None:
+        key = (kind, model, version)
+        old = self.by_version.get(key)
+        if old is None:
+            self.by_version[key] = (ttft_ms, itl_ms, 1)
+        else:
+            a = self.ALPHA
+            self.by_version[key] = (old[0] + a * (ttft_ms - old[0]), old[1] + a * (itl_ms - old[1]), old[2] + 1)
+
+    def score(self, kind: str, model: str, version: str) -> float | None:
+        seen = self.by_version.get((kind, model, version))
+        return None if seen is None else seen[0] + self.TOKENS * seen[1]
+
+
+class Signals:
+    """What the latency, cost and least-busy strategies rank pool versions by."""
+
+    EXPLORE = 0.05  # share of requests that try a random pool version (keeps every average fresh)
+
+    def __init__(self, presence: Presence, latency: Latency | None = None) -> None:
+        self.presence = presence
+        self.latency = latency or Latency()
+        # (model, version) -> USD per token (input + output); set from the price list by the gateway.
+        self.price: Callable[[str, str], float | None] = lambda model, version: None
+
+    def busy(self, kind: str, model: str, version: str) -> float:
+        loads = [w for w in self.presence.live(kind, model, version) if w.ready]
+        return min((self.presence.load_score(w) for w in loads), default=float("inf"))
+
+
+def ranked(
+    table: RoutingTable, signals: Signals | None, rnd: Callable[[], float] = random.random
+) -> list[str]:
+    """The pool's versions, best first, under the model's strategy."""
+    routing = table.policy.routing
+    pool = routing.pool
+    versions = list(pool)
+    if len(versions) <= 1 or signals is None:
+        return versions
+    kind, model = table.kind, table.model
+    strategy = routing.strategy
+    if strategy == "weighted":
+        total = sum(pool.values())
+        point, first = rnd() * total, versions[-1]
+        for version, weight in pool.items():
+            point -= weight
+            if point < 0:
+                first = version
+                break
+        return [first, *sorted((v for v in versions if v != first), key=lambda v: -pool[v])]
+    if strategy == "least_busy":
+        return sorted(versions, key=lambda v: signals.busy(kind, model, v))
+    if strategy == "latency":
+        if rnd() < Signals.EXPLORE:
+            random.shuffle(versions)
+            return versions
+        scores = {v: signals.latency.score(kind, model, v) for v in versions}
+        return sorted(versions, key=lambda v: (scores[v] is not None, scores[v] or 0.0))  # unmeasured first
+    prices = {v: signals.price(model, v) for v in versions}  # cost: unknown prices last, then by latency
+    return sorted(versions, key=lambda v: (prices[v] is None, prices[v] or 0.0,
+                                           signals.latency.score(kind, model, v) or 0.0))
+
+
+def pick_version(
+    table: RoutingTable,
+    sticky: str | None = None,
+    rnd: Callable[[], float] = random.random,
+    signals: Signals | None = None,
+) -> str:
     """The version that serves one request under the table's policy."""
     policy = table.policy
     if policy.ab:
@@ -55,6 +132,8 @@ def pick_version(table: RoutingTable, sticky: str | None = None, rnd: Callable[[
         return next(reversed(policy.ab))
     if policy.canary and policy.canary_weight > 0 and rnd() * 100 < policy.canary_weight:
         return policy.canary
+    if policy.routing.pool:
+        return ranked(table, signals, rnd)[0]
     if policy.stable is None:
         if policy.canary and policy.canary_weight > 0:
             return policy.canary
@@ -154,6 +233,7 @@ class Router:
     def __init__(self, presence: Presence, tables: Tables, *, per_worker: bool = True) -> None:
         self.presence = presence
         self.tables = tables
+        self.signals = Signals(presence)
         # False: always the version's queue group (NATS picks at random), no load-aware choice.
         self.per_worker = per_worker
 
@@ -174,7 +254,7 @@ class Router:
         shadow = None
         if version is None:
             assert table is not None
-            version = pick_version(table, sticky)
+            version = pick_version(table, sticky, signals=self.signals)
             shadow = shadow_sampled(table.policy)
         return self.to_worker(kind, model, version, affinity, exclude, shadow)
 

@@ -95,6 +95,7 @@ class Worker(Generic[RequestT, TallyT]):
         self.served = 0
         self.cancelled = 0
         self.ready = False
+        self.upstream: str | None = None  # a remote engine's last health check, reported with the load
         self._window: list[tuple[float, float]] = []  # (finished at, amount) for the throughput report
         self._tasks: set[asyncio.Task[None]] = set()
         self._subs: list[Any] = []
@@ -221,6 +222,7 @@ class Worker(Generic[RequestT, TallyT]):
             capacity=self.engine.capacity,
             tokens_per_s=self._per_s(),  # the kind's throughput: tokens, audio seconds or characters
             ready=self.ready and not self._usage_full(),
+            upstream=self.upstream,
         )
         subject = subjects.heartbeat(self.kind, s.model, s.version, s.worker_id)
         await self.nc.publish(subject, load_encoder.encode(load))
@@ -279,7 +281,7 @@ class Worker(Generic[RequestT, TallyT]):
                 await self._send_error(out, "deadline_exceeded", "the request deadline passed")
             except InferBusError as exc:
                 outcome = exc.code
-                await self._send_error(out, exc.code, exc.message)
+                await self._send_error(out, exc.code, exc.message, exc.retry_after)
             except Exception as exc:
                 outcome = "engine_error"
                 self.logger.exception(f"{self.noun}_failed")
@@ -317,9 +319,9 @@ class Worker(Generic[RequestT, TallyT]):
             **self._usage_fields(request, tally),
         )
 
-    async def _send_error(self, out: ReplyStream, code: str, message: str) -> None:
+    async def _send_error(self, out: ReplyStream, code: str, message: str, retry_after: float | None = None) -> None:
         if not out.closed and not self.nc.is_closed:
-            await out.send(ErrorChunk, code, message)
+            await out.send(ErrorChunk, code, message, retry_after)
 
     @contextlib.asynccontextmanager
     async def _admitted(self, out: ReplyStream) -> AsyncIterator[None]:

@@ -6,7 +6,7 @@ from typing import Any
 
 from services.llm.engines.base import Engine, Piece, Prepared, Progress
 
-ENGINES = ("llamacpp", "transformers", "vllm", "benchmark")
+ENGINES = ("llamacpp", "transformers", "vllm", "benchmark", "openai", "anthropic", "gemini")
 
 
 def create(name: str, options: dict[str, Any]) -> Engine:
@@ -26,6 +26,18 @@ def create(name: str, options: dict[str, Any]) -> Engine:
         from services.llm.engines.benchmark import BenchmarkEngine
 
         return BenchmarkEngine(**options)
+    if name == "openai":
+        from services.llm.engines.openai import OpenAIEngine
+
+        return OpenAIEngine(**options)
+    if name == "anthropic":
+        from services.llm.engines.anthropic import AnthropicEngine
+
+        return AnthropicEngine(**options)
+    if name == "gemini":
+        from services.llm.engines.gemini import GeminiEngine
+
+        return GeminiEngine(**options)
     raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
 
 

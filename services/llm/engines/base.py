@@ -22,6 +22,10 @@ class Piece(NamedTuple):
     text: str
     tokens: int
     finish_reason: str | None = None
+    # A remote provider's own counts, on its last piece: they replace the prompt's prepared count and
+    # the completion tokens counted so far (a provider's usage is what it bills).
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
 
 class Engine(Protocol):

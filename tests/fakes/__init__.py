@@ -1,0 +1,1 @@
+"""Fake upstreams for tests: in-process or as a subprocess."""
