@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 
+import msgspec
 import pytest
 
 from contracts.control import WorkerLoad
 from contracts.errors import InferBusError
-from contracts.registry import Analysis, Outcome, Rollout, RoutingTable, TrafficPolicy
+from contracts.registry import Analysis, Breaker, Outcome, Rollout, Routing, RoutingTable, TrafficPolicy
 from services.registry import controller, store
-from services.runtime.routing import Presence, pick_version, shadow_sampled
+from services.runtime.breakers import Breakers, breaker_key
+from services.runtime.routing import Presence, Signals, pick_version, ranked, shadow_sampled
 
 
 def table(**policy: object) -> RoutingTable:
@@ -173,3 +176,73 @@ def test_rollback_marks_the_version_rolled_back() -> None:
     before = TrafficPolicy(stable="v1", canary="v2", canary_weight=10)
     after = store.rollback("m")(before, {"v1", "v2"})
     assert store._statuses(before, after, "auto_rollback") == {"v2": "rolled_back"}
+
+
+# ---- strategies over a pool, breakers ----------------------------------------------------------------
+
+
+def pooled(strategy: str, pool: dict[str, float]) -> RoutingTable:
+    return table(stable="v1", routing=Routing(strategy=strategy, pool=pool))  # type: ignore[arg-type]
+
+
+def test_weighted_pool_follows_its_weights() -> None:
+    rng = random.Random(3)
+    picks = [pick_version(pooled("weighted", {"v1": 80, "v2": 20}), rnd=rng.random, signals=Signals(Presence()))
+             for _ in range(20000)]
+    assert 0.18 < picks.count("v2") / len(picks) < 0.22
+
+
+def test_latency_strategy_measures_unmeasured_versions_first_then_takes_the_fastest() -> None:
+    signals = Signals(Presence())
+    t = pooled("latency", {"v1": 1, "v2": 1, "v3": 1})
+    no_explore = lambda: 0.5  # noqa: E731 (above the 5 % exploration share)
+    signals.latency.observe("llm", "m", "v1", ttft_ms=50, itl_ms=5)
+    assert ranked(t, signals, no_explore)[:2] in (["v2", "v3"], ["v3", "v2"])  # never measured: tried first
+    signals.latency.observe("llm", "m", "v2", ttft_ms=10, itl_ms=1)
+    signals.latency.observe("llm", "m", "v3", ttft_ms=30, itl_ms=1)
+    assert ranked(t, signals, no_explore) == ["v2", "v3", "v1"]
+    for _ in range(30):  # v2 gets slow: the moving average follows
+        signals.latency.observe("llm", "m", "v2", ttft_ms=200, itl_ms=10)
+    assert ranked(t, signals, no_explore)[0] == "v3"
+
+
+def test_cost_strategy_takes_the_cheapest_priced_version() -> None:
+    signals = Signals(Presence())
+    prices = {"v1": 5e-6, "v2": 1e-6}
+    signals.price = lambda model, version: prices.get(version)
+    assert ranked(pooled("cost", {"v1": 1, "v2": 1, "v3": 1}), signals) == ["v2", "v1", "v3"]  # unpriced last
+
+
+def test_least_busy_strategy_takes_the_idlest_version() -> None:
+    presence = Presence()
+    for version, busy in (("v1", 3), ("v2", 0), ("v3", 2)):
+        presence.heard(WorkerLoad(worker_id=f"w-{version}", kind="llm", model="m", version=version,
+                                  engine="openai", in_flight=busy, queued=0, capacity=4, tokens_per_s=0, ready=True))
+    assert ranked(pooled("least_busy", {"v1": 1, "v2": 1, "v3": 1}), Signals(presence)) == ["v2", "v3", "v1"]
+
+
+def expire(breakers: Breakers) -> None:
+    """The open breaker's cooldown as if it had run out (its `until` in the past)."""
+    key = breaker_key("llm", "m", "v1")
+    state, revision = breakers.states[key]
+    breakers.states[key] = (msgspec.structs.replace(state, until=time.time() - 1), revision)
+
+
+async def test_breaker_opens_after_failures_then_one_probe_closes_it() -> None:
+    breakers = Breakers("test")  # without KV: this process's own copy
+    cfg = Breaker(failures=3, window_s=10, cooldown_s=0.05)
+    for code in ("upstream_error", "rate_limited", "upstream_timeout"):  # a 429 is not the endpoint's fault
+        breakers.failure("llm", "m", "v1", code, cfg)
+    assert breakers.verdict("llm", "m", "v1") == "closed"
+    breakers.failure("llm", "m", "v1", "upstream_error", cfg)
+    assert breakers.verdict("llm", "m", "v1") == "open" and breakers.retry_after("llm", "m", "v1") > 0
+    expire(breakers)  # the cooldown runs out
+    assert breakers.verdict("llm", "m", "v1") == "probe"
+    assert await breakers.claim_probe("llm", "m", "v1")
+    assert breakers.verdict("llm", "m", "v1") == "open"  # others wait for the probe
+    breakers.failure("llm", "m", "v1", "upstream_error", cfg)  # the probe failed: open, twice as long
+    assert breakers.states[breaker_key("llm", "m", "v1")][0].cooldown_s == pytest.approx(0.1)
+    expire(breakers)
+    assert await breakers.claim_probe("llm", "m", "v1")
+    breakers.success("llm", "m", "v1")
+    assert breakers.verdict("llm", "m", "v1") == "closed"
