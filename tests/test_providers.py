@@ -12,9 +12,8 @@ import asyncio
 import contextlib
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -31,22 +30,10 @@ from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env, 
 from services.runtime.streaming import StreamClient
 from tests.conftest import ADMIN_KEY, Gateway, Workers, running_gateway, start_worker
 from tests.fakes.providers import FakeProvider
-from tests.test_metering import start_metering, wait_metering
+from tests.test_metering import start_metering, until, wait_metering
 from tests.test_registry import admin
 
-T = TypeVar("T")
 SECRET = "sk-test-" + "s3cr3t" * 6  # must never appear in a log, /metrics or a registry answer
-
-
-async def until(probe: Callable[[], Awaitable[T | None]], what: str, limit_s: float = 20) -> T:
-    deadline = time.monotonic() + limit_s
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {limit_s}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

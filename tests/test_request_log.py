@@ -14,8 +14,8 @@ import json
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -37,8 +37,8 @@ from services.runtime import bus
 from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env
 from services.runtime.requestlog import RequestLogPublisher, ensure_stream
 from tests.conftest import Gateway
+from tests.test_metering import until
 
-T = TypeVar("T")
 DURABLE = "requestlog"
 DAY = 86_400.0
 
@@ -55,17 +55,6 @@ async def ask(nc: bus.Connection, subject: str, **body: Any) -> Any:
     if reply.error is not None:
         raise Failed(reply.error.code, reply.error.message, reply.error.param)
     return reply.result
-
-
-async def until(probe: Callable[[], Awaitable[T | None]], what: str, limit_s: float = 20) -> T:
-    deadline = time.monotonic() + limit_s
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {limit_s}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def tenant() -> str:
