@@ -6,13 +6,13 @@ VLLM_VENV ?= .venv-vllm
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: install browser up test test-core test-vllm lint bench bench-deps bench-providers
+.PHONY: install browser infra-tools speech-tools up test test-core test-vllm lint bench bench-deps bench-providers
 
 $(VENV)/.installed: pyproject.toml
 	@echo "[make] installing InferBus into $(VENV) (first run builds llama-cpp-python, a few minutes)"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install --progress-bar off -e '.[llm,transformers,speech,test,dev]'
+	$(PY) -m pip install --progress-bar off -e '.[llm,transformers,speech,embed,vision,test,dev]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,12 +24,31 @@ browser:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; }
 
+# What tests/test_infra.py validates infra/ with (Debian packages; needs root or sudo): docker-compose (`config`),
+# promtool and amtool (rules, rule unit tests, Alertmanager config; Prometheus scrapes a running platform),
+# systemd-analyze (`verify` on the units).
+infra-tools:
+	@command -v docker-compose >/dev/null && command -v promtool >/dev/null && command -v amtool >/dev/null \
+	  && command -v systemd-analyze >/dev/null || { \
+	  echo "[make] installing docker-compose, prometheus, prometheus-alertmanager, systemd (Debian packages)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+	    docker-compose prometheus prometheus-alertmanager systemd; }
+
+# espeak-ng (Debian package; root or sudo): a second family of voices for the speech tests' recordings
+# (diarization needs voices that differ; the ASR set reads its sentences in several).
+speech-tools:
+	@command -v espeak-ng >/dev/null || { \
+	  echo "[make] installing espeak-ng (Debian package)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq espeak-ng; }
+
 up: install
 	$(VENV)/bin/inferbus up
 
 test: test-core test-vllm
 
-test-core: install browser
+test-core: install browser infra-tools speech-tools
 	$(PY) -m pytest -m "not vllm" --ignore=tests/engines/test_vllm.py --ignore=tests/engines/test_vllm_server.py -p no:cacheprovider
 
 test-vllm:

@@ -10,7 +10,13 @@ and whisper base (CTranslate2 int8, cpu_threads=2, greedy decoding as the worker
      beam size 5, as a reference);
   2. through the platform: POST /v1/audio/transcriptions (a WAV upload, which goes through the JetStream
      object store when larger than INLINE_MAX) to a gateway process, an ASR worker process over NATS;
-     engine-only and gateway runs alternate, so drift on a shared machine hits both.
+     engine-only and gateway runs alternate, so drift on a shared machine hits both;
+  3. word error rate and real-time factor on a test set of our own (services/speech/voiceset.py: 16
+     sentences, --quick 6, by hibari at three speeds and four espeak-ng voices, clean and with noise at
+     20 and 10 dB SNR), per model, beam size (1, 5) and encoder window (short: the clip's own length
+     plus 2 s; full: Whisper's 30 s), the language named; and whisper-base with the language detected;
+  4. speaker diarization (services/speech/asr/diarize.py) on voiceset's three-voice conversation:
+     diarization error rate against its known turns, and real-time factor.
 
 RTF = wall time / audio duration (median of the runs); the target is RTF <= 0.1. Word error rate against
 the text read is reported alongside. Starts its own embedded nats-server, PostgreSQL and Redis on free
@@ -40,12 +46,14 @@ import numpy as np  # noqa: E402
 import numpy.typing as npt  # noqa: E402
 
 from bench import harness  # noqa: E402
-from bench.bench_spine import CpuMeter, Results, machine, rss_mib, say  # noqa: E402
+from bench.bench_spine import CpuMeter, Results, machine, rss_mib  # noqa: E402
+from bench.harness import say  # noqa: E402
 from bench.results import write_section  # noqa: E402
 from contracts.speech import INLINE_MAX  # noqa: E402
 from services.runtime import bus  # noqa: E402
 from services.runtime.embedded import free_port  # noqa: E402
 from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env, wait_http  # noqa: E402
+from services.speech import voiceset  # noqa: E402
 from services.speech.asr import audio as audio_io  # noqa: E402
 from services.speech.asr.engines import Engine, Options, Span, create  # noqa: E402
 from services.speech.wer import wer, words  # noqa: E402
@@ -56,8 +64,8 @@ TARGET_RTF = 0.1
 THREADS = 2
 MODELS = {"whisper-tiny-en": "tiny.en", "whisper-base": "base"}
 VERSION = "int8"
-FULL = {"seconds": 30.0, "runs": 3}
-QUICK = {"seconds": 12.0, "runs": 1}
+FULL: dict[str, Any] = {"seconds": 30.0, "runs": 3, "set": None}
+QUICK: dict[str, Any] = {"seconds": 12.0, "runs": 1, "set": 6}
 PARAGRAPH = [
     "The quick brown fox jumps over the lazy dog.",
     "The weather today is cold and windy near the coast.",
@@ -102,18 +110,61 @@ def synthesize(seconds: float) -> tuple[bytes, str, float]:
 # ---- engine in this process, and the platform ---------------------------------------------
 
 
-async def load_engine(weights: str, beam_size: int, cache: Path) -> tuple[Engine, float]:
-    options = {"weights": weights, "cpu_threads": THREADS, "beam_size": beam_size, "cache_dir": str(cache)}
+async def load_engine(weights: str, beam_size: int, cache: Path, **more: Any) -> tuple[Engine, float]:
+    options = {"weights": weights, "cpu_threads": THREADS, "beam_size": beam_size, "cache_dir": str(cache), **more}
     engine = create("faster-whisper", options)
     t0 = time.perf_counter()
     await engine.load(lambda step, fraction: None)
     return engine, time.perf_counter() - t0
 
 
-async def engine_run(engine: Engine, audio: audio_io.Audio) -> tuple[float, str]:
+async def engine_run(engine: Engine, audio: audio_io.Audio, language: str | None = None) -> tuple[float, str]:
     t0 = time.perf_counter()
-    spans = [item async for item in engine.transcribe(audio, Options()) if isinstance(item, Span)]
+    spans = [item async for item in engine.transcribe(audio, Options(language=language)) if isinstance(item, Span)]
     return time.perf_counter() - t0, "".join(s.text for s in spans)
+
+
+async def test_set(cache: Path, res: Results, clips: list[voiceset.Clip]) -> None:
+    """WER and RTF on the set for each model, beam and window; the best WER within the RTF target wins."""
+    seconds = sum(c.audio.size for c in clips) / voiceset.RATE
+    total_words = sum(len(words(c.text)) for c in clips)
+    voices = sorted({f"{c.voice.engine}:{c.voice.name}@{c.voice.rate:g}" for c in clips})
+    res.note(f"test set: {len(clips)} clips, {seconds:.1f} s, {total_words} words; voices {', '.join(voices)}")
+    scores: dict[str, tuple[float, float]] = {}
+    runs: list[tuple[str, str, int, str, str | None]] = [
+        (model, weights, beam, window, "en")
+        for model, weights in MODELS.items()
+        for window in ("short", "full")
+        for beam in (1, 5)
+    ]
+    runs.append(("whisper-base", "base", 1, "short", None))
+    for model, weights, beam, window, language in runs:
+        engine, _ = await load_engine(weights, beam, cache, short_window_s=20.0 if window == "short" else 0.0)
+        errors = 0.0
+        wall = 0.0
+        by_condition: dict[str, list[float]] = {}
+        meter = CpuMeter({"bench": os.getpid()})
+        try:
+            with meter:
+                for clip in clips:
+                    took, text = await engine_run(engine, clip.audio, language)
+                    wall += took
+                    n = len(words(clip.text))
+                    errors += wer(clip.text, text) * n
+                    by_condition.setdefault(clip.condition, []).append(wer(clip.text, text))
+        finally:
+            await engine.close()
+        label = f"{model}, beam {beam}, {window} window" + ("" if language else ", language detected")
+        rate, rtf = errors / total_words, wall / seconds
+        if language:
+            scores[label] = (rate, rtf)
+        res.add("3", f"set: {label}: WER / RTF", f"{rate:.3f} / {rtf:.3f}", f"RTF <= {TARGET_RTF}", rtf <= TARGET_RTF)
+        res.note(f"set, {label}: WER by condition " + ", ".join(
+            f"{k} {statistics.mean(v):.3f}" for k, v in sorted(by_condition.items())) + f"; {meter.summary()}")
+        say(f"set: {label}: WER {rate:.3f}, RTF {rtf:.3f}")
+    within = {k: v for k, v in scores.items() if v[1] <= TARGET_RTF} or scores
+    best = min(within, key=lambda k: (round(within[k][0], 3), within[k][1]))
+    res.add("3", "set: best WER within the RTF target", best)
 
 
 def start_gateway(infra: EmbeddedStack, procs: list[ServiceProcess]) -> tuple[ServiceProcess, str]:
@@ -186,9 +237,9 @@ async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServicePr
                 await wait_asr(nc, http, url, model, proc)
             for model, weights in MODELS.items():
                 proc = workers[model]
-                say(f"{model}: engine only ({weights}, int8, {THREADS} threads, greedy) and through the gateway, "
+                say(f"{model}: engine only ({weights}, int8, {THREADS} threads, beam 5) and through the gateway, "
                     f"interleaved, {cfg['runs']} run(s) each")
-                engine, load_s = await load_engine(weights, 1, cache)
+                engine, load_s = await load_engine(weights, 5, cache)
                 await gateway_run(http, url, model, wav)  # first request: connection pool, media bucket
                 engine_walls: list[float] = []
                 gateway_walls: list[float] = []
@@ -222,8 +273,8 @@ async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServicePr
                     f"{gateway_meter.summary()} (last run); "
                     f"worker RSS {rss:.0f} MiB (peak {hwm:.0f} MiB)"
                 )
-                say(f"{model}: reference, engine only with beam search (beam 5)")
-                engine, _ = await load_engine(weights, 5, cache)
+                say(f"{model}: reference, engine only with greedy decoding (beam 1)")
+                engine, _ = await load_engine(weights, 1, cache)
                 beam: list[float] = []
                 try:
                     for _ in range(cfg["runs"]):
@@ -231,11 +282,38 @@ async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServicePr
                         beam.append(wall)
                 finally:
                     await engine.close()
-                res.add("1", f"{model}: reference, engine only, beam search (beam 5), RTF / WER",
+                res.add("1", f"{model}: reference, engine only, greedy (beam 1), RTF / WER",
                         f"{statistics.median(beam) / seconds:.3f} / {wer(reference, text):.3f}")
-                res.note(f"{model} beam 5: engine runs {runs_text(beam)}")
+                res.note(f"{model} greedy: engine runs {runs_text(beam)}")
     finally:
         await nc.close()
+    say("building the test set (hibari and espeak-ng voices, speeds, noise)")
+    await test_set(infra.root / "models", res, voiceset.build(cfg["set"]))
+    if voiceset.espeak_available():
+        say("diarization: the three-voice conversation")
+        await asyncio.to_thread(diarization, res, cfg["runs"])
+    else:
+        res.note("diarization not measured: espeak-ng (Debian) is not installed")
+
+
+def diarization(res: Results, runs: int) -> None:
+    from services.speech.asr.diarize import Diarizer, Turn, error_rate
+
+    spoken = voiceset.conversation()
+    truth = [Turn(*t) for t in spoken.turns]
+    diarizer = Diarizer()
+    diarizer.load()
+    walls, rates = [], []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        found = diarizer.diarize(spoken.audio)
+        walls.append(time.perf_counter() - t0)
+        rates.append(error_rate(truth, found, spoken.duration))
+    rtf = statistics.median(walls) / spoken.duration
+    res.add("4", "diarization (3 voices, 7 turns): error rate / RTF", f"{statistics.median(rates):.3f} / {rtf:.3f}",
+            "DER <= 0.15", statistics.median(rates) <= 0.15)
+    res.note(f"diarization: {spoken.duration:.1f} s conversation, runs {runs_text(walls)}; speakers found "
+             f"{len({t.speaker for t in found})}")
 
 
 def write_results(res: Results, quick: bool, outcome: harness.Outcome) -> str:
@@ -244,8 +322,12 @@ def write_results(res: Results, quick: bool, outcome: harness.Outcome) -> str:
     about = [
         "Audio: English speech synthesized by hibari-tts (24 kHz WAV), sentences of a fixed paragraph; WER is "
         "against that text (lower case, punctuation removed).",
-        f"Engine: faster-whisper (CTranslate2) int8 on CPU, cpu_threads={THREADS}, greedy decoding (the worker's "
-        f"default; beam 5 as a reference), capacity 1; RTF = wall time / audio duration, median of the runs; "
+        "Test set (rows 3): services/speech/voiceset.py, our own sentences read by hibari at 0.85/1/1.25x and "
+        "four espeak-ng voices, clean and with rumble-and-hiss noise at 20 and 10 dB SNR, one clip each "
+        "(2-4 s: voice-turn length); WER is word errors over all the set's words; short window = the clip's "
+        "own length plus 2 s of silence, full = Whisper's 30 s. Row 4: three voices in seven turns.",
+        f"Engine: faster-whisper (CTranslate2) int8 on CPU, cpu_threads={THREADS}, beam 5 (the worker's default; "
+        f"greedy as a reference), capacity 1; RTF = wall time / audio duration, median of the runs; "
         f"target RTF <= {TARGET_RTF}. "
         "Engine-only runs (this process, audio already decoded) and gateway runs (HTTP upload of the WAV, object "
         "store, decode and transcription in the worker process, JSON back) alternate, so drift hits both.",

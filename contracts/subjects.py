@@ -98,3 +98,28 @@ _KV_UNSAFE = re.compile(r"[^-_=a-zA-Z0-9]")
 
 def routing_key(kind: str, model: str) -> str:
     return f"{_kind(kind)}.{_KV_UNSAFE.sub('_', model.strip())}"
+
+
+# Batch (services/batch): the API the gateway calls (queue group), operator requests, each replica's upload
+# subject, the line execution gateways serve, the work queue and the files' object store.
+BATCH_STREAM: Final = "BATCH"
+BATCH_WORK_ALL: Final = "batch.work.>"
+FILES_BUCKET: Final = "INFERBUS_FILES"
+BATCH_EXEC: Final = "batch.exec"
+BATCH_CHANGED: Final = "batch.changed"  # broadcast: a batch was cancelled (every replica stops its lines)
+
+
+def batch_api(op: str) -> str:
+    return f"batch.api.{op}"
+
+
+def batch_upload(instance: str) -> str:
+    return f"batch.api.upload.{token(instance)}"
+
+
+def batch_admin(op: str) -> str:
+    return f"batch.admin.{op}"
+
+
+def batch_work(batch_id: str) -> str:
+    return f"batch.work.{token(batch_id)}"

@@ -71,6 +71,9 @@ class UsageEvent(Struct, frozen=True, kw_only=True, omit_defaults=True):
     images: Annotated[int, Meta(ge=0, le=MAX_IMAGES)] = 0
     shadow: bool = False  # a shadow copy: recorded, never billed
     attempt: Attempt = 0  # the request's attempt this event accounts for (contracts.llm.Attempt)
+    # A batch line's batch (the request's Inferbus-Batch header, contracts.batch.BATCH_HEADER): batch work,
+    # priced with the batch discount where the price table has one.
+    batch_id: Name | None = None
 
 
 def msg_id(event: UsageEvent) -> str:

@@ -26,7 +26,7 @@ CASES: list[tuple[str, bytes, int, str | None]] = [
     ("missing model", b'{"messages": [{"role":"user","content":"x"}]}', 400, None),
     ("empty messages", b'{"model": "bench-fast", "messages": []}', 400, "messages"),
     ("tools", b'{"model": "bench-fast", "messages": [{"role":"user","content":"x"}], "tools": [{"type": "f"}]}',
-     400, "tools"),
+     400, "tools[0].type"),
     ("five stops", b'{"model": "bench-fast", "messages": [{"role":"user","content":"x"}], "stop": '
      b'["a","b","c","d","e"]}', 400, "stop"),
 ]

@@ -48,7 +48,6 @@ def test_chat_translation() -> None:
 @pytest.mark.parametrize(("kw", "param"), [
     ({"n": 3}, "n"),
     ({"max_tokens": 5, "max_completion_tokens": 5}, "max_tokens"),
-    ({"logprobs": True}, "logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages[0].content"),

@@ -345,7 +345,7 @@ async def test_429_falls_back_to_the_next_model_and_headers_say_who_served(
     assert headers["x-inferbus-model"] == "fb-backup" and headers["x-inferbus-provider"] == "openai"
     assert headers["x-inferbus-fallbacks"] == "fb-primary:v1=rate_limited"
     assert '"model": "fb-backup"' in body[0] or '"model":"fb-backup"' in body[0]
-    assert fakes["primary"].stats.requests == 1 and fakes["backup"].stats.completed == 1
+    assert fakes["primary"].stats.requests >= 1 and fakes["backup"].stats.completed == 1
     rid = headers["x-request-id"]
 
     async def logged() -> dict[str, Any] | None:  # the request log in PostgreSQL, through the admin API

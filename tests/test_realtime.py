@@ -22,9 +22,9 @@ from tests.conftest import ADMIN_KEY, Gateway, start_worker
 RATE = 24_000
 FRAME = RATE // 50  # 20 ms
 BARGE_MODEL = "rt-chatty"
-# No sentence ends: the gateway sends it to the TTS in pieces of MAX_SENTENCE_CHARS, and the worker speaks
-# each one's first clause (up to a comma) before synthesizing the rest, so when the first audio reaches the
-# client the TTS worker is still busy with that request: the barge-in that follows always catches it.
+# No sentence ends: after its first clause the gateway sends it to the TTS in pieces of MAX_SENTENCE_CHARS,
+# which come faster than they can be spoken, so once the second piece went out (by the 6th token) the TTS
+# worker is always busy with one: a barge-in after the 8th token always catches it.
 BARGE_TOKEN = " yes I am here, and I am listening"
 
 
@@ -178,6 +178,15 @@ async def test_barge_in_cancels_llm_and_tts_and_stops_the_audio(
         await conn.response.create()
         seen = await events_until(conn, lambda e: e.type == "response.output_audio.delta")
         response_id = seen[-1].response_id
+        deltas = [e for e in seen if e.type == "response.output_audio_transcript.delta"]
+
+        def eighth(event: Any) -> bool:
+            if event.type == "response.output_audio_transcript.delta":
+                deltas.append(event)
+            return len(deltas) >= 8
+
+        if len(deltas) < 8:
+            seen += await events_until(conn, eighth)
         for chunk in frames(interruption):  # the user talks over the answer
             await conn.input_audio_buffer.append(audio=chunk)
         seen += await events_until(conn, lambda e: e.type == "response.done" and e.response.id == response_id)

@@ -8,7 +8,8 @@ import json
 import sys
 from typing import Any
 
-from services.cli import models, requests, state, tenancy, usage
+from services.cli import batches, models, requests, state, tenancy, usage
+from services.cli import config as config_cli
 from services.runtime import bus
 
 
@@ -74,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--rotate-admin-key", action="store_true",
                       help="mint a new admin key (kept in the data dir) and revoke the previous one")
     p_up.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for readiness")
+    p_up.add_argument("--config", default=None, help="deployment file (inferbus.toml): what runs, where; see infra/")
+    p_run = sub.add_parser("run", help="start one service or worker of a deployment file, on its own")
+    p_run.add_argument("name", help="a service (gateway, registry, ...) or a [[workers]] name")
+    p_run.add_argument("--config", required=True, help="deployment file")
+    config_cli.add_parser(sub)
     sub.add_parser("status", help="list running services and their health")
     p_nats = sub.add_parser("nats", help="the bus's identities: server config for an external nats-server")
     nats_sub = p_nats.add_subparsers(dest="nats_command", required=True)
@@ -86,8 +92,25 @@ def main(argv: list[str] | None = None) -> int:
     models.add_parser(sub)
     usage.add_parser(sub)
     requests.add_parser(sub)
+    batches.add_parser(sub)
+    p_contracts = sub.add_parser("contracts", help="machine-readable descriptions of the bus, from contracts/")
+    p_contracts.add_argument("--asyncapi", action="store_true", help="an AsyncAPI 3 document (JSON) of the bus")
     args = parser.parse_args(argv)
 
+    if args.command == "contracts":
+        if not args.asyncapi:
+            parser.error("contracts: say which document, e.g. --asyncapi")
+        from contracts import asyncapi
+
+        print(json.dumps(asyncapi.document(), indent=2))
+        return 0
+
+    if args.command == "config":
+        return config_cli.run(args)
+    if args.command == "run":
+        from services.cli import up
+
+        return up.run_one(args.name, args.config)
     if args.command == "up":
         from services.cli import up
 
@@ -104,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         return models.run(args, parser)
     if args.command == "requests":
         return requests.run(args, parser)
+    if args.command in ("batch", "batches"):
+        return batches.run(args, parser)
     parser.error("unknown command")
     return 2
 

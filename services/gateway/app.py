@@ -9,11 +9,20 @@ from aiohttp import web
 from services.gateway import (
     admin_routes,
     audio_routes,
+    batch_routes,
+    cache_routes,
+    cors,
+    embeddings_routes,
+    files_routes,
+    messages_routes,
     openai_routes,
+    openapi,
     playground,
     realtime,
     requests_routes,
+    responses_routes,
     speech_routes,
+    vision_routes,
     websocket,
 )
 from services.gateway.errors import error_middleware
@@ -30,9 +39,18 @@ def build_app(gw: Gateway) -> web.Application:
     app.add_routes(admin_routes.routes)
     app.add_routes(audio_routes.routes)
     app.add_routes(speech_routes.routes)
+    app.add_routes(embeddings_routes.routes)
+    app.add_routes(vision_routes.routes)
     app.add_routes(realtime.routes)
     app.add_routes(playground.routes)
     requests_routes.register(app)
+    app.add_routes(files_routes.routes)
+    batch_routes.register(app)  # the Batch API, and batch lines run through this gateway's dispatch
+    app.add_routes(cache_routes.routes)
+    app.add_routes(responses_routes.routes)
+    app.add_routes(messages_routes.routes)
+    app.add_routes(openapi.routes)  # /openapi.json describes every route above
+    cors.install(app, gw.settings.cors_origins, gw.settings.cors_max_age_s)
     # No /metrics here: it names tenants and their spend. It is on the loopback metrics port.
     return app
 

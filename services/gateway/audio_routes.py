@@ -3,10 +3,19 @@
 The upload is read as a stream (the app's body limit is for JSON; audio has its own, max_audio_bytes).
 Audio up to INLINE_MAX bytes rides in the request message; a larger file goes to the media object
 store first and the worker fetches (and deletes) it. Segments stream back as the worker decodes them.
+
+Speaker diarization: `response_format=diarized_json` (OpenAI's shape: segments with `speaker`, `start`,
+`end`, `text`), or `diarize=true` (InferBus) for `speaker` on verbose_json segments; `chunking_strategy`
+("auto", or a server_vad object whose threshold and silence_duration_ms set the speech detector);
+`known_speaker_names[]` with `known_speaker_references[]` (data URLs of 2-10 s clips) name the speakers.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import re
 import secrets
 import time
 from collections.abc import AsyncGenerator
@@ -19,7 +28,9 @@ from contracts.errors import InferBusError, invalid
 from contracts.llm import Accepted
 from contracts.speech import (
     INLINE_MAX,
+    MAX_SPEAKERS,
     MEDIA_BUCKET,
+    REFERENCES_MAX,
     Segment,
     TranscribeRequest,
     Transcript,
@@ -45,11 +56,14 @@ Task = Literal["transcribe", "translate"]
 FIELD_MAX = 64 * 1024  # any form field but the file
 READ_CHUNK = 256 * 1024
 MEDIA_TTL_S = 3600.0  # an upload nobody fetched (worker gone mid-request) expires from the store
-_COMMON = frozenset({"file", "model", "prompt", "temperature", "response_format"})
+_COMMON = frozenset({"file", "model", "prompt", "temperature", "response_format", "beam_size"})
+_SPEAKERS = frozenset({"known_speaker_names[]", "known_speaker_names", "known_speaker_references[]",
+                       "known_speaker_references", "chunking_strategy", "diarize"})
 _FIELDS: dict[Task, frozenset[str]] = {
-    "transcribe": _COMMON | {"language", "timestamp_granularities[]", "timestamp_granularities", "stream"},
+    "transcribe": _COMMON | _SPEAKERS | {"language", "timestamp_granularities[]", "timestamp_granularities", "stream"},
     "translate": _COMMON,
 }
+_DATA_URL = re.compile(r"^data:(audio|video|application)/[\w.+-]+(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 
 
 class Form(msgspec.Struct, kw_only=True):
@@ -62,6 +76,12 @@ class Form(msgspec.Struct, kw_only=True):
     response_format: str = "json"
     granularities: list[str] = []
     stream: bool = False
+    beam_size: int | None = None  # InferBus: 1 (greedy) to 10; unset, the worker's default
+    diarize: bool = False
+    speaker_names: list[str] = []
+    speaker_references: list[bytes] = []
+    vad_threshold: float | None = None
+    vad_silence_ms: int | None = None
 
 
 @routes.post("/v1/audio/transcriptions")
@@ -103,10 +123,16 @@ async def _transcribe(
             prompt=form.prompt,
             temperature=form.temperature,
             word_timestamps="word" in form.granularities,
+            beam_size=form.beam_size,
+            diarize=form.diarize,
+            speaker_names=form.speaker_names,
+            speaker_references=form.speaker_references,
+            vad_threshold=form.vad_threshold,
+            vad_silence_ms=form.vad_silence_ms,
         )
         route = gw.catalogue.route(model, "asr", key_id=key.id)
         store = None
-        if len(form.audio) > INLINE_MAX:
+        if len(form.audio) > INLINE_MAX - sum(len(r) for r in form.speaker_references):
             try:
                 store = await _media_store(gw)
                 await store.put(rid, form.audio)
@@ -165,6 +191,8 @@ def _respond(
     if fmt == "verbose_json":
         body = transcripts.as_verbose_json(done, segments, task, form.temperature, form.granularities)
         return json_response(200, body, headers)
+    if fmt == "diarized_json":
+        return json_response(200, transcripts.as_diarized_json(done, segments), headers)
     if fmt == "text":
         text = transcripts.as_text(done)
     elif fmt == "srt":
@@ -205,6 +233,8 @@ async def _read_form(request: web.Request, max_bytes: int, task: Task) -> Form:
         raise invalid("Send the audio as multipart/form-data with a 'file' field and a 'model' field")
     fields: dict[str, str] = {}
     granularities: list[str] = []
+    lists: dict[str, list[str]] = {"known_speaker_names": [], "known_speaker_references": []}
+    strategy: dict[str, str] = {}
     audio: bytes | None = None
     filename = "audio"
     try:
@@ -213,22 +243,97 @@ async def _read_form(request: web.Request, max_bytes: int, task: Task) -> Form:
             if not isinstance(part, BodyPartReader):
                 raise invalid("Nested multipart bodies are not supported")
             name = part.name or ""
+            nested = re.fullmatch(r"chunking_strategy\[(\w+)\]", name)  # the openai SDK's form of an object
+            if nested and task == "transcribe":
+                strategy[nested.group(1)] = (await _read_limited(part, FIELD_MAX, name)).decode(errors="replace")
+                continue
             if name not in _FIELDS[task]:
                 raise invalid(f"Unrecognized request argument supplied: {name}", name)
             if name == "file":
                 audio = await _read_limited(part, max_bytes, "file")
                 filename = part.filename or filename
                 continue
-            value = (await _read_limited(part, FIELD_MAX, name)).decode("utf-8", errors="replace")
+            limit = REFERENCES_MAX * 4 // 3 + 1024 if name.startswith("known_speaker_references") else FIELD_MAX
+            value = (await _read_limited(part, limit, name)).decode("utf-8", errors="replace")
             if name.startswith("timestamp_granularities"):
                 granularities.append(value)
+            elif name.startswith("known_speaker"):
+                lists[name.removesuffix("[]")].append(value)
             else:
                 fields[name] = value
     except (ValueError, AssertionError, RuntimeError) as exc:  # aiohttp's multipart parser on a broken body
         raise invalid(f"Malformed multipart/form-data body: {exc}") from None
     if audio is None:
         raise invalid("You must provide a 'file' field with the audio", "file")
-    return _form(audio, filename, fields, granularities)
+    if strategy:
+        fields["chunking_strategy"] = json.dumps({k: v if k == "type" else _number(v) for k, v in strategy.items()})
+    form = _form(audio, filename, fields, granularities)
+    _speakers(form, fields, lists)
+    return form
+
+
+def _number(text: str) -> float | int | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
+
+
+def _speakers(form: Form, fields: dict[str, str], lists: dict[str, list[str]]) -> None:
+    """Diarization fields onto `form`; the worker checks the rest (lengths, names, clips)."""
+    names, urls = lists["known_speaker_names"], lists["known_speaker_references"]
+    diarize = fields.get("diarize", "false").strip().lower()
+    if diarize not in ("true", "false"):
+        raise invalid("diarize must be true or false", "diarize")
+    form.diarize = form.response_format == "diarized_json" or diarize == "true"
+    if form.diarize and form.response_format not in ("diarized_json", "verbose_json", "json", "text"):
+        raise invalid("speaker labels need response_format diarized_json or verbose_json", "response_format")
+    if (names or urls) and not form.diarize:
+        raise invalid("known_speaker_names[] need response_format 'diarized_json'", "known_speaker_names")
+    if len(names) > MAX_SPEAKERS or len(urls) > MAX_SPEAKERS:
+        raise invalid(f"at most {MAX_SPEAKERS} known speakers", "known_speaker_names")
+    if len(names) != len(urls):
+        raise invalid("give one known_speaker_references[] data URL per known_speaker_names[] entry",
+                      "known_speaker_references")
+    refs = []
+    for url in urls:
+        head = _DATA_URL.match(url.strip())
+        if head is None:
+            raise invalid("known_speaker_references[] must be data URLs (data:audio/wav;base64,...)",
+                          "known_speaker_references")
+        try:
+            refs.append(base64.b64decode(url.strip()[head.end() :], validate=True))
+        except (binascii.Error, ValueError):
+            raise invalid("a known_speaker_references[] data URL is not valid base64", "known_speaker_references") \
+                from None
+    if sum(len(r) for r in refs) > REFERENCES_MAX:
+        raise invalid(f"known_speaker_references[] are over {REFERENCES_MAX // 1024} KiB together: send short "
+                      "(2-10 s) or compressed clips", "known_speaker_references")
+    form.speaker_names, form.speaker_references = [n.strip() for n in names], refs
+    form.vad_threshold, form.vad_silence_ms = _chunking(fields.get("chunking_strategy"))
+
+
+def _chunking(value: str | None) -> tuple[float | None, int | None]:
+    """chunking_strategy: "auto", or a server_vad object (its threshold and silence_duration_ms)."""
+    if value is None or value.strip() in ("", "auto", '"auto"'):
+        return None, None
+    try:
+        strategy = json.loads(value)
+    except ValueError:
+        raise invalid("chunking_strategy must be 'auto' or a server_vad JSON object", "chunking_strategy") from None
+    if not isinstance(strategy, dict) or strategy.get("type") != "server_vad":
+        raise invalid("chunking_strategy must be 'auto' or {\"type\": \"server_vad\", ...}", "chunking_strategy")
+    unknown = set(strategy) - {"type", "threshold", "silence_duration_ms", "prefix_padding_ms"}
+    if unknown:
+        raise invalid(f"unknown chunking_strategy field {sorted(unknown)[0]!r}", "chunking_strategy")
+    threshold, silence = strategy.get("threshold"), strategy.get("silence_duration_ms")
+    if threshold is not None and (not isinstance(threshold, int | float) or not 0 <= threshold <= 1):
+        raise invalid("chunking_strategy.threshold must be between 0 and 1", "chunking_strategy")
+    if silence is not None and (not isinstance(silence, int) or not 0 <= silence <= 10_000):
+        raise invalid("chunking_strategy.silence_duration_ms must be 0-10000", "chunking_strategy")
+    return (float(threshold) if threshold is not None else None), silence
 
 
 async def _read_limited(part: BodyPartReader, limit: int, name: str) -> bytes:
@@ -273,6 +378,14 @@ def _form(audio: bytes, filename: str, fields: dict[str, str], granularities: li
         raise invalid("stream must be true or false", "stream")
     if stream == "true" and fmt not in ("json", "text"):
         raise invalid("stream=true needs response_format 'json' or 'text'", "stream")
+    beam_size = None
+    if fields.get("beam_size", "").strip():
+        try:
+            beam_size = int(fields["beam_size"])
+        except ValueError:
+            raise invalid("beam_size must be a whole number from 1 to 10", "beam_size") from None
+        if not 1 <= beam_size <= 10:
+            raise invalid("beam_size must be between 1 and 10", "beam_size")
     return Form(
         audio=audio,
         filename=filename,
@@ -283,6 +396,7 @@ def _form(audio: bytes, filename: str, fields: dict[str, str], granularities: li
         response_format=fmt,
         granularities=granularities,
         stream=stream == "true",
+        beam_size=beam_size,
     )
 
 

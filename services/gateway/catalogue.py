@@ -85,6 +85,15 @@ class Catalogue:
         out += [(m, None) for m in table.policy.routing.fallbacks]
         return out
 
+    def served_versions(self, kind: str, model: str) -> set[str]:
+        """The versions the model's routing serves now (a cached answer from another one is stale)."""
+        table = self.tables.get(kind, model)
+        if table is None:
+            entry = self.configured.get(model)
+            return {entry.version} if entry is not None else set()
+        policy = table.policy
+        return {v for v in (policy.stable, policy.canary, *policy.ab, *policy.routing.pool) if v}
+
     def engine_of(self, kind: str, model: str, version: str, worker_id: str) -> str | None:
         """The engine (provider) a worker runs, from its heartbeats."""
         seen = self.presence.workers.get((kind, model, version), {}).get(worker_id)

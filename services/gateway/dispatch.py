@@ -16,6 +16,7 @@ import msgspec
 from contracts.errors import InferBusError
 from contracts.llm import Accepted, Chunk, Delta, Final, GenerateRequest, chunk_decoder, request_encoder
 from contracts.registry import Breaker, Outcome
+from services.gateway.cache import CachedFinal, Entry, Mode, ResponseCache
 from services.gateway.catalogue import Catalogue
 from services.runtime import logging as log
 from services.runtime import shadow
@@ -50,6 +51,17 @@ class Served:
     attempts: int = 0
     fallbacks: list[str] = field(default_factory=list)  # "model:version=code" of each route given up on
     ttft_ms: float | None = None
+    cache: str | None = None  # "hit", "semantic" (answered from the cache) or "miss"; None: not used
+    similarity: float | None = None
+
+
+@dataclass(frozen=True)
+class CacheUse:
+    """A request's use of the response cache: which cache, whose entries, exact or semantic."""
+
+    cache: ResponseCache
+    tenant: str
+    mode: Mode
 
 
 def as_attempt(payload: bytes, attempt: int) -> bytes:
@@ -82,6 +94,7 @@ class Dispatcher:
         affinity: str | None = None,
         pace: Pace | None = None,
         served: Served | None = None,
+        cache: CacheUse | None = None,
     ) -> AsyncGenerator[Chunk, None]:
         """An LLM generation where the routing picks, falling back per the model's policy; a sampled copy of
         the first choice goes to the shadow version.
@@ -97,6 +110,20 @@ class Dispatcher:
         route = self.catalogue.route(
             request.model, kind, key_id=key_id, user=request.user, affinity=affinity or request.user
         )
+        if cache is not None and cache.mode != "off":
+            hit = await cache.cache.get(cache.tenant, request, cache.mode, self.catalogue.served_versions(
+                kind, request.model))
+            if hit is not None:  # replayed as a stream of its own: nothing generated, nothing billed
+                entry = hit.entry
+                served.model, served.version, served.provider = request.model, entry.version, entry.provider
+                served.worker_id, served.cache, served.similarity = "cache", hit.kind, hit.similarity
+                served.ttft_ms = (time.perf_counter() - t0) * 1000
+                yield Accepted(0, "cache", entry.version)
+                yield Delta(1, entry.text, entry.usage.completion_tokens)
+                yield CachedFinal(2, entry.finish_reason, entry.usage, entry.version)
+                return
+            served.cache = "miss"
+        keep = cache is not None and cache.mode != "off"  # collect the answer to store it
         table = self.catalogue.tables.get(kind, request.model)
         routing = table.policy.routing if table is not None else None
         chain = routing is not None and (len(routing.pool) > 1 or bool(routing.fallbacks))
@@ -153,8 +180,12 @@ class Dispatcher:
                         if isinstance(chunk, Delta):
                             if served.ttft_ms is None:
                                 served.ttft_ms = (time.perf_counter() - t0) * 1000
-                            if copy is not None:
+                            if copy is not None or keep:
                                 parts.append(chunk.text)
+                        elif keep and isinstance(chunk, Final) and cache is not None:
+                            cache.cache.put(cache.tenant, request, cache.mode, Entry(
+                                "".join(parts), chunk.finish_reason, chunk.usage, chunk.version, served.provider,
+                                time.time()))
                         yield chunk
                     return
                 except InferBusError as exc:

@@ -41,6 +41,7 @@ from contracts.speech import AudioChunk, SpeechDone, Transcript
 from contracts.tenancy import Budget, Limits
 from contracts.usage import ANY_VERSION, PriceView
 from services.gateway.auth import KeyRecord
+from services.gateway.cache import CachedFinal
 from services.runtime import logging as log
 from services.runtime.resp import RedisUnavailable, ReplyError, Resp, Script
 
@@ -569,6 +570,8 @@ class Governor:
                     accepted = True
                 elif isinstance(chunk, Delta):
                     completion += chunk.tokens
+                elif isinstance(chunk, CachedFinal):  # answered from the cache: nothing used, nothing billed
+                    prompt, completion = 0, 0
                 elif isinstance(chunk, Final):
                     prompt, completion = chunk.usage.prompt_tokens, chunk.usage.completion_tokens
                 yield chunk

@@ -24,7 +24,15 @@ from prometheus_client import Counter
 from contracts import headers as h
 from contracts import subjects
 from contracts.errors import InferBusError
-from contracts.llm import Accepted, Chunk, ErrorChunk, GenerateRequest, chunk_encoder, request_decoder
+from contracts.llm import (
+    Accepted,
+    Chunk,
+    ErrorChunk,
+    GenerateRequest,
+    check_generate,
+    chunk_encoder,
+    request_decoder,
+)
 from services.gateway.auth import KeyRecord, KeyStore
 from services.runtime import bus, natsauth
 from services.runtime import logging as log
@@ -135,6 +143,7 @@ def check_request(req: GenerateRequest) -> None:
         raise InferBusError("invalid_request", "top_p must be in (0, 1]", param="top_p")
     if len(req.stop) > 4 or any(not s for s in req.stop):
         raise InferBusError("invalid_request", "stop may hold at most 4 non-empty sequences", param="stop")
+    check_generate(req)  # tools, tool messages and response formats, as the HTTP routes check them
 
 
 class Edge:

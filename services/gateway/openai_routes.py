@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 import secrets
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -17,15 +20,14 @@ from contracts.llm import (
     Delta,
     Final,
     GenerateRequest,
-    Usage,
     chat_to_generate,
     completion_to_generate,
 )
 from services.gateway.auth import KeyRecord
 from services.gateway.dispatch import Served
 from services.gateway.errors import from_validation, json_response
-from services.gateway.formats import DONE, ChatFormat, CompletionFormat, sse
-from services.gateway.state import GATEWAY, Gateway
+from services.gateway.formats import ChatFormat, CompletionFormat, Format, Outcome
+from services.gateway.state import CACHE_HEADER, GATEWAY, Gateway
 from services.runtime import logging as log
 from services.runtime.streaming import Pace
 
@@ -76,7 +78,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     gen = chat_to_generate(req, rid, gw.settings.default_max_tokens)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     fmt = ChatFormat(rid, req.model, int(time.time()), include_usage)
-    return await _respond(request, gw, gen, fmt, bool(req.stream), key)
+    with engine_params((_CHAT_TOOLS, r"tools[\1].function."), (_CHAT_FORMAT, "response_format.json_schema.schema")):
+        return await respond(request, gw, gen, fmt, bool(req.stream), key, affinity=req.prompt_cache_key)
 
 
 @routes.post("/v1/completions")
@@ -89,17 +92,44 @@ async def completions(request: web.Request) -> web.StreamResponse:
     gen = completion_to_generate(req, rid, gw.settings.default_max_tokens)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     fmt = CompletionFormat(rid, req.model, int(time.time()), include_usage)
-    return await _respond(request, gw, gen, fmt, bool(req.stream), key)
+    return await respond(request, gw, gen, fmt, bool(req.stream), key)
 
 
-async def _respond(
+_CHAT_TOOLS = re.compile(r"^tools\[(\d+)\]\.")
+_CHAT_FORMAT = re.compile(r"^response_format\.schema")
+
+
+@contextlib.contextmanager
+def engine_params(*rules: tuple[re.Pattern[str], str]) -> Iterator[None]:
+    """An engine names a field of the bus request (tools[0].parameters...): as this API's request names it."""
+    try:
+        yield
+    except InferBusError as exc:
+        for pattern, replacement in rules:
+            if exc.param is not None and pattern.match(exc.param):
+                new = pattern.sub(replacement, exc.param)
+                exc.message, exc.param = exc.message.replace(exc.param, new), new
+                break
+        raise
+
+
+# Called with the finished outcome before the last event (or the whole body) goes out: the Responses API
+# stores its response there, so that a client chaining on it at once finds it.
+Finished = Callable[[Outcome, Final], Awaitable[None]]
+
+
+async def respond(
     request: web.Request,
     gw: Gateway,
     gen: GenerateRequest,
-    fmt: ChatFormat | CompletionFormat,
+    fmt: Format,
     stream: bool,
     key: KeyRecord,
+    *,
+    affinity: str | None = None,
+    finished: Finished | None = None,
 ) -> web.StreamResponse:
+    """Admit, dispatch and answer one generation in `fmt`'s shape, whole or streamed; log it either way."""
     with log.bound(request_id=gen.request_id, model=gen.model):
         timeout = _timeout(request, gw)
         try:
@@ -117,9 +147,10 @@ async def _respond(
             timeout_s=timeout,
             headers=gw.bus_headers(request, key),
             key_id=key.id,
-            affinity=request.headers.get(AFFINITY_HEADER),
+            affinity=request.headers.get(AFFINITY_HEADER) or affinity,
             pace=pace,
             served=served,
+            cache=gw.cache_use(request.headers, key, gen),
         )
         limit_headers: dict[str, str] = {}
         if grant is not None:
@@ -137,14 +168,15 @@ async def _respond(
                        **limit_headers}
             fmt.served(served.model or gen.model, served.provider, first.version)
             if stream:
-                return await _stream(request, chunks, fmt, headers, pace, outcome)
+                return await _stream(request, chunks, fmt, headers, pace, outcome, finished)
             async for chunk in chunks:
                 if isinstance(chunk, Delta):
-                    outcome.parts.append(chunk.text)
+                    outcome.add(chunk)
                 elif isinstance(chunk, Final):
                     outcome.usage = chunk.usage
-                    whole = fmt.whole("".join(outcome.parts), chunk.finish_reason, chunk.usage)
-                    return json_response(200, whole, headers)
+                    if finished is not None:
+                        await finished(outcome, chunk)
+                    return json_response(200, fmt.whole(outcome, chunk), headers)
             raise InferBusError("stream_broken", "the stream ended without a final chunk")
         except InferBusError as exc:
             outcome.error = exc
@@ -160,7 +192,7 @@ async def _respond(
                 admitted=request.get(ADMITTED, time.monotonic()), served=served, error=error,
                 http_status=error.http_status if error is not None and not outcome.started else 200,
                 usage=outcome.usage, streamed=stream, request_body=request.get(BODY),
-                response_text="".join(outcome.parts),
+                response_text=outcome.text,
             )
 
 
@@ -170,24 +202,14 @@ def served_headers(served: Served) -> dict[str, str]:
         out[PROVIDER_HEADER] = served.provider
     if served.fallbacks:
         out[FALLBACKS_HEADER] = ", ".join(served.fallbacks)
+    if served.cache is not None:  # hit, miss, or "semantic; similarity=0.93"
+        out[CACHE_HEADER] = served.cache if served.cache != "semantic" else f"semantic; similarity={served.similarity}"
     return out
 
 
-class Outcome:
-    """How a response went, for the request log."""
-
-    __slots__ = ("error", "parts", "started", "usage")
-
-    def __init__(self) -> None:
-        self.started = False  # the 200 and its headers went out (a stream's later error is an event)
-        self.error: InferBusError | None = None
-        self.usage: Usage | None = None
-        self.parts: list[str] = []
-
-
 async def _stream(
-    request: web.Request, chunks: Any, fmt: ChatFormat | CompletionFormat, headers: dict[str, str], pace: Pace,
-    outcome: Outcome,
+    request: web.Request, chunks: Any, fmt: Format, headers: dict[str, str], pace: Pace, outcome: Outcome,
+    finished: Finished | None,
 ) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers}
@@ -201,23 +223,23 @@ async def _stream(
     try:
         async for chunk in chunks:
             if isinstance(chunk, Delta):
-                if chunk.text:
-                    out.append(fmt.delta(chunk.text))
-                    outcome.parts.append(chunk.text)
+                data = fmt.delta(chunk)
+                if data:
+                    out.append(data)
+                outcome.add(chunk)
             elif isinstance(chunk, Final):
                 outcome.usage = chunk.usage
-                tail = fmt.finish(chunk.finish_reason)
-                if fmt.include_usage:
-                    tail += fmt.usage(chunk.usage)
-                out.append(tail + DONE)
+                if finished is not None:
+                    await finished(outcome, chunk)
+                out.append(fmt.end(chunk))
             if out and not pace.more:
                 await response.write(b"".join(out))
                 out.clear()
     except InferBusError as exc:
-        # Mid-stream failure: a terminal error event, never a clean [DONE].
+        # Mid-stream failure: a terminal error event, never a clean end.
         log.get("gateway").warning("stream_failed", code=exc.code, error=exc.message)
         outcome.error = exc
-        out.append(sse(exc.openai_body()))
+        out.append(fmt.error(exc))
     if out:
         await response.write(b"".join(out))
     return response

@@ -19,12 +19,22 @@ Every stream the socket opens is governed like its HTTP twin (scopes, rate limit
 budgets): a user turn is one transcription request, a response one chat request and, with audio out,
 one speech request. A revoked or expired key's socket gets an error event and is closed.
 
-Turn detection is an energy VAD over 20 ms frames (speech after `prefix` voiced frames, end of turn
-after `silence_duration_ms` of silence). While nobody speaks the input buffer keeps only what a turn
-starting now would take (the prefix padding and the frames being decided on); a turn ends after
-MAX_TURN_S at the latest. When the user speaks during a response, the response is cancelled: the LLM
-and TTS streams are closed, which publishes their cancel subjects so the workers free their slots, and
-no further audio for it is sent.
+Turn detection is Silero VAD on 32 ms windows (services/gateway/vad.py; an energy detector where Silero
+cannot run): `server_vad` ends a turn after `silence_duration_ms` of silence; `semantic_vad` ends it as
+soon as the speculative transcript (below) reads as a finished sentence and the user has been silent for
+a moment, later when it does not (`eagerness` sets both waits). While nobody speaks the input buffer
+keeps only what a turn starting now would take (the prefix padding and the audio being decided on); a
+turn ends after MAX_TURN_S at the latest. When the user speaks during a response, the response is
+cancelled: the LLM and TTS streams are closed, which publishes their cancel subjects so the workers free
+their slots, and no further audio for it is sent.
+
+Speculation: when the user pauses (vad.PAUSE_MS of silence), the turn's audio so far goes to the ASR at
+once and a response is started on that transcript, LLM and TTS, its events held back. If the silence
+lasts, the turn ends with that transcript (the silence after it is not transcribed) and the held events
+go out at once, first audio included. If the user goes on, the response is cancelled (its workers hear
+the cancel subjects) and never heard, while the transcript stays the text of the audio it covered: the
+next pause transcribes only what came after it. The first words of an answer go to the TTS as soon as
+they end a clause (FIRST_PIECE_WORDS at the latest), the rest sentence by sentence.
 """
 
 from __future__ import annotations
@@ -32,14 +42,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import io
 import json
-import math
-import re
 import secrets
 import time
-import wave
-from array import array
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, NamedTuple
@@ -85,7 +90,11 @@ from services.gateway.realtime_events import (
     schema_error,
     unsupported,
 )
+from services.gateway.realtime_speech import first_piece, reads_finished, split_sentences, whisper_wav
+from services.gateway.speech_routes import engine_voice
 from services.gateway.state import GATEWAY, Gateway
+from services.gateway.vad import Detector, Thresholds
+from services.gateway.vad import create as create_vad
 from services.runtime import logging as log
 
 routes = web.RouteTableDef()
@@ -103,11 +112,11 @@ BETA_NAMES = {
     "response.output_text.done": "response.text.done",
     "conversation.item.added": "conversation.item.created",
 }
-_SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
-MAX_SENTENCE_CHARS = 160  # no punctuation for this long: speak what there is, cut at a space
 MIN_WINDOW_S = 1.0  # dictation: a window is cut at the first pause after this much audio
 MAX_WINDOW_S = 4.0  # ... or, with no pause, at the quietest moment of its last 300 ms
-PAUSE_MS = 160  # a pause within speech: where a window may end without cutting a word
+# semantic_vad: (silence after a transcript that reads as finished, silence after one that does not), in ms
+EAGERNESS = {"high": (200, 1000), "medium": (300, 2000), "auto": (300, 2000), "low": (600, 4000)}
+MIN_SPECULATION_S = 0.3  # a pause after less new speech than this starts nothing
 MAX_TURN_S = 15.0  # a turn is committed by then (a 16 kHz wav of it fits one bus message)
 MAX_EVENT_BYTES = 4 << 20  # one client event (aiohttp's default; a 15 s append is about 1 MB)
 HISTORY = 20  # conversation items the LLM sees
@@ -115,44 +124,6 @@ HISTORY = 20  # conversation items the LLM sees
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(10)}"
-
-
-def wav_bytes(pcm: bytes, rate: int = RATE) -> bytes:
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm)
-    return out.getvalue()
-
-
-def downsample_16k(pcm: bytes) -> bytes:
-    """24 kHz -> 16 kHz pcm16 (2 of every 3 samples, averaged): what whisper wants, a third smaller."""
-    samples = array("h", pcm[: len(pcm) - len(pcm) % 6])
-    out = array("h", bytes(len(samples) // 3 * 4))
-    for i in range(len(samples) // 3):
-        a, b, c = samples[3 * i], samples[3 * i + 1], samples[3 * i + 2]
-        out[2 * i] = a
-        out[2 * i + 1] = (b + c) // 2
-    return out.tobytes()
-
-
-def whisper_wav(pcm: bytes) -> bytes:
-    return wav_bytes(downsample_16k(pcm), 16_000)
-
-
-def split_sentences(text: str) -> tuple[list[str], str]:
-    """Complete sentences in `text`, and the rest (a long run without punctuation is cut at a space)."""
-    parts = _SENTENCE_END.split(text)
-    done = [p.strip() for p in parts[:-1] if p.strip()]
-    rest = parts[-1]
-    while len(rest) > MAX_SENTENCE_CHARS:
-        cut = rest.rfind(" ", 0, MAX_SENTENCE_CHARS)
-        cut = cut if cut > 0 else MAX_SENTENCE_CHARS
-        done.append(rest[:cut].strip())
-        rest = rest[cut:]
-    return done, rest
 
 
 def _set(value: Any, default: Any) -> Any:
@@ -165,64 +136,6 @@ class Close(NamedTuple):
 
 
 # ---- turn detection and one user turn -----------------------------------------------------------
-
-
-class Vad:
-    """Energy voice activity over 20 ms frames, with a start run, a silence hangover and pauses within speech.
-
-    Frames are counted from `origin`, the stream offset (bytes) of the first audio it is fed.
-    """
-
-    def __init__(self, td: TurnDetection, origin: int) -> None:
-        # threshold 0..1 -> -60..-10 dBFS
-        self.level = 32768 * 10 ** ((-60 + 50 * td.threshold) / 20)
-        self.silence_frames = max(td.silence_duration_ms // 20, 1)
-        self.start_frames = 3
-        self.pause_frames = PAUSE_MS // 20
-        self.origin = origin
-        self.speaking = False
-        self.voiced = 0
-        self.quiet = 0
-        self.frames = 0
-        self.recent: deque[tuple[float, int]] = deque(maxlen=15)  # (rms, frame) of the last 300 ms
-        self.rest = b""
-
-    def at(self, frame: int) -> int:
-        """The stream offset (bytes) where `frame` starts."""
-        return self.origin + frame * FRAME_BYTES
-
-    def quietest(self) -> int:
-        return min(self.recent)[1] if self.recent else self.frames
-
-    def feed(self, pcm: bytes) -> list[tuple[str, int]]:
-        """Events for the frames `pcm` completes: ('start' | 'pause' | 'stop', frame where it happens)."""
-        data = self.rest + pcm
-        events = []
-        whole = len(data) - len(data) % FRAME_BYTES
-        for offset in range(0, whole, FRAME_BYTES):
-            frame = array("h", data[offset : offset + FRAME_BYTES])
-            rms = math.sqrt(sum(s * s for s in frame) / len(frame))
-            index = self.frames
-            self.frames += 1
-            self.recent.append((rms, index))
-            if rms >= self.level:
-                if self.speaking and self.quiet >= self.pause_frames:
-                    events.append(("pause", index - self.quiet + self.quiet // 2))
-                self.voiced += 1
-                self.quiet = 0
-                if not self.speaking and self.voiced >= self.start_frames:
-                    self.speaking = True
-                    events.append(("start", index + 1 - self.start_frames))
-            else:
-                self.voiced = 0
-                if self.speaking:
-                    self.quiet += 1
-                    if self.quiet >= self.silence_frames:
-                        self.speaking = False
-                        self.quiet = 0
-                        events.append(("stop", index + 1))
-        self.rest = data[whole:]
-        return events
 
 
 class Turn:
@@ -251,6 +164,41 @@ class Turn:
         return " ".join(t for t in self.texts if t)
 
 
+class Speculation:
+    """A response started at a pause in `turn`, its events held until the turn ends (then sent) or the
+    user goes on (then it is cancelled and nothing of it is sent)."""
+
+    def __init__(self, session: Session, turn: Turn) -> None:
+        self.session = session
+        self.turn = turn
+        self.started = time.monotonic()
+        self.task: asyncio.Task[None] | None = None
+        self.held: list[dict[str, Any]] = []
+        self.live = False
+        self.response_id: str | None = None
+        self.item_id: str | None = None
+        self.answer: str | None = None  # the answer's text, when it finished before the turn ended
+        self.marks = {"pause": self.started}  # time.monotonic() of each stage, logged when it is taken
+
+    def mark(self, stage: str) -> None:
+        self.marks.setdefault(stage, time.monotonic())
+
+    def emit(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        if kind.endswith("transcript.delta") or kind == "response.output_text.delta":
+            self.mark("first_token")
+        elif kind == "response.output_audio.delta":
+            self.mark("first_audio")
+        if self.live:
+            self.session.emit(event)
+        else:
+            self.held.append(event)
+
+    def cancel(self) -> None:
+        if self.task is not None and not self.live:
+            self.task.cancel()
+
+
 def _piece(text: str) -> str:
     """One window's text, ready to join the next: whisper marks a window cut mid-sentence with '...'."""
     text = text.strip()
@@ -274,6 +222,7 @@ class Session:
         self.buffer = bytearray()
         self.audio_end = 0  # stream offset (bytes) just after the last audio appended
         self.turn: Turn | None = None  # the turn being spoken (server VAD)
+        self.speculation: Speculation | None = None  # a held response on the turn being spoken
         self.turns: set[Turn] = set()  # turns whose transcription holds a grant
         self.vad = self._vad()
         self.outbox: asyncio.Queue[dict[str, Any] | Close | None] = asyncio.Queue()
@@ -295,8 +244,10 @@ class Session:
         tr = self.config.audio.input.transcription
         return tr.partials if tr is not None and tr.partials is not None else self.transcription_only
 
-    def _vad(self) -> Vad:
-        return Vad(self.td or TurnDetection(), self.audio_end)
+    def _vad(self) -> Detector:
+        td = self.td or TurnDetection()
+        silence = EAGERNESS[td.eagerness][1] if td.type == "semantic_vad" else td.silence_duration_ms
+        return create_vad(Thresholds(td.threshold, silence), self.audio_end)
 
     def alias(self, model: str) -> str:
         return self.gw.settings.model_aliases.get(model, model)
@@ -447,26 +398,25 @@ class Session:
         self.audio_end += len(pcm)
         if td is None:
             return
-        for what, frame in self.vad.feed(pcm):
-            at = self.vad.at(frame)
-            if what == "start":
-                self.speech_started(at, td)
-            elif what == "pause":
-                self.paused(at)
+        for detected in self.vad.feed(pcm):
+            if detected.kind == "start":
+                self.speech_started(detected.at, td)
+            elif detected.kind == "pause":
+                self.paused(detected.at, td)
+            elif detected.kind == "resume":
+                self.resumed(detected.at)
             elif self.turn is not None:
-                self.emit({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": self.ms(at),
-                           "item_id": self.turn.item_id})
-                self.end_turn(at)
+                self.stopped(detected.at)
         turn = self.turn
         if turn is None:  # nobody speaks: keep only what a turn starting in the next frames would take
-            keep = self.prefix_bytes(td) + self.vad.start_frames * FRAME_BYTES + len(self.vad.rest)
-            self.drop(self.audio_end - keep)
+            self.drop(self.audio_end - self.prefix_bytes(td) - self.vad.pending())
+        elif td.type == "semantic_vad" and self.semantic_end(turn, td):
+            self.vad.end()
+            self.stopped(self.audio_end)
         elif self.partials and self.audio_end - turn.window_start >= MAX_WINDOW_S * BYTES_PER_S:
-            self.window(turn, self.vad.at(self.vad.quietest()))
+            self.window(turn, self.vad.quietest())
         elif self.audio_end - turn.window_start >= MAX_TURN_S * BYTES_PER_S:
-            self.emit({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": self.ms(self.audio_end),
-                       "item_id": turn.item_id})
-            self.end_turn(self.audio_end)
+            self.stopped(self.audio_end)
             self.speech_started(self.audio_end, td, prefix=False)
 
     @staticmethod
@@ -502,10 +452,48 @@ class Session:
         if self.response is not None and not self.response.done() and td.interrupt_response:
             self.response.cancel()  # barge-in
 
-    def paused(self, at: int) -> None:
+    def stopped(self, at: int) -> None:
+        assert self.turn is not None
+        self.emit({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": self.ms(at),
+                   "item_id": self.turn.item_id})
+        self.end_turn(at)
+
+    def resumed(self, at: int) -> None:
+        """Speech again after a pause: a dictation window ends in the pause; a speculative answer is dropped."""
         turn = self.turn
         if self.partials and turn is not None and at - turn.window_start >= MIN_WINDOW_S * BYTES_PER_S:
             self.window(turn, at)
+        self.drop_speculation()
+
+    def paused(self, at: int, td: TurnDetection) -> None:
+        """The user went quiet: transcribe what they said and start answering it, held back (see Speculation)."""
+        turn = self.turn
+        if (turn is None or self.partials or self.transcription_only or not td.create_response
+                or turn.error is not None or self.speculation is not None
+                or (self.response is not None and not self.response.done())
+                or any(not t.done() for t in self.transcribing)
+                or at - turn.window_start < MIN_SPECULATION_S * BYTES_PER_S):
+            return
+        self.window(turn, at)
+        spec = self.speculation = Speculation(self, turn)
+        spec.task = self.spawn(self.respond(ResponseParams(), spec))
+
+    def drop_speculation(self) -> None:
+        spec, self.speculation = self.speculation, None
+        if spec is not None:
+            spec.cancel()
+            self.logger.info("speculation_dropped", **{k: round(v, 4) for k, v in spec.marks.items()})
+
+    def semantic_end(self, turn: Turn, td: TurnDetection) -> bool:
+        """semantic_vad: the turn is over when the silence so far is enough for what the user said."""
+        quiet = self.vad.quiet_ms()
+        finished, unfinished = EAGERNESS[td.eagerness]
+        if quiet < finished:
+            return False
+        spec = self.speculation
+        if spec is None or spec.turn is not turn or turn.last is None or not turn.last.done():
+            return False  # not heard yet: the detector's own (unfinished) silence applies
+        return reads_finished(turn.text) or quiet >= unfinished
 
     def window(self, turn: Turn, upto: int) -> None:
         """Dictation: the turn's audio up to `upto` goes to the ASR now; a partial transcript follows."""
@@ -516,8 +504,18 @@ class Session:
 
     def end_turn(self, at: int) -> None:
         turn, self.turn = self.turn, None
-        if turn is not None:
-            self.commit(turn, self.take(at))
+        spec, self.speculation = self.speculation, None
+        if turn is None:
+            if spec is not None:
+                spec.cancel()
+            return
+        audio = self.take(at)
+        if spec is not None and spec.turn is turn:
+            audio = b""  # only silence since the speculation's window: its transcript is the turn's
+        elif spec is not None:
+            spec.cancel()
+            spec = None
+        self.commit(turn, audio, spec)
 
     async def on_commit(self, event: NoFields, event_id: str | None) -> None:
         turn = self.turn
@@ -577,14 +575,14 @@ class Session:
 
     # ---- a user turn: commit -> transcript -> response ---------------------------------------
 
-    def commit(self, turn: Turn, audio: bytes) -> None:
+    def commit(self, turn: Turn, audio: bytes, spec: Speculation | None = None) -> None:
         item_id = turn.item_id
         self.emit({"type": "input_audio_buffer.committed", "previous_item_id": self.last_item, "item_id": item_id})
         view = {"id": item_id, "type": "message", "role": "user", "status": "completed",
                 "content": [{"type": "input_audio", "transcript": None}]}
         self.emit({"type": "conversation.item.added", "previous_item_id": self.last_item, "item": view})
         self.last_item = item_id
-        self.transcribing.add(self.spawn(self.transcribe_turn(turn, audio, view)))
+        self.transcribing.add(self.spawn(self.transcribe_turn(turn, audio, view, spec)))
 
     async def admit(self, turn: Turn) -> None:
         """The turn's transcription under the key's scopes and limits: one request, however many windows."""
@@ -618,16 +616,20 @@ class Session:
                        "content_index": 0, "delta": (" " if len(turn.texts) > 1 else "") + text,
                        "transcript": turn.text})
 
-    async def transcribe_turn(self, turn: Turn, audio: bytes, view: dict[str, Any]) -> None:
+    async def transcribe_turn(self, turn: Turn, audio: bytes, view: dict[str, Any],
+                              spec: Speculation | None) -> None:
         task = asyncio.current_task()
         try:
-            await self._transcribe_turn(turn, audio, view)
+            await self._transcribe_turn(turn, audio, view, spec)
         finally:
             self.release(turn)
             if task is not None:
                 self.transcribing.discard(task)
+            if spec is not None:
+                spec.cancel()  # not taken up: nothing of it is ever sent
 
-    async def _transcribe_turn(self, turn: Turn, audio: bytes, view: dict[str, Any]) -> None:
+    async def _transcribe_turn(self, turn: Turn, audio: bytes, view: dict[str, Any],
+                               spec: Speculation | None) -> None:
         if turn.last is not None:
             await asyncio.gather(turn.last, return_exceptions=True)
         try:
@@ -653,7 +655,29 @@ class Session:
         td = self.td
         idle = self.response is None or self.response.done()
         if td and transcript.strip() and td.create_response and idle and not self.transcription_only:
-            self.start_response(ResponseParams())
+            started = spec is not None and spec.task is not None and not spec.task.cancelled() and (
+                spec.response_id is not None or not spec.task.done())
+            if started:
+                assert spec is not None
+                self.adopt(spec)
+            else:
+                self.start_response(ResponseParams())
+
+    def adopt(self, spec: Speculation) -> None:
+        """The turn ended as speculated: its response goes out, what it already made at once."""
+        assert spec.task is not None
+        spec.live = True
+        for event in spec.held:
+            self.emit(event)
+        spec.held.clear()
+        self.response, self.response_id = spec.task, spec.response_id
+        if spec.item_id is not None:
+            self.last_item = spec.item_id
+        if spec.answer:
+            self.items.append(("assistant", spec.answer))
+        spec.mark("taken")
+        # Stage times (time.monotonic(), the clock bench/bench_voice.py's perf_counter shares on Linux).
+        self.logger.info("speculation_taken", **{k: round(v, 4) for k, v in spec.marks.items()})
 
     async def transcribe(self, pcm: bytes, turn: Turn) -> str:
         tr = self.config.audio.input.transcription or Transcription()
@@ -662,7 +686,8 @@ class Session:
             raise InferBusError("invalid_request", "this turn is too long to transcribe (over ~16 s of speech)")
         prompt = turn.text[-400:] or tr.prompt
         request = TranscribeRequest(request_id=turn.next_request_id(), model=turn.model, audio=payload,
-                                    filename="turn.wav", language=tr.language, prompt=prompt)
+                                    filename="turn.wav", language=tr.language, prompt=prompt,
+                                    beam_size=tr.beam_size)
         turn.sent += len(pcm)
         route = self.gw.catalogue.route(turn.model, "asr", key_id=self.key.id)
         chunks = self.gw.dispatcher.open(
@@ -684,12 +709,27 @@ class Session:
     def start_response(self, params: ResponseParams) -> None:
         self.response = self.spawn(self.respond(params))
 
-    async def respond(self, params: ResponseParams) -> None:
-        waiting = [t for t in self.transcribing if not t.done()]
-        if waiting:  # a committed turn is part of this response's prompt
-            await asyncio.gather(*waiting, return_exceptions=True)
+    async def respond(self, params: ResponseParams, spec: Speculation | None = None) -> None:
+        prompt: list[tuple[str, str]] = []
+        if spec is None:
+            waiting = [t for t in self.transcribing if not t.done()]
+            if waiting:  # a committed turn is part of this response's prompt
+                await asyncio.gather(*waiting, return_exceptions=True)
+        else:
+            assert spec.turn.last is not None
+            # wait(), not gather(): cancelling this answer must not cancel the window's transcription,
+            # which stays the text of the audio it covers.
+            await asyncio.wait({spec.turn.last})
+            spec.mark("transcript")
+            if spec.turn.error is not None or not spec.turn.text.strip():
+                return  # nothing to answer: the turn's end says what happened
+            prompt = [("user", spec.turn.text)]
+        emit = self.emit if spec is None else spec.emit
         response_id, item_id = new_id("resp"), new_id("item")
-        self.response_id = response_id
+        if spec is None:
+            self.response_id = response_id
+        else:
+            spec.response_id, spec.item_id = response_id, item_id
         modalities = _set(params.output_modalities, UNSET)
         if modalities is UNSET and not isinstance(params.modalities, UnsetType):
             modalities = ["audio"] if "audio" in params.modalities else ["text"]
@@ -697,14 +737,14 @@ class Session:
         audio_out = "audio" in modalities
         shell = {"id": response_id, "object": "realtime.response", "status": "in_progress", "output": [],
                  "output_modalities": modalities}
-        self.emit({"type": "response.created", "response": shell})
+        emit({"type": "response.created", "response": shell})
         item: dict[str, Any] = {
             "id": item_id, "type": "message", "role": "assistant", "status": "in_progress", "content": []
         }
-        self.emit({"type": "response.output_item.added", "response_id": response_id, "output_index": 0, "item": item})
+        emit({"type": "response.output_item.added", "response_id": response_id, "output_index": 0, "item": item})
         part_type = "audio" if audio_out else "text"
         where = {"response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0}
-        self.emit({"type": "response.content_part.added", **where, "part": {"type": part_type}})
+        emit({"type": "response.content_part.added", **where, "part": {"type": part_type}})
         text: list[str] = []
         usage = {"input_tokens": 0, "output_tokens": 0}
         sentences: asyncio.Queue[str | None] = asyncio.Queue()
@@ -717,20 +757,27 @@ class Session:
             if audio_out:
                 tts_grant = await self.gw.admit_request(self.key, "/v1/realtime", "tts", tts_model,
                                                         f"{response_id}-tts")
-                speaker = self.spawn(self.speak(sentences, where, tts_model))
-            tokens = self.generate(params)
-            pending = ""
+                voice = self.voice_of(params)
+                style = _set(params.instructions, self.config.instructions)
+                speaker = self.spawn(self.speak(sentences, where, tts_model, emit, voice, style))
+            tokens = self.generate(params, prompt)
+            pending, first = "", True
             async for chunk in tokens:
                 if speaker is not None and speaker.done():
                     await speaker  # the speech failed: so does the response
                 if isinstance(chunk, Delta) and chunk.text:
                     text.append(chunk.text)
                     kind = "response.output_audio_transcript.delta" if audio_out else "response.output_text.delta"
-                    self.emit({"type": kind, **where, "delta": chunk.text})
+                    emit({"type": kind, **where, "delta": chunk.text})
                     if speaker is not None:
-                        done, pending = split_sentences(pending + chunk.text)
-                        for sentence in done:
-                            sentences.put_nowait(sentence)
+                        pending += chunk.text
+                        if first and (piece := first_piece(pending)) is not None:
+                            sentences.put_nowait(piece[0])
+                            pending, first = piece[1], False
+                        if not first:
+                            done, pending = split_sentences(pending)
+                            for sentence in done:
+                                sentences.put_nowait(sentence)
                 elif isinstance(chunk, Final):
                     usage = {"input_tokens": chunk.usage.prompt_tokens, "output_tokens": chunk.usage.completion_tokens}
             if speaker is not None:
@@ -742,11 +789,14 @@ class Session:
             status, reason = "cancelled", "turn_detected"
         except InferBusError as exc:
             status, reason = "failed", exc.code
-            self.failed(exc)
+            emit({"type": "error", "error": {"type": exc.spec.type, "code": exc.code, "message": exc.message,
+                                             "param": exc.param, "event_id": None}})
         except Exception:
             self.logger.exception("response_failed", response_id=response_id)
             status, reason = "failed", "internal_error"
-            self.error("The server had an error creating this response", code="server_error", kind="server_error")
+            emit({"type": "error", "error": {"type": "server_error", "code": "server_error", "param": None,
+                                             "message": "The server had an error creating this response",
+                                             "event_id": None}})
         finally:
             if tokens is not None:
                 await tokens.aclose()  # at once: the LLM worker hears the cancel
@@ -755,20 +805,24 @@ class Session:
                 await asyncio.gather(speaker, return_exceptions=True)
             self.gw.release(self.key, tts_grant, tts_model)
         transcript = "".join(text)
-        if transcript:
+        live = spec is None or spec.live
+        if transcript and live:
             self.items.append(("assistant", transcript))
+        elif spec is not None:
+            spec.answer = transcript
         if audio_out:
-            self.emit({"type": "response.output_audio_transcript.done", **where, "transcript": transcript})
-            self.emit({"type": "response.output_audio.done", **where})
+            emit({"type": "response.output_audio_transcript.done", **where, "transcript": transcript})
+            emit({"type": "response.output_audio.done", **where})
         else:
-            self.emit({"type": "response.output_text.done", **where, "text": transcript})
+            emit({"type": "response.output_text.done", **where, "text": transcript})
         part: dict[str, Any] = {"type": part_type, ("transcript" if audio_out else "text"): transcript}
-        self.emit({"type": "response.content_part.done", **where, "part": part})
+        emit({"type": "response.content_part.done", **where, "part": part})
         item = {**item, "status": "completed" if status == "completed" else "incomplete", "content": [part]}
-        self.emit({"type": "response.output_item.done", "response_id": response_id, "output_index": 0, "item": item})
-        self.last_item = item_id
+        emit({"type": "response.output_item.done", "response_id": response_id, "output_index": 0, "item": item})
+        if live:
+            self.last_item = item_id
         total = usage["input_tokens"] + usage["output_tokens"]
-        self.emit({"type": "response.done", "response": {
+        emit({"type": "response.done", "response": {
             **shell, "status": status, "output": [item],
             "status_details": {"type": status, "reason": reason} if reason else None,
             "usage": {"total_tokens": total, "input_tokens": usage["input_tokens"],
@@ -782,10 +836,10 @@ class Session:
         # "inf": as long as the model goes, up to what a chat request without max_tokens gets
         return self.gw.settings.default_max_tokens if limit == "inf" else int(limit)
 
-    async def generate(self, params: ResponseParams) -> AsyncGenerator[Any, None]:
+    async def generate(self, params: ResponseParams, prompt: list[tuple[str, str]]) -> AsyncGenerator[Any, None]:
         cfg = self.config
         messages = [Message("system", _set(params.instructions, cfg.instructions))]
-        messages += [Message(role, content) for role, content in self.items]
+        messages += [Message(role, content) for role, content in [*self.items, *prompt]]
         model = self.alias(cfg.model)
         request = GenerateRequest(request_id=new_id("rt-llm"), model=model, messages=messages,
                                   max_tokens=self.max_tokens(params),
@@ -803,11 +857,21 @@ class Session:
         finally:
             await chunks.aclose()  # on cancel too: publishes the LLM's cancel subject
 
-    async def speak(self, sentences: asyncio.Queue[str | None], where: dict[str, Any], model: str) -> None:
+    def voice_of(self, params: ResponseParams) -> str:
+        """The response's voice (GA `audio.output.voice`, or the beta `voice`), else the session's."""
+        output = (params.audio or {}).get("output")
+        voice = output.get("voice") if isinstance(output, dict) else None
+        chosen = voice if isinstance(voice, str) and voice else params.voice
+        return chosen or self.config.audio.output.voice
+
+    async def speak(self, sentences: asyncio.Queue[str | None], where: dict[str, Any], model: str,
+                    emit: Callable[[dict[str, Any]], None], voice: str, style: str) -> None:
+        """The answer's pieces through the TTS in order; `style` (the instructions) sets how they sound."""
         index = 0
         while (sentence := await sentences.get()) is not None:
             request = SpeechRequest(request_id=f"{where['response_id']}-tts{index}", model=model, input=sentence,
-                                    speed=self.config.audio.output.speed)
+                                    speed=self.config.audio.output.speed, voice=engine_voice(voice),
+                                    instructions=style or None)
             index += 1
             route = self.gw.catalogue.route(model, "tts", key_id=self.key.id)
             chunks = self.gw.dispatcher.open(
@@ -818,7 +882,7 @@ class Session:
             try:
                 async for chunk in chunks:
                     if isinstance(chunk, AudioChunk):
-                        self.emit({"type": "response.output_audio.delta", **where,
+                        emit({"type": "response.output_audio.delta", **where,
                                    "delta": base64.b64encode(chunk.pcm).decode()})
             finally:
                 await chunks.aclose()

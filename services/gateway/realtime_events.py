@@ -44,6 +44,7 @@ class Transcription(Schema, kw_only=True):
     language: Annotated[str, Meta(max_length=16)] | None = None
     prompt: Annotated[str, Meta(max_length=2000)] | None = None
     partials: bool | None = None  # InferBus: partial transcripts (default: in transcription sessions)
+    beam_size: Annotated[int, Meta(ge=1, le=10)] | None = None  # InferBus: the ASR's beam (None: its default)
 
 
 class InputAudio(Struct, kw_only=True):

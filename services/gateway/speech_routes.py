@@ -24,6 +24,7 @@ from services.gateway.governance import speech_seconds_bound
 from services.gateway.openai_routes import VERSION_HEADER, _decode, _timeout
 from services.gateway.speech_formats import AudioEncoder, Format, content_type, encoder_for
 from services.gateway.state import GATEWAY, Gateway
+from services.runtime import bus
 from services.runtime import logging as log
 
 # OpenAI's voice names: each is spoken by the model's default voice.
@@ -51,14 +52,42 @@ def _speech_request(body: SpeechBody, model: str, request_id: str, max_chars: in
         raise invalid("input must not be empty", "input")
     if len(body.input) > max_chars:
         raise invalid(f"input is {len(body.input)} characters; the limit is {max_chars}", "input")
-    if body.instructions:
-        raise InferBusError("unsupported_parameter", "instructions are not supported by this model",
-                            param="instructions")
+    if body.instructions is not None and len(body.instructions) > max_chars:
+        raise invalid(f"instructions are {len(body.instructions)} characters; the limit is {max_chars}",
+                      "instructions")
     if body.stream_format != "audio":
         raise InferBusError("unsupported_parameter", "only stream_format 'audio' is supported",
                             param="stream_format")
-    voice = None if body.voice.lower() in OPENAI_VOICES else body.voice
-    return SpeechRequest(request_id=request_id, model=model, input=body.input, voice=voice, speed=body.speed)
+    return SpeechRequest(request_id=request_id, model=model, input=body.input, voice=engine_voice(body.voice),
+                         speed=body.speed, instructions=body.instructions or None)
+
+
+def engine_voice(voice: str | None) -> str | None:
+    """The voice to ask the engine for: None (its default) for OpenAI's names."""
+    return None if voice is None or voice.lower() in OPENAI_VOICES else voice
+
+
+@routes.get("/v1/audio/voices")
+async def voices(request: web.Request) -> web.Response:
+    """Every voice a live TTS worker offers, with its language and sample rate; OpenAI's names map to each
+    model's default voice."""
+    gw = request.app[GATEWAY]
+    key = await gw.authorize(request)
+    data: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
+    for stats in await bus.service_stats(gw.service.bus, "inferbus-tts", wait=0.3):
+        model, voice_info = stats.get("model"), stats.get("voice_info") or {}
+        if not stats.get("ready") or not isinstance(model, str) or not key.allows("tts", model):
+            continue
+        for name in stats.get("voices", []):
+            if (model, name) in seen:
+                continue
+            seen.add((model, name))
+            data.append({"id": name, "object": "audio.voice", "model": model, **voice_info.get(name, {}),
+                         "sample_rate": stats.get("sample_rate"), "default": name == stats.get("default_voice"),
+                         "aliases": sorted(OPENAI_VOICES) if name == stats.get("default_voice") else []})
+    data.sort(key=lambda v: (v["model"], v["id"]))
+    return web.json_response({"object": "list", "data": data})
 
 
 @routes.post("/v1/audio/speech")

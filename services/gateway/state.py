@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
+import secrets
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any, Literal, Protocol
 
 import asyncpg
@@ -14,6 +16,7 @@ from aiohttp import web
 from contracts import headers as h
 from contracts import subjects, usage
 from contracts.control import Reply, load_decoder
+from contracts.embed import EmbedDone, EmbedRequest, Vectors, embed_chunk_decoder, embed_encoder
 from contracts.errors import InferBusError
 from contracts.llm import GenerateRequest, Usage
 from contracts.requestlog import MAX_BODY_CHARS, MAX_FALLBACKS, Fallback, RequestRecord
@@ -33,8 +36,10 @@ from contracts.tenancy import (
 )
 from contracts.usage import ListPrices, PriceView
 from services.gateway.auth import KeyRecord, KeyStore, bearer
+from services.gateway.cache import CacheSettings, ResponseCache
+from services.gateway.cache import mode as cache_mode
 from services.gateway.catalogue import Catalogue, ModelEntry
-from services.gateway.dispatch import Dispatcher, Served
+from services.gateway.dispatch import CacheUse, Dispatcher, Served
 from services.gateway.governance import Governor, Grant
 from services.gateway.nats_edge import Callout, Edge, Kicker
 from services.gateway.tenancy import TenancyAdmin
@@ -42,6 +47,7 @@ from services.runtime import admin, bus, db, requestlog, service, settings
 from services.runtime import logging as log
 from services.runtime.breakers import Breakers
 from services.runtime.natsauth import Issuer
+from services.runtime.resp import Resp
 from services.runtime.streaming import StreamClient
 
 DEFAULT_MODELS = [
@@ -104,12 +110,20 @@ class OpenSockets:
         return sum(len(s) for s in self._by_key.values())
 
 
+CACHE_HEADER = "x-inferbus-cache"
+
+
 class GatewaySettings(settings.CommonSettings, kw_only=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: int = 8080
     admin_key: str | None = None
     admin_key_previous: str | None = None  # revoked at start: `inferbus up --rotate-admin-key`
     max_body_bytes: int = 1 << 20
+    # Browser origins allowed to call the API (CORS): ["https://app.example.com"], or ["*"]; none by default.
+    cors_origins: list[str] = []
+    cors_max_age_s: int = 600
+    # The response cache (services/gateway/cache.py): exact in Redis, semantic in pgvector (INFERBUS_CACHE as JSON).
+    cache: CacheSettings = CacheSettings()
     default_max_tokens: int = 512
     request_timeout_s: float = 600.0
     max_request_timeout_s: float = 3600.0
@@ -163,6 +177,7 @@ class Gateway:
         self._dispatcher: Dispatcher | None = None
         self.breakers: Breakers | None = None
         self.request_log: requestlog.RequestLogPublisher | None = None
+        self.cache: ResponseCache | None = None
         self._prices_task: asyncio.Task[None] | None = None
         self.in_flight = 0
         self.edge: Edge | None = None
@@ -221,6 +236,8 @@ class Gateway:
             self.logger.warning("request_log_stream_unavailable", error=repr(exc))
         self.request_log = requestlog.RequestLogPublisher(nc)
         self.request_log.start()
+        if cfg.cache.enabled:
+            self.cache = ResponseCache(Resp(cfg.redis_url), self.pool, cfg.cache, self._embed)
         await self._start_nats_edge()
         self.service.stats_source = self.stats
         self.service.metadata.update({"http": f"http://{cfg.host}:{cfg.port}"})
@@ -285,6 +302,8 @@ class Gateway:
             await self.edge.close()
         if self.request_log is not None:
             await self.request_log.drain(2.0)
+        if self.cache is not None:
+            await self.cache.close()
         if self._dispatcher is not None:
             await self._dispatcher.outcomes.close()
         for task in list(self._kicks):
@@ -306,7 +325,37 @@ class Gateway:
         prices = self.governor.prices.per_model if self.governor is not None else {}
         return {"in_flight": self.in_flight, "models": len(self.catalogue.listing()), "priced_models": sorted(prices),
                 "sockets": len(self.sockets), "breakers": self.breakers.snapshot() if self.breakers else {},
-                "request_log": self.request_log.stats() if self.request_log else {}}
+                "request_log": self.request_log.stats() if self.request_log else {},
+                "cache": self.cache.stats() if self.cache else {}}
+
+    def cache_use(self, headers: Mapping[str, str], key: KeyRecord | None, request: GenerateRequest) -> CacheUse | None:
+        """How this request may use the response cache (headers `x-inferbus-cache`, `Cache-Control`)."""
+        if self.cache is None:
+            return None
+        how = cache_mode(request, headers.get(CACHE_HEADER), headers.get("Cache-Control"), self.cache.settings)
+        if how == "off":
+            return None
+        return CacheUse(self.cache, key.tenant_id if key is not None else "-", how)
+
+    async def _embed(self, text: str) -> list[float] | None:
+        """One text's vector from the cache's embed model, over the bus (None when nobody serves it)."""
+        model = self.settings.cache.embed_model
+        rid = "cache-" + secrets.token_hex(8)
+        try:
+            route = self.catalogue.route(model, "embed")
+            chunks = self.dispatcher.open(
+                "embed", model, route, embed_encoder.encode(EmbedRequest(request_id=rid, model=model, texts=[text])),
+                rid, decoder=embed_chunk_decoder, terminal=(EmbedDone,), progress=(Vectors,), retries=0,
+                deadline=time.time() + 5,
+            )
+            vector: list[float] | None = None
+            async for chunk in chunks:
+                if isinstance(chunk, Vectors):
+                    vector = array.array("f", chunk.data[: 4 * chunk.dim]).tolist()
+            return vector
+        except InferBusError as exc:
+            self.logger.warning("cache_embed_unavailable", model=model, error=exc.code, message=exc.message)
+            return None
 
     def log_request(
         self,

@@ -1,4 +1,4 @@
-"""A finished transcription in OpenAI's response formats: json, text, srt, vtt, verbose_json."""
+"""A finished transcription in OpenAI's response formats: json, text, srt, vtt, verbose_json, diarized_json."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any, Final
 
 from contracts.speech import Segment, Transcript
 
-FORMATS: Final = ("json", "text", "srt", "verbose_json", "vtt")
+FORMATS: Final = ("json", "text", "srt", "verbose_json", "vtt", "diarized_json")
 GRANULARITIES: Final = ("segment", "word")
 
 # Whisper's language codes and the names OpenAI's verbose_json reports.
@@ -100,8 +100,24 @@ def as_verbose_json(
                 "avg_logprob": round(s.avg_logprob, 4),
                 "compression_ratio": _compression_ratio(s.text),
                 "no_speech_prob": round(s.no_speech_prob, 4),
+                **({"speaker": s.speaker} if s.speaker is not None else {}),
             }
             for s in segments
         ]
     body["usage"] = usage(transcript)
     return body
+
+
+def as_diarized_json(transcript: Transcript, segments: list[Segment]) -> dict[str, Any]:
+    """OpenAI's diarized_json: one segment per run of one speaker's words."""
+    return {
+        "task": "transcribe",
+        "duration": transcript.duration,
+        "text": transcript.text,
+        "segments": [
+            {"type": "transcript.text.segment", "id": f"seg_{s.id}", "start": s.start, "end": s.end,
+             "text": s.text.strip(), "speaker": s.speaker or "A"}
+            for s in segments
+        ],
+        "usage": usage(transcript),
+    }

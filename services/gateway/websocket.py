@@ -158,7 +158,12 @@ class Socket:
                 creq = msgspec.json.decode(event.body, type=CompletionRequest)
                 return completion_to_generate(creq, "cmpl-" + secrets.token_hex(12), cfg.default_max_tokens)
             req = msgspec.json.decode(event.body, type=ChatCompletionRequest)
-            return chat_to_generate(req, "chatcmpl-" + secrets.token_hex(12), cfg.default_max_tokens)
+            gen = chat_to_generate(req, "chatcmpl-" + secrets.token_hex(12), cfg.default_max_tokens)
+            for name in ("tools", "logprobs"):  # their answers are not text deltas: HTTP carries them
+                if getattr(gen, name):
+                    raise InferBusError("unsupported_parameter", f"{name} are not served over /v1/ws yet: use"
+                                        " POST /v1/chat/completions", param=name)
+            return gen
         except msgspec.MsgspecError as exc:
             raise from_validation(exc) from None
         except RecursionError:

@@ -17,6 +17,8 @@ from contracts.llm import (
     Final,
     GenerateRequest,
     Heartbeat,
+    TokenLogprob,
+    ToolCallDelta,
     Usage,
     chunk_encoder,
     request_decoder,
@@ -52,6 +54,22 @@ class Tally:
     def __init__(self) -> None:
         self.prompt = 0
         self.completion = 0
+
+
+class Extras:
+    """Tool call deltas and logprobs of the pieces that go out in one Delta (rare: most requests have none)."""
+
+    __slots__ = ("logprobs", "tool_calls")
+
+    def __init__(self) -> None:
+        self.tool_calls: list[ToolCallDelta] | None = None
+        self.logprobs: list[TokenLogprob] | None = None
+
+    def add(self, piece: Piece) -> None:
+        if piece.tool_calls:
+            self.tool_calls = (self.tool_calls or []) + piece.tool_calls
+        if piece.logprobs:
+            self.logprobs = (self.logprobs or []) + piece.logprobs
 
 
 class WorkerSettings(worker.WorkerSettings, kw_only=True):
@@ -123,6 +141,10 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
 
     async def _handle(self, request: GenerateRequest, out: ReplyStream, received: float, tally: Tally) -> None:
         prepared = await self._prepare(request, out)
+        if request.count_only:  # a remote engine's prompt is counted upstream: about four characters a token
+            count = prepared.prompt_tokens or (sum(len(m.content) for m in request.messages or ()) + 3) // 4
+            await out.send(Final, "stop", Usage(count, 0), self.s.version)
+            return
         if self.s.fault_delay_ms > 0:
             await asyncio.sleep(self.s.fault_delay_ms / 1000)
         if self.s.fault_error_rate > 0 and random.random() < self.s.fault_error_rate:
@@ -157,6 +179,7 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
                 text_parts: list[str] = []
                 tokens = 0
                 done = False
+                extras: Extras | None = None
                 for piece in batch:
                     if piece is _DONE:
                         done = True
@@ -171,6 +194,9 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
                         completion = piece.completion_tokens - tokens
                     else:
                         tokens += piece.tokens
+                    if piece.tool_calls is not None or piece.logprobs is not None:
+                        extras = extras or Extras()
+                        extras.add(piece)
                     text_parts.append(scanner.feed(piece.text))
                     if scanner.stopped:
                         finish, done = "stop", True
@@ -183,11 +209,14 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
                 completion += tokens
                 tally.completion = completion
                 text = "".join(text_parts)
-                if text or tokens:
+                if text or tokens or extras is not None:
                     if first:
                         self._ttft.observe(time.monotonic() - received)
                         first = False
-                    await out.send(Delta, text, tokens, more=done)  # done: Final follows at once
+                    if extras is None:
+                        await out.send(Delta, text, tokens, more=done)  # done: Final follows at once
+                    else:
+                        await out.send(Delta, text, tokens, extras.tool_calls, extras.logprobs, more=done)
                 if done:
                     break
         finally:

@@ -115,7 +115,7 @@ class Metering:
             writers=cfg.writers,
         )
         self.broker = NatsBroker(
-            cfg.nats_url,
+            bus.servers(cfg.nats_url),
             name=f"inferbus-metering-consumer-{self.service.instance_id}",
             **broker_identity(bus.Identity.of(cfg)),
             max_reconnect_attempts=-1,

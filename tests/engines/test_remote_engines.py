@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import email.utils
 import importlib.util
+import json
 import subprocess
 import sys
 import time
@@ -17,11 +18,18 @@ import aiohttp
 import pytest
 
 from contracts.errors import InferBusError
-from contracts.llm import GenerateRequest, Message
+from contracts.llm import GenerateRequest, Message, ResponseFormat, Tool, ToolCall, ToolCallDelta
 from services.llm import engines
 from services.llm.engines.anthropic import AnthropicEngine
 from services.llm.engines.base import Piece
-from services.llm.engines.remote import RemoteEngine, SSEEvent, SSEParser, estimated_prompt_tokens, retry_after_s
+from services.llm.engines.remote import (
+    RemoteEngine,
+    SSEEvent,
+    SSEParser,
+    Turn,
+    estimated_prompt_tokens,
+    retry_after_s,
+)
 from services.runtime.embedded import free_port
 from tests.fakes.providers import PROVIDERS, FakeProvider
 
@@ -169,7 +177,8 @@ EXPECTED_BODY: dict[str, dict[str, Any]] = {
             {"role": "model", "parts": [{"text": "hi"}]},
             {"role": "user", "parts": [{"text": "name a city"}]},
         ],
-        "generationConfig": {"temperature": 0.5, "topP": 0.9, "maxOutputTokens": 5, "stopSequences": ["END"]},
+        "generationConfig": {"temperature": 0.5, "topP": 0.9, "maxOutputTokens": 5, "stopSequences": ["END"],
+                             "seed": 7},
         "systemInstruction": {"parts": [{"text": "Be brief.\n\nUse French."}]},
     },
 }
@@ -182,7 +191,8 @@ EXPECTED_AUTH = {"openai": f"Bearer {KEY}", "anthropic": KEY, "gemini": KEY}
 
 
 async def test_request_translation(engine: RemoteEngine, fake: FakeProvider) -> None:
-    pieces = await _collect(engine, _req(max_tokens=5, messages=CONVERSATION, **SAMPLING))
+    sampling = {k: v for k, v in SAMPLING.items() if k != "seed" or fake.provider != "anthropic"}  # it has none
+    pieces = await _collect(engine, _req(max_tokens=5, messages=CONVERSATION, **sampling))
     assert "".join(p.text for p in pieces) == "name a city name a"
     assert fake.stats.last_body == EXPECTED_BODY[fake.provider]
     assert fake.stats.last_path == EXPECTED_PATH[fake.provider]
@@ -196,8 +206,11 @@ def test_anthropic_sends_only_sampling_that_differs_from_the_default() -> None:
     assert "temperature" not in engine.body(_req()) and "top_p" not in engine.body(_req())
     assert engine.body(_req(temperature=1.7))["temperature"] == 1.0  # Anthropic's range ends at 1
     with pytest.raises(InferBusError) as caught:
-        engine.body(_req(messages=[Message("tool", "42")]))
+        engine.body(_req(messages=[Message("tool", "42")]))  # a tool result must name its call
     assert caught.value.code == "invalid_request"
+    with pytest.raises(InferBusError) as refused:
+        engine.prepare(_req(seed=3))
+    assert (refused.value.code, refused.value.param) == ("unsupported_parameter", "seed")
 
 
 # ---- errors ---------------------------------------------------------------------------------
@@ -493,3 +506,180 @@ async def test_openai_engine_against_llama_cpp_server(llama_server: tuple[str, P
     assert last.finish_reason in ("stop", "length") and all(p.tokens == 1 for p in text)
     # llama-cpp-python's server sends no usage in streams (it ignores stream_options): we estimate it.
     assert (last.prompt_tokens, last.completion_tokens) == (estimated_prompt_tokens(req), len(text))
+
+
+# ---- tools and structured output: translation both ways, on each provider's documented wire data ----
+
+WEATHER = Tool(name="get_weather", description="Weather in a city",
+               parameters={"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})
+TOOL_HISTORY = [
+    Message("user", "Weather in Paris and Rome?"),
+    Message("assistant", "", tool_calls=[ToolCall("call_a", "get_weather", '{"city": "Paris"}'),
+                                         ToolCall("call_b", "get_weather", '{"city": "Rome"}')]),
+    Message("tool", "21C", tool_call_id="call_a"),
+    Message("tool", "25C", tool_call_id="call_b"),
+]
+
+
+def _offline(provider: str) -> RemoteEngine:
+    engine = engines.create(provider, {"model": MODEL, "api_key": KEY})
+    assert isinstance(engine, RemoteEngine)
+    return engine
+
+
+def test_openai_passes_tools_and_history_through() -> None:
+    body = _offline("openai").prepare(_req(messages=TOOL_HISTORY, tools=[WEATHER], tool_choice="required",
+                                          parallel_tool_calls=False)).prompt
+    assert isinstance(body, dict)
+    assert body["tools"] == [{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather in a city", "parameters": WEATHER.parameters}}]
+    assert (body["tool_choice"], body["parallel_tool_calls"]) == ("required", False)
+    assert body["messages"][1] == {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "call_b", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]}
+    assert body["messages"][2] == {"role": "tool", "content": "21C", "tool_call_id": "call_a"}
+    named = _offline("openai").body(_req(tools=[WEATHER], tool_choice="required", tool_name="get_weather"))
+    assert named["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    schema = ResponseFormat(type="json_schema", schema={"type": "object"}, name="out", strict=True)
+    formatted = _offline("openai").body(_req(response_format=schema, logprobs=2, frequency_penalty=0.5))
+    spec = {"name": "out", "schema": {"type": "object"}, "strict": True}
+    assert formatted["response_format"] == {"type": "json_schema", "json_schema": spec}
+    assert (formatted["logprobs"], formatted["top_logprobs"], formatted["frequency_penalty"]) == (True, 2, 0.5)
+
+
+def test_openai_reads_streamed_tool_calls() -> None:
+    # The shape of https://platform.openai.com/docs/guides/function-calling (streaming): id and name first.
+    engine, turn = _offline("openai"), Turn()
+    events = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": None, "tool_calls": [
+            {"index": 0, "id": "call_DdmO9pD3xa9XTPNJ32zg2hcA", "type": "function",
+             "function": {"name": "get_weather", "arguments": ""}}]}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\""}}]}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "function": {"arguments": "city\": \"Paris\"}"}}]}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+    ]
+    calls = []
+    for data in events:
+        assert engine.read(SSEEvent("message", json.dumps(data)), turn) == ""
+        calls += turn.calls
+        turn.calls = []
+    assert calls[0] == ToolCallDelta(0, "call_DdmO9pD3xa9XTPNJ32zg2hcA", "get_weather", "")
+    assert "".join(c.arguments for c in calls) == '{"city": "Paris"}' and turn.finish == "tool_calls"
+
+
+def test_anthropic_translates_tools_history_and_choice() -> None:
+    body = _offline("anthropic").body(_req(messages=TOOL_HISTORY, tools=[WEATHER], tool_choice="required",
+                                          parallel_tool_calls=False))
+    assert body["tools"] == [{"name": "get_weather", "description": "Weather in a city",
+                              "input_schema": WEATHER.parameters}]
+    assert body["tool_choice"] == {"type": "any", "disable_parallel_tool_use": True}
+    assert body["messages"][1] == {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "call_a", "name": "get_weather", "input": {"city": "Paris"}},
+        {"type": "tool_use", "id": "call_b", "name": "get_weather", "input": {"city": "Rome"}}]}
+    assert body["messages"][2] == {"role": "user", "content": [  # both results in one user turn
+        {"type": "tool_result", "tool_use_id": "call_a", "content": "21C"},
+        {"type": "tool_result", "tool_use_id": "call_b", "content": "25C"}]}
+    named = _offline("anthropic").body(_req(tools=[WEATHER], tool_choice="required", tool_name="get_weather"))
+    assert named["tool_choice"] == {"type": "tool", "name": "get_weather"}
+    assert _offline("anthropic").body(_req(tools=[WEATHER], tool_choice="none"))["tool_choice"] == {"type": "none"}
+
+
+def _anthropic_events(engine: RemoteEngine, turn: Turn, events: list[tuple[str, dict[str, Any]]]) -> str:
+    text = ""
+    for name, data in events:
+        text += engine.read(SSEEvent(name, json.dumps(data)), turn)
+    return text
+
+
+ANTHROPIC_TOOL_STREAM = [  # https://docs.anthropic.com/en/docs/build-with-claude/streaming (tool use)
+    ("message_start", {"type": "message_start", "message": {"id": "msg_1", "usage": {"input_tokens": 472,
+                                                                                      "output_tokens": 2}}}),
+    ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                             "delta": {"type": "text_delta", "text": "Let me check."}}),
+    ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+    ("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
+        "type": "tool_use", "id": "toolu_01T1x1fJ34qAmk2tNTrN7Up6", "name": "get_weather", "input": {}}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 1,
+                             "delta": {"type": "input_json_delta", "partial_json": ""}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 1,
+                             "delta": {"type": "input_json_delta", "partial_json": "{\"city\": \"San"}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 1,
+                             "delta": {"type": "input_json_delta", "partial_json": " Francisco\"}"}}),
+    ("content_block_stop", {"type": "content_block_stop", "index": 1}),
+    ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                       "usage": {"output_tokens": 89}}),
+    ("message_stop", {"type": "message_stop"}),
+]
+
+
+def test_anthropic_reads_tool_use_blocks_as_calls() -> None:
+    engine, turn = _offline("anthropic"), Turn()
+    assert _anthropic_events(engine, turn, ANTHROPIC_TOOL_STREAM) == "Let me check."
+    assert turn.calls[0] == ToolCallDelta(0, "toolu_01T1x1fJ34qAmk2tNTrN7Up6", "get_weather", "")
+    assert "".join(c.arguments for c in turn.calls) == '{"city": "San Francisco"}'
+    assert (turn.finish, turn.prompt_tokens, turn.completion_tokens) == ("tool_calls", 472, 89)
+
+
+def test_anthropic_structured_output_and_effort_go_in_output_config() -> None:
+    engine = _offline("anthropic")
+    fmt = ResponseFormat(type="json_schema", schema={"type": "object", "properties": {"a": {"type": "integer"}}})
+    body = engine.body(_req(response_format=fmt, reasoning_effort="low"))
+    assert body["output_config"] == {"format": {"type": "json_schema", "schema": fmt.schema}, "effort": "low"}
+    assert "tools" not in body
+    any_object = engine.body(_req(response_format=ResponseFormat(type="json_object")))
+    assert any_object["output_config"]["format"]["schema"] == {"type": "object"}
+
+
+def test_gemini_translates_tools_and_reads_function_calls() -> None:
+    engine = _offline("gemini")
+    body = engine.body(_req(messages=TOOL_HISTORY, tools=[WEATHER], tool_choice="required", tool_name="get_weather"))
+    assert body["tools"] == [{"functionDeclarations": [{
+        "name": "get_weather", "description": "Weather in a city", "parametersJsonSchema": WEATHER.parameters}]}]
+    assert body["toolConfig"] == {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["get_weather"]}}
+    assert body["contents"][1] == {"role": "model", "parts": [
+        {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}},
+        {"functionCall": {"name": "get_weather", "args": {"city": "Rome"}}}]}
+    assert body["contents"][2] == {"role": "user", "parts": [
+        {"functionResponse": {"name": "get_weather", "response": {"content": "21C"}}},
+        {"functionResponse": {"name": "get_weather", "response": {"content": "25C"}}}]}
+    with pytest.raises(InferBusError) as serial:
+        engine.body(_req(tools=[WEATHER], parallel_tool_calls=False))
+    assert serial.value.param == "parallel_tool_calls"
+    # https://ai.google.dev/gemini-api/docs/function-calling: a functionCall part, whole, in one chunk.
+    chunk = {"candidates": [{"content": {"role": "model", "parts": [
+        {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}]}, "finishReason": "STOP"}],
+        "usageMetadata": {"promptTokenCount": 30, "candidatesTokenCount": 8}}
+    turn = Turn()
+    assert engine.read(SSEEvent("message", json.dumps(chunk)), turn) == ""
+    (call,) = turn.calls
+    assert (call.index, call.name, json.loads(call.arguments)) == (0, "get_weather", {"city": "Paris"})
+    assert call.id is not None and call.id.startswith("call_") and turn.finish == "tool_calls"
+    fmt = ResponseFormat(type="json_schema", schema={"type": "object"})
+    config = engine.body(_req(response_format=fmt, presence_penalty=0.3))["generationConfig"]
+    assert (config["responseMimeType"], config["responseJsonSchema"], config["presencePenalty"]) == (
+        "application/json", {"type": "object"}, 0.3)
+
+
+@pytest.mark.parametrize(("provider", "fields", "param"), [
+    ("anthropic", {"logprobs": 1}, "logprobs"),
+    ("anthropic", {"frequency_penalty": 0.5}, "frequency_penalty"),
+    ("gemini", {"logit_bias": {1: 2.0}}, "logit_bias"),
+    ("gemini", {"reasoning_effort": "low"}, "reasoning_effort"),
+])
+def test_what_a_provider_cannot_do_is_refused_by_name(provider: str, fields: dict[str, Any], param: str) -> None:
+    with pytest.raises(InferBusError) as refused:
+        _offline(provider).prepare(_req(**fields))
+    assert (refused.value.code, refused.value.param) == ("unsupported_parameter", param)
+
+
+async def test_tools_go_out_through_the_http_seam() -> None:
+    async with FakeProvider("openai", api_key=KEY, model=MODEL) as fake:
+        engine = _engine(fake)
+        try:
+            pieces = await _collect(engine, _req(tools=[WEATHER]))
+        finally:
+            await engine.close()
+    assert fake.stats.last_body["tools"][0]["function"]["name"] == "get_weather"
+    assert fake.stats.last_body["tool_choice"] == "auto" and pieces[-1].finish_reason == "stop"

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple, Protocol
 
 from contracts.errors import InferBusError
-from contracts.llm import GenerateRequest, Message
+from contracts.llm import GenerateRequest, Message, TokenLogprob, ToolCallDelta
 
 Progress = Callable[[str, float], None]
 
@@ -16,6 +16,7 @@ class Prepared(NamedTuple):
 
     prompt: object
     prompt_tokens: int
+    plan: object = None  # how the engine samples a request that is not plain (its grammar, say)
 
 
 class Piece(NamedTuple):
@@ -26,6 +27,26 @@ class Piece(NamedTuple):
     # the completion tokens counted so far (a provider's usage is what it bills).
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+def refuse(engine: str, request: GenerateRequest, supported: frozenset[str] = frozenset()) -> None:
+    """An engine's refusal of what a request asks that it cannot do (`supported` names what it can)."""
+    asked = {
+        "tools": request.calls_tools,
+        "response_format": request.response_format is not None,
+        "logit_bias": bool(request.logit_bias),
+        "logprobs": request.logprobs is not None,
+        "frequency_penalty": bool(request.frequency_penalty),
+        "presence_penalty": bool(request.presence_penalty),
+        "reasoning_effort": request.reasoning_effort is not None,
+        "seed": request.seed is not None,
+    }
+    for param, wanted in asked.items():
+        if wanted and param not in supported:
+            raise InferBusError("unsupported_parameter", f"{param} is not supported by the {engine} engine",
+                                param=param)
 
 
 class Engine(Protocol):

@@ -6,8 +6,9 @@ from typing import Any
 
 import msgspec
 
+from contracts.errors import InferBusError
 from contracts.llm import GenerateRequest
-from services.llm.engines.remote import Fault, RemoteEngine, SSEEvent, Turn, conversation
+from services.llm.engines.remote import Fault, RemoteEngine, SSEEvent, Turn, arguments_object, conversation
 
 FINISH = {
     "STOP": "stop",
@@ -22,9 +23,16 @@ FINISH = {
 ROLES = {"user": "user", "assistant": "model"}
 
 
-class _Part(msgspec.Struct):
+class _FunctionCall(msgspec.Struct):
+    name: str
+    args: dict[str, Any] = {}
+    id: str | None = None
+
+
+class _Part(msgspec.Struct, rename="camel"):
     text: str | None = None
     thought: bool = False
+    function_call: _FunctionCall | None = None
 
 
 class _Content(msgspec.Struct):
@@ -61,16 +69,78 @@ class _Chunk(msgspec.Struct, rename="camel"):
 _chunk = msgspec.json.Decoder(_Chunk)
 
 
+def contents(request: GenerateRequest, turns: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Turns as Gemini contents: calls as functionCall parts, results as functionResponse parts of a user turn."""
+    out: list[dict[str, Any]] = []
+    names: dict[str, str] = {}  # call id -> function name: a functionResponse names the function, not the call
+    for i, (role, text) in enumerate(turns):
+        m = request.messages[i] if request.messages is not None else None
+        if role == "system":
+            continue
+        if role == "tool" and m is not None:
+            name = names.get(m.tool_call_id or "")
+            if name is None:
+                param = f"messages[{i}].tool_call_id"
+                raise InferBusError("invalid_request", f"{param}: no earlier assistant call has this id", param=param)
+            try:
+                result = msgspec.json.decode(text)
+            except msgspec.DecodeError:
+                result = text
+            part = {"functionResponse": {"name": name, "response": {"content": result}}}
+            if out and out[-1]["role"] == "user" and "functionResponse" in out[-1]["parts"][0]:
+                out[-1]["parts"].append(part)
+            else:
+                out.append({"role": "user", "parts": [part]})
+        elif m is not None and m.tool_calls:
+            parts: list[dict[str, Any]] = [{"text": text}] if text else []
+            for j, c in enumerate(m.tool_calls):
+                names[c.id] = c.name
+                args = arguments_object(c.arguments, f"messages[{i}].tool_calls[{j}].function.arguments")
+                parts.append({"functionCall": {"name": c.name, "args": args}})
+            out.append({"role": "model", "parts": parts})
+        else:
+            out.append({"role": ROLES[role], "parts": [{"text": text}]})
+    return out
+
+
+def tools_fields(request: GenerateRequest, config: dict[str, Any]) -> dict[str, Any]:
+    """tools and toolConfig for the body; a response format goes into generationConfig (`config`)."""
+    fmt = request.response_format
+    if fmt is not None:
+        config["responseMimeType"] = "application/json"
+        if fmt.schema is not None:
+            config["responseJsonSchema"] = fmt.schema
+    for name, field in (("frequency_penalty", "frequencyPenalty"), ("presence_penalty", "presencePenalty")):
+        if value := getattr(request, name):
+            config[field] = value
+    if not request.tools:
+        return {}
+    if not request.parallel_tool_calls:
+        raise InferBusError("unsupported_parameter", "parallel_tool_calls false is not supported by the gemini engine",
+                            param="parallel_tool_calls")
+    declarations = []
+    for t in request.tools:
+        declaration: dict[str, Any] = {"name": t.name, "description": t.description or ""}
+        if t.parameters is not None:
+            declaration["parametersJsonSchema"] = t.parameters
+        declarations.append(declaration)
+    calling: dict[str, Any] = {"mode": {"auto": "AUTO", "required": "ANY", "none": "NONE"}[request.tool_choice]}
+    if request.tool_name is not None:
+        calling["allowedFunctionNames"] = [request.tool_name]
+    return {"tools": [{"functionDeclarations": declarations}], "toolConfig": {"functionCallingConfig": calling}}
+
+
 class GeminiEngine(RemoteEngine):
     name = "gemini"
     default_base_url = "https://generativelanguage.googleapis.com"
+    supported = frozenset({"tools", "response_format", "seed", "frequency_penalty", "presence_penalty"})
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.model = self.model.removeprefix("models/")
 
     def body(self, request: GenerateRequest) -> dict[str, Any]:
-        turns = conversation(request)
+        turns = conversation(request, tools=True)
         config: dict[str, Any] = {
             "temperature": request.temperature,
             "topP": request.top_p,
@@ -78,10 +148,11 @@ class GeminiEngine(RemoteEngine):
         }
         if request.stop:
             config["stopSequences"] = request.stop
-        body: dict[str, Any] = {
-            "contents": [{"role": ROLES[role], "parts": [{"text": text}]} for role, text in turns if role != "system"],
-            "generationConfig": config,
-        }
+        if request.seed is not None:
+            config["seed"] = request.seed
+        body: dict[str, Any] = {"contents": contents(request, turns), "generationConfig": config}
+        if not request.plain:
+            body.update(tools_fields(request, config))
         if system := "\n\n".join(text for role, text in turns if role == "system"):
             body["systemInstruction"] = {"parts": [{"text": system}]}
         return body
@@ -109,9 +180,15 @@ class GeminiEngine(RemoteEngine):
         if not chunk.candidates:
             return ""
         candidate = chunk.candidates[0]
+        parts = candidate.content.parts if candidate.content else []
+        for part in parts:
+            if part.function_call is not None:  # whole, never split across events
+                call = part.function_call
+                turn.call(call.id, call.name, msgspec.json.encode(call.args).decode())
         if candidate.finish_reason:
             turn.finish = FINISH.get(candidate.finish_reason, "stop")
-        parts = candidate.content.parts if candidate.content else []
+            if turn.finish == "stop" and turn.called:
+                turn.finish = "tool_calls"
         return "".join(p.text for p in parts if p.text and not p.thought)
 
     def refine(self, status: int, fault: Fault) -> str | None:

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import email.utils
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, TypeVar
 
@@ -21,8 +21,9 @@ import aiohttp
 import msgspec
 
 from contracts.errors import InferBusError
-from contracts.llm import GenerateRequest
-from services.llm.engines.base import Piece, Prepared, Progress
+from contracts.llm import GenerateRequest, TokenLogprob, ToolCallDelta
+from services.llm.engines.base import Piece, Prepared, Progress, refuse
+from services.llm.engines.toolcalls import new_call_id
 
 T = TypeVar("T")
 
@@ -301,24 +302,46 @@ class Upstream:
 
 @dataclass(slots=True)
 class Turn:
-    """What one streamed answer has said besides its text: finish reason and the provider's usage."""
+    """What one streamed answer has said besides its text: finish reason, the provider's usage, and the tool
+    call deltas and logprobs of the latest event (the engine takes them after each `read`)."""
 
     finish: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    calls: list[ToolCallDelta] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    blocks: dict[int, int] = field(default_factory=dict)  # a provider's content block -> our tool call index
+    called: int = 0  # tool calls begun so far
+
+    def call(self, call_id: str | None, name: str, arguments: str = "") -> int:
+        """A new tool call (its index), with the provider's id or one of ours."""
+        index, self.called = self.called, self.called + 1
+        self.calls.append(ToolCallDelta(index, call_id or new_call_id(), name, arguments))
+        return index
 
 
-def conversation(request: GenerateRequest) -> list[tuple[str, str]]:
-    """(role, text) turns with roles system/user/assistant; a plain prompt is one user turn."""
+def conversation(request: GenerateRequest, tools: bool = False) -> list[tuple[str, str]]:
+    """(role, text) turns with roles system/user/assistant; a plain prompt is one user turn.
+
+    `tools`: the caller translates tool turns itself (they pass with role `tool`, their calls elsewhere).
+    """
     if request.messages is None:
         return [("user", request.prompt or "")]
     turns = []
     for i, m in enumerate(request.messages):
         role = "system" if m.role == "developer" else m.role
-        if role not in ("system", "user", "assistant"):
+        if role not in ("system", "user", "assistant") and not (tools and role == "tool"):
             raise InferBusError("invalid_request", f"role {m.role!r} is not supported here", param=f"messages[{i}]")
         turns.append((role, m.content))
     return turns
+
+
+def arguments_object(arguments: str, param: str) -> Any:
+    """A tool call's JSON arguments as a value, for providers that take objects rather than text."""
+    try:
+        return msgspec.json.decode(arguments)
+    except msgspec.DecodeError:
+        raise InferBusError("invalid_request", f"{param}: arguments must be JSON text", param=param) from None
 
 
 def estimated_prompt_tokens(request: GenerateRequest) -> int:
@@ -332,6 +355,7 @@ class RemoteEngine:
 
     name = "remote"
     default_base_url = ""
+    supported: frozenset[str] = frozenset()  # of the request fields `base.refuse` checks: what it passes on
 
     def __init__(
         self,
@@ -374,6 +398,8 @@ class RemoteEngine:
         progress(f"{self.name} upstream {self.base_url}, model {self.model}", 1.0)
 
     def prepare(self, request: GenerateRequest) -> Prepared:
+        if not request.plain or request.seed is not None:
+            refuse(self.name, request, self.supported)
         return Prepared(prompt=self.body(request), prompt_tokens=0)
 
     async def generate(self, prepared: Prepared, request: GenerateRequest) -> AsyncGenerator[Piece, None]:
@@ -384,7 +410,12 @@ class RemoteEngine:
         async with contextlib.aclosing(stream) as events:  # closing us closes the upstream response at once
             async for event in events:
                 text = self.read(event, turn)
-                if text:
+                if turn.calls or turn.logprobs:
+                    calls, logprobs = turn.calls or None, turn.logprobs or None
+                    turn.calls, turn.logprobs = [], []
+                    pieces += 1
+                    yield Piece(text, 1, tool_calls=calls, logprobs=logprobs)
+                elif text:
                     pieces += 1
                     yield Piece(text, 1)
         if turn.finish is None:

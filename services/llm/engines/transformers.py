@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from contracts.llm import GenerateRequest
-from services.llm.engines.base import Piece, Prepared, Progress, hf_token_ids, within_context
+from services.llm.engines.base import Piece, Prepared, Progress, hf_token_ids, refuse, within_context
 from services.runtime.threads import iterate_in_thread
 
 
@@ -53,6 +53,8 @@ class TransformersEngine:
         progress("model loaded", 1.0)
 
     def prepare(self, request: GenerateRequest) -> Prepared:
+        if not request.plain:
+            refuse(self.name, request, frozenset({"seed"}))
         return within_context(hf_token_ids(self._tokenizer, request, self.system_prompt), self.n_ctx)
 
     def generate(self, prepared: Prepared, request: GenerateRequest) -> AsyncIterator[Piece]:

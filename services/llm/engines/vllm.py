@@ -16,7 +16,7 @@ from typing import Any
 
 from contracts.errors import InferBusError
 from contracts.llm import GenerateRequest
-from services.llm.engines.base import Piece, Prepared, Progress, hf_token_ids, within_context
+from services.llm.engines.base import Piece, Prepared, Progress, hf_token_ids, refuse, within_context
 
 # Set before vLLM reads them (it reads its env lazily, but the engine core child inherits os.environ).
 DEFAULT_ENV = {
@@ -24,6 +24,8 @@ DEFAULT_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache on CPU (vLLM's own default is 4)
     "VLLM_WORKER_MULTIPROC_METHOD": "spawn",  # what the CPU platform forces anyway
 }
+
+SUPPORTED = frozenset({"seed", "frequency_penalty", "presence_penalty", "logit_bias"})
 
 
 class VllmEngine:
@@ -82,6 +84,8 @@ class VllmEngine:
     def prepare(self, request: GenerateRequest) -> Prepared:
         if self._tokenizer is None:
             raise InferBusError("engine_error", "the vLLM engine is not loaded")
+        if not request.plain:
+            refuse(self.name, request, SUPPORTED)
         return within_context(hf_token_ids(self._tokenizer, request, self.system_prompt), self.n_ctx)
 
     def _render(self, ids: list[int]) -> Any:
@@ -110,6 +114,9 @@ class VllmEngine:
                 temperature=0.0 if greedy else request.temperature,
                 top_p=1.0 if greedy else request.top_p,
                 seed=request.seed,
+                frequency_penalty=request.frequency_penalty,
+                presence_penalty=request.presence_penalty,
+                logit_bias=request.logit_bias,
                 output_kind=RequestOutputKind.DELTA,  # each output holds only the new tokens and text
             )
         except ValueError as exc:

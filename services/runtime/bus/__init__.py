@@ -118,7 +118,7 @@ async def connect(
 
     nc = Client()
     await nc.connect(
-        url,
+        servers(url),  # "nats://a:4222,nats://b:4222": any node of a cluster will do to start
         name=name,
         connect_timeout=connect_timeout,
         max_reconnect_attempts=-1 if reconnect else 0,
@@ -130,6 +130,11 @@ async def connect(
         **(identity or Identity.from_env()).options(),
     )
     return nc
+
+
+def servers(url: str) -> list[str]:
+    """A NATS URL, or several separated by commas (a cluster's nodes), as nats-py's server list."""
+    return [u.strip() for u in url.split(",") if u.strip()]
 
 
 _NEWLINES = str.maketrans("\r\n", "  ")

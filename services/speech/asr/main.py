@@ -25,6 +25,7 @@ class ASRSettings(WorkerProcessSettings, kw_only=True, forbid_unknown_fields=Tru
     # Where joined model files are cached (whisper-base): <data_dir>/models, else ~/.cache/inferbus/models.
     data_dir: str | None = None
     max_audio_seconds: float = 900.0
+    diarization: bool = True  # load the speaker encoder for diarized transcripts (if its package is installed)
     max_queue: int = 64
     heartbeat_s: float = 0.5
     drain_grace_s: float = 30.0

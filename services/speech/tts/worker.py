@@ -26,7 +26,7 @@ from services.runtime.bus import Connection
 from services.runtime.replies import ReplyStream
 from services.runtime.usage import UsagePublisher
 from services.runtime.worker import Metrics, Worker
-from services.speech.tts import sentences
+from services.speech.tts import sentences, style
 from services.speech.tts.engines import Engine
 
 MIN_SPEED = 0.25
@@ -108,6 +108,7 @@ class TTSWorker(Worker[SpeechRequest, Tally]):
     def _engine_stats(self) -> dict[str, Any]:
         return {
             "voices": sorted(self.voices),
+            "voice_info": {voice: self.engine.describe(voice) for voice in sorted(self.voices)},
             "default_voice": self.engine.default_voice,
             "sample_rate": self.engine.sample_rate,
         }
@@ -134,33 +135,50 @@ class TTSWorker(Worker[SpeechRequest, Tally]):
         CHARACTERS.labels(*self._labels).inc(tally.characters)
         AUDIO_SECONDS.labels(*self._labels).inc(tally.seconds)
 
-    def _validate(self, request: SpeechRequest) -> tuple[list[str], str]:
-        """The request's sentences and voice; bad input is refused here and never reaches the engine."""
+    def _validate(self, request: SpeechRequest) -> tuple[list[str | float], str, style.Style]:
+        """The request's sentences and pauses (seconds), voice and style; bad input is refused here and never
+        reaches the engine."""
         text = request.input
         if len(text) > self.s.max_chars:
             raise invalid(f"input is {len(text)} characters; the limit is {self.s.max_chars}", "input")
-        parts = sentences.split(text, self.s.max_sentence_chars, self.s.first_sentence_chars)
-        if not parts:
+        if request.instructions is not None and len(request.instructions) > self.s.max_chars:
+            raise invalid(f"instructions are {len(request.instructions)} characters; the limit is "
+                          f"{self.s.max_chars}", "instructions")
+        parts: list[str | float] = []
+        for piece in style.segments(text):
+            if isinstance(piece, float):
+                parts.append(piece)
+                continue
+            first = self.s.first_sentence_chars if not any(isinstance(p, str) for p in parts) else None
+            parts.extend(sentences.split(piece, self.s.max_sentence_chars, first))
+        if not any(isinstance(p, str) for p in parts):
             raise invalid("input must not be empty", "input")
         voice = request.voice or self.engine.default_voice
         if voice not in self.voices:
             raise invalid(f"unknown voice {voice!r}; this model has: {', '.join(sorted(self.voices))}", "voice")
         if not MIN_SPEED <= request.speed <= MAX_SPEED:
             raise invalid(f"speed must be between {MIN_SPEED} and {MAX_SPEED}, got {request.speed}", "speed")
-        return parts, voice
+        return parts, voice, style.parse(request.instructions)
 
     async def _handle(self, request: SpeechRequest, out: ReplyStream, received: float, tally: Tally) -> None:
-        parts, voice = self._validate(request)
+        parts, voice, how = self._validate(request)
         async with self._admitted(out):
-            await self._synthesize(request, parts, voice, out, received, tally)
+            await self._synthesize(request, parts, voice, how, out, received, tally)
 
     async def _synthesize(
-        self, request: SpeechRequest, parts: list[str], voice: str, out: ReplyStream, received: float, tally: Tally
+        self, request: SpeechRequest, parts: list[str | float], voice: str, how: style.Style, out: ReplyStream,
+        received: float, tally: Tally,
     ) -> None:
         rate = self.engine.sample_rate
+        last = len(parts) - 1
         for index, sentence in enumerate(parts):
-            pcm = await self._in_thread(out, sentence, voice, request.speed)
-            tally.characters += len(sentence)  # produced: counted even if the caller leaves while it goes out
+            if isinstance(sentence, float):
+                pcm = bytes(int(sentence * rate) * PCM_WIDTH)  # an inline <break>
+            else:
+                pcm = await self._in_thread(out, sentence, voice, request.speed, how)
+                tally.characters += len(sentence)  # produced: counted even if the caller leaves while it goes out
+                if how.pause_s and index < last:
+                    pcm += bytes(int(how.pause_s * rate) * PCM_WIDTH)
             tally.samples += len(pcm) // PCM_WIDTH
             if index == 0:
                 FIRST_AUDIO.labels(*self._labels).observe(time.monotonic() - received)
@@ -171,11 +189,17 @@ class TTSWorker(Worker[SpeechRequest, Tally]):
         self._record(tally.characters)
         await out.send(SpeechDone, tally.characters, tally.seconds, self.s.version)
 
-    async def _in_thread(self, out: ReplyStream, sentence: str, voice: str, speed: float) -> bytes:
+    async def _in_thread(self, out: ReplyStream, sentence: str, voice: str, speed: float, how: style.Style) -> bytes:
         """One sentence synthesized in the engine's thread, with heartbeats while it runs."""
         loop = asyncio.get_running_loop()
         # Cancelled, a sentence not yet started never starts; a running one ends in its thread.
-        return await self._beating(loop.run_in_executor(self.executor, self._pcm, sentence, voice, speed), out)
+        return await self._beating(
+            loop.run_in_executor(self.executor, self._pcm, sentence, voice, speed, how), out
+        )
 
-    def _pcm(self, sentence: str, voice: str, speed: float) -> bytes:
-        return pcm16(self.engine.synthesize(sentence, voice, speed))
+    def _pcm(self, sentence: str, voice: str, speed: float, how: style.Style) -> bytes:
+        if how.neutral:
+            return pcm16(self.engine.synthesize(sentence, voice, speed))
+        # Made slower by the pitch ratio, then read faster by it: the pitch moves, the length does not.
+        pace = min(max(speed * how.rate / style.pitch_ratio(how), MIN_SPEED), MAX_SPEED)
+        return pcm16(style.apply(self.engine.synthesize(sentence, voice, pace), how))

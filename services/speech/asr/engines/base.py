@@ -17,6 +17,7 @@ class Options(NamedTuple):
     prompt: str | None = None
     temperature: float = 0.0  # 0: the engine's own fallback schedule
     word_timestamps: bool = False
+    beam_size: int | None = None  # None: the engine's default
 
 
 class Detected(NamedTuple):

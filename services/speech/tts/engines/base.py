@@ -20,6 +20,10 @@ class Engine(Protocol):
         """Voices usable right now (installed, not merely downloadable)."""
         ...
 
+    def describe(self, voice: str) -> dict[str, str]:
+        """What a listing says about a voice: language (BCP 47), and gender and accent where known."""
+        ...
+
     def synthesize(self, sentence: str, voice: str, speed: float) -> Any:
         """Blocking: one sentence as mono PCM at `sample_rate`, a float (-1..1) or int16 numpy array.
 

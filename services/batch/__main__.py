@@ -1,0 +1,3 @@
+from services.batch.main import run
+
+run()

@@ -1,0 +1,1 @@
+"""Embedding worker: text to vectors, with dynamic batching."""

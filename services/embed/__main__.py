@@ -1,0 +1,3 @@
+from services.embed.main import run
+
+run()

@@ -1,0 +1,126 @@
+"""Dynamic batching: inputs of concurrent requests gathered into one forward pass, one pass at a time.
+
+A request's inputs are sorted by length and cut into pieces of at most `max_batch` (similar lengths pad
+little). The loop takes the queued pieces in order, waiting up to `max_wait_s` after the first for the
+batch to fill, and runs them as one batch in a thread; while a batch runs, the next one gathers. A
+piece whose request left (cancelled) before its batch started is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.embed.engines import Item, Matrix
+
+Run = Callable[[Sequence[Item]], Matrix]
+
+
+@dataclass
+class _Piece:
+    items: list[Item]
+    future: asyncio.Future[Matrix]
+
+
+class Batcher:
+    def __init__(self, run: Run, max_batch: int = 32, max_wait_s: float = 0.002,
+                 observe: Callable[[int], None] | None = None) -> None:
+        self.run = run
+        self.max_batch = max(1, max_batch)
+        self.max_wait_s = max(0.0, max_wait_s)
+        self.observe = observe  # told each batch's size
+        self.batches = 0
+        self.inputs = 0
+        self._queue: deque[_Piece] = deque()
+        self._queued = 0  # inputs in the queue
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for piece in self._queue:
+            piece.future.cancel()
+        self._queue.clear()
+
+    async def embed(self, items: Sequence[Item]) -> Matrix:
+        """Vectors of `items`, in their order, computed in batches shared with other requests."""
+        loop = asyncio.get_running_loop()
+        order = sorted(range(len(items)), key=lambda i: items[i].tokens)
+        pieces: list[tuple[list[int], _Piece]] = []
+        for start in range(0, len(order), self.max_batch):
+            rows = order[start : start + self.max_batch]
+            piece = _Piece([items[i] for i in rows], loop.create_future())
+            pieces.append((rows, piece))
+            self._queue.append(piece)
+            self._queued += len(rows)
+        self._wake.set()
+        try:
+            results = await asyncio.gather(*(piece.future for _, piece in pieces))
+        finally:
+            for _, piece in pieces:
+                piece.future.cancel()  # no-op once done; else its batch skips it
+        out = np.empty((len(items), results[0].shape[1]), dtype=np.float32)
+        for (rows, _), vectors in zip(pieces, results, strict=True):
+            out[rows] = vectors
+        return out
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            deadline = loop.time() + self.max_wait_s
+            while self._queued < self.max_batch and (left := deadline - loop.time()) > 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(left):
+                        await self._wake.wait()
+            batch = self._take()
+            if not batch:
+                continue
+            items = [item for piece in batch for item in piece.items]
+            try:
+                vectors = await asyncio.to_thread(self.run, items)
+            except Exception as exc:
+                for piece in batch:
+                    if not piece.future.done():
+                        piece.future.set_exception(exc)
+                continue
+            self.batches += 1
+            self.inputs += len(items)
+            if self.observe is not None:
+                self.observe(len(items))
+            offset = 0
+            for piece in batch:
+                if not piece.future.done():
+                    piece.future.set_result(vectors[offset : offset + len(piece.items)])
+                offset += len(piece.items)
+
+    def _take(self) -> list[_Piece]:
+        """The queued pieces that fit in one batch, in order; those whose request left are dropped."""
+        batch: list[_Piece] = []
+        size = 0
+        while self._queue:
+            piece = self._queue[0]
+            if piece.future.done():
+                self._queue.popleft()
+                self._queued -= len(piece.items)
+                continue
+            if batch and size + len(piece.items) > self.max_batch:
+                break
+            self._queue.popleft()
+            self._queued -= len(piece.items)
+            batch.append(piece)
+            size += len(piece.items)
+        return batch

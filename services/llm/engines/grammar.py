@@ -1,0 +1,110 @@
+"""GBNF grammars for llama.cpp from JSON Schemas: structured output, and tool calls in the toolcalls protocol."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import msgspec
+
+from contracts.errors import InferBusError
+from contracts.llm import GenerateRequest, Tool
+from contracts.structured import check_schema, strip_annotations
+from services.llm.engines.toolcalls import CLOSE, OPEN
+
+JSON_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])'
+NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+# Where a lazy grammar starts (auto mode): the first `<tool_call>` in the text; free text before it.
+TRIGGER = r"[\s\S]*?(" + OPEN + r")[\s\S]*"
+
+
+def _converter() -> Any:
+    from llama_cpp.llama_grammar import SchemaConverter
+
+    return SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)  # type: ignore[no-untyped-call]
+
+
+def _literal(text: str) -> str:
+    return json.dumps(text)  # a GBNF literal escapes as a JSON string does
+
+
+def _visit(converter: Any, schema: dict[str, Any], name: str, url: str, param: str) -> str:
+    check_schema(schema, param)
+    try:
+        resolved = converter.resolve_refs(strip_annotations(schema), url)
+        return str(converter.visit(resolved, name))
+    except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise InferBusError("unsupported_parameter", f"{param}: this schema cannot be enforced ({exc})",
+                            param=param) from None
+
+
+_CACHE: OrderedDict[bytes, tuple[str | None, bool]] = OrderedDict()
+CACHE_SIZE = 64  # an agent sends the same tools every turn: its grammar is built once
+_LOCK = threading.Lock()
+
+
+def grammar_for(request: GenerateRequest) -> tuple[str | None, bool]:
+    """The request's grammar and whether it is lazy, built once per distinct tools and format."""
+    key = msgspec.msgpack.encode((request.tools, request.tool_choice, request.tool_name,
+                                  request.parallel_tool_calls, request.response_format))
+    with _LOCK:  # prepare runs on the event loop or in the prepare thread
+        if (hit := _CACHE.get(key)) is not None:
+            _CACHE.move_to_end(key)
+            return hit
+    built = _build(request)
+    with _LOCK:
+        _CACHE[key] = built
+        if len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return built
+
+
+def _build(request: GenerateRequest) -> tuple[str | None, bool]:
+    """The request's grammar and whether it is lazy (it starts at the first `<tool_call>`: tool_choice auto).
+
+    Forced tools: only calls. Auto: free text, or calls from the first `<tool_call>` on; with a response
+    format as well, an answer in that format or calls (not lazy then: the answer is constrained too).
+    """
+    fmt, calls = request.response_format, request.calls_tools
+    if not calls and fmt is None:
+        return None, False
+    converter = _converter()
+    if calls:
+        _tool_rules(converter, request)
+    if fmt is not None:
+        schema = fmt.schema if fmt.type == "json_schema" and fmt.schema is not None else {"type": "object"}
+        answer = _visit(converter, schema, "answer", "format", "response_format.schema")
+    if not calls:
+        converter._add_rule("root", answer)
+    elif request.tool_choice == "required" or fmt is not None:
+        converter._add_rule("root", "calls" if request.tool_choice == "required" else f"calls | {answer}")
+    else:
+        converter._add_rule("root", "calls")
+    converter._rules["char"] = JSON_CHAR  # no raw control characters inside strings: JSON forbids them
+    lazy = calls and request.tool_choice == "auto" and fmt is None
+    return str(converter.format_grammar()), lazy
+
+
+def _tool_rules(converter: Any, request: GenerateRequest) -> None:
+    """`<tool_call>` blocks, one or (parallel_tool_calls) several, each a call of one of the allowed tools."""
+    assert request.tools
+    alternatives = []
+    for i, tool in enumerate(request.tools):
+        if request.tool_name is not None and tool.name != request.tool_name:
+            continue
+        args = _visit(converter, _parameters(tool, i), f"fn{i}-args", f"tool{i}", f"tools[{i}].parameters")
+        head = _literal('{"name": ' + json.dumps(tool.name) + ', "arguments": ')
+        alternatives.append(converter._add_rule(f"fn{i}", f'{head} {args} "}}"'))
+    call = f'{_literal(OPEN + chr(10))} ( {" | ".join(alternatives)} ) {_literal(chr(10) + CLOSE)}'
+    converter._add_rule("call", call)
+    converter._add_rule("calls", 'call ( "\\n" call )*' if request.parallel_tool_calls else "call")
+
+
+def _parameters(tool: Tool, index: int) -> dict[str, Any]:
+    schema = tool.parameters if tool.parameters is not None else NO_ARGUMENTS
+    if schema.get("type", "object") != "object":
+        param = f"tools[{index}].parameters.type"
+        raise InferBusError("invalid_request", f"{param}: a function's parameters must be an object", param=param)
+    return schema

@@ -1,0 +1,1 @@
+"""Vision workers: image classification, OCR and image moderation, one engine module each."""

@@ -1,0 +1,3 @@
+from services.vision.main import run
+
+run()
