@@ -6,13 +6,17 @@ import contextlib
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from contracts import usage
+from contracts.usage import UsageEvent, event_decoder
 from services.runtime import bus
+from services.runtime.bus import DeliverPolicy
 from services.runtime.embedded import free_port
 from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env, wait_http, wait_service, wait_worker
 
@@ -172,3 +176,22 @@ async def router(infra: EmbeddedStack, nc: bus.Connection, registry: ServiceProc
     """An alias router of the requesting module's own, beside its registry."""
     async with running_service(infra, nc, "router") as proc:
         yield proc
+
+
+async def usage_event(nc: bus.Connection, kind: str, model: str, request_id: str, limit_s: float = 10) -> UsageEvent:
+    """A worker's usage event for one request, read back from the USAGE stream."""
+    js = nc.jetstream()
+    sub = await js.subscribe(usage.subject(kind, model), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    deadline = time.monotonic() + limit_s
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                msg = await sub.next_msg(timeout=left)
+            except bus.errors.TimeoutError:
+                break
+            event = event_decoder.decode(msg.data)
+            if event.request_id == request_id:
+                return event
+    finally:
+        await sub.unsubscribe()
+    raise LookupError(f"no usage event for {request_id}")

@@ -29,9 +29,8 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 from multidict import CIMultiDict
-from nats.js.api import DeliverPolicy
 
-from contracts import subjects, usage
+from contracts import subjects
 from contracts.llm import Accepted, ErrorChunk, Heartbeat
 from contracts.speech import (
     INLINE_MAX,
@@ -43,11 +42,10 @@ from contracts.speech import (
     asr_chunk_decoder,
     asr_encoder,
 )
-from contracts.usage import UsageEvent, event_decoder
 from services.runtime import bus
 from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env
 from services.speech.wer import wer, words
-from tests.conftest import ADMIN_KEY, Gateway
+from tests.conftest import ADMIN_KEY, Gateway, usage_event
 from tests.test_tenancy import admin
 
 TINY = "whisper-tiny-en"
@@ -231,25 +229,6 @@ async def transcript(gateway: Gateway, data: bytes, **fields: Any) -> str:
     return text
 
 
-async def usage_event(nc: bus.Connection, request_id: str, model: str = TINY, limit_s: float = 10) -> UsageEvent:
-    """The worker's usage event for one request, read back from the USAGE stream."""
-    js = nc.jetstream()
-    sub = await js.subscribe(usage.subject("asr", model), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
-    deadline = time.monotonic() + limit_s
-    try:
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                msg = await sub.next_msg(timeout=left)
-            except nats.errors.TimeoutError:
-                break
-            event = event_decoder.decode(msg.data)
-            if event.request_id == request_id:
-                return event
-    finally:
-        await sub.unsubscribe()
-    raise LookupError(f"no usage event for {request_id}")
-
-
 # ---- transcription quality and formats ------------------------------------------------------
 
 
@@ -396,7 +375,7 @@ async def test_usage_event_published(
     audio = speech.joined([4])
     reply = await post_audio(gateway, to_wav(audio))
     assert reply.status == 200
-    event = await usage_event(nc, reply.headers["x-request-id"])
+    event = await usage_event(nc, "asr", TINY, reply.headers["x-request-id"])
     assert (event.kind, event.model, event.version, event.outcome) == ("asr", TINY, VERSION, "ok")
     assert event.audio_seconds_in == pytest.approx(len(audio) / RATE, abs=0.01)
     assert event.key_id and event.tenant_id is not None and event.worker_id == tiny["worker_id"]
@@ -592,7 +571,7 @@ async def test_audio_is_decoded_only_once_admitted(nc: bus.Connection, tiny: dic
     assert isinstance(queued[-1][1], ErrorChunk) and queued[-1][1].code == "cancelled"
     assert isinstance(garbage[-1][1], ErrorChunk) and garbage[-1][1].code == "invalid_request"
     assert garbage[-1][0] > busy[-1][0]  # its upload was first read once the busy one freed the slot
-    event = await usage_event(nc, requests["queued"].request_id)
+    event = await usage_event(nc, "asr", TINY, requests["queued"].request_id)
     assert event.outcome == "cancelled" and event.audio_seconds_in == 0  # nothing was decoded, nothing billed
 
 

@@ -13,18 +13,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import nats.errors
 import numpy as np
 import numpy.typing as npt
 import openai
 import pytest
-from nats.js.api import DeliverPolicy
 
-from contracts import usage
-from contracts.usage import UsageEvent, event_decoder
 from services.runtime import bus
 from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env
-from tests.conftest import ADMIN_KEY, Gateway
+from tests.conftest import ADMIN_KEY, Gateway, usage_event
 
 MODEL = "all-minilm-l6-v2"
 E5 = "multilingual-e5-small"
@@ -224,28 +220,10 @@ async def test_many_inputs_come_back_in_order(worker: ServiceProcess, gateway: G
         assert np.abs(got[i] - (await vectors(gateway, texts[i]))[0]).max() < 1e-4
 
 
-async def usage_event(nc: bus.Connection, request_id: str, limit_s: float = 10) -> UsageEvent:
-    js = nc.jetstream()
-    sub = await js.subscribe(usage.subject("embed", MODEL), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
-    deadline = time.monotonic() + limit_s
-    try:
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                msg = await sub.next_msg(timeout=left)
-            except nats.errors.TimeoutError:
-                break
-            event = event_decoder.decode(msg.data)
-            if event.request_id == request_id:
-                return event
-    finally:
-        await sub.unsubscribe()
-    raise LookupError(f"no usage event for {request_id}")
-
-
 async def test_usage_event_counts_prompt_tokens(worker: ServiceProcess, nc: bus.Connection, gateway: Gateway) -> None:
     status, headers, body = await post(gateway, {"model": MODEL, "input": ["Count my tokens.", "And mine."]})
     assert status == 200, headers
-    event = await usage_event(nc, headers["x-request-id"])
+    event = await usage_event(nc, "embed", MODEL, headers["x-request-id"])
     assert event.kind == "embed" and event.outcome == "ok" and event.version == "v1"
     assert event.prompt_tokens == body["usage"]["prompt_tokens"] > 0 and event.completion_tokens == 0
     assert event.key_id is not None

@@ -18,20 +18,16 @@ from typing import Any
 
 import aiohttp
 import msgspec
-import nats.errors
 import openai
 import pytest
 from aiohttp import web
-from nats.js.api import DeliverPolicy
 from PIL import Image, ImageDraw, ImageFont
 
-from contracts import usage
 from contracts.speech import INLINE_MAX
-from contracts.usage import UsageEvent, event_decoder
 from services.runtime import bus
 from services.runtime.embedded import free_port
 from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env
-from tests.conftest import ADMIN_KEY, DEFAULT_MODEL, Gateway, running_gateway
+from tests.conftest import ADMIN_KEY, DEFAULT_MODEL, Gateway, running_gateway, usage_event
 
 CLASSIFY, OCR, NSFW = "efficientnet-lite0", "ppocr-v4", "open-nsfw"
 Reply = tuple[int, dict[str, str], Any]
@@ -273,7 +269,7 @@ async def test_large_image_goes_through_the_media_store(
     assert len(data) > INLINE_MAX
     status, headers, body = await upload(gateway, "/v1/vision/classify", data)
     assert status == 200 and body["image"] == {"width": 700, "height": 700}
-    event = await usage_event(nc, headers["x-request-id"], CLASSIFY)
+    event = await usage_event(nc, "vision", CLASSIFY, headers["x-request-id"])
     assert event.kind == "vision" and event.images == 1 and event.outcome == "ok" and event.key_id is not None
 
 
@@ -325,19 +321,3 @@ async def test_chat_with_an_image_to_a_text_model_is_400(gateway: Gateway) -> No
     assert "text content only" in body["error"]["message"]
 
 
-async def usage_event(nc: bus.Connection, request_id: str, model: str, limit_s: float = 10) -> UsageEvent:
-    js = nc.jetstream()
-    sub = await js.subscribe(usage.subject("vision", model), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
-    deadline = time.monotonic() + limit_s
-    try:
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                msg = await sub.next_msg(timeout=left)
-            except nats.errors.TimeoutError:
-                break
-            event = event_decoder.decode(msg.data)
-            if event.request_id == request_id:
-                return event
-    finally:
-        await sub.unsubscribe()
-    raise LookupError(f"no usage event for {request_id}")
