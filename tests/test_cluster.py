@@ -42,6 +42,7 @@ MODEL = "cluster-bench"
 ADMIN_KEY = "ib-cluster-admin-" + "c" * 24
 CONCURRENCY = 16
 TOKENS = 16
+WARM_REQUESTS = 20 * CONCURRENCY  # the load runs this long before a fault, and on after it
 MIN_REQUESTS = 125 * CONCURRENCY  # 16 failures at most when a gateway dies: 0.8 %
 pytestmark = pytest.mark.slow
 
@@ -235,10 +236,13 @@ class Load:
         self._enough = asyncio.Event()
         self._turn = 0
 
-    async def settle(self, at_least: int, min_s: float, limit_s: float = 60) -> None:
-        """Keep the load on for `min_s` more, and until `at_least` requests are done (a fault can only fail the
-        requests in flight, at most CONCURRENCY: this many keeps that under 1 % on a slow machine too)."""
-        await asyncio.sleep(min_s)
+    async def done(self, requests: int) -> bool:
+        return len(self.results) >= requests
+
+    async def settle(self, at_least: int, more: int, limit_s: float = 60) -> None:
+        """Keep the load on for `more` requests after now, and until `at_least` are done (a fault can only fail
+        the requests in flight, at most CONCURRENCY: this many keeps that under 1 % on a slow machine too)."""
+        at_least = max(at_least, len(self.results) + more)
         self.at_least = at_least
         if len(self.results) < at_least:
             self._enough.clear()
@@ -353,7 +357,7 @@ async def test_a_node_dies_and_comes_back(platform: Cluster) -> None:
     before_ids = await ledger_ids(platform)
     load = Load(platform.gateways)
     running = asyncio.create_task(load.run())
-    await asyncio.sleep(3)
+    await until(lambda: load.done(WARM_REQUESTS), "the load to run before the fault", 30)
     killed_at = time.monotonic()
     n1.kill()
 
@@ -363,11 +367,12 @@ async def test_a_node_dies_and_comes_back(platform: Cluster) -> None:
 
     await until(reconnected, "every client of n1 on n2 or n3", 15)
     reconnect_s = time.monotonic() - killed_at
-    await asyncio.sleep(max(0.0, 5 - reconnect_s))
+    served = len(load.results)  # the platform serves on with n1 down before it comes back
+    await until(lambda: load.done(served + WARM_REQUESTS), "requests served while n1 is down", 30)
     n1.start()
     await until(n1.healthy, "n1 back in the cluster, JetStream current", 30)
     back_s = time.monotonic() - killed_at
-    await load.settle(MIN_REQUESTS, 3)
+    await load.settle(MIN_REQUESTS, WARM_REQUESTS)
     await running
     for proc in platform.services.values():
         proc.check_alive()
@@ -385,10 +390,10 @@ async def test_a_gateway_dies(platform: Cluster) -> None:
     before_ids = await ledger_ids(platform)
     load = Load(platform.gateways)
     running = asyncio.create_task(load.run())
-    await asyncio.sleep(3)
+    await until(lambda: load.done(WARM_REQUESTS), "the load to run before the fault", 30)
     killed_at = time.monotonic()
     platform.services["gateway-a"].kill()
-    await load.settle(MIN_REQUESTS, 5)
+    await load.settle(MIN_REQUESTS, 2 * WARM_REQUESTS)
     await running
     stats = summary(load.results, killed_at)
     print(f"\ngateway fault: {stats}")
@@ -487,7 +492,11 @@ async def test_prometheus_scrapes_the_platform_rules_load_and_panels_have_data(p
                 return bool(result) and int(result[0]["value"][1]) == len(targets)
 
             await until(scraped, "Prometheus scraping every service", 30)
-            await asyncio.sleep(4)  # a few scrapes under load, so rates have two points
+            async def rates() -> bool:  # scrapes under load: rates need two points
+                body = await prom_query(http, url, "count(rate(inferbus_llm_requests_total[1m]) > 0)")
+                return bool(body.get("data", {}).get("result"))
+
+            await until(rates, "request rates in Prometheus", 30)
             load.stop.set()
             await running
             async with http.get(url + "/api/v1/rules") as r:

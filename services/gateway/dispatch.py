@@ -16,6 +16,7 @@ import msgspec
 from contracts.errors import InferBusError
 from contracts.llm import Accepted, Chunk, Delta, Final, GenerateRequest, chunk_decoder, request_encoder
 from contracts.registry import Breaker, Outcome
+from contracts.requestlog import Fallback
 from services.gateway.cache import CachedFinal, Entry, Mode, ResponseCache
 from services.gateway.catalogue import Catalogue
 from services.runtime import logging as log
@@ -49,7 +50,7 @@ class Served:
     provider: str | None = None  # the engine: llamacpp, openai, anthropic, ...
     worker_id: str | None = None
     attempts: int = 0
-    fallbacks: list[str] = field(default_factory=list)  # "model:version=code" of each route given up on
+    fallbacks: list[Fallback] = field(default_factory=list)  # each route given up on, and why
     ttft_ms: float | None = None
     cache: str | None = None  # "hit", "semantic" (answered from the cache) or "miss"; None: not used
     similarity: float | None = None
@@ -149,7 +150,7 @@ class Dispatcher:
                     last = InferBusError(
                         "circuit_open", f"'{model}' version '{target.version}' is failing; its circuit is open"
                     ).retry_in(wait)
-                    served.fallbacks.append(f"{model}:{target.version}=circuit_open")
+                    served.fallbacks.append(Fallback(target=f"{model}:{target.version}", code="circuit_open"))
                     self.outcomes.add(kind, Outcome(model, target.version, False, "circuit_open", 0.0, None))
                     continue
                 if served.attempts and routing is not None and (
@@ -192,7 +193,7 @@ class Dispatcher:
                     if committed or not chain or routing is None or exc.code not in routing.fallback_on:
                         raise
                     last = exc
-                    served.fallbacks.append(f"{model}:{target.version}={exc.code}")
+                    served.fallbacks.append(Fallback(target=f"{model}:{target.version}", code=exc.code))
                     self.logger.warning("fallback", model=model, version=target.version, error=exc.code)
                 finally:
                     await chunks.aclose()

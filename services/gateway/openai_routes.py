@@ -201,7 +201,7 @@ def served_headers(served: Served) -> dict[str, str]:
     if served.provider:
         out[PROVIDER_HEADER] = served.provider
     if served.fallbacks:
-        out[FALLBACKS_HEADER] = ", ".join(served.fallbacks)
+        out[FALLBACKS_HEADER] = ", ".join(f"{f.target}={f.code}" for f in served.fallbacks)
     if served.cache is not None:  # hit, miss, or "semantic; similarity=0.93"
         out[CACHE_HEADER] = served.cache if served.cache != "semantic" else f"semantic; similarity={served.similarity}"
     return out

@@ -19,7 +19,7 @@ from contracts.control import Reply, load_decoder
 from contracts.embed import EmbedDone, EmbedRequest, Vectors, embed_chunk_decoder, embed_encoder
 from contracts.errors import InferBusError
 from contracts.llm import GenerateRequest, Usage
-from contracts.requestlog import MAX_BODY_CHARS, MAX_FALLBACKS, Fallback, RequestRecord
+from contracts.requestlog import MAX_BODY_CHARS, MAX_FALLBACKS, RequestRecord
 from contracts.tenancy import (
     DEFAULT_LOG_RETENTION_DAYS,
     CreateKey,
@@ -378,10 +378,6 @@ class Gateway:
             return
         bodies, days = (False, DEFAULT_LOG_RETENTION_DAYS) if key is None else body_logging(
             key.log_bodies, key.log_retention_days, key.tenant_log_bodies, key.tenant_log_retention_days)
-        fallbacks = []
-        for item in served.fallbacks[:MAX_FALLBACKS]:
-            target, _, code = item.rpartition("=")
-            fallbacks.append(Fallback(target=target, code=code))
         request_text = request_body.decode("utf-8", "replace") if bodies and request_body is not None else None
         truncated = bodies and any(t is not None and len(t) > MAX_BODY_CHARS for t in (request_text, response_text))
         try:
@@ -389,7 +385,8 @@ class Gateway:
                 request_id=request_id, ts=time.time() - (time.monotonic() - admitted), kind=kind, model=model,
                 status="error" if error is not None else "ok", version=served.version, provider=served.provider,
                 worker_id=served.worker_id, key_id=key.id if key else None, tenant_id=key.tenant_id if key else None,
-                attempts=max(served.attempts, 1), fallbacks=fallbacks, error_code=error.code if error else None,
+                attempts=max(served.attempts, 1), fallbacks=served.fallbacks[:MAX_FALLBACKS],
+                error_code=error.code if error else None,
                 http_status=http_status, latency_ms=(time.monotonic() - admitted) * 1000, ttft_ms=served.ttft_ms,
                 prompt_tokens=usage.prompt_tokens if usage else 0,
                 completion_tokens=usage.completion_tokens if usage else 0, streamed=streamed,

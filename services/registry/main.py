@@ -355,6 +355,11 @@ class Registry:
     async def comparisons(self, req: Comparisons) -> Any:
         return await self.store.comparisons(req.model, req.limit)
 
+    def _breakers(self, table: RoutingTable) -> dict[str, dict[str, Any]]:
+        """The model's versions whose circuit breaker is not closed, with its state."""
+        keys = {breaker_key(table.kind, table.model, v): v for v in table.versions}
+        return {keys[key]: state for key, state in self.breakers.snapshot().items() if key in keys}
+
     async def _view(self, table: RoutingTable) -> ModelView:
         row = await self.store.model_row(table.model)
         workers = [
@@ -380,8 +385,7 @@ class Registry:
             versions=await self.store.versions(table.model),
             workers=workers,
             metrics=self.windows.metrics(table.model, table.versions, table.policy.analysis.window_s),
-            breakers={v: self.breakers.snapshot()[key] for v in table.versions
-                      if (key := breaker_key(table.kind, table.model, v)) in self.breakers.states},
+            breakers=self._breakers(table),
         )
 
     # ---- bus inputs --------------------------------------------------------------------------

