@@ -492,11 +492,7 @@ async def test_prometheus_scrapes_the_platform_rules_load_and_panels_have_data(p
                 return bool(result) and int(result[0]["value"][1]) == len(targets)
 
             await until(scraped, "Prometheus scraping every service", 30)
-            async def rates() -> bool:  # scrapes under load: rates need two points
-                body = await prom_query(http, url, "count(rate(inferbus_llm_requests_total[1m]) > 0)")
-                return bool(body.get("data", {}).get("result"))
-
-            await until(rates, "request rates in Prometheus", 30)
+            await asyncio.sleep(4)  # a few scrapes under load, so rates have two points
             load.stop.set()
             await running
             async with http.get(url + "/api/v1/rules") as r:
