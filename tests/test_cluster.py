@@ -13,10 +13,12 @@ are evaluated through its HTTP API.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -76,6 +78,11 @@ class Node:
                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_port(self.port, 10, self.proc)
 
+    def log_tail(self, lines: int = 3) -> str:
+        path = self.root / f"{self.name}.log"
+        tail = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
+        return f"{self.name}: " + " | ".join(tail)
+
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
@@ -122,15 +129,41 @@ class Cluster:
         self.secrets = Secrets(root / "secrets").ensure()
         shutil.copy(ROOT / "infra/nats/cluster.conf", root / "cluster.conf")
         (root / "secrets" / "auth.conf").write_text(config.nats_auth(self.secrets))
-        password = config.route_password(self.secrets)
-        ports = [(free_port(), free_port(), free_port()) for _ in range(3)]
-        routes = [f"nats-route://route:{password}@127.0.0.1:{cluster}" for _, cluster, _ in ports]
-        self.nodes = [Node(f"n{i + 1}", root, ports[i], routes, password) for i in range(3)]
+        self.nodes = self._nodes()
         self.postgres = PostgresServer(root)
         self.redis = RedisServer(root)
         self.database_url = self.redis_url = ""
         self.services: dict[str, ServiceProcess] = {}
         self.gateways: dict[str, str] = {}
+
+    def _nodes(self) -> list[Node]:
+        password = config.route_password(self.secrets)
+        with contextlib.ExitStack() as held:  # nine distinct ports: each stays bound until all are chosen
+            socks = [held.enter_context(socket.socket()) for _ in range(9)]
+            for s in socks:
+                s.bind(("127.0.0.1", 0))
+            free = [int(s.getsockname()[1]) for s in socks]
+        ports = [(free[i], free[i + 1], free[i + 2]) for i in range(0, 9, 3)]
+        routes = [f"nats-route://route:{password}@127.0.0.1:{cluster}" for _, cluster, _ in ports]
+        return [Node(f"n{i + 1}", self.root, ports[i], routes, password) for i in range(3)]
+
+    def start_nodes(self, attempts: int = 3) -> None:
+        """Start the three nodes; a port taken by another process between choosing and binding means new ports."""
+        for attempt in range(attempts):
+            try:
+                for node in self.nodes:
+                    node.start()
+                return
+            except RuntimeError as e:
+                for node in self.nodes:
+                    node.stop()
+                logs = "; ".join(node.log_tail() for node in self.nodes)
+                if attempt == attempts - 1:
+                    raise RuntimeError(f"{e}; node logs: {logs}") from e
+                print(f"\ncluster start failed ({e}), new ports; node logs: {logs}")
+                for node in self.nodes:
+                    shutil.rmtree(self.root / f"js-{node.name}", ignore_errors=True)
+                self.nodes = self._nodes()
 
     def env(self, node: Node, **extra: str) -> dict[str, str]:
         base = {k: v for k, v in os.environ.items() if not k.startswith("INFERBUS_")}
@@ -162,8 +195,7 @@ def cluster() -> Iterator[Cluster]:
     c = Cluster(root)
     failed = True
     try:
-        for node in c.nodes:
-            node.start()
+        c.start_nodes()
         c.database_url = c.postgres.start()
         c.redis_url = c.redis.start()
         yield c

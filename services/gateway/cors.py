@@ -72,5 +72,6 @@ def install(app: web.Application, origins: list[str], max_age_s: int = 600) -> C
     """Preflights first (before the error middleware turns them into 405s), origins on every response."""
     cors = Cors(origins, max_age_s)
     app.middlewares.insert(0, cors.middleware)
-    app.on_response_prepare.append(cors.on_prepare)
+    if cors.origins:  # none allowed (the default): no headers to add, no hook on every response
+        app.on_response_prepare.append(cors.on_prepare)
     return cors

@@ -11,6 +11,7 @@ import msgspec
 from contracts import headers as h
 from contracts.llm import Accepted, Bundle, Heartbeat
 from services.runtime.bus import Connection, Msg
+from services.runtime.sweep import sweep
 
 
 class ReplyStream:
@@ -20,7 +21,7 @@ class ReplyStream:
     sends everything at once; a progress one (a token) at the end of this loop iteration, or, while
     tokens come faster than one per `COALESCE_S`, once that much time has passed since the last
     message (a fast stream goes out a few tokens per message, a slow one token by token); anything
-    else (Accepted, Heartbeat) with the next or within `HOLD_S`. So a short answer is one message.
+    else (Accepted, Heartbeat) with the next or within `HOLD_S` (to a sweep tick). So a short answer is one message.
     """
 
     HOLD_S = 0.002
@@ -46,6 +47,7 @@ class ReplyStream:
         self._first_seq = 0
         self._timer: asyncio.TimerHandle | None = None
         self._soon = False
+        self._held = False  # an Accepted or Heartbeat waits on the sweep for company
         self._last_flush = 0.0
 
     async def send(self, make: Any, *fields: Any, more: bool = False) -> None:
@@ -77,8 +79,10 @@ class ReplyStream:
                     self._timer = loop.call_later(wait, self._flush_later)
                 else:
                     loop.call_soon(self._flush_later)
-        elif self._timer is None and not self._soon:
-            self._timer = asyncio.get_running_loop().call_later(self.HOLD_S, self._flush_later)
+        elif self._timer is None and not self._soon and not self._held:
+            self._held = True  # on the sweep, not a timer of its own: almost every hold ends by a flush first
+            timeouts = sweep()
+            timeouts.at(self, timeouts.loop.time() + self.HOLD_S, self._flush_later)
 
     def _flush_later(self) -> None:
         if self._pending:
@@ -92,6 +96,9 @@ class ReplyStream:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._held:
+            self._held = False
+            sweep().cancel(self)
         self._soon = False
 
     async def flush(self) -> None:

@@ -25,7 +25,8 @@ from contracts.llm import (
     request_encoder,
 )
 from services.runtime import bus
-from services.runtime.bus import Connection, Msg
+from services.runtime.bus import Connection, Msg, direct
+from services.runtime.sweep import Sweep, sweep
 
 
 def unbundle(decoder: msgspec.msgpack.Decoder[Any], data: bytes) -> list[Any]:
@@ -53,12 +54,11 @@ class _Inbox:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
-    async def get(self, wait_s: float) -> Msg:
+    async def get(self, wait_s: float, timeouts: Sweep) -> Msg:
         if not self.messages:
-            self.waiter = asyncio.get_running_loop().create_future()
+            self.waiter = timeouts.loop.create_future()
             try:
-                async with asyncio.timeout(wait_s):
-                    await self.waiter
+                await timeouts.wait(self.waiter, wait_s)
             finally:
                 self.waiter = None
         return self.messages.popleft()
@@ -86,10 +86,10 @@ class StreamClient:
         self._sub: object | None = None
 
     async def start(self) -> None:
-        self._sub = await self.nc.subscribe(self._prefix + ".*", cb=self._route)
+        self._sub = await direct.subscribe(self.nc, self._prefix + ".*", self._route)
         await self.nc.flush()
 
-    async def _route(self, msg: Msg) -> None:
+    def _route(self, msg: Msg) -> None:
         inbox = self._queues.get(msg.subject[len(self._prefix) + 1 :])
         if inbox is not None:
             inbox.put(msg)
@@ -146,6 +146,7 @@ class StreamClient:
         if extra_headers:
             hdrs.update(extra_headers)
         finished = False
+        timeouts = sweep()
         try:
             await bus.publish(self.nc, subject, payload, reply=f"{self._prefix}.{token}", headers=hdrs)
             expected = 0
@@ -158,7 +159,7 @@ class StreamClient:
                         raise InferBusError("deadline_exceeded", "the request deadline passed")
                     wait = min(wait, left)
                 try:
-                    msg = await inbox.get(wait)
+                    msg = await inbox.get(wait, timeouts)
                 except TimeoutError:
                     if deadline is not None and deadline - time.time() <= 0:
                         raise InferBusError("deadline_exceeded", "the request deadline passed") from None

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -21,8 +20,9 @@ from contracts.errors import InferBusError
 from contracts.llm import Accepted, ErrorChunk, Heartbeat
 from contracts.usage import MAX_ID_CHARS, UsageEvent
 from services.runtime import logging as log
-from services.runtime.bus import Connection, Msg
+from services.runtime.bus import Connection, Msg, direct
 from services.runtime.replies import ReplyStream, deadline_in, trace_id, wants_bundles
+from services.runtime.sweep import sweep
 from services.runtime.usage import UsagePublisher
 
 T = TypeVar("T")
@@ -70,6 +70,23 @@ class Metrics:
     duration: Histogram
 
 
+class Admission:
+    """`async with worker._admitted(out)`: one of the engine's slots for the block (a class, not a generator:
+    it is entered once per request)."""
+
+    __slots__ = ("out", "worker")
+
+    def __init__(self, worker: Worker[Any, Any], out: ReplyStream) -> None:
+        self.worker = worker
+        self.out = out
+
+    async def __aenter__(self) -> None:
+        await self.worker._admit(self.out)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.worker.slots.release()
+
+
 class Worker(Generic[RequestT, TallyT]):
     """Serves one model version of one kind; a subclass decodes, checks and runs its requests."""
 
@@ -92,6 +109,7 @@ class Worker(Generic[RequestT, TallyT]):
         self.active: dict[str, asyncio.Task[None]] = {}
         # Cancels arrive on `infer.cancel.<token(request id)>`: the subject token each running id is heard by.
         self._cancel_tokens: dict[str, set[str]] = {}
+        self._expired: set[asyncio.Task[None]] = set()  # cancelled by their deadline
         self.queued = 0
         self.served = 0
         self.cancelled = 0
@@ -141,10 +159,13 @@ class Worker(Generic[RequestT, TallyT]):
     async def start(self) -> None:
         s = self.s
         queue = subjects.queue_group(self.kind, s.model, s.version)
+        # Direct: a request goes from the read loop to its own task, a cancel to its task, with no queue between.
         self._subs = [
-            await self.nc.subscribe(self.subject, queue=queue, cb=self._on_request),
-            await self.nc.subscribe(subjects.infer(self.kind, s.model, s.version, s.worker_id), cb=self._on_request),
-            await self.nc.subscribe(subjects.CANCEL_ALL, cb=self._on_cancel),
+            await direct.subscribe(self.nc, self.subject, self._on_request, queue=queue),
+            await direct.subscribe(
+                self.nc, subjects.infer(self.kind, s.model, s.version, s.worker_id), self._on_request
+            ),
+            await direct.subscribe(self.nc, subjects.CANCEL_ALL, self._on_cancel),
         ]
         await self.nc.flush()
         self.ready = True
@@ -230,13 +251,13 @@ class Worker(Generic[RequestT, TallyT]):
 
     # ---- bus callbacks (one at a time per subscription: hand off at once) --------------------
 
-    async def _on_request(self, msg: Msg) -> None:
+    def _on_request(self, msg: Msg) -> None:
         if not msg.reply:
             self.logger.warning("request_without_reply", subject=msg.subject)
             return
         self._spawn(self._serve(msg))
 
-    async def _on_cancel(self, msg: Msg) -> None:
+    def _on_cancel(self, msg: Msg) -> None:
         # Ids that differ only in '.', '*', '>' or spaces share a token: a cancel stops all of them.
         for rid in self._cancel_tokens.get(msg.subject.split(".", 2)[2], ()):
             self.active[rid].cancel()
@@ -268,15 +289,29 @@ class Worker(Generic[RequestT, TallyT]):
         self._in_flight.inc()
         outcome = "ok"
         tally = self._new_tally()
+        left = deadline_in(msg)
+        timeouts = sweep()
         with log.bound(request_id=rid, trace_id=trace_id(msg)):
             try:
                 await out.send(Accepted, self.s.worker_id, self.s.version)
-                async with asyncio.timeout(deadline_in(msg)):
+                if left is not None:
+                    if left <= 0:
+                        raise TimeoutError
+                    timeouts.at(task, timeouts.loop.time() + left, lambda: self._expire(task))
+                try:
                     await self._handle(request, out, received, tally)
+                finally:
+                    timeouts.cancel(task)
             except asyncio.CancelledError:
-                outcome = "cancelled"
-                self.cancelled += 1
-                await self._send_error(out, "cancelled", f"the {self.noun} was cancelled")
+                if task in self._expired:  # the deadline's cancel, not the caller's
+                    self._expired.discard(task)
+                    task.uncancel()
+                    outcome = "deadline_exceeded"
+                    await self._send_error(out, "deadline_exceeded", "the request deadline passed")
+                else:
+                    outcome = "cancelled"
+                    self.cancelled += 1
+                    await self._send_error(out, "cancelled", f"the {self.noun} was cancelled")
             except TimeoutError:
                 outcome = "deadline_exceeded"
                 await self._send_error(out, "deadline_exceeded", "the request deadline passed")
@@ -303,6 +338,12 @@ class Worker(Generic[RequestT, TallyT]):
                     self.usage.publish(self._usage_event(request, msg, outcome, tally, started_at))
                 self._finished(request, outcome, tally)
 
+    def _expire(self, task: asyncio.Task[None]) -> None:
+        """A request's deadline passed: cancel it, marked so `_serve` answers deadline_exceeded."""
+        if not task.done():
+            self._expired.add(task)
+            task.cancel()
+
     def _usage_event(self, request: RequestT, msg: Msg, outcome: str, tally: TallyT, started: float) -> UsageEvent:
         hdrs = msg.headers or {}
         return UsageEvent(
@@ -327,9 +368,12 @@ class Worker(Generic[RequestT, TallyT]):
         if not out.closed and not self.nc.is_closed:
             await out.send(ErrorChunk, code, message, retry_after, param)
 
-    @contextlib.asynccontextmanager
-    async def _admitted(self, out: ReplyStream) -> AsyncIterator[None]:
-        """Hold one of the engine's slots; wait for it in a queue of max_queue, sending Heartbeats meanwhile."""
+    def _admitted(self, out: ReplyStream) -> Admission:
+        """Hold one of the engine's slots (`async with`); wait for it in a queue of max_queue, sending Heartbeats
+        meanwhile."""
+        return Admission(self, out)
+
+    async def _admit(self, out: ReplyStream) -> None:
         if self.queued >= self.s.max_queue:
             raise InferBusError("overloaded", "the worker's queue is full; retry shortly")
         if self._usage_full():
@@ -351,10 +395,6 @@ class Worker(Generic[RequestT, TallyT]):
                         await out.send(Heartbeat)
             finally:
                 self.queued -= 1
-        try:
-            yield
-        finally:
-            self.slots.release()
 
     def _usage_full(self) -> bool:
         return self.usage is not None and self.usage.full

@@ -1,0 +1,76 @@
+"""Coarse timeouts without a timer per wait: one task per event loop fires what is due every TICK_S.
+
+`asyncio.timeout` costs a timer handle, its rescheduling and the task's cancel bookkeeping on every
+use (tens of microseconds on uvloop); the request path waits several times per request (a reply, a
+heartbeat interval, a deadline). Here a wait registers its due time in a dict and one sweeper task,
+alive only while something is registered, fires the expired ones. A timeout fires up to one tick
+late, which no timeout on the request path (seconds) notices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+TICK_S = 0.01
+
+
+class Sweep:
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick_s: float = TICK_S) -> None:
+        self.loop = loop
+        self.tick_s = tick_s
+        self._due: dict[object, tuple[float, Callable[[], Any]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def at(self, key: object, when: float, fire: Callable[[], Any]) -> None:
+        """Call `fire` once at about `when` (loop.time()) unless `cancel(key)` comes first."""
+        self._due[key] = (when, fire)
+        if self._task is None:
+            self._task = self.loop.create_task(self._run())
+
+    def cancel(self, key: object) -> None:
+        self._due.pop(key, None)
+
+    async def wait(self, future: asyncio.Future[Any], timeout_s: float) -> Any:
+        """`await future`, raising TimeoutError if it is not done within about `timeout_s`."""
+        self.at(future, self.loop.time() + timeout_s, lambda: _time_out(future))
+        try:
+            return await future
+        finally:
+            self._due.pop(future, None)
+
+    async def _run(self) -> None:
+        try:
+            while self._due:
+                await asyncio.sleep(self.tick_s)
+                now = self.loop.time()
+                expired = [key for key, (when, _) in self._due.items() if when <= now]
+                for key in expired:
+                    entry = self._due.pop(key, None)
+                    if entry is None:
+                        continue
+                    try:
+                        entry[1]()
+                    except Exception as exc:  # one bad callback must not stop the others' timeouts
+                        self.loop.call_exception_handler({"message": "sweep callback failed", "exception": exc})
+        finally:
+            self._task = None
+
+
+def _time_out(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
+_sweeps: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Sweep] = weakref.WeakKeyDictionary()
+
+
+def sweep() -> Sweep:
+    """The running loop's sweep."""
+    loop = asyncio.get_running_loop()
+    found = _sweeps.get(loop)
+    if found is None:
+        found = _sweeps[loop] = Sweep(loop)
+    return found
