@@ -28,6 +28,10 @@ MAX_AGE_S: Final = 30 * 24 * 3600.0  # kept for a month: a long metering outage 
 DLQ_STREAM: Final = "USAGE_DLQ"
 DLQ_SUBJECTS: Final = "usage_dlq.>"
 DLQ_MAX_AGE_S: Final = 90 * 24 * 3600.0
+# JetStream announces a usage message it stopped delivering (max_deliver) once, when it gives up; the
+# announcements are kept here so one made while no metering process listened is still handled.
+ADVISORY_STREAM: Final = "USAGE_ADVISORIES"
+ADVISORY_SUBJECTS: Final = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM}.>"
 
 # Bounds a worker's event always meets; anything outside is a forgery or a bug, never billed as is.
 MAX_ID_CHARS: Final = 256  # request, key, tenant and worker ids; a worker refuses longer request ids
@@ -94,7 +98,7 @@ PRICES_CHANGED: Final = "metering.prices.changed"  # broadcast after a price cha
 DEAD_LETTERS: Final = "metering.admin.dead_letters.list"
 ANY_VERSION: Final = "*"
 CURRENCY: Final = "USD"
-GROUPS: Final = ("tenant", "key", "model", "kind", "day", "hour")
+GROUPS: Final = ("tenant", "key", "model", "kind", "day", "hour", "batch")
 
 
 class SetPrice(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -106,6 +110,7 @@ class SetPrice(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     output_per_1m: float = 0.0  # USD per million completion tokens
     per_audio_second: float = 0.0  # USD per second of audio in or out
     per_image: float = 0.0  # USD per image
+    batch_discount: float = 0.0  # the fraction taken off a batch line's cost: 0.5 is half price
     currency: str = CURRENCY
     actor: str = "cli"
 
@@ -124,6 +129,7 @@ class PriceView(Struct, frozen=True, kw_only=True):
     currency: str
     updated_at: str  # ISO 8601, UTC
     updated_by: str
+    batch_discount: float = 0.0  # off a batch line's cost (SetPrice.batch_discount)
 
 
 class UsageQuery(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -150,6 +156,7 @@ class UsageRow(Struct, frozen=True, kw_only=True):
     kind: str | None = None
     day: str | None = None  # YYYY-MM-DD (UTC)
     hour: str | None = None  # YYYY-MM-DDTHH:00:00Z
+    batch: bool | None = None  # grouped by batch: batch lines (true) or interactive requests (false)
     shadow: bool = False  # shadow copies: never billed, never in the totals
     requests: int = 0
     cancelled: int = 0

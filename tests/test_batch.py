@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,11 @@ import pytest
 from aiohttp import web
 from openai import AsyncOpenAI
 
-from contracts import subjects
+from contracts import subjects, usage
 from contracts.batch import KeyRef, ListDeliveries, SetWebhook
 from contracts.control import Reply
 from contracts.errors import InferBusError
+from contracts.usage import SetPrice
 from services.batch.webhooks import check_url, verify
 from services.runtime import bus
 from services.runtime.embedded import free_port
@@ -233,6 +235,51 @@ async def test_the_openai_sdk_runs_a_batch_end_to_end(platform: Platform) -> Non
 async def _complete(platform: Platform, batch_id: str, lines: int) -> dict[str, int] | None:
     ledger = await platform.ledger(batch_id)
     return ledger if len(ledger) >= lines else None
+
+
+async def test_a_batch_line_is_metered_as_batch_at_the_batch_discount(platform: Platform) -> None:
+    price = SetPrice(model=FAST, version="*", input_per_1m=2.0, output_per_1m=10.0, batch_discount=0.5)
+    msg = await platform.nc.request(usage.PRICES_SET, msgspec.json.encode(price), timeout=5)
+    assert msgspec.json.decode(msg.data, type=Reply).error is None
+    key, key_id = await platform.new_key()
+    api = platform.api(key)
+    lines = chat_lines(3, prefix="priced")
+    batch = await submit(api, lines)
+    assert (await finished(api, batch.id)).status == "completed"
+    chat = await api.chat.completions.create(model=FAST, max_tokens=8, messages=[{"role": "user", "content": "q 0"}])
+    db = await asyncpg.connect(platform.stack.database_url)
+    try:
+        async def metered() -> list[asyncpg.Record] | None:
+            rows = await db.fetch("SELECT * FROM usage_events WHERE key_id = $1", key_id)
+            return rows if len(rows) >= 4 else None
+
+        rows = await until(metered, 30, "usage rows for the lines and the interactive request")
+    finally:
+        await db.close()
+    assert len(rows) == 4 and len({r["request_id"] for r in rows}) == 4  # one row per line, one for the chat
+    by_id = {r["request_id"]: r for r in rows}
+    interactive = by_id.pop(chat.id)
+    assert interactive["batch_id"] is None
+    assert interactive["cost_usd"] == price_of(interactive) > 0
+    assert sorted(by_id) == sorted(f"chatcmpl-{batch.id}-{line}" for line in (1, 2, 3))  # by line number
+    for row in by_id.values():
+        assert row["batch_id"] == batch.id and row["model"] == FAST and row["completion_tokens"] == 8
+        assert row["cost_usd"] == price_of(row) / 2 > 0
+    # The usage API splits batch from interactive traffic, and its costs are the ledger's.
+    async with aiohttp.ClientSession(headers=platform.gateway.headers) as http, \
+            http.get(platform.gateway.url + "/v1/usage", params={"key_id": key_id, "group_by": "batch"}) as resp:
+        assert resp.status == 200, await resp.text()
+        report = await resp.json()
+    split = {r["batch"]: (r["requests"], r["cost_usd"]) for r in report["rows"]}
+    assert split == {
+        False: (1, pytest.approx(float(interactive["cost_usd"]))),
+        True: (3, pytest.approx(float(sum(r["cost_usd"] for r in by_id.values())))),
+    }
+
+
+def price_of(row: asyncpg.Record) -> Decimal:
+    """A row's full price at $2 per million prompt tokens and $10 per million completion tokens."""
+    return (Decimal(row["prompt_tokens"]) * 2 + Decimal(row["completion_tokens"]) * 10) / 1_000_000
 
 
 async def test_a_completions_batch_and_a_line_the_model_refuses(platform: Platform) -> None:

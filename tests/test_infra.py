@@ -178,7 +178,11 @@ def test_prometheus_rules_check_and_their_unit_tests_pass() -> None:
     assert alerts == tested  # every alert has a unit test
     assert {"InferBusHighErrorRate", "InferBusSlowFirstToken", "InferBusQueueSaturated", "InferBusWorkerDown",
             "InferBusCanaryRolledBack", "InferBusMeteringLag", "InferBusBudgetExhausted", "InferBusCircuitOpen",
-            "InferBusNatsUnreachable"} <= alerts
+            "InferBusNatsUnreachable", "InferBusBudgetNearlySpent", "InferBusNatsDisconnected"} <= alerts
+    exprs = expressions()  # the state gauges, not their side effects (refusals, publish retries)
+    assert "inferbus_circuit_breaker_open" in exprs["rule InferBusCircuitOpen"]
+    assert "inferbus_nats_connected" in exprs["rule InferBusNatsDisconnected"]
+    assert "inferbus_budget_remaining" in exprs["rule InferBusBudgetNearlySpent"]
     result = run(tool("amtool"), "check-config", str(INFRA / "alertmanager/alertmanager.yml"))
     assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
 
@@ -257,7 +261,8 @@ def test_dashboards_cover_what_operators_look_at() -> None:
                            "inferbus-limits-spend", "inferbus-workers"}
     titles = " | ".join(p["title"].lower() for b in boards.values() for p in b["panels"])
     for topic in ("latency", "time to first token", "tokens per second", "error", "by version", "refusals",
-                  "spend by tenant", "in flight", "real-time factor"):
+                  "spend by tenant", "in flight", "real-time factor", "budget left", "circuit breakers open",
+                  "nats connections"):
         assert topic in titles, topic
     for name, board in boards.items():
         ids = [p["id"] for p in board["panels"]]

@@ -507,6 +507,52 @@ async def test_prices_apply_at_ingest(meter: Meter, nc: bus.Connection) -> None:
     ]
 
 
+async def test_batch_lines_carry_their_batch_and_its_discount(meter: Meter, nc: bus.Connection) -> None:
+    model, who = "batchy-" + secrets.token_hex(4), tenant()
+    price = await admin(
+        nc, usage.PRICES_SET, model=model, version="*", input_per_1m=2.0, output_per_1m=10.0, batch_discount=0.25
+    )
+    assert price["batch_discount"] == 0.25
+    await admin(nc, usage.PRICES_SET, model=model, version="v2", input_per_1m=4.0, output_per_1m=20.0)
+    lines = [
+        event(f"{who}-line-{i}", who, model, batch_id="batch_abc", prompt_tokens=1000, completion_tokens=100)
+        for i in range(3)
+    ]
+    interactive = event(f"{who}-chat", who, model, prompt_tokens=1000, completion_tokens=100)
+    own_price = event(
+        f"{who}-v2", who, model, version="v2", batch_id="batch_abc", prompt_tokens=1000, completion_tokens=0
+    )
+    for ev in [*lines, interactive, own_price]:
+        await publish(nc, ev)
+    # A line's event published again past JetStream's duplicate window: still one row, one cost.
+    again = await publish(nc, lines[0], msg_id=lines[0].request_id + "-republished")
+    js = nc.jetstream()
+
+    async def acked() -> bool:
+        info = await js.consumer_info(usage.STREAM, meter.durable)
+        return bool(info.ack_floor.stream_seq >= again.seq)
+
+    await until(acked, "the metering consumer to ack the re-published line")
+    rows = await meter.rows("SELECT request_id, batch_id, cost_usd FROM usage_events WHERE tenant_id = $1", who)
+    by_id = {r["request_id"]: r for r in rows}
+    assert len(rows) == len(by_id) == 5
+    full = Decimal("0.003")  # 1000 x $2/1M + 100 x $10/1M
+    for ev in lines:
+        assert by_id[ev.request_id]["batch_id"] == "batch_abc"
+        assert by_id[ev.request_id]["cost_usd"] == full * Decimal("0.75")
+    assert by_id[interactive.request_id]["batch_id"] is None and by_id[interactive.request_id]["cost_usd"] == full
+    # A version with a price of its own takes that price's discount (none), not the model-wide one.
+    assert by_id[own_price.request_id]["cost_usd"] == Decimal("0.004")
+
+    report = await admin(nc, usage.USAGE_QUERY, tenant_id=who, since=time.time() - 600, group_by=["batch"])
+    split = {r["batch"]: (r["requests"], r["cost_usd"]) for r in report["rows"]}
+    assert split == {False: (1, pytest.approx(0.003)), True: (4, pytest.approx(3 * 0.00225 + 0.004))}
+    assert report["totals"]["requests"] == 5
+    assert report["totals"]["cost_usd"] == pytest.approx(0.003 + 3 * 0.00225 + 0.004)
+    plain = await admin(nc, usage.USAGE_QUERY, tenant_id=who, since=time.time() - 600, group_by=["model"])
+    assert [(r["model"], r["batch"], r["requests"]) for r in plain["rows"]] == [(model, None, 5)]
+
+
 async def test_usage_query_windows_and_groups(meter: Meter, nc: bus.Connection) -> None:
     who, model = tenant(), "windows"
     day = dt.datetime(2021, 3, 4, tzinfo=dt.UTC).timestamp()
@@ -584,6 +630,7 @@ async def test_bad_input_is_a_typed_error_and_writes_nothing(meter: Meter, nc: b
         ({"model": model, "version": "v 1"}, "version"),
         ({"model": model, "version": "v1", "currency": "EUR"}, "currency"),
         ({"model": model, "version": "v1", "discount": 0.5}, None),
+        ({"model": model, "version": "v1", "batch_discount": 1.5}, "batch_discount"),
         ({"model": model, "version": "v1", "input_per_1m": "cheap"}, None),
     ]
     for body, param in bad_prices:
@@ -639,11 +686,14 @@ async def cli(infra: EmbeddedStack, *argv: str) -> tuple[int, str, str]:
 
 async def test_cli_usage_and_prices(meter: Meter, nc: bus.Connection, infra: EmbeddedStack) -> None:
     who, model = tenant(), "cli-" + secrets.token_hex(4)
-    rc, out, err = await cli(infra, "prices", "set", model, "*", "--input", "0.5", "--output", "1.5")
+    rc, out, err = await cli(
+        infra, "prices", "set", model, "*", "--input", "0.5", "--output", "1.5", "--batch-discount", "0.4"
+    )
     assert rc == 0, err
-    assert model in out and "0.5" in out and "1.5" in out
+    assert model in out and "0.5" in out and "1.5" in out and "40%" in out
     rc, out, err = await cli(infra, "prices", "--json", "list", "--model", model)
-    assert rc == 0 and [(p["version"], p["output_per_1m"]) for p in msgspec.json.decode(out)] == [("*", 1.5)]
+    listed = [(p["version"], p["output_per_1m"], p["batch_discount"]) for p in msgspec.json.decode(out)]
+    assert rc == 0 and listed == [("*", 1.5, 0.4)]
     rc, out, err = await cli(infra, "prices", "set", model, "*", "--input", "-2")
     assert rc == 1 and "invalid_request" in err and "input_per_1m" in err
 
@@ -669,5 +719,11 @@ async def test_cli_usage_and_prices(meter: Meter, nc: bus.Connection, infra: Emb
         ["key-0", "false", "2", "0", "0", "4000"],
         ["key-1", "false", "1", "0", "0", "2000"],
     ]
+    rc, out, err = await cli(infra, "usage", "--by", "batch", "--since", "1h", "--tenant", who, "--csv")
+    assert rc == 0, err
+    header, *rows = out.splitlines()
+    assert header.startswith("batch,shadow,requests") and [r.split(",")[:3] for r in rows] == [["false", "false", "3"]]
+    rc, out, err = await cli(infra, "usage", "--by", "batch", "--since", "1h", "--tenant", who)
+    assert rc == 0 and out.splitlines()[2].split()[:2] == ["interactive", "3"], out
     rc, out, err = await cli(infra, "usage", "--by", "colour", "--since", "1h")
     assert rc == 1 and "group_by" in err

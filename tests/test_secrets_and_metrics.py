@@ -1,25 +1,32 @@
 """Secrets stay out of logs; metrics live on a loopback port, not the gateway's public one; every
-service exports its event-loop lag."""
+service exports its event-loop lag, whether its NATS connections are up, and the circuit breakers it sees."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import aiohttp
+import msgspec
 import psutil
 import pytest
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from contracts.registry import Breaker
 from services.cli.up import say
 from services.runtime import bus
+from services.runtime.breakers import Breakers, BreakerState, breaker_bucket, breaker_key
+from services.runtime.embedded import NatsServer
 from services.runtime.local import EmbeddedStack, wait_http, with_identity
 from services.runtime.logging import redact
 from services.runtime.metrics import sample_loop_lag
@@ -222,3 +229,94 @@ async def test_lag_sampler_sees_a_blocked_loop() -> None:
     finally:
         sampler.cancel()
     assert max(lags) < 1.0 and min(lags) < 0.05, lags
+
+
+# ---- NATS connections and circuit breakers ----------------------------------------------------------------
+
+
+async def until_true(check: Callable[[], Any], what: str, limit_s: float = 15) -> None:
+    """Poll `check` (sync or async) until it is true; fail after `limit_s`."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+def connected(name: str) -> float | None:
+    return REGISTRY.get_sample_value("inferbus_nats_connected", {"connection": name})
+
+
+async def test_nats_connected_gauge_drops_to_0_and_back_to_1_with_the_server(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path, secure=False)  # a server of this test's own: the session's stays up
+    url = await asyncio.to_thread(server.start)
+    name = "gauge-probe-" + secrets.token_hex(4)
+    nc = await bus.connect(url, name, identity=bus.Identity())
+    try:
+        assert connected(name) == 1
+        assert server.proc is not None
+        server.proc.kill()
+        await asyncio.to_thread(server.proc.wait)
+        await until_true(lambda: connected(name) == 0, "the gauge to see the connection drop")
+        await asyncio.to_thread(server.start)  # the same port: the client reconnects to it
+        await until_true(lambda: connected(name) == 1, "the gauge to see the reconnect")
+        await nc.flush(timeout=5)  # and the connection does work again
+    finally:
+        await nc.close()
+        await asyncio.to_thread(server.stop)
+    assert connected(name) == 0  # closed for good
+
+
+async def test_every_connection_of_a_service_exports_its_nats_gauge(
+    gateway: PasswordGateway, nc: bus.Connection
+) -> None:
+    url = metrics_url(await instance_info(nc, "inferbus-gateway", http=gateway.url))
+    assert url is not None
+    gauges = {s.labels["connection"]: s.value for s in await scrape(url) if s.name == "inferbus_nats_connected"}
+    assert gauges and set(gauges.values()) == {1.0}, gauges
+    assert any(name.startswith("inferbus-gateway-") for name in gauges), gauges
+
+
+def breaker_open(model: str) -> float | None:
+    return REGISTRY.get_sample_value("inferbus_circuit_breaker_open", {"kind": "llm", "model": model, "version": "v1"})
+
+
+async def test_breaker_gauge_is_1_while_open_and_0_once_a_probe_closes_it() -> None:
+    breakers, model = Breakers("gauge-test"), "gauge-" + secrets.token_hex(4)
+    cfg = Breaker(failures=2, window_s=60, cooldown_s=0.0)
+    breakers.failure("llm", model, "v1", "upstream_error", cfg)
+    assert breaker_open(model) is None  # no transition yet: nothing exported
+    breakers.failure("llm", model, "v1", "upstream_error", cfg)
+    assert breakers.verdict("llm", model, "v1") != "closed" and breaker_open(model) == 1
+    assert await breakers.claim_probe("llm", model, "v1")
+    assert breaker_open(model) == 1  # half open: only the probe gets through
+    breakers.success("llm", model, "v1")
+    assert breakers.verdict("llm", model, "v1") == "closed" and breaker_open(model) == 0
+
+
+async def test_a_breaker_opened_anywhere_shows_in_every_watching_service(
+    gateway: PasswordGateway, nc: bus.Connection
+) -> None:
+    url = metrics_url(await instance_info(nc, "inferbus-gateway", http=gateway.url))
+    assert url is not None
+    model = "gauge-" + secrets.token_hex(4)
+    kv = await breaker_bucket(nc.jetstream())
+    key = breaker_key("llm", model, "v1")
+
+    async def gateway_shows(expected: float) -> bool:
+        found = [s.value for s in await scrape(url) if s.name == "inferbus_circuit_breaker_open"
+                 and s.labels == {"kind": "llm", "model": model, "version": "v1"}]
+        return found == [expected]
+
+    try:
+        opened = BreakerState(state="open", until=time.time() + 60, cooldown_s=60, reason="test", by="elsewhere")
+        await kv.put(key, msgspec.json.encode(opened))
+        await until_true(lambda: gateway_shows(1.0), "the gateway to export the open breaker")
+        await kv.put(key, msgspec.json.encode(BreakerState(state="closed", by="elsewhere")))
+        await until_true(lambda: gateway_shows(0.0), "the gateway to export the closed breaker")
+    finally:
+        await kv.delete(key)

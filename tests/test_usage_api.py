@@ -1,4 +1,5 @@
-"""The usage ledger seen from the edge: /v1/usage (JSON and CSV, scoped per key) and budgets in USD."""
+"""The usage ledger seen from the edge: /v1/usage (JSON and CSV, scoped per key) and budgets in USD, with what
+is left of a budget as the metering service exports it."""
 
 from __future__ import annotations
 
@@ -6,26 +7,63 @@ import asyncio
 import csv
 import io
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import aiohttp
 import msgspec
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from contracts import usage
 from contracts.control import Reply
 from contracts.usage import SetPrice
 from services.runtime import bus
-from services.runtime.local import EmbeddedStack, ServiceProcess
-from tests.conftest import BENCH_MODEL, Gateway, running_service
+from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env, wait_service
+from services.runtime.metrics import url as metrics_url
+from tests.conftest import BENCH_MODEL, Gateway
 from tests.test_tenancy import admin, complete
+
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
 async def metering(infra: EmbeddedStack, nc: bus.Connection) -> AsyncIterator[ServiceProcess]:
-    async with running_service(infra, nc, "metering") as proc:
+    """The metering service, refreshing its budget gauges every 0.3 s (15 s by default)."""
+    proc = ServiceProcess("metering", "services.metering", infra.env(**settings_env(budget_interval_s=0.3)), infra.root)
+    try:
+        await wait_service(nc, "inferbus-metering", proc)
         yield proc
+    finally:
+        proc.stop()
+
+
+async def until(probe: Callable[[], Awaitable[T | None]], what: str, limit_s: float = 15) -> T:
+    deadline = time.monotonic() + limit_s
+    while True:
+        value = await probe()
+        if value is not None:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+async def budget_gauges(nc: bus.Connection, tenant: str) -> dict[str, float]:
+    """The tenant's own day USD budget gauges, as every metering instance exports them (the last one's)."""
+    found: dict[str, float] = {}
+    wanted = {"tenant": tenant, "key": "", "period": "day", "unit": "usd"}
+    async with aiohttp.ClientSession() as http:
+        for info in await bus.discover(nc, "INFO", "inferbus-metering", wait=0.3):
+            url = metrics_url(info)
+            if url is None:
+                continue
+            async with http.get(url) as resp:
+                text = await resp.text()
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name.startswith("inferbus_budget_") and sample.labels == wanted:
+                        found[sample.name.removeprefix("inferbus_budget_")] = sample.value
+    return found
 
 
 async def usage_of(http: aiohttp.ClientSession, gw: Gateway, key: str, **params: str) -> tuple[int, Any]:
@@ -91,8 +129,25 @@ async def test_usd_budget_stops_spend_at_the_cap(
         assert time.monotonic() < deadline, "the gateway never heard the price"
     tenant = await admin(nc, "tenants.create", name="usd-budget", budget={"usd_per_day": 1.0})
     key = (await admin(nc, "keys.create", name="usd-spender", tenant=tenant["id"]))["key"]
+
+    async def gauges(remaining: float) -> dict[str, float] | None:
+        found = await budget_gauges(nc, tenant["id"])
+        return found if found.get("remaining") == pytest.approx(remaining) else None
+
+    assert (await until(lambda: gauges(1.0), "the budget gauge of the new tenant"))["limit"] == 1.0
     async with aiohttp.ClientSession() as http:
         results = [await complete(http, gateway, key, prompt="hi", max_tokens=10) for _ in range(9)]
     statuses = [status for status, _, _ in results]
     assert statuses == [200] * 7 + [429] * 2, statuses
     assert results[7][2]["error"]["code"] == "insufficient_quota" and "$1.00" in results[7][2]["error"]["message"]
+
+    # Metering exports what the ledger says is left: $1.00 less the 7 requests' $0.11 each.
+    async def spent() -> float | None:
+        query = usage.UsageQuery(since=time.time() - 3600, tenant_id=tenant["id"])
+        msg = await nc.request(usage.USAGE_QUERY, msgspec.json.encode(query), timeout=5)
+        totals = msgspec.json.decode(msg.data, type=Reply).result["totals"]
+        return float(totals["cost_usd"]) if totals["requests"] == 7 else None
+
+    cost = await until(spent, "the 7 requests in the ledger")
+    assert cost == pytest.approx(0.77)
+    assert (await until(lambda: gauges(1.0 - cost), "the budget gauge to show the spend"))["limit"] == 1.0

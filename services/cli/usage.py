@@ -19,7 +19,16 @@ from services.cli.admin import table
 
 COUNTS = ("requests", "cancelled", "failed", "prompt_tokens", "completion_tokens")
 MEDIA = ("audio_seconds_in", "audio_seconds_out", "characters", "images")
-DIMS = {"tenant": "tenant_id", "key": "key_id", "model": "model", "kind": "kind", "day": "day", "hour": "hour"}
+DIMS = {
+    "tenant": "tenant_id",
+    "key": "key_id",
+    "model": "model",
+    "kind": "kind",
+    "day": "day",
+    "hour": "hour",
+    "batch": "batch",
+}
+FLAGS = ("batch", "shadow")  # booleans: lower case in CSV
 
 
 def add_parser(sub: Any) -> None:
@@ -50,6 +59,7 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--output", type=float, default=0.0, help="USD per million completion tokens")
     s.add_argument("--audio-second", type=float, default=0.0, help="USD per second of audio (in or out)")
     s.add_argument("--image", type=float, default=0.0, help="USD per image")
+    s.add_argument("--batch-discount", type=float, default=0.0, help="fraction off for batch lines (0.5: half price)")
     s = ps.add_parser("list", help="every price")
     s.add_argument("--model", help="only this model's prices")
 
@@ -91,6 +101,7 @@ def build(args: argparse.Namespace, now: float | None = None) -> tuple[str, msgs
             output_per_1m=args.output,
             per_audio_second=args.audio_second,
             per_image=args.image,
+            batch_discount=args.batch_discount,
             actor=f"cli:{getpass.getuser()}",
         )
     return usage.PRICES_LIST, ListPrices(model=args.model)
@@ -139,11 +150,17 @@ def render_usage(report: dict[str, Any]) -> str:
 
     body = []
     for r in rows:
-        label = [r[d] if r[d] != "" else "-" for d in dims] or [""]
+        label = [_label(d, r[d]) for d in dims] or [""]
         body.append([*label, *(["yes" if r["shadow"] else ""] if shadow else []), *figures(r)])
     labels = len(header) - len(values) - 1
     total = ["TOTAL", *[""] * (labels - 1), *figures(report["totals"])]
     return head + "\n" + table([header, *body, total])
+
+
+def _label(dim: str, value: Any) -> str:
+    if dim == "batch":
+        return "batch" if value else "interactive"
+    return str(value) if value != "" else "-"
 
 
 def render_csv(report: dict[str, Any]) -> str:
@@ -153,7 +170,7 @@ def render_csv(report: dict[str, Any]) -> str:
     columns = [*dims, "shadow", *COUNTS, *MEDIA, "cost_usd"]
     writer.writerow(columns)
     for r in report["rows"]:
-        writer.writerow([str(r[c]).lower() if c == "shadow" else r[c] for c in columns])
+        writer.writerow([str(r[c]).lower() if c in FLAGS else r[c] for c in columns])
     return out.getvalue().rstrip("\n")
 
 
@@ -162,7 +179,9 @@ def render_prices(result: Any) -> str:
         result = [result]
     if not result:
         return "no prices set: usage is recorded at cost 0"
-    rows = [["MODEL", "VERSION", "INPUT /1M", "OUTPUT /1M", "AUDIO /S", "IMAGE", "CURRENCY", "UPDATED", "BY"]]
+    rows = [
+        ["MODEL", "VERSION", "INPUT /1M", "OUTPUT /1M", "AUDIO /S", "IMAGE", "BATCH OFF", "CURRENCY", "UPDATED", "BY"]
+    ]
     for p in result:
         rows.append(
             [
@@ -172,6 +191,7 @@ def render_prices(result: Any) -> str:
                 f"{p['output_per_1m']:g}",
                 f"{p['per_audio_second']:g}",
                 f"{p['per_image']:g}",
+                f"{p.get('batch_discount', 0.0):.0%}",
                 p["currency"],
                 p["updated_at"][:19],
                 p["updated_by"],

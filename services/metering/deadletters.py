@@ -8,6 +8,7 @@ same delivery twice (a crash between the two steps) stores it once.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import re
@@ -43,6 +44,13 @@ async def ensure_stream(js: bus.JetStreamContext) -> None:
         description="InferBus usage messages the ledger could not take (see the Inferbus-Dlq-* headers)",
     )
     await bus.ensure_stream(js, config)
+    advisories = bus.StreamConfig(
+        name=usage.ADVISORY_STREAM,
+        subjects=[usage.ADVISORY_SUBJECTS],
+        max_age=usage.DLQ_MAX_AGE_S,
+        description="JetStream's max_deliver advisories for USAGE, kept until metering has moved each message",
+    )
+    await bus.ensure_stream(js, advisories)
 
 
 class _Named(msgspec.Struct):
@@ -90,18 +98,49 @@ class DeadLetters:
             self.logger.warning("term_failed", error=repr(exc), stream_seq=seq)
         return True
 
-    async def on_max_deliveries(self, advisory: bus.Msg) -> None:
-        """JetStream gave up on a message (no delivery ended in an ack or a term: a crash each time): keep it."""
+    async def on_max_deliveries(self, advisory: bus.Msg) -> bool:
+        """JetStream gave up on a message (no delivery ended in an ack or a term: a crash each time): keep it.
+
+        True when the advisory is dealt with (the message stored, or nothing left to store); False to see it again.
+        """
         try:
             body = json.loads(advisory.data)
             seq, deliveries = int(body["stream_seq"]), int(body.get("deliveries", 0))
-            raw = await self.js.get_msg(usage.STREAM, seq)
         except Exception as exc:
-            self.logger.error("max_deliveries_advisory_failed", error=repr(exc), advisory=advisory.data[:200])
-            return
+            self.logger.error("max_deliveries_advisory_invalid", error=repr(exc), advisory=advisory.data[:200])
+            return True
+        try:
+            raw = await self.js.get_msg(usage.STREAM, seq)
+        except bus.js_errors.NotFoundError:  # aged out of USAGE meanwhile: nothing left to keep
+            self.logger.error("max_deliveries_message_gone", stream_seq=seq)
+            return True
+        except Exception as exc:
+            self.logger.warning("max_deliveries_advisory_failed", error=repr(exc), stream_seq=seq)
+            return False
         data = raw.data or b""
         detail = f"JetStream stopped delivering it after {deliveries} deliveries without an ack"
-        await self._store(raw.subject or "", data, seq, deliveries, "max_deliver", detail, request_id_of(data))
+        return await self._store(raw.subject or "", data, seq, deliveries, "max_deliver", detail, request_id_of(data))
+
+    async def follow_advisories(self, durable: str) -> None:
+        """Handle this consumer's max_deliver advisories from their stream, each acked once handled (replicas
+        share the durable, so each advisory is handled by one of them, and none is lost while all are down)."""
+        sub = await self.js.pull_subscribe(
+            advisory_subject(self.consumer), durable=durable, stream=usage.ADVISORY_STREAM
+        )
+        while True:
+            try:
+                msgs = await sub.fetch(16, timeout=5)
+            except (TimeoutError, bus.errors.TimeoutError):
+                continue
+            except Exception as exc:  # NATS away: fetch again once it is back
+                self.logger.warning("advisory_fetch_failed", error=repr(exc))
+                await asyncio.sleep(1)
+                continue
+            for msg in msgs:
+                if await self.on_max_deliveries(msg):
+                    await msg.ack()
+                else:
+                    await msg.nak(delay=1)
 
     async def _store(
         self, subject: str, data: bytes, seq: int, deliveries: int, reason: str, detail: str, request_id: str | None

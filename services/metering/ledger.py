@@ -4,8 +4,9 @@
 outside the duplicate window) inserts nothing and so adds nothing to the rollups, while each attempt
 at a request (a retry on another worker before the first token) is a row of its own, priced for what
 that attempt did. Shadow copies are recorded but never priced nor rolled up; failures on our side are
-recorded but not priced. The `usage_requests` view shows one row per request: the final (highest)
-attempt's outcome, with every attempt's tokens and cost summed.
+recorded but not priced. A batch line (an event with a batch id) costs its price less that price's
+`batch_discount` fraction, and is rolled up apart from interactive traffic. The `usage_requests` view
+shows one row per request: the final (highest) attempt's outcome, with every attempt's tokens and cost summed.
 """
 
 from __future__ import annotations
@@ -30,54 +31,55 @@ WITH batch AS (
     SELECT * FROM unnest(
         $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
         $9::float8[], $10::float8[], $11::int8[], $12::int8[], $13::float8[], $14::float8[], $15::int8[],
-        $16::int4[], $17::bool[], $18::bool[], $19::int4[]
+        $16::int4[], $17::bool[], $18::bool[], $19::int4[], $20::text[]
     ) AS b (request_id, kind, model, version, worker_id, outcome, tenant_id, key_id, started_at, finished_at,
             prompt_tokens, completion_tokens, audio_seconds_in, audio_seconds_out, characters_out, images,
-            shadow, billed, attempt)
+            shadow, billed, attempt, batch_id)
 ),
 inserted AS (
     INSERT INTO usage_events (request_id, attempt, kind, model, version, worker_id, outcome, tenant_id, key_id,
         started_at, finished_at, prompt_tokens, completion_tokens, audio_seconds_in, audio_seconds_out,
-        characters_out, images, shadow, cost_usd)
+        characters_out, images, shadow, batch_id, cost_usd)
     SELECT b.request_id, b.attempt, b.kind, b.model, b.version, b.worker_id, b.outcome, b.tenant_id, b.key_id,
         to_timestamp(b.started_at), to_timestamp(b.finished_at), b.prompt_tokens, b.completion_tokens,
-        b.audio_seconds_in, b.audio_seconds_out, b.characters_out, b.images, b.shadow,
+        b.audio_seconds_in, b.audio_seconds_out, b.characters_out, b.images, b.shadow, b.batch_id,
         CASE WHEN b.billed THEN
-            (b.prompt_tokens * coalesce(v.input_per_1m, a.input_per_1m, 0)
-             + b.completion_tokens * coalesce(v.output_per_1m, a.output_per_1m, 0)) / 1000000
-            + (b.audio_seconds_in + b.audio_seconds_out)::numeric * coalesce(v.per_audio_second, a.per_audio_second, 0)
-            + b.images * coalesce(v.per_image, a.per_image, 0)
+            ((b.prompt_tokens * coalesce(v.input_per_1m, a.input_per_1m, 0)
+              + b.completion_tokens * coalesce(v.output_per_1m, a.output_per_1m, 0)) / 1000000
+             + (b.audio_seconds_in + b.audio_seconds_out)::numeric * coalesce(v.per_audio_second, a.per_audio_second, 0)
+             + b.images * coalesce(v.per_image, a.per_image, 0))
+            * CASE WHEN b.batch_id IS NULL THEN 1 ELSE 1 - coalesce(v.batch_discount, a.batch_discount, 0) END
         ELSE 0 END
     FROM batch b
     LEFT JOIN prices v ON v.model = b.model AND v.version = b.version  -- this version's own price
     LEFT JOIN prices a ON a.model = b.model AND a.version = '*'  -- else the model's price for any version
     ON CONFLICT (request_id, attempt) DO NOTHING
     RETURNING kind, model, tenant_id, key_id, finished_at, outcome, shadow, prompt_tokens, completion_tokens,
-        audio_seconds_in, audio_seconds_out, characters_out, images, cost_usd
+        audio_seconds_in, audio_seconds_out, characters_out, images, cost_usd, batch_id
 ),
 minutes AS (
     SELECT date_bin('1 minute', finished_at, TIMESTAMPTZ 'epoch') AS bucket, coalesce(tenant_id, '') AS tenant_id,
-        coalesce(key_id, '') AS key_id, model, kind, count(*) AS requests,
+        coalesce(key_id, '') AS key_id, model, kind, batch_id IS NOT NULL AS batch, count(*) AS requests,
         count(*) FILTER (WHERE outcome = 'cancelled') AS cancelled,
         count(*) FILTER (WHERE outcome NOT IN ('ok', 'cancelled')) AS failed,
         sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens,
         sum(audio_seconds_in) AS audio_seconds_in, sum(audio_seconds_out) AS audio_seconds_out,
         sum(characters_out) AS characters, sum(images) AS images, sum(cost_usd) AS cost_usd
     FROM inserted WHERE NOT shadow
-    GROUP BY 1, 2, 3, 4, 5
+    GROUP BY 1, 2, 3, 4, 5, 6
 ),
 rolled AS (
-    INSERT INTO usage_rollups AS r (granularity, bucket, tenant_id, key_id, model, kind, requests, cancelled,
+    INSERT INTO usage_rollups AS r (granularity, bucket, tenant_id, key_id, model, kind, batch, requests, cancelled,
         failed, prompt_tokens, completion_tokens, audio_seconds_in, audio_seconds_out, characters, images, cost_usd)
-    SELECT g.name, date_bin(g.width, m.bucket, TIMESTAMPTZ 'epoch'), m.tenant_id, m.key_id, m.model, m.kind,
+    SELECT g.name, date_bin(g.width, m.bucket, TIMESTAMPTZ 'epoch'), m.tenant_id, m.key_id, m.model, m.kind, m.batch,
         sum(m.requests), sum(m.cancelled), sum(m.failed), sum(m.prompt_tokens), sum(m.completion_tokens),
         sum(m.audio_seconds_in), sum(m.audio_seconds_out), sum(m.characters), sum(m.images), sum(m.cost_usd)
     FROM minutes m
     CROSS JOIN (VALUES ('minute', INTERVAL '1 minute'), ('hour', INTERVAL '1 hour'), ('day', INTERVAL '1 day'))
         AS g (name, width)
-    GROUP BY 1, 2, 3, 4, 5, 6
-    ORDER BY 1, 2, 3, 4, 5, 6
-    ON CONFLICT (granularity, bucket, tenant_id, key_id, model, kind) DO UPDATE SET
+    GROUP BY 1, 2, 3, 4, 5, 6, 7
+    ORDER BY 1, 2, 3, 4, 5, 6, 7
+    ON CONFLICT (granularity, bucket, tenant_id, key_id, model, kind, batch) DO UPDATE SET
         requests = r.requests + EXCLUDED.requests,
         cancelled = r.cancelled + EXCLUDED.cancelled,
         failed = r.failed + EXCLUDED.failed,
@@ -147,6 +149,7 @@ def columns(events: list[UsageEvent]) -> list[list[object]]:
         [e.shadow for e in unique],
         [not e.shadow and e.outcome not in UNBILLED_OUTCOMES for e in unique],
         [e.attempt for e in unique],
+        [e.batch_id for e in unique],
     ]
 
 

@@ -17,6 +17,7 @@ from contracts import usage
 from contracts.requestlog import RequestPage, RequestQuery, RetentionReport, RunRetention
 from contracts.usage import DeadLetterReport, ListDeadLetters, ListPrices, PriceView, SetPrice, UsageQuery, UsageReport
 from services.metering import deadletters, prices, query, requestlog
+from services.metering.budgets import BudgetGauges
 from services.metering.consumer import Consumer, ensure_consumer
 from services.runtime import admin, bus, db, service, settings
 from services.runtime import logging as log
@@ -48,6 +49,7 @@ class MeteringSettings(settings.CommonSettings, kw_only=True, forbid_unknown_fie
     requestlog_max_deliver: int = 20
     requestlog_retention_days: int = 30  # rows older than this are deleted (bodies go at their own expiry)
     requestlog_retention_interval_s: float = 3600.0
+    budget_interval_s: float = 15.0  # how often the budget gauges (inferbus_budget_remaining) are refreshed
 
 
 def broker_identity(identity: bus.Identity) -> dict[str, Any]:
@@ -74,6 +76,8 @@ class Metering:
         self._subscriber: Any = None
         self._requests: requestlog.RequestLogConsumer | None = None
         self._retention: requestlog.Retention | None = None
+        self._budgets: BudgetGauges | None = None
+        self._advisories: asyncio.Task[None] | None = None
         self.logger = log.get("metering")
 
     @property
@@ -98,9 +102,7 @@ class Metering:
             js, cfg.requestlog_durable, cfg.requestlog_ack_wait_s, cfg.requestlog_max_deliver
         )
         dead = deadletters.DeadLetters(js, cfg.durable)
-        await self.service.bus.subscribe(
-            deadletters.advisory_subject(cfg.durable), queue=f"{QUEUE}-dlq", cb=dead.on_max_deliveries
-        )
+        self._advisories = asyncio.create_task(dead.follow_advisories(f"{cfg.durable}-maxdeliver"))
         self._consumer = Consumer(
             self._pool,
             dead,
@@ -144,6 +146,8 @@ class Metering:
             interval_s=cfg.requestlog_retention_interval_s,
         )
         self._retention.start()
+        self._budgets = BudgetGauges(self._pool, cfg.budget_interval_s)
+        self._budgets.start()
         self.service.stats_source = self.stats
         endpoints: list[tuple[str, str, service.MicroHandler, str | None]] = [
             ("prices_set", usage.PRICES_SET, admin.handler(self.logger, SetPrice, self.set_price), QUEUE),
@@ -161,6 +165,9 @@ class Metering:
         await self.service.register(endpoints)
 
     async def close(self) -> None:
+        if self._advisories is not None:
+            self._advisories.cancel()
+            await asyncio.gather(self._advisories, return_exceptions=True)
         if self._subscriber is not None:
             await self._subscriber.stop()  # no more fetches
         if self._consumer is not None:
@@ -169,6 +176,8 @@ class Metering:
             await self._requests.stop(self.cfg.drain_s)
         if self._retention is not None:
             await self._retention.stop()
+        if self._budgets is not None:
+            await self._budgets.stop()
         if self.broker is not None:
             await self.broker.stop()
         await self.service.close()

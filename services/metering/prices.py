@@ -1,4 +1,5 @@
-"""The price table: USD per million tokens, per audio second and per image, per model version or for any version."""
+"""The price table: USD per million tokens, per audio second and per image, per model version or for any version;
+and the fraction batch lines get off that price."""
 
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ def check_price(value: float, param: str) -> Decimal:
     return Decimal(repr(value))
 
 
+def check_fraction(value: float, param: str) -> Decimal:
+    if not math.isfinite(value) or not 0 <= value <= 1:
+        raise invalid(f"{param} must be a fraction between 0 and 1 (0.5 is half price), got {value}", param)
+    return Decimal(repr(value))
+
+
 def _view(row: asyncpg.Record) -> PriceView:
     return PriceView(
         model=row["model"],
@@ -37,6 +44,7 @@ def _view(row: asyncpg.Record) -> PriceView:
         currency=row["currency"],
         updated_at=row["updated_at"].isoformat(),
         updated_by=row["updated_by"],
+        batch_discount=float(row["batch_discount"]),
     )
 
 
@@ -49,15 +57,17 @@ async def set_price(pool: asyncpg.Pool, req: SetPrice) -> PriceView:
         check_price(req.output_per_1m, "output_per_1m"),
         check_price(req.per_audio_second, "per_audio_second"),
         check_price(req.per_image, "per_image"),
+        check_fraction(req.batch_discount, "batch_discount"),
     )
     if req.currency != CURRENCY:
         raise invalid(f"prices are in {CURRENCY} only", "currency")
     row = await pool.fetchrow(
         "INSERT INTO prices AS p (model, version, input_per_1m, output_per_1m, per_audio_second, per_image,"
-        " currency, updated_at, updated_by) VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8)"
+        " batch_discount, currency, updated_at, updated_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now(), $9)"
         " ON CONFLICT (model, version) DO UPDATE SET input_per_1m = EXCLUDED.input_per_1m,"
         " output_per_1m = EXCLUDED.output_per_1m, per_audio_second = EXCLUDED.per_audio_second,"
-        " per_image = EXCLUDED.per_image, updated_at = now(), updated_by = EXCLUDED.updated_by"
+        " per_image = EXCLUDED.per_image, batch_discount = EXCLUDED.batch_discount,"
+        " updated_at = now(), updated_by = EXCLUDED.updated_by"
         " RETURNING *",
         model,
         version,

@@ -89,6 +89,7 @@ def _dims(groups: list[str], time_col: str, raw: bool) -> dict[str, str]:
         "kind": "kind",
         "day": f"date_bin('1 day', {time_col}, TIMESTAMPTZ 'epoch')",
         "hour": f"date_bin('1 hour', {time_col}, TIMESTAMPTZ 'epoch')",
+        "batch": "batch_id IS NOT NULL" if raw else "batch",
     }
     return {g: exprs[g] for g in groups}
 

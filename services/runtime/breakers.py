@@ -8,6 +8,9 @@ its own window); the process that sees the `failures`-th failure within `window_
 the others keep treating it as open until the probe answers: a success closes it, a failure opens it
 again with twice the cooldown (up to `max_cooldown_s`). A process that opened or probed writes through at
 once to its own copy, so its very next request already sees the new state.
+
+Each process exports `inferbus_circuit_breaker_open` per version as it sees the state: set where the
+state changes (a local write, a watched KV entry), never on the request path.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections import deque
 from typing import Any, Literal
 
 import msgspec
+from prometheus_client import Gauge
 
 from contracts import subjects
 from contracts.registry import BREAKER_CODES, Breaker
@@ -29,6 +33,11 @@ from services.runtime.bus import JetStreamContext, KeyValue
 State = Literal["closed", "open", "half_open"]
 Verdict = Literal["closed", "open", "probe"]
 _KV_UNSAFE = re.compile(r"[^-_=a-zA-Z0-9]")
+OPEN = Gauge(
+    "inferbus_circuit_breaker_open",
+    "1 while a version's circuit breaker is open or half-open (one probe let through), 0 once closed",
+    ["kind", "model", "version"],  # as in the breaker's key: characters KV keys cannot hold are '_'
+)
 
 
 class BreakerState(msgspec.Struct, frozen=True, kw_only=True):
@@ -46,6 +55,13 @@ _decoder = msgspec.json.Decoder(BreakerState)
 
 def breaker_key(kind: str, model: str, version: str) -> str:
     return ".".join((kind, _KV_UNSAFE.sub("_", model), _KV_UNSAFE.sub("_", version)))
+
+
+def _export(key: str, state: BreakerState | None) -> None:
+    """The gauge of `key` after a transition (None: the key was deleted)."""
+    parts = key.split(".")
+    if len(parts) == 3:  # every key breaker_key makes; anything else in the bucket is not a breaker
+        OPEN.labels(*parts).set(0 if state is None or state.state == "closed" else 1)
 
 
 class Breakers:
@@ -141,6 +157,7 @@ class Breakers:
     def _write(self, key: str, state: BreakerState) -> None:
         revision = self.states[key][1] if key in self.states else 0
         self.states[key] = (state, revision)  # this process sees it at once
+        _export(key, state)
         if self._kv is None:
             return
         task = asyncio.get_running_loop().create_task(self._put(key, state))
@@ -175,6 +192,7 @@ class Breakers:
                 continue
             if entry.operation in ("DEL", "PURGE") or not entry.value:
                 self.states.pop(entry.key, None)
+                _export(entry.key, None)
             else:
                 try:
                     state = _decoder.decode(entry.value)
@@ -186,6 +204,7 @@ class Breakers:
                     self.failures.pop(entry.key, None)
                 else:
                     self.states[entry.key] = (state, entry.revision)
+                _export(entry.key, state)
                 if state.by != self.owner:
                     self._probing.discard(entry.key)
             if entry.delta == 0:

@@ -36,6 +36,7 @@ from nats.js.object_store import ObjectStore
 from nats.micro.request import Request as MicroRequest
 from nats.micro.service import EndpointStats
 from nats.micro.service import Service as MicroService
+from prometheus_client import Gauge
 
 from services.runtime import logging as log
 from services.runtime.natsauth import inbox_prefix, read_credentials
@@ -47,6 +48,12 @@ __all__ = [
     "ObjectStoreConfig", "RetentionPolicy", "StorageType", "StreamConfig", "connect", "discover", "errors",
     "js_errors", "micro", "service_stats", "stats_data",
 ]
+
+
+# Set from nats-py's connection callbacks only: nothing on the publish path touches it.
+CONNECTED = Gauge(
+    "inferbus_nats_connected", "1 while this connection to NATS is up, 0 while it is down or closed", ["connection"]
+)
 
 
 class Identity:
@@ -109,12 +116,19 @@ async def connect(
     async def on_error(exc: Exception) -> None:
         logger.warning("nats_error", error=str(exc))
 
+    connected = CONNECTED.labels(name)
+
     async def on_disconnect() -> None:
+        connected.set(0)
         if not (nc.is_closed or nc.is_draining):
             logger.warning("nats_disconnected")
 
     async def on_reconnect() -> None:
+        connected.set(1)
         logger.info("nats_reconnected")
+
+    async def on_closed() -> None:
+        connected.set(0)
 
     nc = Client()
     await nc.connect(
@@ -127,8 +141,10 @@ async def connect(
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
+        closed_cb=on_closed,
         **(identity or Identity.from_env()).options(),
     )
+    connected.set(1)
     return nc
 
 
