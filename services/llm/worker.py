@@ -258,8 +258,9 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
                 if done:
                     break
         finally:
-            pump.cancel()
-            await asyncio.gather(pump, return_exceptions=True)
+            if not pump.done():  # (gathering a finished task would still cost a loop iteration)
+                pump.cancel()
+                await asyncio.gather(pump, return_exceptions=True)
         self._record(completion)
         traffic = "shadow" if request.shadow else "live"
         prompt_tokens = tally.prompt

@@ -172,9 +172,18 @@ class Presence:
 
     def live(self, kind: str, model: str, version: str | None = None) -> list[WorkerLoad]:
         now = time.monotonic()
+        if version is not None:  # the request path's case: one lookup, not a scan of every model's workers
+            seen = self.workers.get((kind, model, version))
+            if not seen:
+                return []
+            loads = [s.load for s in seen.values() if now - s.at <= self.ttl]
+            if len(loads) < len(seen):
+                for worker_id in [w for w, s in seen.items() if now - s.at > self.ttl]:
+                    del seen[worker_id]
+            return loads
         out: list[WorkerLoad] = []
-        for (k, m, v), seen in self.workers.items():
-            if k != kind or m != model or (version is not None and v != version):
+        for (k, m, _), seen in self.workers.items():
+            if k != kind or m != model:
                 continue
             for worker_id in [w for w, s in seen.items() if now - s.at > self.ttl]:
                 del seen[worker_id]

@@ -34,10 +34,11 @@ from typing import Final
 import msgspec
 from prometheus_client import Counter, Gauge
 
-from contracts import usage
+from contracts import subjects, usage
 from contracts.usage import UsageEvent, event_decoder, event_encoder
 from services.runtime import bus, settings
 from services.runtime import logging as log
+from services.runtime.bus import direct
 
 PUBLISHED = Counter("inferbus_usage_published_total", "Usage events acknowledged by JetStream", ["kind"])
 RETRIES = Counter("inferbus_usage_publish_retries_total", "Usage publishes that failed and were retried")
@@ -78,6 +79,65 @@ async def ensure_stream(js: bus.JetStreamContext) -> None:
     await bus.ensure_stream(js, config)
 
 
+class Acks:
+    """JetStream publishes whose acknowledgements come back on one direct inbox subscription.
+
+    What `JetStreamContext.publish_async` does, minus its per-message costs (header validation, a
+    semaphore, a future callback, a task hop per acknowledgement), which showed in the worker's profile.
+    """
+
+    def __init__(self, nc: bus.Connection) -> None:
+        self.nc = nc
+        self.prefix = f"_INBOX.{secrets.token_hex(8)}"
+        self.waiting: dict[str, asyncio.Future[None]] = {}
+        self._next = 0
+        self._sub: object | None = None
+
+    async def publish(self, subject: str, payload: bytes, msg_id: str) -> tuple[str, asyncio.Future[None]]:
+        if self._sub is None:
+            self._sub = await direct.subscribe(self.nc, self.prefix + ".*", self._on_ack)
+        self._next += 1
+        token = str(self._next)
+        future = asyncio.get_running_loop().create_future()
+        self.waiting[token] = future
+        try:
+            await bus.publish(self.nc, subject, payload, reply=f"{self.prefix}.{token}", headers={MSG_ID: msg_id})
+        except BaseException:
+            self.waiting.pop(token, None)
+            raise
+        return token, future
+
+    def forget(self, token: str) -> None:
+        self.waiting.pop(token, None)
+
+    def _on_ack(self, msg: bus.Msg) -> None:
+        future = self.waiting.pop(msg.subject[len(self.prefix) + 1 :], None)
+        if future is None or future.done():
+            return
+        if not msg.data:  # a status message: 503 when no stream takes the subject
+            status = msg.headers.get("Status", "?") if msg.headers else "?"
+            future.set_exception(RuntimeError(f"JetStream did not store the event (status {status})"))
+            return
+        try:
+            ack = _ACK.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            future.set_exception(exc)
+            return
+        if ack.error is not None:
+            future.set_exception(RuntimeError(f"JetStream refused the event: {ack.error}"))
+        else:
+            future.set_result(None)
+
+
+class _PubAck(msgspec.Struct):
+    stream: str = ""
+    error: dict[str, object] | None = None
+
+
+_ACK = msgspec.json.Decoder(_PubAck)
+MSG_ID: Final = "Nats-Msg-Id"
+
+
 class UsagePublisher:
     def __init__(
         self,
@@ -90,6 +150,8 @@ class UsagePublisher:
     ) -> None:
         cfg = cfg or settings.load(UsageSettings, "usage")
         self.js = js
+        self.acks = Acks(js._nc)
+        self._published = {kind: PUBLISHED.labels(kind) for kind in subjects.KINDS}  # bound once
         self.window = window  # publishes in flight at once
         self.max_backoff_s = max_backoff_s
         # Group commit: under load, one spool fsync (and one burst of publishes) per this long, not per event.
@@ -202,33 +264,35 @@ class UsagePublisher:
     async def _send_all(self, batch: list[UsageEvent]) -> list[object]:
         """Publish the batch without waiting in between, then collect the acks under one timer (per event:
         its PubAck, or the exception that stands for it)."""
-        futures: list[object] = []
+        sent: list[tuple[str, asyncio.Future[None]] | BaseException] = []
         for event in batch:
             try:
-                futures.append(await self.js.publish_async(
-                    usage.subject(event.kind, event.model),
-                    event_encoder.encode(event),
-                    headers={"Nats-Msg-Id": usage.msg_id(event)},
+                sent.append(await self.acks.publish(
+                    usage.subject(event.kind, event.model), event_encoder.encode(event), usage.msg_id(event)
                 ))
             except Exception as exc:  # not connected: this one (and likely the rest) is retried
-                futures.append(exc)
-        waiting = [f for f in futures if isinstance(f, asyncio.Future)]
+                sent.append(exc)
+        waiting = [f for _, f in (x for x in sent if isinstance(x, tuple)) if not f.done()]
         if waiting:
             await asyncio.wait(waiting, timeout=2.0)
         results: list[object] = []
-        for event, f in zip(batch, futures, strict=True):
-            if not isinstance(f, asyncio.Future):
-                results.append(f)
-            elif not f.done():
+        for event, x in zip(batch, sent, strict=True):
+            if not isinstance(x, tuple):
+                results.append(x)
+                continue
+            token, f = x
+            if not f.done():
+                self.acks.forget(token)
                 f.cancel()
                 results.append(TimeoutError("no JetStream acknowledgement within 2 s"))
             elif f.cancelled():
                 results.append(TimeoutError("publish cancelled"))
-            elif f.exception() is not None:
-                results.append(f.exception())
+            elif (error := f.exception()) is not None:
+                results.append(error)
             else:
-                PUBLISHED.labels(event.kind).inc()
-                results.append(f.result())
+                counter = self._published.get(event.kind)
+                (counter or PUBLISHED.labels(event.kind)).inc()
+                results.append(None)
         return results
 
     async def drain(self, grace_s: float) -> None:
