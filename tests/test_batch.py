@@ -8,7 +8,9 @@ kill, cancel and expiry tests take seconds.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,6 +37,7 @@ from services.batch.webhooks import check_url, verify
 from services.runtime import bus
 from services.runtime.embedded import free_port
 from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env, wait_service, wait_worker
+from services.runtime.resp import Resp
 from tests.conftest import ADMIN_KEY, Gateway, running_gateway, stack_in_tempdir, start_gateway, start_worker
 
 FAST = "batch-fast"  # benchmark engine, no pacing
@@ -68,13 +71,17 @@ class Platform:
         assert reply.error is None, reply.error
         return reply.result
 
-    async def new_key(self, tenant: str = "default", scopes: list[str] | None = None) -> tuple[str, str]:
+    async def new_key(
+        self, tenant: str = "default", scopes: list[str] | None = None, budget: dict[str, float] | None = None
+    ) -> tuple[str, str]:
         """A new API key (in `tenant`, made if missing): (key, key id)."""
         async with aiohttp.ClientSession(headers=self.gateway.headers) as http:
             if tenant != "default":
                 async with http.post(self.gateway.url + "/v1/admin/tenants", json={"name": tenant}) as resp:
                     assert resp.status in (201, 409), await resp.text()
-            body = {"name": f"batch-test-{tenant}", "tenant": tenant, "scopes": scopes or ["inference"]}
+            body: dict[str, Any] = {"name": f"batch-test-{tenant}", "tenant": tenant, "scopes": scopes or ["inference"]}
+            if budget is not None:
+                body["budget"] = budget
             async with http.post(self.gateway.url + "/v1/admin/keys", json=body) as resp:
                 assert resp.status == 201, await resp.text()
                 made = await resp.json()
@@ -275,6 +282,47 @@ async def test_a_batch_line_is_metered_as_batch_at_the_batch_discount(platform: 
         False: (1, pytest.approx(float(interactive["cost_usd"]))),
         True: (3, pytest.approx(float(sum(r["cost_usd"] for r in by_id.values())))),
     }
+
+
+async def test_a_batch_line_counts_against_a_usd_budget_at_its_discount(platform: Platform) -> None:
+    """The gateway's budget counter (Redis) charges a batch line what the ledger charges: the discounted price."""
+    price = SetPrice(model=FAST, version="*", input_per_1m=2.0, output_per_1m=10.0, batch_discount=0.5)
+    msg = await platform.nc.request(usage.PRICES_SET, msgspec.json.encode(price), timeout=5)
+    assert msgspec.json.decode(msg.data, type=Reply).error is None
+    key, key_id = await platform.new_key(budget={"usd_per_month": 100.0})
+    api = platform.api(key)
+    batch = await submit(api, chat_lines(2, prefix="budgeted"))
+    assert (await finished(api, batch.id)).status == "completed"
+    await api.chat.completions.create(model=FAST, max_tokens=8, messages=[{"role": "user", "content": "q 1"}])
+    db = await asyncpg.connect(platform.stack.database_url)
+    try:
+        async def metered() -> list[asyncpg.Record] | None:
+            rows = await db.fetch("SELECT * FROM usage_events WHERE key_id = $1", key_id)
+            return rows if len(rows) >= 3 else None
+
+        rows = await until(metered, 30, "usage rows for the lines and the interactive request")
+    finally:
+        await db.close()
+    assert sum(r["batch_id"] is not None for r in rows) == 2
+    # Each request settles to its cost in micro-dollars, rounded up (in floating point, so an exact cost may
+    # round up once more): the ledger's costs, at most one micro-dollar each above them. At full price the
+    # two lines would add their discount, ~28 micro-dollars each, on top.
+    expected = sum(math.ceil(r["cost_usd"] * 1_000_000) for r in rows)
+    redis = Resp(platform.stack.redis_url)
+    counter = f"ib:bud:key:{key_id}:usd:m{dt.datetime.now(dt.UTC):%Y-%m}"
+    seen: list[int | None] = []
+    try:
+        async def settled() -> bool:
+            spent = await redis.call("GET", counter)
+            seen.append(int(spent) if spent is not None else None)
+            return seen[-1] is not None and expected <= seen[-1] <= expected + len(rows)
+
+        try:
+            await until(settled, 10, f"the budget counter to reach {expected} micro-USD")
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}: it holds {seen[-1] if seen else None}") from None
+    finally:
+        await redis.close()
 
 
 def price_of(row: asyncpg.Record) -> Decimal:

@@ -212,7 +212,7 @@ class BatchExec:
             key = await gw.keys.by_id(line.key_id)
             gen, fmt = _request(line, gw.settings.default_max_tokens)
             key.authorize("llm", gen.model)
-            grant = await gw.admit(key, line.endpoint, gen)
+            grant = await gw.admit(key, line.endpoint, gen, batch=True)
             headers = {**gw.bus_headers(None, key), BATCH_HEADER: line.batch_id}
             assert self.dispatcher is not None
             chunks = self.dispatcher.generate(gen, kind="llm", timeout_s=line.timeout_s, headers=headers,

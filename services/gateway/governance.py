@@ -185,6 +185,7 @@ class Grant(NamedTuple):
     tenant_id: str
     model: str = ""
     audio: bool = False  # speech: settled by audio seconds, not tokens
+    batch: bool = False  # a batch line: priced with the model's batch discount
 
 
 def estimate_prompt_tokens(request: GenerateRequest) -> int:
@@ -241,6 +242,7 @@ class Prices:
         self.per_model: dict[str, tuple[float, float]] = {}  # model -> (input, output) USD per token, worst case
         self.per_audio_second: dict[str, float] = {}  # model -> USD per second of audio, worst case
         self.per_version: dict[tuple[str, str], float] = {}  # (model, version) -> USD per input + output token
+        self.batch_discount: dict[str, float] = {}  # model -> the smallest of its versions' batch discounts
         self.loaded = False  # a price list arrived at least once: a missing model is free, not unknown
 
     def load(self, views: Iterable[PriceView]) -> None:
@@ -248,11 +250,14 @@ class Prices:
         views = list(views)
         per_model: dict[str, tuple[float, float]] = {}
         per_second: dict[str, float] = {}
+        discount: dict[str, float] = {}
         for view in views:
+            discount[view.model] = min(discount.get(view.model, 1.0), view.batch_discount)
             old_in, old_out = per_model.get(view.model, (0.0, 0.0))
             per_model[view.model] = (max(old_in, view.input_per_1m / 1e6), max(old_out, view.output_per_1m / 1e6))
             per_second[view.model] = max(per_second.get(view.model, 0.0), view.per_audio_second)
         self.per_model, self.per_audio_second, self.loaded = per_model, per_second, True
+        self.batch_discount = {model: d for model, d in discount.items() if d > 0}
         self.per_version = {(v.model, v.version): (v.input_per_1m + v.output_per_1m) / 1e6 for v in views}
 
     def per_token(self, model: str, version: str) -> float | None:
@@ -260,9 +265,10 @@ class Prices:
         price = self.per_version.get((model, version))
         return price if price is not None else self.per_version.get((model, ANY_VERSION))
 
-    def estimate_usd(self, model: str, prompt: int, completion: int) -> float:
+    def estimate_usd(self, model: str, prompt: int, completion: int, batch: bool = False) -> float:
         price_in, price_out = self.per_model.get(model, (0.0, 0.0))
-        return prompt * price_in + completion * price_out
+        usd = prompt * price_in + completion * price_out
+        return usd * (1 - self.batch_discount.get(model, 0.0)) if batch else usd
 
     def audio_usd(self, model: str, seconds: float) -> float:
         return seconds * self.per_audio_second.get(model, 0.0)
@@ -359,14 +365,17 @@ class Governor:
             and self.global_limits == NO_LIMITS and endpoint not in self.endpoint_limits
         )
 
-    async def admit(self, key: KeyRecord, endpoint: str, request: GenerateRequest) -> Grant | None:
+    async def admit(
+        self, key: KeyRecord, endpoint: str, request: GenerateRequest, *, batch: bool = False
+    ) -> Grant | None:
         """A grant to settle after the stream, or None when nothing applies to this key (the common case)."""
         if self.unlimited(key, endpoint, request.model):
             return None
         prompt = estimate_prompt_tokens(request)
         tokens = prompt + request.max_tokens
-        usd = self.prices.estimate_usd(request.model, prompt, request.max_tokens)
-        return await self._admit(key, self.plan(key, endpoint, request.model, request.request_id, prompt, tokens, usd))
+        usd = self.prices.estimate_usd(request.model, prompt, request.max_tokens, batch)
+        grant = self.plan(key, endpoint, request.model, request.request_id, prompt, tokens, usd)
+        return await self._admit(key, grant._replace(batch=True) if batch else grant)
 
     async def admit_request(
         self, key: KeyRecord, endpoint: str, model: str, request_id: str, audio_seconds: float = 0.0
@@ -543,7 +552,8 @@ class Governor:
             SPEND.labels(grant.tenant_id, "audio_seconds").inc(seconds)
         else:
             prompt = prompt_tokens if prompt_tokens is not None else grant.prompt_estimate
-            used, usd = prompt + completion_tokens, self.prices.estimate_usd(model, prompt, completion_tokens)
+            used = prompt + completion_tokens
+            usd = self.prices.estimate_usd(model, prompt, completion_tokens, grant.batch)
             SPEND.labels(grant.tenant_id, "tokens").inc(used)
         if not (grant.rates or grant.slots or grant.caps):
             return None

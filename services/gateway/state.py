@@ -446,12 +446,15 @@ class Gateway:
         if what.get("key_id"):  # its scopes may have changed: it reconnects with the new permissions
             self.kick_later(what["key_id"])
 
-    async def admit(self, key: KeyRecord, endpoint: str, request: GenerateRequest, kind: str = "llm") -> Grant | None:
-        """Scopes, rate limits and budgets for one generation; None when governance is off."""
+    async def admit(
+        self, key: KeyRecord, endpoint: str, request: GenerateRequest, kind: str = "llm", *, batch: bool = False
+    ) -> Grant | None:
+        """Scopes, rate limits and budgets for one generation (`batch`: a batch line, at its discount); None when
+        governance is off."""
         key.authorize(kind, request.model)
         if self.governor is None:
             return None
-        return await self.governor.admit(key, endpoint, request)
+        return await self.governor.admit(key, endpoint, request, batch=batch)
 
     async def admit_request(
         self, key: KeyRecord, endpoint: str, kind: str, model: str, request_id: str, audio_seconds: float = 0.0

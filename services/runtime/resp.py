@@ -16,6 +16,8 @@ from urllib.parse import urlparse
 
 import hiredis
 
+from services.runtime.sweep import sweep
+
 
 class RedisUnavailable(ConnectionError):
     """Redis could not be reached, or did not answer in time."""
@@ -26,11 +28,15 @@ class ReplyError(Exception):
 
 
 def _pack(args: tuple[Any, ...]) -> bytes:
+    """One command in RESP (hiredis's C packer where it has one: the same bytes, half the time)."""
     out = [b"*%d\r\n" % len(args)]
     for arg in args:
         data = arg if isinstance(arg, bytes) else str(arg).encode()
         out.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(out)
+
+
+_pack_fast = getattr(hiredis, "pack_command", _pack)
 
 
 class Resp:
@@ -77,15 +83,14 @@ class Resp:
         if self._out and self._out_writer is not writer:
             self._write_out()
         self._out_writer = writer
-        self._out.append(_pack(args))
+        self._out.append(_pack_fast(args))
         return future
 
     async def _send(self, writer: asyncio.StreamWriter, args: tuple[Any, ...]) -> Any:
         future = self._enqueue(writer, args)
         self._write_out()  # a caller waits for this one: now, with the settles queued before it (in order)
         try:
-            async with asyncio.timeout(self.timeout_s):
-                reply = await future
+            reply = await sweep().wait(future, self.timeout_s)  # no timer of its own: this is per request
         except TimeoutError as exc:
             self._drop(RedisUnavailable("Redis did not answer in time"))
             raise RedisUnavailable("Redis did not answer in time") from exc
