@@ -7,18 +7,23 @@ Starts its own embedded stack, the registry, a gateway with semantic caching on 
 engine LLM worker (16 tokens at 1,000 tokens/s: a fast model) and an embed worker (all-MiniLM-L6-v2), then:
 
   a. latency at c=1, p50/p90, of a model answer (`x-inferbus-cache: off`), an exact hit (the same request
-     again) and a semantic hit (a paraphrase of a cached question: its exact key misses, its meaning hits);
+     again), a semantic hit (a paraphrase of a cached question: its exact key misses, its meaning hits; the
+     same paraphrase each round, so after the first its vector is remembered by the gateway) and a semantic
+     hit of a text the gateway has not seen (the paraphrase plus i trailing spaces: the same tokens, so the
+     same similarity, but embedded by the embed worker every round);
   b. the labelled set (tests/data/cache_pairs.json: paraphrases that should hit, near misses that must not),
      embedded in this process with the same model, swept over thresholds with and without the guard
      (numbers, negations, names, units must match): hit rate and false-hit rate at each.
 
-Prints "[bench] ..." progress lines and the tables, writes section `cache` of bench/RESULTS.md.
+Prints "[bench] ..." progress lines and the tables, writes section `cache` of bench/RESULTS.md (or of the
+file INFERBUS_BENCH_RESULTS names).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -38,7 +43,7 @@ from services.gateway.cache import CacheSettings, guard  # noqa: E402
 from services.runtime import bus  # noqa: E402
 from services.runtime.local import EmbeddedStack, ServiceProcess, wait_http, wait_worker  # noqa: E402
 
-RESULTS = ROOT / "bench" / "RESULTS.md"
+RESULTS = Path(os.environ.get("INFERBUS_BENCH_RESULTS") or ROOT / "bench" / "RESULTS.md")
 PAIRS = json.loads((ROOT / "tests" / "data" / "cache_pairs.json").read_text())["pairs"]
 ADMIN_KEY = "ib-bench-cache-" + "x" * 24
 MODEL = "bench-cached"
@@ -57,7 +62,8 @@ async def chat(http: aiohttp.ClientSession, base: str, text: str, headers: dict[
 
 
 async def latencies(http: aiohttp.ClientSession, base: str, n: int) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"model answer (cache off)": [], "exact hit": [], "semantic hit": []}
+    out: dict[str, list[float]] = {"model answer (cache off)": [], "exact hit": [], "semantic hit": [],
+                                   "semantic hit, text not seen before (embedded)": []}
     stored = "What is the capital of France?"
     await chat(http, base, stored)
     deadline = time.monotonic() + 30
@@ -73,6 +79,9 @@ async def latencies(http: aiohttp.ClientSession, base: str, n: int) -> dict[str,
         ms, how = await chat(http, base, "Which city is the capital of France?")
         assert how.startswith("semantic"), how
         out["semantic hit"].append(ms)
+        ms, how = await chat(http, base, "Which city is the capital of France?" + " " * (i + 1))
+        assert how.startswith("semantic"), how
+        out["semantic hit, text not seen before (embedded)"].append(ms)
     return out
 
 

@@ -7,11 +7,16 @@ are given).
 Request logging: a tenant says whether its requests' bodies go into the request log (`log_bodies`)
 and for how many days they are kept (`log_retention_days`); a key may say otherwise, and where it
 does (not None) its own setting wins.
+
+Response cache: a key's `cache` is "default" (the request decides: deterministic requests, or the header
+`x-inferbus-cache: on`), "off" (never, whatever the header says) or "on" (every request, as if it sent
+the header); its `cache_ttl_s` (None: the model's TTL) shortens the life of the entries it writes and
+bounds the age of those it reads.
 """
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import msgspec
 from msgspec import Struct
@@ -19,6 +24,7 @@ from msgspec import Struct
 DEFAULT_TENANT: Final = "default"
 DEFAULT_LOG_RETENTION_DAYS: Final = 7
 MAX_LOG_RETENTION_DAYS: Final = 3650
+KeyCache = Literal["default", "off", "on"]  # a key's use of the response cache
 
 
 class Limits(Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -66,6 +72,8 @@ class KeyInfo(Struct, frozen=True, kw_only=True):
     metadata: dict[str, Any] = {}
     log_bodies: bool | None = None  # None: the tenant's setting
     log_retention_days: int | None = None
+    cache: KeyCache = "default"
+    cache_ttl_s: float | None = None  # None: the model's TTL
 
 
 class NewKey(Struct, frozen=True, kw_only=True):
@@ -123,6 +131,8 @@ class CreateKey(_Admin, kw_only=True, forbid_unknown_fields=True):
     metadata: dict[str, Any] = {}
     log_bodies: bool | None = None  # None: the tenant's setting
     log_retention_days: int | None = None
+    cache: KeyCache = "default"
+    cache_ttl_s: float | None = None  # None: the model's TTL
 
 
 class ListKeys(_Admin, kw_only=True, forbid_unknown_fields=True):
@@ -150,6 +160,9 @@ class UpdateKey(_Admin, kw_only=True, forbid_unknown_fields=True):
     log_bodies: bool | None = None
     log_retention_days: int | None = None
     log_inherit: bool = False  # drop the key's own logging settings: the tenant's apply again
+    cache: KeyCache | None = None
+    cache_ttl_s: float | None = None
+    cache_ttl_inherit: bool = False  # drop the key's cache TTL: the model's applies again
 
 
 class Revoked(Struct, frozen=True, kw_only=True):

@@ -8,7 +8,7 @@ worker for the semantic part.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ async def platform(
             async def routed() -> bool:
                 async with http.get(f"{gw.url}/v1/models/{MODEL}", headers=gw.headers) as resp:
                     ib = (await resp.json())["inferbus"]
-                    return ib["revision"] >= view["revision"] and len(ib["live_workers"]) == 2
+                    return bool(ib["revision"] >= view["revision"] and len(ib["live_workers"]) == 2)
 
             await until(routed, "the gateway to route the model")
             yield {"gw": gw, "workers": stats}
@@ -92,7 +92,7 @@ async def test_sampling_requests_bypass_and_opt_in_uses_it(platform: dict[str, A
 
         async def hit() -> bool:
             _, headers, _ = await chat(http, gw, "opted in", temperature=0.8, headers={"x-inferbus-cache": "on"})
-            return headers["x-inferbus-cache"] == "hit"
+            return bool(headers["x-inferbus-cache"] == "hit")
 
         await until(hit, "an opted-in hit")
 
@@ -126,7 +126,7 @@ async def test_tenants_never_share_entries(platform: dict[str, Any], nc: bus.Con
         await chat(http, gw, "the same question", key=keys[0])
 
         async def hit_a() -> bool:
-            return (await chat(http, gw, "the same question", key=keys[0]))[1]["x-inferbus-cache"] == "hit"
+            return bool((await chat(http, gw, "the same question", key=keys[0]))[1]["x-inferbus-cache"] == "hit")
 
         await until(hit_a, "tenant A's hit")
         _, headers, _ = await chat(http, gw, "the same question", key=keys[1])
@@ -139,14 +139,14 @@ async def test_a_new_served_version_invalidates_entries(platform: dict[str, Any]
         await chat(http, gw, "versioned question")
 
         async def hit() -> bool:
-            return (await chat(http, gw, "versioned question"))[1]["x-inferbus-cache"] == "hit"
+            return bool((await chat(http, gw, "versioned question"))[1]["x-inferbus-cache"] == "hit")
 
         await until(hit, "a hit on v1")
         view = await admin(nc, "deploy", model=MODEL, version="v2")
 
         async def moved() -> bool:
             async with http.get(f"{gw.url}/v1/models/{MODEL}", headers=gw.headers) as resp:
-                return (await resp.json())["inferbus"]["revision"] >= view["revision"]
+                return bool((await resp.json())["inferbus"]["revision"] >= view["revision"])
 
         await until(moved, "the gateway to see v2 deployed")
         _, headers, body = await chat(http, gw, "versioned question")
@@ -171,6 +171,69 @@ async def test_a_reported_false_hit_is_dropped(platform: dict[str, Any]) -> None
             assert resp.status == 404  # once
         _, after, _ = await chat(http, gw, "reported question")
     assert after["x-inferbus-cache"] == "miss"
+
+
+# ---- per-key settings -----------------------------------------------------------------------------------
+
+
+async def test_a_key_with_cache_off_never_hits_even_when_asking_for_it(
+    platform: dict[str, Any], nc: bus.Connection
+) -> None:
+    gw = platform["gw"]
+    off = (await tenancy(nc, "keys.create", name="cache-off", cache="off"))["key"]  # the default tenant's
+    async with aiohttp.ClientSession() as http:
+        await chat(http, gw, "a question its tenant cached")
+
+        async def cached() -> bool:  # the tenant has the entry (the admin key is the default tenant's too)
+            return bool((await chat(http, gw, "a question its tenant cached"))[1]["x-inferbus-cache"] == "hit")
+
+        await until(cached, "the tenant's entry")
+        for headers in (None, {"x-inferbus-cache": "on"}):
+            status, got, body = await chat(http, gw, "a question its tenant cached", key=off, headers=headers)
+            assert status == 200 and "x-inferbus-cache" not in got, got  # not looked up, not stored
+            assert body["choices"][0]["message"]["content"] == " v1" * 4
+
+
+async def test_a_key_with_cache_on_hits_a_sampled_repeat_unless_the_request_bypasses(
+    platform: dict[str, Any], nc: bus.Connection
+) -> None:
+    gw = platform["gw"]
+    on = (await tenancy(nc, "keys.create", name="cache-on", cache="on"))["key"]
+    async with aiohttp.ClientSession() as http:
+        _, first, _ = await chat(http, gw, "a sampled question", key=on, temperature=1)
+        assert first["x-inferbus-cache"] == "miss"
+
+        async def hit() -> bool:
+            _, headers, _ = await chat(http, gw, "a sampled question", key=on, temperature=1)
+            return bool(headers["x-inferbus-cache"] == "hit")
+
+        await until(hit, "a hit on a temperature-1 repeat")
+        for bypass in ({"x-inferbus-cache": "off"}, {"Cache-Control": "no-cache"}):  # the request still decides
+            _, headers, _ = await chat(http, gw, "a sampled question", key=on, temperature=1, headers=bypass)
+            assert "x-inferbus-cache" not in headers
+
+
+async def test_a_key_ttl_shorter_than_the_models_expires_first(platform: dict[str, Any], nc: bus.Connection) -> None:
+    """The model's TTL is an hour: the key's 1 s entry goes, another tenant's entry of the same question stays."""
+    gw = platform["gw"]
+    keys = {}
+    for name, ttl in (("short", 1.0), ("model-ttl", None)):
+        tenant = await tenancy(nc, "tenants.create", name=f"cache-ttl-{name}")
+        made = await tenancy(nc, "keys.create", name=name, tenant=tenant["id"], cache_ttl_s=ttl)
+        assert made["info"]["cache_ttl_s"] == ttl
+        keys[name] = made["key"]
+    async with aiohttp.ClientSession() as http:
+        def answered(name: str, how: str) -> Callable[[], Awaitable[bool]]:
+            async def probe() -> bool:
+                _, headers, _ = await chat(http, gw, "a short-lived question", key=keys[name])
+                return bool(headers["x-inferbus-cache"] == how)
+            return probe
+
+        for name in keys:
+            await chat(http, gw, "a short-lived question", key=keys[name])
+            await until(answered(name, "hit"), f"{name}'s hit")
+        await until(answered("short", "miss"), "the 1 s entry to expire", limit_s=15)
+        assert await answered("model-ttl", "hit")()
 
 
 # ---- semantic: the labelled set -----------------------------------------------------------------------
@@ -229,3 +292,27 @@ async def test_semantic_hits_paraphrases_and_never_a_near_miss(
     assert not false_hits, false_hits  # a near miss (another number, name, unit, a negation) is never a hit
     assert len(hits) >= 0.8 * positives, [r for r in results if r[2] and not r[3].startswith("semantic")]
     assert all(0.86 <= float(r[3].split("similarity=")[1]) <= 1.0 for r in hits)
+
+
+async def test_a_question_is_embedded_once_for_its_lookup_store_and_repeats(
+    nc: bus.Connection, semantic_gateway: Gateway
+) -> None:
+    """The gateway remembers question vectors: the miss's lookup embeds, its store and the repeats do not."""
+    gw = semantic_gateway
+
+    async def embedded() -> int:
+        (stats,) = await bus.service_stats(nc, "inferbus-embed", wait=0.3)
+        return int(stats["inputs"])
+
+    before = await embedded()
+    async with aiohttp.ClientSession() as http:
+        _, headers, _ = await chat(http, gw, "Which river flows through Paris?")
+        assert headers["x-inferbus-cache"] == "miss"
+
+        async def hit() -> bool:
+            return bool((await chat(http, gw, "Which river flows through Paris?"))[1]["x-inferbus-cache"] == "hit")
+
+        await until(hit, "the exact hit")
+        for _ in range(3):
+            assert (await chat(http, gw, "Which river flows through Paris?"))[1]["x-inferbus-cache"] == "hit"
+    assert await embedded() - before == 1

@@ -220,6 +220,44 @@ async def test_many_inputs_come_back_in_order(worker: ServiceProcess, gateway: G
         assert np.abs(got[i] - (await vectors(gateway, texts[i]))[0]).max() < 1e-4
 
 
+async def test_an_idle_batcher_runs_at_once_and_a_busy_one_gathers() -> None:
+    """The batcher alone, with a stand-in model: a lone input never waits for company (even with an hour's
+    max wait), and inputs that queue while a pass runs share the next one."""
+    import threading
+
+    from services.embed.batcher import Batcher
+    from services.embed.engines import Item
+
+    item = Item(tokens=3, full=3, ids=[101, 7, 102])
+    started, release = threading.Event(), threading.Event()
+    sizes: list[int] = []
+
+    def run(items: Any) -> Any:
+        sizes.append(len(items))
+        started.set()
+        if len(sizes) == 1:
+            release.wait(30)  # the first pass holds until the later inputs are queued
+        return np.ones((len(items), 2), dtype=np.float32)
+
+    idle = Batcher(lambda items: np.ones((len(items), 2), dtype=np.float32), max_batch=32, max_wait_s=3600)
+    busy = Batcher(run, max_batch=32, max_wait_s=0.002)
+    idle.start()
+    busy.start()
+    try:
+        async with asyncio.timeout(30):
+            assert (await idle.embed([item])).shape == (1, 2)  # not an hour later
+            first = asyncio.create_task(busy.embed([item]))
+            await asyncio.to_thread(started.wait, 30)
+            # Scheduled before the release: the loop runs them (they queue) before it hears the pass end.
+            later = [asyncio.create_task(busy.embed([item])) for _ in range(3)]
+            release.set()
+            await asyncio.gather(first, *later)
+    finally:
+        await idle.close()
+        await busy.close()
+    assert sizes == [1, 3]
+
+
 async def test_usage_event_counts_prompt_tokens(worker: ServiceProcess, nc: bus.Connection, gateway: Gateway) -> None:
     status, headers, body = await post(gateway, {"model": MODEL, "input": ["Count my tokens.", "And mine."]})
     assert status == 200, headers

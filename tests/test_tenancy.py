@@ -267,7 +267,7 @@ async def test_concurrent_requests_never_overspend_a_budget(
         assert len(counters) == 1
         deadline = time.monotonic() + 5  # settles run just after each response
         while True:
-            counted = int(await client.get(counters[0]))
+            counted = int(await client.get(counters[0]) or 0)
             if counted == spent or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.01)
@@ -333,6 +333,48 @@ async def test_tenants_and_keys_cli(infra: EmbeddedStack, gateway: Gateway, benc
         assert bad.returncode == 1 and needle in bad.stderr, (args, bad.stderr)
     unparsable = await asyncio.to_thread(cli, infra, "keys", "create", "--name", "x", "--expires", "soon")
     assert unparsable.returncode == 2 and "not a duration" in unparsable.stderr
+
+
+async def test_key_cache_settings_are_kept_by_create_update_rotate_and_the_cli(
+    infra: EmbeddedStack, gateway: Gateway, nc: bus.Connection
+) -> None:
+    made = await admin(nc, "keys.create", name="cache-settings", cache="off", cache_ttl_s=90)
+    info = made["info"]
+    assert (info["cache"], info["cache_ttl_s"]) == ("off", 90)
+    updated = await admin(nc, "keys.update", key_id=info["id"], cache="on")
+    assert (updated["cache"], updated["cache_ttl_s"]) == ("on", 90)  # what the update did not name is kept
+    rotated = (await admin(nc, "keys.rotate", key_id=info["id"]))["info"]
+    assert (rotated["cache"], rotated["cache_ttl_s"]) == ("on", 90)
+    inherited = await admin(nc, "keys.update", key_id=rotated["id"], cache="default", cache_ttl_inherit=True)
+    assert (inherited["cache"], inherited["cache_ttl_s"]) == ("default", None)
+    for ttl in (0, -5, 1e9):
+        error = await admin_error(nc, "keys.create", name="k", cache_ttl_s=ttl)
+        assert (error["code"], error.get("param")) == ("invalid_request", "cache_ttl_s"), (ttl, error)
+    error = await admin_error(nc, "keys.create", name="k", cache="sometimes")
+    assert error["code"] == "invalid_request" and "$.cache" in error["message"], error
+    error = await admin_error(nc, "keys.update", key_id=rotated["id"], cache_ttl_s=60, cache_ttl_inherit=True)
+    assert error.get("param") == "cache_ttl_inherit"
+    async with aiohttp.ClientSession() as http:
+        async with http.patch(f"{gateway.url}/v1/admin/keys/{rotated['id']}", headers=ADMIN,
+                              json={"cache": "off", "cache_ttl_s": 30}) as r:
+            assert r.status == 200, await r.text()
+            patched = await r.json()
+        assert (patched["cache"], patched["cache_ttl_s"]) == ("off", 30)
+        async with http.post(f"{gateway.url}/v1/admin/keys", headers=ADMIN, json={"name": "k", "cache": "always"}) as r:
+            refused = await r.json()
+        assert r.status == 400 and refused["error"]["param"] == "cache", refused
+    key = await asyncio.to_thread(cli, infra, "keys", "create", "--name", "cli-cached", "--cache", "on",
+                                  "--cache-ttl", "10m")
+    assert key.returncode == 0, key.stderr
+    CREATED_KEYS.append(next(line.split()[-1] for line in key.stdout.splitlines() if line.startswith("key:")))
+    key_id = key.stdout.split()[2]
+    listed = await asyncio.to_thread(cli, infra, "keys", "list")
+    row = next(line for line in listed.stdout.splitlines() if line.startswith(key_id))
+    assert "cache=on" in row and "cache_ttl=600s" in row, listed.stdout
+    changed = await asyncio.to_thread(cli, infra, "keys", "update", key_id, "--cache", "off", "--cache-ttl-inherit")
+    assert changed.returncode == 0 and "cache=off" in changed.stdout and "cache_ttl" not in changed.stdout, changed
+    wrong = await asyncio.to_thread(cli, infra, "keys", "update", key_id, "--cache", "sometimes")
+    assert wrong.returncode == 2 and "--cache" in wrong.stderr
 
 
 # ---- keys never leak ------------------------------------------------------------------------------------

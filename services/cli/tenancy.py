@@ -40,6 +40,15 @@ def _governance_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-retention-days", type=int, help="days logged bodies are kept (default 7)")
 
 
+def _cache_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", choices=["default", "off", "on"],
+                   help="response cache: default (deterministic requests or the x-inferbus-cache header), off "
+                        "(never), on (every request)")
+    p.add_argument("--cache-ttl", metavar="DURATION",
+                   help="the longest this key's cache entries live and are used, e.g. 10m (shorter than the "
+                        "model's TTL to matter)")
+
+
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser("tenants", help="organisations that own API keys, with their limits and budgets")
     p.add_argument("--json", action="store_true")
@@ -64,6 +73,7 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--model-rpm", action="append", default=[], metavar="MODEL=N", help="per-model requests/min")
     s.add_argument("--model-tpm", action="append", default=[], metavar="MODEL=N", help="per-model tokens/min")
     _governance_flags(s)
+    _cache_flags(s)
     s = ks.add_parser("list", help="list keys (prefixes only; a key is never shown again)")
     s.add_argument("--tenant")
     s.add_argument("--all", action="store_true", help="include revoked keys")
@@ -77,7 +87,9 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--model-rpm", action="append", default=[], metavar="MODEL=N")
     s.add_argument("--model-tpm", action="append", default=[], metavar="MODEL=N")
     s.add_argument("--log-inherit", action="store_true", help="drop the key's logging settings (the tenant's apply)")
+    s.add_argument("--cache-ttl-inherit", action="store_true", help="drop the key's cache TTL (the model's applies)")
     _governance_flags(s)
+    _cache_flags(s)
 
 
 def _limits(args: argparse.Namespace) -> Limits | None:
@@ -113,6 +125,10 @@ def _model_limits(args: argparse.Namespace) -> dict[str, Limits] | None:
     return {m: Limits(rpm=rpm.get(m), tpm=tpm.get(m)) for m in rpm.keys() | tpm.keys()}
 
 
+def _cache_ttl(args: argparse.Namespace) -> float | None:
+    return duration(args.cache_ttl) if args.cache_ttl else None
+
+
 def build(args: argparse.Namespace) -> tuple[str, msgspec.Struct]:
     actor = f"cli:{getpass.getuser()}"
     meta = _pairs(args.meta, "--meta") if "meta" in args else {}
@@ -136,7 +152,8 @@ def build(args: argparse.Namespace) -> tuple[str, msgspec.Struct]:
             name=args.name, tenant=args.tenant, scopes=args.scopes or ["inference"],
             expires_in_s=duration(args.expires) if args.expires else None, limits=_limits(args) or Limits(),
             model_limits=_model_limits(args) or {}, budget=_budget(args) or Budget(), metadata=meta,
-            log_bodies=args.log_bodies, log_retention_days=args.log_retention_days, actor=actor,
+            log_bodies=args.log_bodies, log_retention_days=args.log_retention_days,
+            cache=args.cache or "default", cache_ttl_s=_cache_ttl(args), actor=actor,
         )
     if cmd == "list":
         return "keys.list", ListKeys(tenant=args.tenant, include_revoked=args.all, actor=actor)
@@ -147,7 +164,8 @@ def build(args: argparse.Namespace) -> tuple[str, msgspec.Struct]:
     return "keys.update", UpdateKey(
         key_id=args.key_id, limits=_limits(args), model_limits=_model_limits(args), budget=_budget(args),
         metadata=meta or None, log_bodies=args.log_bodies, log_retention_days=args.log_retention_days,
-        log_inherit=args.log_inherit, actor=actor,
+        log_inherit=args.log_inherit, cache=args.cache, cache_ttl_s=_cache_ttl(args),
+        cache_ttl_inherit=args.cache_ttl_inherit, actor=actor,
     )
 
 
@@ -155,7 +173,7 @@ def _governance(item: dict[str, Any], key: bool = False) -> str:
     parts = [f"{k}={v}" for k, v in item.get("limits", {}).items()]
     parts += [f"{m}:{k}={v}" for m, lim in item.get("model_limits", {}).items() for k, v in lim.items()]
     parts += [f"{k}={v}" for k, v in item.get("budget", {}).items()]
-    return " ".join(parts + _logging(item, key)) or "-"
+    return " ".join(parts + _logging(item, key) + _caching(item)) or "-"
 
 
 def _logging(item: dict[str, Any], key: bool) -> list[str]:
@@ -165,6 +183,13 @@ def _logging(item: dict[str, Any], key: bool) -> list[str]:
         return []
     parts = [] if bodies is None else [f"log_bodies={'on' if bodies else 'off'}"]
     return parts + ([] if days is None else [f"log_retention={days}d"])
+
+
+def _caching(item: dict[str, Any]) -> list[str]:
+    """A key's cache settings where they differ from the default."""
+    parts = [] if item.get("cache", "default") == "default" else [f"cache={item['cache']}"]
+    ttl = item.get("cache_ttl_s")
+    return parts + ([] if ttl is None else [f"cache_ttl={ttl:g}s"])
 
 
 def render(op: str, result: Any) -> str:

@@ -1,9 +1,12 @@
 """Dynamic batching: inputs of concurrent requests gathered into one forward pass, one pass at a time.
 
 A request's inputs are sorted by length and cut into pieces of at most `max_batch` (similar lengths pad
-little). The loop takes the queued pieces in order, waiting up to `max_wait_s` after the first for the
-batch to fill, and runs them as one batch in a thread; while a batch runs, the next one gathers. A
-piece whose request left (cancelled) before its batch started is skipped.
+little). The loop takes the queued pieces in order and runs them as one batch in a thread; while a batch
+runs, the next one gathers. Batching adapts to load: an input that finds the worker idle (nothing was
+waiting when the last batch ended) runs at once, alone; when inputs were waiting as the last batch ended
+(the worker is busy), the next batch also waits up to `max_wait_s` after its first input to fill. A lone
+client never pays the wait; concurrent ones share passes. A piece whose request left (cancelled) before
+its batch started is skipped.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class Batcher:
         self._queued = 0  # inputs in the queue
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._busy = False  # inputs were waiting when the last batch ended: wait for a fuller batch
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -80,7 +84,7 @@ class Batcher:
             while not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
-            deadline = loop.time() + self.max_wait_s
+            deadline = loop.time() + (self.max_wait_s if self._busy else 0.0)
             while self._queued < self.max_batch and (left := deadline - loop.time()) > 0:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -97,6 +101,8 @@ class Batcher:
                     if not piece.future.done():
                         piece.future.set_exception(exc)
                 continue
+            finally:
+                self._busy = bool(self._queue)
             self.batches += 1
             self.inputs += len(items)
             if self.observe is not None:

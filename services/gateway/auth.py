@@ -14,14 +14,14 @@ import asyncpg
 import msgspec
 
 from contracts.errors import InferBusError
-from contracts.tenancy import DEFAULT_LOG_RETENTION_DAYS, DEFAULT_TENANT, Budget, Limits, Revoked
+from contracts.tenancy import DEFAULT_LOG_RETENTION_DAYS, DEFAULT_TENANT, Budget, KeyCache, Limits, Revoked
 
 KEY_PREFIX = "ib-"
 _SELECT = (
     "SELECT k.id, k.name, k.scopes, k.tenant_id, k.expires_at, k.limits, k.model_limits, k.budget,"
     " t.limits AS tenant_limits, t.budget AS tenant_budget, k.log_bodies, k.log_retention_days,"
-    " t.log_bodies AS tenant_log_bodies, t.log_retention_days AS tenant_log_retention_days"
-    " FROM api_keys k JOIN tenants t ON t.id = k.tenant_id"
+    " t.log_bodies AS tenant_log_bodies, t.log_retention_days AS tenant_log_retention_days, k.cache,"
+    " k.cache_ttl_s FROM api_keys k JOIN tenants t ON t.id = k.tenant_id"
 )
 
 
@@ -41,6 +41,10 @@ class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
     log_retention_days: int | None = None
     tenant_log_bodies: bool = False
     tenant_log_retention_days: int = DEFAULT_LOG_RETENTION_DAYS
+    # Response cache: "default" (the request decides), "off" (never) or "on" (also non-deterministic requests);
+    # a TTL that shortens the model's for this key's entries (None: the model's).
+    cache: KeyCache = "default"
+    cache_ttl_s: float | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -99,6 +103,8 @@ def record_from_row(row: asyncpg.Record) -> KeyRecord:
         log_retention_days=row["log_retention_days"],
         tenant_log_bodies=row["tenant_log_bodies"],
         tenant_log_retention_days=row["tenant_log_retention_days"],
+        cache=row["cache"],
+        cache_ttl_s=row["cache_ttl_s"],
     )
 
 

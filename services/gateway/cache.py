@@ -11,6 +11,15 @@
   units of the two questions must be the same, so "What is 2+2?" never answers "What is 2+3?" however
   close their vectors are (the failure LiteLLM's semantic cache is known for).
 
+An API key may say otherwise (`KeyRecord.cache`): "off" never uses the cache, "on" uses it also for
+non-deterministic requests (as the header would), "default" follows the request. A key's `cache_ttl_s`
+bounds the entries it writes (the shorter of it and the model's TTL) and the age of those it reads.
+
+Questions' vectors are remembered (a small LRU, by exact text; the same text has the same vector whoever
+asks, so it holds nothing a tenant could learn another's answers from): a repeated question is not embedded
+again, and a miss's store does not embed the question it just looked up a second time. A question not
+remembered is sent to the embed worker at once, while Redis answers the exact lookup.
+
 Everything the cache does is best effort: an unreachable Redis, PostgreSQL or embed worker is a miss.
 """
 
@@ -19,15 +28,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import asyncpg
 import msgspec
 from prometheus_client import Counter
 
 from contracts.llm import Final, GenerateRequest, Usage
+from contracts.tenancy import KeyCache  # an API key's setting: follow the request, never, or opt in
 from services.runtime import logging as log
 from services.runtime.resp import Resp
 
@@ -37,6 +48,7 @@ FALSE_HITS = Counter("inferbus_cache_false_hits_total", "Cache hits reported wro
 KEY_PREFIX = b"ibc:"
 
 Embed = Callable[[str], Awaitable[list[float] | None]]
+T = TypeVar("T")
 
 
 class CacheSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -51,6 +63,7 @@ class CacheSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     threshold: float = 0.86
     model_threshold: dict[str, float] = {}
     max_entry_chars: int = 64 * 1024
+    vector_memory: int = 1024  # questions whose vectors are remembered (exact text; 0: none)
 
 
 class Entry(msgspec.Struct, frozen=True, array_like=True):
@@ -81,12 +94,15 @@ class Hit(msgspec.Struct, frozen=True):
 
 
 def mode(request: GenerateRequest, cache_header: str | None, cache_control: str | None, settings: CacheSettings,
-         key_allows: bool = True) -> Mode:
-    """Whether and how a request may use the cache."""
+         key_cache: KeyCache = "default") -> Mode:
+    """Whether and how a request may use the cache. `x-inferbus-cache: off` or `Cache-Control: no-cache`
+    bypass it, and so does a key whose setting is "off" (the header cannot turn that back on); a request
+    that is not deterministic uses it when the header or its key's setting says "on"."""
     wanted = (cache_header or "").strip().lower()
-    if not settings.enabled or not key_allows or wanted == "off" or "no-cache" in (cache_control or "").lower():
+    if not settings.enabled or key_cache == "off" or wanted == "off" or "no-cache" in (cache_control or "").lower():
         return "off"
-    if request.shadow or not (wanted == "on" or request.temperature == 0 or request.seed is not None):
+    opted_in = wanted == "on" or key_cache == "on"
+    if request.shadow or not (opted_in or request.temperature == 0 or request.seed is not None):
         return "off"
     if not request.plain:  # tool calls, structured output, logprobs: the cache keeps text only
         return "off"
@@ -182,43 +198,52 @@ class ResponseCache:
         self.embed = embed
         self.logger = log.get("cache")
         self.recent: OrderedDict[str, str] = OrderedDict()  # request id -> entry ref, for false-hit reports
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.vectors: OrderedDict[str, str] = OrderedDict()  # question -> its vector, as pgvector text (LRU)
+        self._tasks: set[asyncio.Future[Any]] = set()
         self.hits = self.semantic_hits = self.misses = self.errors = self.false_hits = 0
 
-    def ttl(self, model: str) -> float:
-        return self.settings.model_ttl_s.get(model, self.settings.ttl_s)
+    def ttl(self, model: str, key_ttl_s: float | None = None) -> float:
+        """How long an entry lives: the model's TTL, or the key's where that is shorter."""
+        ttl = self.settings.model_ttl_s.get(model, self.settings.ttl_s)
+        return ttl if key_ttl_s is None else min(ttl, key_ttl_s)
 
-    async def get(self, tenant: str, request: GenerateRequest, how: Mode, versions: set[str]) -> Hit | None:
+    async def get(self, tenant: str, request: GenerateRequest, how: Mode, versions: set[str],
+                  max_age_s: float | None = None) -> Hit | None:
+        """The cached answer to `request`, if any; `max_age_s` (a key's TTL) misses older entries."""
+        key = exact_key(tenant, request)
+        text = question(request) if how == "semantic" and self.pool is not None and self.embed is not None else None
+        vector = self._background(self.vector(text)) if text else None  # embedded while Redis answers
         try:
-            raw = await self.redis.call("GET", exact_key(tenant, request))
+            raw = await self.redis.call("GET", key)
         except Exception as exc:
             self._error("exact", exc)
             return None
         if raw:
             entry = _entry_decoder.decode(raw)
-            if entry.version in versions:
-                return self._hit(request, Hit(entry, "hit", 1.0, exact_key(tenant, request).decode()))
-        if how == "semantic" and self.pool is not None and self.embed is not None:
-            hit = await self._semantic(tenant, request, versions)
+            if entry.version in versions and (max_age_s is None or time.time() - entry.at < max_age_s):
+                return self._hit(request, Hit(entry, "hit", 1.0, key.decode()))
+        if text and vector is not None:
+            hit = await self._semantic(tenant, request, text, vector, versions, max_age_s)
             if hit is not None:
                 return self._hit(request, hit)
         self.misses += 1
         LOOKUPS.labels("miss").inc()
         return None
 
-    async def _semantic(self, tenant: str, request: GenerateRequest, versions: set[str]) -> Hit | None:
-        text = question(request)
-        if not text or self.pool is None or self.embed is None:
+    async def _semantic(self, tenant: str, request: GenerateRequest, text: str, embedding: asyncio.Future[str | None],
+                        versions: set[str], max_age_s: float | None) -> Hit | None:
+        if self.pool is None:
             return None
         try:
-            vector = await self.embed(text)
+            vector = await embedding
             if vector is None:
                 return None
             row = await self.pool.fetchrow(
                 "SELECT id, answer, 1 - (embedding <=> $1::vector) AS similarity FROM response_cache"
                 " WHERE scope = $2 AND guard = $3 AND version = ANY($4::text[]) AND expires_at > now()"
+                " AND ($5::float8 IS NULL OR created_at > now() - make_interval(secs => $5::float8))"
                 " ORDER BY embedding <=> $1::vector LIMIT 1",
-                _vector(vector), scope(tenant, request), guard(text), sorted(versions),
+                vector, scope(tenant, request), guard(text), sorted(versions), max_age_s,
             )
         except Exception as exc:
             self._error("semantic", exc)
@@ -228,6 +253,37 @@ class ResponseCache:
             return None
         return Hit(_entry_decoder.decode(row["answer"]), "semantic", round(float(row["similarity"]), 4),
                    f"s:{row['id']}")
+
+    async def vector(self, text: str) -> str | None:
+        """The question's vector as pgvector text: remembered, or embedded (and remembered) now; None when no
+        worker answers."""
+        found = self.vectors.get(text)
+        if found is not None:
+            self.vectors.move_to_end(text)
+            return found
+        if self.embed is None:
+            return None
+        values = await self.embed(text)
+        if values is None:
+            return None
+        vector = _vector(values)
+        if self.settings.vector_memory > 0:
+            self.vectors[text] = vector
+            while len(self.vectors) > self.settings.vector_memory:
+                self.vectors.popitem(last=False)
+        return vector
+
+    def _background(self, work: Awaitable[T]) -> asyncio.Future[T]:
+        """Run `work` now; kept until done (close waits for it), its error only counted by whoever awaits it."""
+        future = asyncio.ensure_future(work)
+        self._tasks.add(future)
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, future: asyncio.Future[Any]) -> None:
+        self._tasks.discard(future)
+        if not future.cancelled():
+            future.exception()  # retrieved: an embedding nobody waited for is not an "exception never retrieved"
 
     def _hit(self, request: GenerateRequest, hit: Hit) -> Hit:
         if hit.kind == "hit":
@@ -245,27 +301,25 @@ class ResponseCache:
         LOOKUPS.labels("error").inc()
         self.logger.warning("cache_unavailable", part=what, error=repr(exc))
 
-    def put(self, tenant: str, request: GenerateRequest, how: Mode, entry: Entry) -> None:
-        """Store an answer, off the response path."""
+    def put(self, tenant: str, request: GenerateRequest, how: Mode, entry: Entry, ttl_s: float | None = None) -> None:
+        """Store an answer, off the response path; `ttl_s` (a key's TTL) shortens its life below the model's."""
         if len(entry.text) > self.settings.max_entry_chars or entry.finish_reason not in ("stop", "length"):
             return
-        task = asyncio.get_running_loop().create_task(self._put(tenant, request, how, entry))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._background(self._put(tenant, request, how, entry, ttl_s))
 
-    async def _put(self, tenant: str, request: GenerateRequest, how: Mode, entry: Entry) -> None:
-        ttl = self.ttl(request.model)
+    async def _put(self, tenant: str, request: GenerateRequest, how: Mode, entry: Entry, ttl_s: float | None) -> None:
+        ttl = self.ttl(request.model, ttl_s)
         data = _entry_encoder.encode(entry)
         try:
-            await self.redis.call("SET", exact_key(tenant, request), data, "PX", int(ttl * 1000))
+            await self.redis.call("SET", exact_key(tenant, request), data, "PX", max(1, int(ttl * 1000)))
             text = question(request)
             if how == "semantic" and text and self.pool is not None and self.embed is not None:
-                vector = await self.embed(text)
+                vector = await self.vector(text)
                 if vector is not None:
                     await self.pool.execute(
                         "INSERT INTO response_cache (scope, guard, version, question, embedding, answer, expires_at)"
                         " VALUES ($1, $2, $3, $4, $5::vector, $6, now() + make_interval(secs => $7))",
-                        scope(tenant, request), guard(text), entry.version, text[:2000], _vector(vector), data, ttl,
+                        scope(tenant, request), guard(text), entry.version, text[:2000], vector, data, ttl,
                     )
         except Exception as exc:
             self._error("store", exc)

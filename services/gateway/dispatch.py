@@ -58,11 +58,12 @@ class Served:
 
 @dataclass(frozen=True)
 class CacheUse:
-    """A request's use of the response cache: which cache, whose entries, exact or semantic."""
+    """A request's use of the response cache: which cache, whose entries, exact or semantic, and the key's TTL."""
 
     cache: ResponseCache
     tenant: str
     mode: Mode
+    ttl_s: float | None = None  # the key's: shorter-lived entries, older ones missed (None: the model's TTL)
 
 
 def as_attempt(payload: bytes, attempt: int) -> bytes:
@@ -113,7 +114,7 @@ class Dispatcher:
         )
         if cache is not None and cache.mode != "off":
             hit = await cache.cache.get(cache.tenant, request, cache.mode, self.catalogue.served_versions(
-                kind, request.model))
+                kind, request.model), max_age_s=cache.ttl_s)
             if hit is not None:  # replayed as a stream of its own: nothing generated, nothing billed
                 entry = hit.entry
                 served.model, served.version, served.provider = request.model, entry.version, entry.provider
@@ -186,7 +187,7 @@ class Dispatcher:
                         elif keep and isinstance(chunk, Final) and cache is not None:
                             cache.cache.put(cache.tenant, request, cache.mode, Entry(
                                 "".join(parts), chunk.finish_reason, chunk.usage, chunk.version, served.provider,
-                                time.time()))
+                                time.time()), ttl_s=cache.ttl_s)
                         yield chunk
                     return
                 except InferBusError as exc:

@@ -33,6 +33,7 @@ import wave
 from collections.abc import AsyncGenerator, Iterable
 from typing import Any, Literal, NamedTuple
 
+import hiredis
 from prometheus_client import Counter
 
 from contracts.errors import InferBusError
@@ -44,6 +45,7 @@ from services.gateway.auth import KeyRecord
 from services.gateway.cache import CachedFinal
 from services.runtime import logging as log
 from services.runtime.resp import RedisUnavailable, ReplyError, Resp, Script
+from services.runtime.sweep import sweep
 
 DECISIONS = Counter("inferbus_gateway_limit_decisions_total", "Admission decisions", ["decision", "limit"])
 LIMITER_DOWN = Counter("inferbus_gateway_limiter_unavailable_total", "Requests while Redis was unreachable", ["mode"])
@@ -408,13 +410,26 @@ class Governor:
             args += [s.limit, self.stale_ms]
         for c in grant.caps:
             args += [c.limit, c.amount, c.ttl_s]
-        # Shielded: a caller cancelled meanwhile (its client left) must not lose what the script committed.
-        script = asyncio.ensure_future(self.admit_script(keys=keys, args=args))
+        # The reply is awaited through a relay: a caller cancelled meanwhile (its client left) must not lose
+        # what the script committed (`_abandoned` gives it back). Written at once, with no task in between.
+        script = self.redis.send_now("EVALSHA", self.admit_script.sha, len(keys), *keys, *args)
+        if script is None:  # not connected: the script's own path reconnects (and loads it if needed)
+            script = asyncio.ensure_future(self.admit_script(keys=keys, args=args))
         try:
-            denied, retry, out = await asyncio.shield(script)
+            reply = await relayed(script, self.redis.timeout_s)
+            if isinstance(reply, hiredis.ReplyError):
+                if not str(reply).startswith("NOSCRIPT"):
+                    raise ReplyError(str(reply))
+                script = asyncio.ensure_future(self.admit_script(keys=keys, args=args))  # Redis restarted
+                reply = await relayed(script, self.redis.timeout_s)
+            denied, retry, out = reply
         except asyncio.CancelledError:
             script.add_done_callback(lambda done: self._abandoned(key.id, grant, done))
             raise
+        except TimeoutError:
+            self.redis.drop("Redis did not answer in time")
+            self._uncertain_slots(key.id, grant)
+            return self._unavailable(grant, RedisUnavailable("Redis did not answer in time"))
         except (RedisUnavailable, ReplyError) as exc:
             self._uncertain_slots(key.id, grant)
             return self._unavailable(grant, exc)
@@ -459,6 +474,8 @@ class Governor:
             return
         if script.exception() is not None:
             self._uncertain_slots(key_id, grant)
+        elif isinstance(script.result(), hiredis.ReplyError):
+            return  # refused by Redis (no script): nothing was taken
         elif int(script.result()[0]) == 0:
             self._audio_spent.pop(grant.request_id, None)
             self.settle_later(key_id, grant, 0, 0, grant.model)
@@ -607,6 +624,26 @@ class Governor:
                 yield chunk
         finally:
             await chunks.aclose()
+
+
+async def relayed(future: asyncio.Future[Any], timeout_s: float) -> Any:
+    """`future`'s outcome, waited for without cancelling it when the waiter is cancelled (asyncio.shield, minus
+    its task); TimeoutError after about `timeout_s`."""
+    timeouts = sweep()
+    waiter = timeouts.loop.create_future()
+
+    def relay(done: asyncio.Future[Any]) -> None:
+        if waiter.done():
+            return
+        if done.cancelled():
+            waiter.cancel()
+        elif (exc := done.exception()) is not None:
+            waiter.set_exception(exc)
+        else:
+            waiter.set_result(done.result())
+
+    future.add_done_callback(relay)
+    return await timeouts.wait(waiter, timeout_s)
 
 
 def _headers(rates: list[Rate], out: list[Any]) -> dict[str, str]:

@@ -329,13 +329,17 @@ class Gateway:
                 "cache": self.cache.stats() if self.cache else {}}
 
     def cache_use(self, headers: Mapping[str, str], key: KeyRecord | None, request: GenerateRequest) -> CacheUse | None:
-        """How this request may use the response cache (headers `x-inferbus-cache`, `Cache-Control`)."""
+        """How this request may use the response cache (headers `x-inferbus-cache`, `Cache-Control`; the key's
+        `cache` setting and TTL)."""
         if self.cache is None:
             return None
-        how = cache_mode(request, headers.get(CACHE_HEADER), headers.get("Cache-Control"), self.cache.settings)
+        how = cache_mode(request, headers.get(CACHE_HEADER), headers.get("Cache-Control"), self.cache.settings,
+                         key.cache if key is not None else "default")
         if how == "off":
             return None
-        return CacheUse(self.cache, key.tenant_id if key is not None else "-", how)
+        if key is None:
+            return CacheUse(self.cache, "-", how)
+        return CacheUse(self.cache, key.tenant_id, how, key.cache_ttl_s)
 
     async def _embed(self, text: str) -> list[float] | None:
         """One text's vector from the cache's embed model, over the bus (None when nobody serves it)."""

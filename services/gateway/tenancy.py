@@ -42,8 +42,9 @@ from services.runtime.bus import Connection
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:@/-]{0,127}$")
 _KEY_COLUMNS = (
     "id, name, prefix, tenant_id, scopes, created_at, expires_at, revoked_at, limits, model_limits, budget, metadata,"
-    " log_bodies, log_retention_days"
+    " log_bodies, log_retention_days, cache, cache_ttl_s"
 )
+MAX_CACHE_TTL_S = 30 * 86400.0
 
 
 def check_name(value: str, param: str) -> str:
@@ -93,6 +94,13 @@ def check_retention(days: int | None, param: str = "log_retention_days") -> int 
     return days
 
 
+def check_cache_ttl(ttl_s: float | None) -> float | None:
+    if ttl_s is not None and not (math.isfinite(ttl_s) and 0 < ttl_s <= MAX_CACHE_TTL_S):
+        raise invalid(f"cache_ttl_s must be a positive number of seconds, at most {MAX_CACHE_TTL_S:.0f}",
+                      "cache_ttl_s")
+    return ttl_s
+
+
 def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
 
@@ -113,6 +121,8 @@ def _key_info(row: asyncpg.Record) -> KeyInfo:
         metadata=msgspec.json.decode(row["metadata"]),
         log_bodies=row["log_bodies"],
         log_retention_days=row["log_retention_days"],
+        cache=row["cache"],
+        cache_ttl_s=row["cache_ttl_s"],
     )
 
 
@@ -196,6 +206,7 @@ class TenancyAdmin:
             check_limits(limits, f"model_limits.{model}")
         check_budget(req.budget)
         check_retention(req.log_retention_days)
+        check_cache_ttl(req.cache_ttl_s)
         if req.expires_in_s is not None and (not math.isfinite(req.expires_in_s) or req.expires_in_s <= 0):
             raise invalid("expires_in_s must be a positive number of seconds", "expires_in_s")
         key = new_key()
@@ -203,11 +214,12 @@ class TenancyAdmin:
             tenant_id = await self.tenant_id(con, req.tenant)
             row = await con.fetchrow(
                 "INSERT INTO api_keys (id, name, prefix, key_hash, scopes, tenant_id, expires_at, limits,"
-                " model_limits, budget, metadata, log_bodies, log_retention_days) VALUES ($1, $2, $3, $4, $5, $6,"
-                " now() + make_interval(secs => $7::float8), $8, $9, $10, $11, $12, $13) RETURNING " + _KEY_COLUMNS,
+                " model_limits, budget, metadata, log_bodies, log_retention_days, cache, cache_ttl_s) VALUES ($1, $2,"
+                " $3, $4, $5, $6, now() + make_interval(secs => $7::float8), $8, $9, $10, $11, $12, $13, $14, $15)"
+                " RETURNING " + _KEY_COLUMNS,
                 "key_" + secrets.token_hex(6), req.name, key[:10], key_hash(key), scopes, tenant_id,
                 req.expires_in_s, dumps(req.limits), dumps(req.model_limits), dumps(req.budget), dumps(req.metadata),
-                req.log_bodies, req.log_retention_days,
+                req.log_bodies, req.log_retention_days, req.cache, req.cache_ttl_s,
             )
             await _audit(con, req.actor, "create_key", row["id"], {"name": req.name, "tenant_id": tenant_id})
         return NewKey(key=key, info=_key_info(row))
@@ -248,9 +260,9 @@ class TenancyAdmin:
             old = await self._live_key(con, req.key_id)
             row = await con.fetchrow(
                 "INSERT INTO api_keys (id, name, prefix, key_hash, scopes, tenant_id, expires_at, limits,"
-                " model_limits, budget, metadata, log_bodies, log_retention_days, rotated_from)"
+                " model_limits, budget, metadata, log_bodies, log_retention_days, cache, cache_ttl_s, rotated_from)"
                 " SELECT $2, name, $3, $4, scopes, tenant_id, expires_at, limits, model_limits, budget, metadata,"
-                " log_bodies, log_retention_days, id"
+                " log_bodies, log_retention_days, cache, cache_ttl_s, id"
                 " FROM api_keys WHERE id = $1 RETURNING " + _KEY_COLUMNS,
                 req.key_id, "key_" + secrets.token_hex(6), key[:10], key_hash(key),
             )
@@ -277,6 +289,10 @@ class TenancyAdmin:
         if req.log_inherit and (req.log_bodies is not None or req.log_retention_days is not None):
             raise invalid("log_inherit drops the key's logging settings: set them, or inherit, not both",
                           "log_inherit")
+        check_cache_ttl(req.cache_ttl_s)
+        if req.cache_ttl_inherit and req.cache_ttl_s is not None:
+            raise invalid("cache_ttl_inherit drops the key's cache TTL: set it, or inherit, not both",
+                          "cache_ttl_inherit")
         async with self.pool.acquire() as con, con.transaction():
             await self._live_key(con, req.key_id)
             row = await con.fetchrow(
@@ -284,7 +300,9 @@ class TenancyAdmin:
                 " model_limits = coalesce($3::jsonb, model_limits), budget = coalesce($4::jsonb, budget),"
                 " metadata = coalesce($5::jsonb, metadata),"
                 " log_bodies = CASE WHEN $6 THEN NULL ELSE coalesce($7, log_bodies) END,"
-                " log_retention_days = CASE WHEN $6 THEN NULL ELSE coalesce($8, log_retention_days) END"
+                " log_retention_days = CASE WHEN $6 THEN NULL ELSE coalesce($8, log_retention_days) END,"
+                " cache = coalesce($9, cache),"
+                " cache_ttl_s = CASE WHEN $10 THEN NULL ELSE coalesce($11, cache_ttl_s) END"
                 " WHERE id = $1 RETURNING " + _KEY_COLUMNS,
                 req.key_id,
                 dumps(req.limits) if req.limits is not None else None,
@@ -294,6 +312,9 @@ class TenancyAdmin:
                 req.log_inherit,
                 req.log_bodies,
                 req.log_retention_days,
+                req.cache,
+                req.cache_ttl_inherit,
+                req.cache_ttl_s,
             )
             await _audit(con, req.actor, "update_key", req.key_id, msgspec.to_builtins(req))
         await self._changed({"key_id": req.key_id})

@@ -140,6 +140,21 @@ class Resp:
             asyncio.get_running_loop().call_soon(self._write_out)
         return self._enqueue(writer, args)
 
+    def send_now(self, *args: Any) -> asyncio.Future[Any] | None:
+        """Write a command at once (after those queued before it) and return its raw reply's future: a value,
+        or a hiredis.ReplyError object; RedisUnavailable if the connection drops. None while disconnected."""
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            return None
+        future = self._enqueue(writer, args)
+        self._write_out()
+        return future
+
+    def drop(self, reason: str) -> None:
+        """Give up on the connection (a reply did not come in time): what is in flight fails, the next call
+        reconnects."""
+        self._drop(RedisUnavailable(reason))
+
     async def call(self, *args: Any) -> Any:
         writer = self._writer
         if writer is None or writer.is_closing():
