@@ -28,6 +28,8 @@ _SPECS: Final = (
     ErrorSpec("insufficient_quota", 429, "insufficient_quota", False),
     ErrorSpec("limiter_unavailable", 503, "server_error", True),
     ErrorSpec("overloaded", 503, "server_error", True),
+    # A batch line the worker turned away to keep room for interactive requests: nothing ran, nothing billed.
+    ErrorSpec("deferred", 503, "server_error", True),
     ErrorSpec("no_worker", 503, "server_error", True),
     ErrorSpec("cancelled", 499, "server_error", False),
     ErrorSpec("stream_broken", 502, "server_error", True),

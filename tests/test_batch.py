@@ -42,6 +42,7 @@ from tests.conftest import ADMIN_KEY, Gateway, running_gateway, stack_in_tempdir
 
 FAST = "batch-fast"  # benchmark engine, no pacing
 SLOW = "batch-slow"  # benchmark engine, 50 tokens/s
+NARROW = "batch-narrow"  # benchmark engine, 50 tokens/s, two slots: a batch line only while it is idle
 BATCH_SETTINGS = {
     "ack_wait_s": 3.0, "sync_s": 0.3, "stop_grace_s": 0.3, "exec_silence_s": 2.0, "drain_s": 1.0,
     "completion_windows": ["24h", "4s"], "webhook_allow_private": True, "webhook_backoff_s": [0.3, 0.6, 1.0],
@@ -111,6 +112,7 @@ async def platform(stack: EmbeddedStack) -> AsyncIterator[Platform]:
     try:
         procs["fast"] = start_worker(stack, FAST)
         procs["slow"] = start_worker(stack, SLOW, engine_options={"tokens_per_s": 50})
+        procs["narrow"] = start_worker(stack, NARROW, engine_options={"tokens_per_s": 50, "capacity": 2})
         procs["metering"] = ServiceProcess("metering", "services.metering", stack.env(), stack.root)
         async with running_gateway(stack) as gw:
             plat = Platform(stack, conn, gw)
@@ -118,6 +120,7 @@ async def platform(stack: EmbeddedStack) -> AsyncIterator[Platform]:
             plat.start_batch()
             await wait_worker(conn, FAST, procs["fast"])
             await wait_worker(conn, SLOW, procs["slow"])
+            await wait_worker(conn, NARROW, procs["narrow"])
             await wait_service(conn, "inferbus-metering", procs["metering"])
             await wait_service(conn, "inferbus-batch", procs["batch"])
             yield plat
@@ -328,6 +331,41 @@ async def test_a_batch_line_counts_against_a_usd_budget_at_its_discount(platform
 def price_of(row: asyncpg.Record) -> Decimal:
     """A row's full price at $2 per million prompt tokens and $10 per million completion tokens."""
     return (Decimal(row["prompt_tokens"]) * 2 + Decimal(row["completion_tokens"]) * 10) / 1_000_000
+
+
+async def worker_stats(platform: Platform, name: str) -> dict[str, Any]:
+    pid = platform.procs[name].pid
+    for data in await bus.service_stats(platform.nc, "inferbus-llm", wait=0.2):
+        if data.get("pid") == pid:
+            return data
+    raise AssertionError(f"the {name} worker did not answer STATS")
+
+
+async def test_a_busy_worker_keeps_its_room_for_interactive_requests(platform: Platform) -> None:
+    """A batch line waits while the worker's free slot is all that is left for interactive traffic; nothing of
+    it runs or is billed until then, and it completes once the worker is idle."""
+    before = (await worker_stats(platform, "narrow"))["batch_deferred"]
+    api = platform.api()
+    interactive = await api.chat.completions.create(
+        model=NARROW, max_tokens=5000, stream=True, messages=[{"role": "user", "content": "a long answer"}])
+    try:
+        first = await anext(aiter(interactive))  # the worker is busy with it now (100 s of tokens)
+        assert first.choices
+        batch = await submit(api, chat_lines(2, model=NARROW, max_tokens=4, prefix="waits"))
+
+        async def deferred() -> bool:
+            stats = await worker_stats(platform, "narrow")
+            return stats["batch_deferred"] > before and stats["in_flight"] == 1
+
+        await until(deferred, 30, "the batch line to be turned away while the interactive stream runs")
+        assert (await api.batches.retrieve(batch.id)).request_counts.completed == 0  # type: ignore[union-attr]
+    finally:
+        await interactive.close()  # the worker is idle again: the lines run
+    done = await finished(api, batch.id)
+    out, errors = await answered(api, done)
+    assert done.status == "completed" and errors == [] and len(out) == 2
+    rows = await platform.ledger(batch.id)
+    assert sorted(rows.values()) == [1, 1]  # one usage row per line: the turned-away runs left none
 
 
 async def test_a_completions_batch_and_a_line_the_model_refuses(platform: Platform) -> None:

@@ -35,7 +35,7 @@ LINES = Counter("inferbus_batch_lines_total", "Batch lines answered", ["outcome"
 RETRIES = Counter("inferbus_batch_retries_total", "Batch line runs retried", ["reason"])
 RUNNING = Gauge("inferbus_batch_lines_running", "Batch lines running or waiting for capacity")
 # Errors worth another run (the line is fine; the platform was not, for now).
-RETRY_CODES = frozenset({"rate_limited", "overloaded", "no_worker", "worker_timeout", "stream_broken",
+RETRY_CODES = frozenset({"rate_limited", "overloaded", "deferred", "no_worker", "worker_timeout", "stream_broken",
                          "engine_error", "internal_error", "upstream_error", "upstream_timeout", "circuit_open",
                          "limiter_unavailable", "deadline_exceeded"})
 # Failures the gateway saw, not the worker: the worker may still have finished (and counted) the attempt, so the

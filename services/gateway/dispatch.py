@@ -26,7 +26,8 @@ from services.runtime.outcomes import OutcomeBatcher
 from services.runtime.routing import Route
 from services.runtime.streaming import Pace, StreamClient
 
-RETRY_CODES = frozenset({"stream_broken", "worker_timeout", "overloaded"})
+RETRY_CODES = frozenset({"stream_broken", "worker_timeout", "overloaded", "deferred"})
+UNREPORTED = frozenset({"cancelled", "deferred"})  # not the version's doing: no outcome for canary analysis
 DEFAULT_BREAKER = Breaker()
 
 
@@ -318,7 +319,7 @@ class Dispatcher:
             ended.latency_ms = (time.perf_counter() - started) * 1000
             ended.version = route.version
             code = ended.code
-            if code != "cancelled" and not self.client.nc.is_closed:  # fed to canary analysis
+            if code not in UNREPORTED and not self.client.nc.is_closed:  # fed to canary analysis
                 outcome = Outcome(model, route.version, code is None, code or "ok", ended.latency_ms, ttft)
                 self.outcomes.add(kind, outcome)
             if code is None and ttft is not None:  # the latency strategy's moving averages

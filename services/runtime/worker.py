@@ -48,6 +48,9 @@ class WorkerSettings(msgspec.Struct, kw_only=True):
     worker_id: str
     max_queue: int = 64
     heartbeat_s: float = 0.5
+    # Slots a batch line never takes (services/batch): interactive requests find them free. -1: a quarter of
+    # the engine's capacity (at least 1), none for a one-slot engine (which takes a batch line only when idle).
+    batch_reserve: int = -1
 
 
 class Engine(Protocol):
@@ -113,6 +116,7 @@ class Worker(Generic[RequestT, TallyT]):
         self.queued = 0
         self.served = 0
         self.cancelled = 0
+        self.batch_deferred = 0  # batch lines turned away to keep room for interactive requests
         self.ready = False
         self.upstream: str | None = None  # a remote engine's last health check, reported with the load
         self._window: list[tuple[float, float]] = []  # (finished at, amount) for the throughput report
@@ -201,6 +205,7 @@ class Worker(Generic[RequestT, TallyT]):
             "capacity": self.engine.capacity,
             "served": self.served,
             "cancelled": self.cancelled,
+            "batch_deferred": self.batch_deferred,
             "usage_unacked": self.usage.unacked if self.usage is not None else 0,
             **self._kind_stats(),
         }
@@ -281,6 +286,12 @@ class Worker(Generic[RequestT, TallyT]):
         if rid in self.active:
             await out.send(ErrorChunk, "invalid_request", f"request id {rid!r} is already running")
             return
+        if msg.headers and BATCH_HEADER in msg.headers and not self._room_for_batch():
+            # Before Accepted: the caller sees that no worker took it (not a try of the line; no usage row).
+            self.batch_deferred += 1
+            await out.send(ErrorChunk, "deferred", "this worker keeps its free slots for interactive requests; "
+                           "the batch line waits", 1.0)
+            return
         task = asyncio.current_task()
         assert task is not None
         self.active[rid] = task
@@ -337,6 +348,14 @@ class Worker(Generic[RequestT, TallyT]):
                 if self.usage is not None:
                     self.usage.publish(self._usage_event(request, msg, outcome, tally, started_at))
                 self._finished(request, outcome, tally)
+
+    def _room_for_batch(self) -> bool:
+        """A batch line may start: nothing waits for a slot and `batch_reserve` slots stay free after it."""
+        capacity = self.engine.capacity
+        reserve = self.s.batch_reserve
+        if reserve < 0:
+            reserve = 0 if capacity <= 1 else max(1, capacity // 4)
+        return self.queued == 0 and len(self.active) + 1 <= capacity - reserve
 
     def _expire(self, task: asyncio.Task[None]) -> None:
         """A request's deadline passed: cancel it, marked so `_serve` answers deadline_exceeded."""

@@ -73,6 +73,8 @@ async def serve(
 
 
 def worker_settings(cfg: WorkerProcessSettings, settings_type: type[S], worker_id: str) -> S:
-    """The worker's settings: each of its fields from the process setting of the same name."""
-    values = {name: getattr(cfg, name) for name in settings_type.__struct_fields__ if name != "worker_id"}
+    """The worker's settings: each of its fields from the process setting of the same name (a kind whose
+    process settings lack one keeps its default)."""
+    values = {name: getattr(cfg, name) for name in settings_type.__struct_fields__
+              if name != "worker_id" and hasattr(cfg, name)}
     return settings_type(worker_id=worker_id, **values)
