@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -29,7 +28,7 @@ from services.llm.stops import StopScanner
 from services.runtime import worker
 from services.runtime.bus import Connection
 from services.runtime.replies import ReplyStream
-from services.runtime.sweep import sweep
+from services.runtime.sweep import Mailbox
 from services.runtime.usage import UsagePublisher
 from services.runtime.worker import Metrics, Worker
 
@@ -46,43 +45,6 @@ DURATION = Histogram("inferbus_llm_request_seconds", "Request receipt to termina
 _DONE = object()
 # A prompt this short is rendered and tokenized on the loop: the hop to the thread costs more than it does.
 INLINE_PREPARE_CHARS = 2048
-
-
-class Pieces:
-    """The engine's pieces on their way to the reply: a deque and at most one waiter (an asyncio.Queue and an
-    asyncio.timeout per wait cost more than the rest of a short request's handling)."""
-
-    __slots__ = ("items", "waiter")
-
-    def __init__(self) -> None:
-        self.items: deque[object] = deque()
-        self.waiter: asyncio.Future[None] | None = None
-
-    def put_nowait(self, item: object) -> None:
-        self.items.append(item)
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def get_nowait(self) -> object:
-        if not self.items:
-            raise asyncio.QueueEmpty
-        return self.items.popleft()
-
-    async def get(self, wait_s: float, *, precise: bool = False) -> object:
-        """The next piece; TimeoutError after about `wait_s` (to the millisecond if `precise`, else to a sweep tick)."""
-        while not self.items:
-            timeouts = sweep()
-            self.waiter = waiter = timeouts.loop.create_future()
-            try:
-                if precise:
-                    async with asyncio.timeout(wait_s):
-                        await waiter
-                else:
-                    await timeouts.wait(waiter, wait_s)
-            finally:
-                self.waiter = None
-        return self.items.popleft()
 
 
 class Tally:
@@ -196,7 +158,7 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
         self, request: GenerateRequest, prepared: Any, out: ReplyStream, received: float, tally: Tally
     ) -> None:
         tally.prompt = prepared.prompt_tokens
-        queue = Pieces()
+        queue: Mailbox[object] = Mailbox()
         pump = asyncio.create_task(self._pump(self.engine.generate(prepared, request), queue))
         scanner = StopScanner(request.stop)
         completion = 0
@@ -271,7 +233,7 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
         self._tokens[traffic, "completion"].inc(completion)
         await out.send(Final, finish, Usage(prompt_tokens, completion), self.s.version)
 
-    async def _coalesce(self, queue: Pieces, batch: list[object]) -> None:
+    async def _coalesce(self, queue: Mailbox[object], batch: list[object]) -> None:
         """Take what is already queued; optionally wait `coalesce_ms` for more, up to a token cap."""
         limit = self.s.coalesce_tokens
         deadline = time.monotonic() + self.s.coalesce_ms / 1000
@@ -290,14 +252,14 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
                 return
 
     @staticmethod
-    async def _pump(pieces: Any, queue: Pieces) -> None:
+    async def _pump(pieces: Any, queue: Mailbox[object]) -> None:
         try:
             async for piece in pieces:
-                queue.put_nowait(piece)
+                queue.put(piece)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
-            queue.put_nowait(exc)
+            queue.put(exc)
         finally:
             await pieces.aclose()
-        queue.put_nowait(_DONE)
+        queue.put(_DONE)

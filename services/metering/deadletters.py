@@ -37,20 +37,15 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 async def ensure_stream(js: bus.JetStreamContext) -> None:
-    config = bus.StreamConfig(
-        name=usage.DLQ_STREAM,
-        subjects=[usage.DLQ_SUBJECTS],
-        max_age=usage.DLQ_MAX_AGE_S,
-        description="InferBus usage messages the ledger could not take (see the Inferbus-Dlq-* headers)",
-    )
-    await bus.ensure_stream(js, config)
-    advisories = bus.StreamConfig(
-        name=usage.ADVISORY_STREAM,
-        subjects=[usage.ADVISORY_SUBJECTS],
-        max_age=usage.DLQ_MAX_AGE_S,
-        description="JetStream's max_deliver advisories for USAGE, kept until metering has moved each message",
-    )
-    await bus.ensure_stream(js, advisories)
+    """The dead-letter stream, and the one that keeps JetStream's max_deliver advisories for USAGE."""
+    for name, subject, description in (
+        (usage.DLQ_STREAM, usage.DLQ_SUBJECTS,
+         "InferBus usage messages the ledger could not take (see the Inferbus-Dlq-* headers)"),
+        (usage.ADVISORY_STREAM, usage.ADVISORY_SUBJECTS,
+         "JetStream's max_deliver advisories for USAGE, kept until metering has moved each message"),
+    ):
+        config = bus.StreamConfig(name=name, subjects=[subject], max_age=usage.DLQ_MAX_AGE_S, description=description)
+        await bus.ensure_stream(js, config)
 
 
 class _Named(msgspec.Struct):

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
-from collections import deque
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -26,7 +24,7 @@ from contracts.llm import (
 )
 from services.runtime import bus
 from services.runtime.bus import Connection, Msg, direct
-from services.runtime.sweep import Sweep, sweep
+from services.runtime.sweep import Mailbox
 
 
 def unbundle(decoder: msgspec.msgpack.Decoder[Any], data: bytes) -> list[Any]:
@@ -38,30 +36,6 @@ def unbundle(decoder: msgspec.msgpack.Decoder[Any], data: bytes) -> list[Any]:
     except msgspec.DecodeError:
         raise InferBusError("stream_broken", "undecodable chunk from worker") from None
     return [chunk]
-
-
-class _Inbox:
-    """One stream's messages: a deque and at most one waiter (an asyncio.Queue costs more to make per request)."""
-
-    __slots__ = ("messages", "waiter")
-
-    def __init__(self) -> None:
-        self.messages: deque[Msg] = deque()
-        self.waiter: asyncio.Future[None] | None = None
-
-    def put(self, msg: Msg) -> None:
-        self.messages.append(msg)
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    async def get(self, wait_s: float, timeouts: Sweep) -> Msg:
-        if not self.messages:
-            self.waiter = timeouts.loop.create_future()
-            try:
-                await timeouts.wait(self.waiter, wait_s)
-            finally:
-                self.waiter = None
-        return self.messages.popleft()
 
 
 class Pace:
@@ -82,7 +56,7 @@ class StreamClient:
         self.first_chunk_timeout = first_chunk_timeout
         self.idle_timeout = idle_timeout
         self._prefix = f"_INBOX.{secrets.token_hex(8)}"
-        self._queues: dict[str, _Inbox] = {}
+        self._queues: dict[str, Mailbox[Msg]] = {}
         self._sub: object | None = None
 
     async def start(self) -> None:
@@ -138,7 +112,7 @@ class StreamClient:
         which frees the worker's engine slot.
         """
         token = secrets.token_hex(8)
-        inbox = _Inbox()
+        inbox: Mailbox[Msg] = Mailbox()
         self._queues[token] = inbox
         hdrs = {h.REQUEST_ID: request_id, h.BUNDLE: "1"}
         if deadline is not None:
@@ -146,7 +120,6 @@ class StreamClient:
         if extra_headers:
             hdrs.update(extra_headers)
         finished = False
-        timeouts = sweep()
         try:
             await bus.publish(self.nc, subject, payload, reply=f"{self._prefix}.{token}", headers=hdrs)
             expected = 0
@@ -159,7 +132,7 @@ class StreamClient:
                         raise InferBusError("deadline_exceeded", "the request deadline passed")
                     wait = min(wait, left)
                 try:
-                    msg = await inbox.get(wait, timeouts)
+                    msg = await inbox.get(wait)
                 except TimeoutError:
                     if deadline is not None and deadline - time.time() <= 0:
                         raise InferBusError("deadline_exceeded", "the request deadline passed") from None

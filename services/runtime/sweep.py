@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
 
 TICK_S = 0.01
 
@@ -74,3 +77,40 @@ def sweep() -> Sweep:
     if found is None:
         found = _sweeps[loop] = Sweep(loop)
     return found
+
+
+class Mailbox(Generic[T]):
+    """Items for one consumer: a deque and at most one waiter, timed out on the sweep (an asyncio.Queue and an
+    asyncio.timeout per wait cost more than the rest of a short request's handling)."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: deque[T] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: T) -> None:
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def get_nowait(self) -> T:
+        if not self.items:
+            raise asyncio.QueueEmpty
+        return self.items.popleft()
+
+    async def get(self, wait_s: float, *, precise: bool = False) -> T:
+        """The next item; TimeoutError after about `wait_s` (to the millisecond if `precise`, else to a tick)."""
+        while not self.items:
+            timeouts = sweep()
+            self.waiter = waiter = timeouts.loop.create_future()
+            try:
+                if precise:
+                    async with asyncio.timeout(wait_s):
+                        await waiter
+                else:
+                    await timeouts.wait(waiter, wait_s)
+            finally:
+                self.waiter = None
+        return self.items.popleft()
