@@ -5,8 +5,8 @@
 - `secrets FILE`: the deployment's generated secrets, made once in its credentials directory: the NATS
   identities (a password per role, the auth callout key), the `auth.conf` every node of infra/nats/cluster.conf
   includes, the cluster routes' password, the admin key and the key that seals provider secrets.
-- `streams FILE`: USAGE, USAGE_DLQ, USAGE_ADVISORIES, REQUESTS, BATCH, the KV buckets and object stores, created with the
-  file's `[nats] replicas`, made by the functions their own services use; existing streams are scaled up.
+- `streams FILE`: USAGE, USAGE_DLQ, USAGE_ADVISORIES, REQUESTS, BATCH, the KV buckets and object stores, created
+  with the file's `[nats] replicas`, made by the functions their own services use; existing streams are scaled up.
 - `models FILE`: the file's `[[models]]` registered (and the new ones deployed), as `inferbus up` does.
 """
 

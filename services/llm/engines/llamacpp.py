@@ -1,7 +1,8 @@
-"""llama.cpp engine (llama-cpp-python): GGUF models on CPU, one sequence per loaded instance.
+"""llama.cpp engine (llama-cpp-python): GGUF models on CPU, `capacity` sequences decoded together.
 
-Plain requests take llama-cpp-python's own sampler. Tools, structured output, logit_bias, penalties and
-logprobs take a sampler chain of ours (its grammar from the JSON Schemas: see grammar.py), built per request.
+Every request is a sequence of one continuous batch (llamacpp_batch.py) with a sampler chain of its own:
+greedy or top_p/temp/dist for plain requests; for tools, structured output, logit_bias, penalties and
+logprobs, penalties and bias first and a grammar from the JSON Schemas (see grammar.py) checking each pick.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ import ctypes
 import importlib.util
 import os
 import random
-import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -23,9 +23,9 @@ from contracts.errors import InferBusError
 from contracts.llm import GenerateRequest, TokenLogprob, TopLogprob
 from services.llm.engines.base import Piece, Prepared, Progress, with_system_prompt, within_context
 from services.llm.engines.grammar import TRIGGER, grammar_for
+from services.llm.engines.llamacpp_batch import BatchDecoder
 from services.llm.engines.sampling import VerifyingSampler
 from services.llm.engines.toolcalls import ToolCallParser, template_messages
-from services.runtime.threads import iterate_in_thread
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -48,7 +48,6 @@ class Plan(NamedTuple):
 
 class LlamaCppEngine:
     name = "llamacpp"
-    capacity = 1
 
     def __init__(
         self,
@@ -56,15 +55,32 @@ class LlamaCppEngine:
         *,
         n_ctx: int = 2048,
         n_threads: int = 0,
+        n_threads_batch: int = 0,
+        capacity: int = 8,
+        prefill_chunk: int = 256,
+        flash_attn: bool = False,
         system_prompt: str | None = None,
     ) -> None:
+        if capacity < 1:
+            raise ValueError("capacity: at least 1 sequence")
+        if prefill_chunk < 16:
+            raise ValueError("prefill_chunk: at least 16 prompt tokens a step")
         self.model_path = model_path or smollm2_gguf()
-        self.n_ctx = n_ctx
-        # Half the cores: on 2 cores one thread is as fast (~110 tok/s) and does not collapse when the
-        # gateway and NATS compete for the other core (2 threads fell to 13 tok/s under load).
-        self.n_threads = n_threads or max(1, len(os.sched_getaffinity(0)) // 2)
+        self.n_ctx = n_ctx  # per sequence: the KV cache holds capacity x n_ctx cells
+        self.capacity = capacity
+        cores = len(os.sched_getaffinity(0))
+        # One token (a single stream): half the cores. On 2 cores one thread is as fast (~110 tok/s) and does
+        # not collapse when the gateway and NATS compete for the other core (2 threads fell to 13 tok/s).
+        self.n_threads = n_threads or max(1, cores // 2)
+        # Prompt chunks: the same by default. llama-cpp-python takes every core here, but on a shared machine a
+        # 2-thread prefill stalls for seconds whenever the other core is busy (first-token p50 0.1 s with one
+        # thread, 0.3-4 s with two, measured with the gateway's neighbours running).
+        self.n_threads_batch = n_threads_batch or self.n_threads
         self.system_prompt = system_prompt
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamacpp")
+        self._batch = BatchDecoder(self._executor, n_ctx=n_ctx, n_seq=capacity, n_threads=self.n_threads,
+                                   n_threads_batch=self.n_threads_batch, prefill_chunk=prefill_chunk,
+                                   flash_attn=flash_attn)
         self._llm: Any = None
         self._template: jinja2.Template | None = None
         self._native_tools = False  # the chat template renders `tools` and tool turns itself
@@ -73,10 +89,14 @@ class LlamaCppEngine:
         from llama_cpp import Llama
 
         progress(f"loading {os.path.basename(self.model_path)}", 0.0)
-        self._llm = await asyncio.get_running_loop().run_in_executor(
-            self._executor,
-            lambda: Llama(model_path=self.model_path, n_ctx=self.n_ctx, n_threads=self.n_threads, verbose=False),
-        )
+
+        def load() -> Any:
+            # The Llama object tokenizes and holds the metadata; its own small context is never decoded on.
+            llm = Llama(model_path=self.model_path, n_ctx=256, n_batch=256, n_threads=self.n_threads, verbose=False)
+            self._batch.open(llm._model)
+            return llm
+
+        self._llm = await asyncio.get_running_loop().run_in_executor(self._executor, load)
         template = self._llm.metadata.get("tokenizer.chat_template")
         if template:
             env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -116,72 +136,10 @@ class LlamaCppEngine:
         return Plan(grammar, lazy, request.calls_tools)
 
     def generate(self, prepared: Prepared, request: GenerateRequest) -> AsyncIterator[Piece]:
-        if isinstance(prepared.plan, Plan):
-            return iterate_in_thread(self._executor, lambda stop: self._constrained(prepared, request, stop))
-        import llama_cpp
-
-        llm = self._llm
-        tokens = prepared.prompt
-        assert isinstance(tokens, list)
-        limit = min(request.max_tokens, self.n_ctx - len(tokens))
-        greedy = request.temperature == 0
-
-        def produce(stop: threading.Event) -> Iterator[Piece]:
-            llm.set_seed(request.seed if request.seed is not None else random.getrandbits(31))
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            count = 0
-            for token in llm.generate(
-                tokens,
-                temp=request.temperature,
-                top_p=request.top_p,
-                top_k=1 if greedy else 0,
-                min_p=0.0,
-                repeat_penalty=1.0,
-            ):
-                if stop.is_set():
-                    return
-                if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
-                    yield Piece(decoder.decode(b"", final=True), 0, "stop")
-                    return
-                count += 1
-                finish = "length" if count >= limit else None
-                yield Piece(decoder.decode(llm.detokenize([token])), 1, finish)
-                if finish:
-                    return
-
-        return iterate_in_thread(self._executor, produce)
-
-    def _constrained(self, prepared: Prepared, request: GenerateRequest, stop: threading.Event) -> Iterator[Piece]:
-        """A request with a grammar, tools, logit_bias, penalties or logprobs: our sampler chain, in the thread."""
-        import llama_cpp
-
-        llm = self._llm
-        plan = prepared.plan
-        assert isinstance(plan, Plan) and isinstance(prepared.prompt, list)
+        assert isinstance(prepared.prompt, list)
+        plan = prepared.plan if isinstance(prepared.plan, Plan) else None
         limit = min(request.max_tokens, self.n_ctx - len(prepared.prompt))
-        sampler = self._sampler(request, plan)
-        parser = ToolCallParser() if plan.tools else None
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        vocab = llm._model.vocab
-        count = 0
-        llm.__dict__["_init_sampler"] = lambda **_: sampler  # Llama.generate samples with our chain
-        try:
-            for token in llm.generate(prepared.prompt, temp=request.temperature, top_p=request.top_p):
-                if stop.is_set():
-                    return
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    text = decoder.decode(b"", final=True)
-                    yield self._piece(text, 0, "stop", parser, None, end=True)
-                    return
-                count += 1
-                logprobs = self._logprobs(token, request.logprobs) if request.logprobs is not None else None
-                text = decoder.decode(llm.detokenize([token], special=plan.tools))
-                finish = "length" if count >= limit else None
-                yield self._piece(text, 1, finish, parser, logprobs, end=finish is not None)
-                if finish:
-                    return
-        finally:
-            llm.__dict__.pop("_init_sampler", None)
+        return self._batch.stream(Generation(self, request, plan, limit), prepared.prompt)
 
     @staticmethod
     def _piece(text: str, tokens: int, finish: str | None, parser: ToolCallParser | None,
@@ -195,15 +153,17 @@ class LlamaCppEngine:
                 finish = "tool_calls"
         return Piece(content, tokens, finish, tool_calls=calls or None, logprobs=logprobs)
 
-    def _sampler(self, request: GenerateRequest, plan: Plan) -> Any:
+    def _sampler(self, request: GenerateRequest, plan: Plan | None) -> Any:
+        """The request's chain: `sample(ctx, index)` picks (and accepts) its next token."""
         from llama_cpp._internals import LlamaSampler
 
         llm = self._llm
         sampler = LlamaSampler()  # type: ignore[no-untyped-call]
-        if request.logit_bias:
-            sampler.add_logit_bias(llm.n_vocab(), request.logit_bias)
-        sampler.add_penalties(llm.n_vocab(), 64, 1.0, request.frequency_penalty, request.presence_penalty)
-        grammar = self._grammar(plan) if plan.grammar is not None else None
+        if plan is not None:
+            if request.logit_bias:
+                sampler.add_logit_bias(llm.n_vocab(), request.logit_bias)
+            sampler.add_penalties(llm.n_vocab(), 64, 1.0, request.frequency_penalty, request.presence_penalty)
+        grammar = self._grammar(plan) if plan is not None and plan.grammar is not None else None
         if request.temperature == 0:
             sampler.add_greedy()  # type: ignore[no-untyped-call]
         else:
@@ -231,14 +191,13 @@ class LlamaCppEngine:
                                 param=param)
         return grammar
 
-    def _logprobs(self, token: int, top: int) -> list[TokenLogprob]:
+    def _logprobs(self, ctx: Any, index: int, token: int, top: int) -> list[TokenLogprob]:
         """The sampled token's log probability (and the `top` likeliest) under the model, before any bias."""
         import llama_cpp
         import numpy as np
 
-        llm = self._llm
-        n_vocab = llm.n_vocab()
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))
+        n_vocab = self._llm.n_vocab()
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx.ctx, index), shape=(n_vocab,))
         peak = float(logits.max())
         norm = peak + float(np.log(np.exp(logits - peak).sum()))
         alternatives = []
@@ -252,4 +211,44 @@ class LlamaCppEngine:
         return bytes(self._llm.detokenize([token])).decode("utf-8", "replace")
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._batch.close()  # the loop fails what it still holds, then lets go of the thread
+        self._executor.shutdown(wait=False)
+
+
+class Generation:
+    """One request in the batch (engine thread): its sampler, utf-8 across tokens, EOG, its limit, tool calls."""
+
+    def __init__(self, engine: LlamaCppEngine, request: GenerateRequest, plan: Plan | None, limit: int) -> None:
+        import llama_cpp
+
+        self.engine = engine
+        self.request = request
+        self.plan = plan
+        self.limit = limit
+        self.count = 0
+        self.sampler: Any = None
+        self.parser = ToolCallParser() if plan is not None and plan.tools else None
+        self.special = self.parser is not None  # tool-call markers are special tokens: keep their text
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._is_eog = llama_cpp.llama_vocab_is_eog
+        self._vocab = engine._llm._model.vocab
+
+    def start(self) -> None:
+        self.sampler = self.engine._sampler(self.request, self.plan)
+
+    def step(self, ctx: Any, index: int) -> tuple[int, Piece]:
+        token = int(self.sampler.sample(ctx, index))
+        if self._is_eog(self._vocab, token):
+            return token, self.engine._piece(self.decoder.decode(b"", final=True), 0, "stop", self.parser, None,
+                                             end=True)
+        self.count += 1
+        top = self.request.logprobs
+        logprobs = self.engine._logprobs(ctx, index, token, top) if top is not None else None
+        text = self.decoder.decode(self.engine._llm.detokenize([token], special=self.special))
+        finish = "length" if self.count >= self.limit else None
+        return token, self.engine._piece(text, 1, finish, self.parser, logprobs, end=finish is not None)
+
+    def close(self) -> None:
+        if self.sampler is not None:
+            self.sampler.close()
+            self.sampler = None

@@ -1,0 +1,322 @@
+"""Continuous batching on one llama.cpp context: every running sequence advances in one `llama_decode` a step.
+
+One thread (the engine's executor) owns the context. Each step puts one token per running sequence and a
+chunk of the prompts of sequences that joined into one batch, decodes it once, then lets each sequence sample
+its own next token. Sequences join and leave between steps. The KV cache is split per sequence
+(`kv_unified` off): `n_seq` streams of `n_ctx` cells each, so a sequence can never crowd out another. A slot
+keeps its cells after its sequence leaves, and the next sequence that shares a prefix with them reuses them
+(an agent's loop resends the same system prompt and tools every turn).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from contracts.errors import InferBusError
+from services.llm.engines.base import Piece
+
+
+class Decoding(Protocol):
+    """What one request does with its logits: sample, and turn the token into a Piece (engine thread only)."""
+
+    def start(self) -> None:
+        """Build the sampler; raise to refuse the request."""
+
+    def step(self, ctx: Any, index: int) -> tuple[int, Piece]:
+        """Sample the token at batch `index` of `ctx`; a Piece with a finish_reason ends the sequence."""
+
+    def close(self) -> None: ...
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request in the batch: the tokens it still has to feed, and the event loop its pieces go to."""
+
+    decoding: Decoding
+    prompt: list[int]
+    loop: asyncio.AbstractEventLoop
+    inbox: asyncio.Queue[Piece | BaseException] = field(default_factory=asyncio.Queue)
+    released: asyncio.Future[None] | None = None
+    cancelled: bool = False  # the caller left: set from the event loop, read by the engine thread
+    slot: Slot | None = None
+    feed: list[int] = field(default_factory=list)  # tokens to decode next (prompt left, or the last sample)
+    started: bool = False  # its decoding has a sampler to close
+    generating: bool = False  # past its prompt: one token a step
+
+
+@dataclass(eq=False)
+class Slot:
+    """One llama.cpp sequence id and the tokens whose KV cells it holds."""
+
+    seq_id: int
+    cached: list[int] = field(default_factory=list)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class BatchDecoder:
+    """Runs the decode loop for up to `n_seq` sequences on one context (created by `open`, in the executor)."""
+
+    def __init__(self, executor: ThreadPoolExecutor, *, n_ctx: int, n_seq: int, n_threads: int,
+                 n_threads_batch: int, prefill_chunk: int, flash_attn: bool = False) -> None:
+        self.executor = executor
+        self.n_ctx = n_ctx
+        self.n_seq = n_seq
+        self.n_threads = n_threads
+        self.n_threads_batch = n_threads_batch
+        self.prefill_chunk = prefill_chunk
+        self.flash_attn = flash_attn
+        self.n_batch = max(512, n_seq)
+        self.ctx: Any = None
+        self._memory: Any = None
+        self._threads = 0
+        self._batch: Any = None
+        self._lock = threading.Lock()
+        self._incoming: deque[Sequence] = deque()
+        self._running = False
+        self._closed = False
+        self._free: list[Slot] = [Slot(i) for i in range(n_seq)]
+        self._waiting: deque[Sequence] = deque()  # joined, no slot yet
+        self._active: list[Sequence] = []
+        self.steps = 0  # decode calls (stats, tests)
+        self.peak = 0  # the most sequences one step decoded
+
+    # ---- set-up (executor thread) -------------------------------------------------------------
+
+    def open(self, model: Any) -> None:
+        """Create the context: `n_seq` KV streams of `n_ctx` cells each."""
+        import llama_cpp
+        from llama_cpp._internals import LlamaBatch, LlamaContext
+
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.n_ctx * self.n_seq
+        params.n_batch = self.n_batch
+        params.n_ubatch = 512
+        params.n_seq_max = self.n_seq
+        params.n_threads = self.n_threads
+        params.n_threads_batch = self.n_threads_batch
+        params.kv_unified = False
+        # Off, as llama-cpp-python's Llama has it: the same numbers as the engine gave before batching.
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        params.no_perf = True
+        self.ctx = LlamaContext(model=model, params=params, verbose=False)
+        per_sequence = llama_cpp.llama_n_ctx_seq(self.ctx.ctx)
+        if per_sequence < self.n_ctx:
+            raise RuntimeError(f"llama.cpp gave {per_sequence} cells per sequence, not {self.n_ctx}")
+        self._memory = llama_cpp.llama_get_memory(self.ctx.ctx)
+        self._threads = self.n_threads_batch
+        self._batch = LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
+
+    # ---- the event loop's side ----------------------------------------------------------------
+
+    async def stream(self, decoding: Decoding, prompt: list[int]) -> AsyncIterator[Piece]:
+        """Decode `prompt` in the batch; leaving early frees the slot before this returns."""
+        loop = asyncio.get_running_loop()
+        seq = Sequence(decoding, prompt, loop, released=loop.create_future())
+        self._submit(seq)
+        try:
+            while True:
+                item = await seq.inbox.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            seq.cancelled = True
+            assert seq.released is not None
+            # A slot is free only once the engine thread has let go of it.
+            await asyncio.shield(seq.released)
+
+    def _submit(self, seq: Sequence) -> None:
+        with self._lock:
+            if self._closed:
+                raise InferBusError("engine_error", "the llama.cpp engine is closed")
+            self._incoming.append(seq)
+            if not self._running:
+                self._running = True
+                self.executor.submit(self._run)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+
+    # ---- the engine thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._waiting.extend(self._incoming)
+                self._incoming.clear()
+                if not (self._waiting or self._active):
+                    self._running = False
+                    return
+                closed = self._closed
+            out: list[tuple[Sequence, Piece | BaseException | None]] = []
+            try:
+                if closed:
+                    error = InferBusError("engine_error", "the llama.cpp engine is closing")
+                    for seq in [*self._waiting, *self._active]:
+                        self._retire(seq, out, error)
+                else:
+                    self._step(out)
+            except BaseException as exc:  # a failed decode fails every sequence it held, not the thread
+                for seq in [*self._waiting, *self._active]:
+                    self._retire(seq, out, exc)
+            self._deliver(out)
+
+    def _step(self, out: list[tuple[Sequence, Piece | BaseException | None]]) -> None:
+        for seq in [*self._waiting, *self._active]:
+            if seq.cancelled:
+                self._retire(seq, out, None)
+        while self._waiting and self._free:
+            seq = self._waiting.popleft()
+            try:
+                self._admit(seq)
+            except BaseException as exc:
+                self._retire(seq, out, exc)
+        # Running streams' next tokens and prompt chunks go to llama.cpp in separate calls: in one mixed batch
+        # llama.cpp computes a one-token sequence differently, and a stream's text would depend on who joined.
+        generating = [s for s in self._active if s.generating]
+        self._decode(generating, out, self.n_threads)
+        prefilling = [s for s in self._active if not s.generating]
+        budget = self.prefill_chunk if generating else self.n_batch
+        self._decode(prefilling, out, self.n_threads_batch, budget)
+
+    def _decode(self, sequences: list[Sequence], out: list[tuple[Sequence, Piece | BaseException | None]],
+                threads: int, budget: int | None = None) -> None:
+        """One llama_decode of what `sequences` have to feed (prompts: `budget` tokens at most), then samples."""
+        import llama_cpp
+
+        outputs = self._fill(sequences, budget)
+        if not self._batch.batch.n_tokens:
+            return
+        if threads != self._threads:
+            llama_cpp.llama_set_n_threads(self.ctx.ctx, threads, threads)
+            self._threads = threads
+        status = llama_cpp.llama_decode(self.ctx.ctx, self._batch.batch)
+        if status != 0:
+            raise InferBusError("engine_error", f"llama_decode failed ({status})")
+        self.steps += 1
+        self.peak = max(self.peak, len(outputs))
+        for seq, index in outputs:
+            try:
+                token, piece = seq.decoding.step(self.ctx, index)
+            except Exception as exc:  # this request's sampler or parser failed: only it ends
+                self._retire(seq, out, exc)
+                continue
+            if piece.finish_reason is not None:
+                self._retire(seq, out, piece)
+            else:
+                seq.feed = [token]
+                seq.generating = True
+                out.append((seq, piece))
+
+    def _admit(self, seq: Sequence) -> None:
+        """Give `seq` the free slot whose cached tokens share the longest prefix with its prompt."""
+        import llama_cpp
+
+        if not seq.prompt:
+            raise InferBusError("invalid_request", "the prompt is empty")
+        slot = max(self._free, key=lambda s: common_prefix(s.cached, seq.prompt))
+        self._free.remove(slot)
+        seq.slot = slot
+        self._active.append(seq)
+        # The prompt's last token is decoded again (its logits give the first sample), and never alone: llama.cpp
+        # computes a one-token batch with other kernels than a longer one, and the first sample would then
+        # depend on what the slot happened to hold.
+        reuse = max(0, min(common_prefix(slot.cached, seq.prompt), len(seq.prompt) - 2))
+        if not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, reuse, -1):
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+            reuse = 0
+        slot.cached = seq.prompt[:reuse]
+        seq.feed = seq.prompt[reuse:]
+        seq.decoding.start()
+        seq.started = True
+
+    def _fill(self, sequences: list[Sequence], budget: int | None) -> list[tuple[Sequence, int]]:
+        """The batch of what `sequences` feed (prompt tokens: `budget` at most); who samples at which index."""
+        batch = self._batch.batch
+        n = 0
+        outputs: list[tuple[Sequence, int]] = []
+        for seq in sequences:
+            take = len(seq.feed) if budget is None else min(budget, len(seq.feed))
+            take = min(take, self.n_batch - n)
+            if len(seq.feed) - take == 1:  # a prompt's last token is never decoded alone (see _admit)
+                take -= 1
+            if take <= 0 or (take == 1 and not seq.generating and len(seq.prompt) > 1):
+                continue
+            assert seq.slot is not None
+            pos = len(seq.slot.cached)
+            for i, token in enumerate(seq.feed[:take]):
+                batch.token[n] = token
+                batch.pos[n] = pos + i
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq.slot.seq_id
+                batch.logits[n] = 0
+                n += 1
+            seq.slot.cached.extend(seq.feed[:take])
+            del seq.feed[:take]
+            if budget is not None:
+                budget -= take
+            if not seq.feed:  # its last fed token gives the next sample
+                batch.logits[n - 1] = 1
+                outputs.append((seq, n - 1))
+        batch.n_tokens = n
+        return outputs
+
+    def _retire(self, seq: Sequence, out: list[tuple[Sequence, Piece | BaseException | None]],
+                last: Piece | BaseException | None) -> None:
+        """`seq` leaves: its slot (and the KV cells, kept for a later prefix match) goes back to the free list."""
+        if seq in self._waiting:
+            self._waiting.remove(seq)
+        if seq in self._active:
+            self._active.remove(seq)
+        if seq.slot is not None:
+            slot, seq.slot = seq.slot, None
+            if isinstance(last, BaseException):  # the cells may not match `cached` after a failed decode
+                import llama_cpp
+
+                llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+                slot.cached = []
+            self._free.append(slot)
+        if seq.started:
+            seq.started = False
+            seq.decoding.close()
+        if last is not None:
+            out.append((seq, last))
+        out.append((seq, None))  # None: released
+
+    def _deliver(self, out: list[tuple[Sequence, Piece | BaseException | None]]) -> None:
+        """Hand a step's pieces to their event loops: one callback per loop, not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, Piece | BaseException | None]]] = {}
+        for seq, item in out:
+            by_loop.setdefault(seq.loop, []).append((seq, item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_hand_over, items)
+            except RuntimeError:  # the loop closed: nobody is reading
+                pass
+
+
+def _hand_over(items: list[tuple[Sequence, Piece | BaseException | None]]) -> None:
+    for seq, item in items:
+        if item is None:
+            if seq.released is not None and not seq.released.done():
+                seq.released.set_result(None)
+        else:
+            seq.inbox.put_nowait(item)

@@ -1,0 +1,155 @@
+"""Continuous batching in the llama.cpp engine on the real SmolLM2 GGUF: batched = one at a time, slots, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from contracts.errors import InferBusError
+from contracts.llm import GenerateRequest, Message, ResponseFormat
+from services.llm import engines
+from services.llm.engines.base import Piece
+
+pytestmark = pytest.mark.model
+
+CAPACITY = 3
+TOPICS = ["a dragon", "the sea", "a lighthouse keeper", "a clockmaker"]
+
+
+def _req(text: str, n: int = 24, **kw: Any) -> GenerateRequest:
+    fields: dict[str, Any] = {"messages": [Message("user", text)], "temperature": 0, **kw}
+    return GenerateRequest(request_id="t", model="m", max_tokens=n, **fields)
+
+
+def _story(i: int, n: int = 24, **kw: Any) -> GenerateRequest:
+    return _req(f"Write a short story about {TOPICS[i]}.", n, **kw)
+
+
+@pytest.fixture(scope="module")
+async def engine() -> AsyncIterator[Any]:
+    eng = engines.create("llamacpp", {"system_prompt": "You are a helpful AI assistant.", "capacity": CAPACITY})
+    await eng.load(lambda step, fraction: None)
+    yield eng
+    await eng.close()
+
+
+async def _pieces(engine: Any, req: GenerateRequest) -> list[Piece]:
+    return [p async for p in engine.generate(engine.prepare(req), req)]
+
+
+async def _text(engine: Any, req: GenerateRequest) -> str:
+    return "".join(p.text for p in await _pieces(engine, req))
+
+
+async def test_concurrent_greedy_generations_match_one_at_a_time(engine: Any) -> None:
+    requests = [_story(i) for i in range(CAPACITY)]
+    alone = [await _text(engine, r) for r in requests]
+    engine._batch.peak = 0
+    together = await asyncio.gather(*(_text(engine, r) for r in requests))
+    assert engine._batch.peak == CAPACITY  # all three were decoded in the same steps
+    assert together == alone
+    assert len(set(alone)) == CAPACITY and all(alone)
+
+
+async def test_more_requests_than_slots_wait_their_turn(engine: Any) -> None:
+    requests = [_story(i % len(TOPICS), 8) for i in range(2 * CAPACITY + 1)]
+    alone = [await _text(engine, r) for r in requests[:len(TOPICS)]]
+    together = await asyncio.gather(*(_text(engine, r) for r in requests))
+    assert together == [alone[i % len(TOPICS)] for i in range(len(requests))]
+    assert engine._batch.peak <= CAPACITY
+
+
+async def test_seeded_sampling_is_reproducible_when_batched(engine: Any) -> None:
+    sampled = _story(0, 32, temperature=0.8, seed=7)
+    first = await _text(engine, sampled)
+    assert first == await _text(engine, sampled)
+    others = [_story(1, 40, temperature=0.9, seed=3), _story(2, 16)]
+    batched, *_ = await asyncio.gather(_text(engine, sampled), *(_text(engine, r) for r in others))
+    assert batched == first
+    assert first != await _text(engine, _story(0, 32, temperature=0.8, seed=8))
+
+
+async def test_a_cancelled_sequence_frees_its_slot_and_the_others_continue(engine: Any) -> None:
+    long = [_story(i, 48) for i in range(CAPACITY)]
+    expected = [await _text(engine, r) for r in long[1:]]
+    streams = [engine.generate(engine.prepare(r), r) for r in long]
+    heads = [await anext(s) for s in streams]  # all three hold a slot now
+    assert len(engine._batch._free) == 0 and all(p.finish_reason is None for p in heads)
+    await streams[0].aclose()
+    assert len(engine._batch._free) == 1  # released before aclose returned
+    newcomer = await _text(engine, _story(3, 8))  # runs in the freed slot while the two others decode
+    assert newcomer == await _text(engine, _story(3, 8))
+    rests = [[heads[i + 1], *[p async for p in s]] for i, s in enumerate(streams[1:])]
+    assert ["".join(p.text for p in rest) for rest in rests] == expected
+    assert all(rest[-1].finish_reason is not None for rest in rests)
+
+
+async def test_a_sequence_that_joins_while_others_run_gets_its_own_answer(engine: Any) -> None:
+    running, joining = _story(0, 40), _req("What is the capital of France?", 16)
+    expected_running, expected_joining = await _text(engine, running), await _text(engine, joining)
+    stream = engine.generate(engine.prepare(running), running)
+    head = [await anext(stream) for _ in range(5)]
+    joined = await _text(engine, joining)  # prefilled and decoded while `running` keeps decoding
+    rest = [p async for p in stream]
+    assert joined == expected_joining and "Paris" in joined
+    assert "".join(p.text for p in head + rest) == expected_running
+
+
+async def test_max_tokens_and_end_of_generation_finish_reasons(engine: Any) -> None:
+    capped, stopping = await asyncio.gather(
+        _pieces(engine, _story(1, 5)), _pieces(engine, _req("What is the capital of France?", 100)))
+    assert sum(p.tokens for p in capped) == 5 and capped[-1].finish_reason == "length"
+    assert stopping[-1].finish_reason == "stop" and stopping[-1].tokens == 0
+    assert 0 < sum(p.tokens for p in stopping) < 100
+    assert all(p.finish_reason is None for p in capped[:-1] + stopping[:-1])
+
+
+async def test_a_sequence_stops_when_its_context_is_full(engine: Any) -> None:
+    def completion(words: int) -> GenerateRequest:
+        return GenerateRequest(request_id="t", model="m", prompt="word " * words, max_tokens=50, temperature=0)
+
+    probe = engine.prepare(completion(1000)).prompt_tokens
+    full = completion(1000 + engine.n_ctx - 3 - probe)
+    assert engine.prepare(full).prompt_tokens == engine.n_ctx - 3
+    pieces, other = await asyncio.gather(_pieces(engine, full), _text(engine, _story(2, 24)))
+    assert sum(p.tokens for p in pieces) == 3 and pieces[-1].finish_reason == "length"
+    assert other == await _text(engine, _story(2, 24))
+
+
+async def test_a_long_prompt_is_fed_in_chunks_without_changing_its_answer(engine: Any) -> None:
+    notes = " ".join(f"Note {i}: the meeting about project {i} moved to room {i + 7}." for i in range(60))
+    long = _req(f"{notes}\nWhich room is the meeting about project 12 in?", 12)
+    assert engine.prepare(long).prompt_tokens > 2 * engine._batch.prefill_chunk + 512
+    alone = await _pieces(engine, long)
+    stream = engine.generate(engine.prepare(_story(0, 60)), _story(0, 60))
+    await anext(stream)
+    joined = await _pieces(engine, long)  # fed 256 tokens a step between the running story's tokens
+    await stream.aclose()
+    assert joined == alone and sum(p.tokens for p in alone) > 0
+
+
+async def test_a_prompt_longer_than_the_context_is_refused(engine: Any) -> None:
+    with pytest.raises(InferBusError) as err:
+        engine.prepare(_req("word " * 5000))
+    assert err.value.code == "context_length_exceeded"
+
+
+async def test_structured_output_and_logprobs_run_in_the_batch(engine: Any) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+              "additionalProperties": False}
+    structured = _req("Name the capital of France as JSON.", 40,
+                      response_format=ResponseFormat(type="json_schema", schema=schema, name="city"))
+    with_logprobs = _req("What is the capital of France?", 8, logprobs=2)
+    plain = _story(1, 24)
+    expected = (await _text(engine, structured), await _pieces(engine, with_logprobs), await _text(engine, plain))
+    engine._batch.peak = 0
+    got = await asyncio.gather(_text(engine, structured), _pieces(engine, with_logprobs), _text(engine, plain))
+    assert engine._batch.peak == 3
+    assert got == expected
+    assert set(json.loads(got[0])) == {"city"}
+    tokens = [lp for p in got[1] for lp in p.logprobs or []]
+    assert len(tokens) == sum(p.tokens for p in got[1]) and all(len(t.top) == 2 for t in tokens)
