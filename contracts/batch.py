@@ -18,7 +18,17 @@ from msgspec import Meta, Struct
 
 # ---- limits and names ----------------------------------------------------------------------------
 
-ENDPOINTS: Final = ("/v1/chat/completions", "/v1/completions")  # /v1/responses, /v1/embeddings... once served
+# What a batch may run, and the kind of model (scopes, workers) each endpoint's lines use.
+ENDPOINT_KINDS: Final = {
+    "/v1/chat/completions": "llm", "/v1/completions": "llm", "/v1/responses": "llm", "/v1/embeddings": "embed",
+    "/v1/moderations": "vision",
+}
+ENDPOINTS: Final = tuple(ENDPOINT_KINDS)
+# A line's request id starts as the endpoint's interactive ids do (chatcmpl-..., resp_..., embd-...).
+REQUEST_ID_PREFIXES: Final = {
+    "/v1/chat/completions": "chatcmpl-", "/v1/completions": "cmpl-", "/v1/responses": "resp_",
+    "/v1/embeddings": "embd-", "/v1/moderations": "modr-",
+}
 FILE_PURPOSES: Final = ("batch", "batch_output")  # what this platform stores files for
 MAX_LINES: Final = 50_000  # requests in one batch file (OpenAI's limit)
 MAX_LINE_BYTES: Final = 1 << 20  # one request line
@@ -55,8 +65,7 @@ def scope_allows(scopes: list[str], kind: str, model: str) -> bool:
 
 def request_id(endpoint: str, batch_id: str, line: int) -> str:
     """A line's platform request id: the same on every run of it, so its usage is counted once."""
-    prefix = "chatcmpl-" if endpoint == "/v1/chat/completions" else "cmpl-"
-    return f"{prefix}{batch_id}-{line}"
+    return f"{REQUEST_ID_PREFIXES[endpoint]}{batch_id}-{line}"
 
 
 def line_item_id(batch_id: str, line: int) -> str:

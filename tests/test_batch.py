@@ -1,14 +1,17 @@
 """The Files and Batch APIs end to end: the openai SDK, validation, tenants, cancel, expiry, kills, webhooks, CLI.
 
-The module runs a platform of its own (it kills nats-server): two benchmark workers (one paced), a
+The module runs a platform of its own (it kills nats-server): benchmark workers (two paced), a
 gateway, metering and the batch service, with short timings (ack wait, sync, webhook backoff) so the
-kill, cancel and expiry tests take seconds.
+kill, cancel and expiry tests take seconds. An embedding worker and an image moderation worker start
+only for the test of those endpoints' batches (fixture `other_kinds`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
+import io
 import json
 import math
 import os
@@ -88,12 +91,12 @@ class Platform:
                 made = await resp.json()
         return made["key"], made["info"]["id"]
 
-    async def ledger(self, batch_id: str) -> dict[str, int]:
-        """Usage rows per request id of one batch's lines."""
+    async def ledger(self, batch_id: str, prefix: str = "chatcmpl-") -> dict[str, int]:
+        """Usage rows per request id of one batch's lines (`prefix`: the endpoint's request id prefix)."""
         db = await asyncpg.connect(self.stack.database_url)
         try:
             rows = await db.fetch("SELECT request_id, count(*) AS n FROM usage_events WHERE request_id LIKE $1"
-                                  " GROUP BY request_id", f"chatcmpl-{batch_id}-%")
+                                  " AND batch_id = $2 GROUP BY request_id", f"{prefix}{batch_id}-%", batch_id)
         finally:
             await db.close()
         return {r["request_id"]: r["n"] for r in rows}
@@ -355,7 +358,7 @@ async def test_a_busy_worker_keeps_its_room_for_interactive_requests(platform: P
 
         async def deferred() -> bool:
             stats = await worker_stats(platform, "narrow")
-            return stats["batch_deferred"] > before and stats["in_flight"] == 1
+            return bool(stats["batch_deferred"] > before and stats["in_flight"] == 1)
 
         await until(deferred, 30, "the batch line to be turned away while the interactive stream runs")
         assert (await api.batches.retrieve(batch.id)).request_counts.completed == 0  # type: ignore[union-attr]
@@ -378,6 +381,202 @@ async def test_a_completions_batch_and_a_line_the_model_refuses(platform: Platfo
     out, errors = await answered(api, done)
     exactly_once(lines, out, errors)
     assert {r["response"]["body"]["object"] for r in out} == {"text_completion"}
+
+
+# ---- embeddings, responses and moderations -------------------------------------------------------------
+
+EMBED = "all-minilm-l6-v2"  # sentence-transformers, 384 dimensions
+EMBED_DIM = 384
+NSFW = "open-nsfw"  # what /v1/moderations judges images with
+
+
+async def _ready(nc: bus.Connection, service: str, proc: ServiceProcess, gateway: Gateway, model: str) -> None:
+    """Wait until a worker reports ready in its micro stats and the gateway routes to its model."""
+    async def ready() -> bool:
+        proc.check_alive()
+        return any(d.get("pid") == proc.pid and d.get("ready") for d in await bus.service_stats(nc, service, wait=0.2))
+
+    await until(ready, 120, f"the {model} worker ready")
+
+    async def routable() -> bool:
+        async with aiohttp.ClientSession(headers=gateway.headers) as http, \
+                http.get(f"{gateway.url}/v1/models/{model}") as resp:
+            return resp.status == 200 and (await resp.json())["workers"] >= 1
+
+    await until(routable, 10, f"the gateway routing to {model}")
+
+
+@pytest.fixture(scope="module")
+async def other_kinds(platform: Platform) -> AsyncIterator[None]:
+    """An embedding worker and an image moderation worker, for the batches of those endpoints only."""
+    stack = platform.stack
+    procs = {
+        "embed": ServiceProcess("embed", "services.embed", stack.env(**settings_env(
+            model=EMBED, version="v1", engine="sentence-transformers", max_wait_ms=5)), stack.root),
+        "vision": ServiceProcess("vision", "services.vision", stack.env(**settings_env(
+            model=NSFW, version="v1", engine_options={"threads": 1})), stack.root),
+    }
+    platform.procs.update(procs)
+    try:
+        await _ready(platform.nc, "inferbus-embed", procs["embed"], platform.gateway, EMBED)
+        await _ready(platform.nc, "inferbus-vision", procs["vision"], platform.gateway, NSFW)
+        yield
+    finally:
+        for name, proc in procs.items():
+            proc.stop()
+            platform.procs.pop(name, None)
+
+
+def png_data_url(color: str) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), color).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+async def run_endpoint(platform: Platform, endpoint: str, bodies: list[dict[str, Any]], prefix: str) -> Any:
+    """A batch of `bodies` for `endpoint`, finished: (batch, output records by custom_id, request id prefix)."""
+    api = platform.api()
+    lines = [{"custom_id": f"{prefix}-{i}", "method": "POST", "url": endpoint, "body": body}
+             for i, body in enumerate(bodies)]
+    uploaded = await api.files.create(file=(f"{prefix}.jsonl", jsonl(lines)), purpose="batch")
+    batch = await api.batches.create(input_file_id=uploaded.id, endpoint=endpoint,  # type: ignore[arg-type]
+                                     completion_window="24h")
+    done = await finished(api, batch.id)
+    assert done.status == "completed", done
+    out, errors = await answered(api, done)
+    exactly_once(lines, out, errors)
+    assert errors == [] and done.request_counts is not None and done.request_counts.completed == len(lines)
+    for record in out:
+        assert record["error"] is None and record["response"]["status_code"] == 200, record
+    return done, {r["custom_id"]: r for r in out}
+
+
+async def one_row_per_line(platform: Platform, batch_id: str, prefix: str, lines: int) -> None:
+    """The ledger holds one usage row per line, each marked with the batch, under `<prefix><batch>-<line>`."""
+    async def complete() -> dict[str, int] | None:
+        ledger = await platform.ledger(batch_id, prefix)
+        return ledger if len(ledger) >= lines else None
+
+    ledger = await until(complete, 30, f"usage rows for every line of {batch_id}")
+    assert ledger == {f"{prefix}{batch_id}-{line}": 1 for line in range(1, lines + 1)}
+
+
+async def test_batches_of_embeddings_responses_and_moderations(platform: Platform, other_kinds: None) -> None:
+    """A small batch per endpoint (run at once): every line answered once with what the endpoint returns, and
+    one usage row per line in the ledger, marked as batch."""
+    embeddings: list[dict[str, Any]] = [
+        {"model": EMBED, "input": "The quick brown fox."},
+        {"model": EMBED, "input": ["Two inputs,", "two vectors."]},
+        {"model": EMBED, "input": "base64 this", "encoding_format": "base64"},
+    ]
+    responses: list[dict[str, Any]] = [
+        {"model": FAST, "input": "Say something.", "max_output_tokens": 6},
+        {"model": FAST, "instructions": "Be brief.", "input": [{"role": "user", "content": "Hi"}],
+         "max_output_tokens": 6, "store": False},
+    ]
+    moderations: list[dict[str, Any]] = [
+        {"input": [{"type": "image_url", "image_url": {"url": png_data_url(color)}}]} for color in ("white", "navy")
+    ]
+    (emb, emb_out), (resp, resp_out), (mod, mod_out) = await asyncio.gather(
+        run_endpoint(platform, "/v1/embeddings", embeddings, "emb"),
+        run_endpoint(platform, "/v1/responses", responses, "resp"),
+        run_endpoint(platform, "/v1/moderations", moderations, "mod"),
+    )
+    # Embeddings: OpenAI's list of vectors of the model's dimension, float or base64 as asked.
+    for i, want in enumerate([1, 2, 1]):
+        record = emb_out[f"emb-{i}"]
+        assert record["response"]["request_id"] == f"embd-{emb.id}-{i + 1}"
+        body = record["response"]["body"]
+        assert body["object"] == "list" and body["model"] == EMBED and len(body["data"]) == want
+        assert body["usage"]["prompt_tokens"] > 0
+        for j, item in enumerate(body["data"]):
+            assert item["object"] == "embedding" and item["index"] == j
+            vector = item["embedding"]
+            if i == 2:
+                assert len(base64.b64decode(vector)) == 4 * EMBED_DIM
+            else:
+                assert len(vector) == EMBED_DIM and math.isclose(sum(x * x for x in vector), 1.0, rel_tol=1e-3)
+    # Responses: a response object with its output text, under the line's request id.
+    async with aiohttp.ClientSession(headers=platform.gateway.headers) as http:
+        for i in range(2):
+            record = resp_out[f"resp-{i}"]
+            body = record["response"]["body"]
+            assert body["object"] == "response" and body["status"] == "incomplete" and body["model"] == FAST
+            assert body["id"] == record["response"]["request_id"] == f"resp_{resp.id}-{i + 1}"
+            assert body["output"][0]["type"] == "message" and body["output"][0]["content"][0]["text"]
+            assert body["usage"]["output_tokens"] == 6
+            # Stored as the endpoint stores a response (store defaults to true): previous_response_id finds it.
+            async with http.get(f"{platform.gateway.url}/v1/responses/{body['id']}") as got:
+                assert got.status == (200 if i == 0 else 404), await got.text()
+                if i == 0:
+                    assert (await got.json())["output"] == body["output"]
+    # Moderations: one result per image, with the categories Open-NSFW judges.
+    for i in range(2):
+        record = mod_out[f"mod-{i}"]
+        body = record["response"]["body"]
+        assert body["id"] == record["response"]["request_id"] == f"modr-{mod.id}-{i + 1}" and body["model"] == NSFW
+        [result] = body["results"]
+        assert result["flagged"] is False and set(result["category_scores"]) == {"sexual"}
+        assert result["category_applied_input_types"] == {"sexual": ["image"]}
+    await one_row_per_line(platform, emb.id, "embd-", 3)
+    await one_row_per_line(platform, resp.id, "resp_", 2)
+    await one_row_per_line(platform, mod.id, "modr-", 2)
+
+
+async def test_malformed_embeddings_responses_and_moderations_lines_fail_their_batch(platform: Platform) -> None:
+    """Each body is checked as its endpoint checks it, and the key's scopes for the endpoint's kind; the errors
+    name their lines (nothing here needs a worker: every line is refused before its model is looked up)."""
+    llm_only, _ = await platform.new_key(scopes=["kind:llm"])
+
+    async def failed(endpoint: str, bodies: list[dict[str, Any]], key: str = ADMIN_KEY) -> dict[int, Any]:
+        api = platform.api(key)
+        lines = [{"custom_id": f"x{i}", "method": "POST", "url": endpoint, "body": body}
+                 for i, body in enumerate(bodies)]
+        uploaded = await api.files.create(file=("bad.jsonl", jsonl(lines)), purpose="batch")
+        batch = await api.batches.create(input_file_id=uploaded.id, endpoint=endpoint,  # type: ignore[arg-type]
+                                         completion_window="24h")
+        done = await finished(api, batch.id)
+        assert done.status == "failed" and done.errors is not None, done
+        assert done.output_file_id is None and done.error_file_id is None
+        return {e.line: e for e in done.errors.data}
+
+    embeddings, responses = await asyncio.gather(
+        failed("/v1/embeddings", [
+            {"model": EMBED, "input": ""},                           # 1 an empty input
+            {"model": EMBED},                                        # 2 no input
+            {"model": EMBED, "input": "x", "encoding_format": "hex"},  # 3 no such format
+            {"model": EMBED, "input": [1, "mixed"]},                 # 4 neither texts nor tokens
+        ]),
+        failed("/v1/responses", [
+            {"model": FAST, "input": "fine"},                        # 1 fine
+            {"model": FAST, "input": "x", "temperature": "hot"},     # 2 a bad field
+            {"model": FAST, "input": "x", "background": True},       # 3 not supported
+            {"model": FAST, "input": "x", "stream": True},           # 4 no streams in a batch
+            {"model": FAST, "input": "x", "colour": "blue"},         # 5 unknown field
+        ]),
+    )
+    moderations, scoped = await asyncio.gather(
+        failed("/v1/moderations", [
+            {"input": "text only"},                                                          # 1 images only
+            {"input": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]},  # 2 not allowed
+            {"input": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]},  # 3 bad base64
+            {"input": [{"type": "image_url", "image_url": {"url": png_data_url("red")}}], "model": 7},  # 4 bad model
+        ]),
+        failed("/v1/embeddings", [{"model": EMBED, "input": "no embed scope"}], llm_only),
+    )
+    assert {line: (e.code, e.param) for line, e in moderations.items()} == {
+        1: ("invalid_request", "body.input"), 2: ("invalid_request", "body.input[0].image_url.url"),
+        3: ("invalid_request", "body.input[0].image_url.url"), 4: ("invalid_request", "body.model")}
+    assert "not allowed" in moderations[2].message
+    assert {line: (e.code, e.param) for line, e in scoped.items()} == {1: ("permission_denied", "body.model")}
+    assert {line: (e.code, e.param) for line, e in embeddings.items()} == {
+        1: ("invalid_request", "body.input"), 2: ("invalid_request", "body.input"),
+        3: ("invalid_request", "body.encoding_format"), 4: ("invalid_request", "body.input")}
+    assert {line: (e.code, e.param) for line, e in responses.items()} == {
+        2: ("invalid_request", "body.temperature"), 3: ("unsupported_parameter", "body.background"),
+        4: ("invalid_request", "body.stream"), 5: ("invalid_request", "body.colour")}
 
 
 async def test_malformed_input_fails_the_batch_naming_every_bad_line(platform: Platform) -> None:
@@ -415,7 +614,8 @@ async def test_malformed_input_fails_the_batch_naming_every_bad_line(platform: P
     assert await platform.ledger(batch.id) == {}  # nothing was half-started
     # Refused at once: an unknown endpoint or window, a missing file.
     with pytest.raises(openai.BadRequestError, match="endpoint"):
-        await api.batches.create(input_file_id=uploaded.id, endpoint="/v1/moderations", completion_window="24h")
+        await api.batches.create(input_file_id=uploaded.id, endpoint="/v1/audio/speech",  # type: ignore[arg-type]
+                                 completion_window="24h")
     with pytest.raises(openai.BadRequestError, match="completion_window"):
         await api.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                                  completion_window="48h")  # type: ignore[arg-type]
@@ -689,7 +889,10 @@ async def test_the_batch_role_holds_least_privilege(platform: Platform) -> None:
             await nc.publish(subject, b"x")
         await nc.flush()
         async with asyncio.timeout(5):
-            while heard.clear() or len(errors) < len(forbidden):
+            while True:
+                heard.clear()
+                if len(errors) >= len(forbidden):
+                    break
                 await heard.wait()
         for subject in forbidden:
             assert any(subject.lower() in e.lower() for e in errors), (subject, errors)

@@ -152,18 +152,18 @@ class Lifecycle:
                     ack_policy=AckPolicy.EXPLICIT, ack_wait=self.cfg.ack_wait_s, max_deliver=-1,
                     max_ack_pending=10_000, deliver_policy=DeliverPolicy.ALL,
                     description=f"InferBus batch {batch.id}"))
-                await self._enqueue(batch.id, row["input_file_id"], row["enqueued"])
+                await self._enqueue(batch.id, row["input_file_id"], row["enqueued"], row["endpoint"])
                 if await self.store.start(batch.id):
                     self.logger.info("batch_started", batch_id=batch.id, requests=report.requests)
             finally:
                 await self.store.unlock(conn, batch.id)
 
-    async def _enqueue(self, batch_id: str, file_id: str, done_before: int) -> None:
+    async def _enqueue(self, batch_id: str, file_id: str, done_before: int, endpoint: str) -> None:
         """Every line onto the work queue (from where a crashed run left off; the server drops duplicates)."""
         subject = batch_work(batch_id)
         pending: list[Any] = []
         last = done_before
-        async for item in work_items(self.objects.read(file_id), batch_id):
+        async for item in work_items(self.objects.read(file_id), batch_id, endpoint):
             if item.line <= done_before:
                 continue
             pending.append(self.js.publish(subject, work_encoder.encode(item),

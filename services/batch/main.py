@@ -132,10 +132,12 @@ class BatchService:
                        asyncio.create_task(self.sender.loop(self.stop), name="batch-webhooks"),
                        asyncio.create_task(self._sweep(), name="batch-sweep")]
 
-    def known(self, model: str) -> bool:
-        """Whether a batch may name `model`: a registry table, a configured model, or a live worker serves it."""
-        return (self.tables.get("llm", model) is not None or any(m.name == model for m in self.cfg.models)
-                or bool(self.capacity.presence.live("llm", model)))
+    def known(self, kind: str, model: str) -> bool:
+        """Whether a batch may name `model` of `kind`: a registry table, a configured model, or a live worker
+        serves it."""
+        return (self.tables.get(kind, model) is not None
+                or any(m.name == model and m.kind == kind for m in self.cfg.models)
+                or bool(self.capacity.presence.live(kind, model)))
 
     async def _on_heartbeat(self, msg: bus.Msg) -> None:
         try:

@@ -20,7 +20,7 @@ import msgspec
 from prometheus_client import Counter, Gauge
 
 from contracts import subjects
-from contracts.batch import ExecLine, ExecResult, WorkItem, line_item_id, request_id, work_decoder
+from contracts.batch import ENDPOINT_KINDS, ExecLine, ExecResult, WorkItem, line_item_id, request_id, work_decoder
 from contracts.control import WorkerLoad
 from contracts.llm import MAX_ATTEMPT
 from contracts.subjects import BATCH_STREAM
@@ -63,32 +63,32 @@ def batch_error_record(batch_id: str, line: int, custom_id: str, code: str, mess
 
 
 class Capacity:
-    """Lines each model may take now: its live workers' capacity less what others use (from heartbeats)."""
+    """Lines each model may take now: its live workers' capacity less what others use (from heartbeats); a model
+    is a (kind, name) pair (an LLM, an embedding model, a vision model)."""
 
     def __init__(self) -> None:
         self.presence = Presence()
-        self.ours: collections.Counter[str] = collections.Counter()
-        self._ours_then: dict[str, int] = {}  # our lines of the model when its last heartbeat came
+        self.ours: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._ours_then: dict[tuple[str, str], int] = {}  # our lines of the model when its last heartbeat came
         self.changed = asyncio.Event()
 
     def heard(self, load: WorkerLoad) -> None:
-        if load.kind != "llm":
-            return
         self.presence.heard(load)
-        self._ours_then[load.model] = self.ours[load.model]
+        model = (load.kind, load.model)
+        self._ours_then[model] = self.ours[model]
         self._wake()
 
-    def room(self, model: str) -> int:
-        workers = [w for w in self.presence.live("llm", model) if w.ready]
+    def room(self, kind: str, model: str) -> int:
+        workers = [w for w in self.presence.live(kind, model) if w.ready]
         if not workers:
             return 0
         busy = sum(w.in_flight + w.queued for w in workers)  # ours among them, as of the heartbeats
-        others = max(0, busy - self._ours_then.get(model, 0))
-        return sum(w.capacity for w in workers) - others - self.ours[model]
+        others = max(0, busy - self._ours_then.get((kind, model), 0))
+        return sum(w.capacity for w in workers) - others - self.ours[kind, model]
 
-    async def take(self, model: str, keepalive: Callable[[], Awaitable[None]]) -> None:
+    async def take(self, kind: str, model: str, keepalive: Callable[[], Awaitable[None]]) -> None:
         """Wait for room for one line of `model` (calling `keepalive`, which paces itself, meanwhile)."""
-        while self.room(model) <= 0:
+        while self.room(kind, model) <= 0:
             changed = self.changed
             try:
                 async with asyncio.timeout(2.0):
@@ -96,10 +96,10 @@ class Capacity:
             except TimeoutError:
                 pass
             await keepalive()
-        self.ours[model] += 1
+        self.ours[kind, model] += 1
 
-    def give(self, model: str) -> None:
-        self.ours[model] -= 1
+    def give(self, kind: str, model: str) -> None:
+        self.ours[kind, model] -= 1
         self._wake()
 
     def _wake(self) -> None:
@@ -343,15 +343,16 @@ class Runner:
                 last_progress = time.monotonic()
                 await _settle(msg.in_progress())
 
+        kind = ENDPOINT_KINDS[batch.endpoint]
         try:
-            await self.capacity.take(item.model, keepalive)
+            await self.capacity.take(kind, item.model, keepalive)
             try:
                 timeout = max(1.0, min(self.cfg.line_timeout_s, batch.expires_at - time.time()))
                 line = ExecLine(request_id=rid, batch_id=batch.id, key_id=batch.key_id, endpoint=batch.endpoint,
                                 body=item.body, attempt=min(attempt, MAX_ATTEMPT), timeout_s=timeout)
                 result = await self.execs.run(line, keepalive)
             finally:
-                self.capacity.give(item.model)
+                self.capacity.give(kind, item.model)
             await self._answer(run, msg, item, rid, result, tries, attempt)
         except Lost as exc:
             RETRIES.labels("lost").inc()

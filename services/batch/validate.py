@@ -1,15 +1,20 @@
-"""A batch input file checked line by line before anything runs: what is wrong, on which line."""
+"""A batch input file checked line by line before anything runs: what is wrong, on which line.
+
+Each body is checked by the code its endpoint checks a request with (the gateway's route modules), so a
+line that passes here is one the endpoint accepts, short of what only running it can tell (a stored
+`previous_response_id`, an image URL's content)."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
 from contracts.batch import (
+    ENDPOINT_KINDS,
     MAX_ERRORS_LISTED,
     MAX_LINE_BYTES,
     MAX_LINES,
@@ -20,10 +25,16 @@ from contracts.batch import (
     input_line_decoder,
     scope_allows,
 )
+from contracts.embed import EmbeddingsBody, inputs
 from contracts.errors import InferBusError
 from contracts.llm import ChatCompletionRequest, CompletionRequest, chat_to_generate, completion_to_generate
+from contracts.responses import CreateResponse
 
-Known = Callable[[str], bool]  # is a model served (registry table, configured, or a live worker)?
+# The endpoints' own checks of a request (pure functions of the body, no I/O).
+from services.gateway import responses_routes, vision_routes
+
+Known = Callable[[str, str], bool]  # is a model of a kind served (registry table, configured, or a live worker)?
+T = TypeVar("T")
 
 
 async def lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, bytes | None]]:
@@ -83,14 +94,58 @@ def _param(text: str, prefix: str = "") -> str | None:
     return ".".join(path) or None
 
 
-_BODY_TYPES: dict[str, Any] = {
+_GENERATIONS: dict[str, Any] = {
     "/v1/chat/completions": (ChatCompletionRequest, chat_to_generate),
     "/v1/completions": (CompletionRequest, completion_to_generate),
 }
 
 
-def check_line(raw: bytes, endpoint: str, caller: Caller, known: Known) -> InputLine:
-    """One line as the request it names, or LineError saying what is wrong with it."""
+def _convert(body: dict[str, Any], cls: type[T]) -> T:
+    try:
+        return msgspec.convert(body, cls)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        raise LineError("invalid_request", f"invalid body: {text}", _param(text, "body")) from None
+
+
+def check_body(endpoint: str, body: dict[str, Any]) -> str:
+    """A line's body checked as its endpoint checks a request before sending it on (the endpoints' own checks);
+    the model it names (a moderation line's default or alias as the endpoint resolves it)."""
+    try:
+        if endpoint in _GENERATIONS:
+            body_type, to_generate = _GENERATIONS[endpoint]
+            request = _convert(body, body_type)
+            if request.stream:
+                raise LineError("invalid_request", "stream is not supported in a batch", "body.stream")
+            to_generate(request, "validation", 16)
+            return str(request.model)
+        if endpoint == "/v1/responses":
+            response = _convert(body, CreateResponse)
+            if response.stream:
+                raise LineError("invalid_request", "stream is not supported in a batch", "body.stream")
+            responses_routes.to_generate(response, "validation", [], 16)
+            return response.model
+        if endpoint == "/v1/embeddings":
+            embeddings = _convert(body, EmbeddingsBody)
+            inputs(embeddings)
+            return embeddings.model
+        if endpoint == "/v1/moderations":
+            return vision_routes.check_moderation(_convert(body, vision_routes.ModerationBody),
+                                                  vision_routes.image_settings())
+    except InferBusError as exc:
+        raise LineError(exc.code, exc.message, f"body.{exc.param}" if exc.param else "body") from None
+    raise LineError("invalid_url", f"batch lines for {endpoint} are not served", "url")
+
+
+def line_model(endpoint: str, body: dict[str, Any]) -> str:
+    """The model of a line that passed `check_body`."""
+    if endpoint == "/v1/moderations":
+        return vision_routes.moderation_model(body.get("model"))
+    return str(body["model"])
+
+
+def check_line(raw: bytes, endpoint: str, caller: Caller, known: Known) -> tuple[InputLine, str]:
+    """One line as the request it names and its model, or LineError saying what is wrong with it."""
     try:
         item = input_line_decoder.decode(raw)
     except msgspec.ValidationError as exc:
@@ -102,23 +157,13 @@ def check_line(raw: bytes, endpoint: str, caller: Caller, known: Known) -> Input
         raise LineError("invalid_method", f"method must be POST, not {item.method!r}", "method")
     if item.url != endpoint:
         raise LineError("invalid_url", f"url must be the batch's endpoint {endpoint!r}, not {item.url!r}", "url")
-    body_type, to_generate = _BODY_TYPES[endpoint]
-    try:
-        body = msgspec.convert(item.body, body_type)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        raise LineError("invalid_request", f"invalid body: {text}", _param(text, "body")) from None
-    if body.stream:
-        raise LineError("invalid_request", "stream is not supported in a batch", "body.stream")
-    try:
-        to_generate(body, "validation", 16)
-    except InferBusError as exc:
-        raise LineError(exc.code, exc.message, f"body.{exc.param}" if exc.param else "body") from None
-    if not scope_allows(caller.scopes, "llm", body.model):
-        raise LineError("permission_denied", f"this API key may not use the model '{body.model}'", "body.model")
-    if not known(body.model):
-        raise LineError("model_not_found", f"the model '{body.model}' does not exist", "body.model")
-    return item
+    model = check_body(endpoint, item.body)
+    kind = ENDPOINT_KINDS[endpoint]
+    if not scope_allows(caller.scopes, kind, model):
+        raise LineError("permission_denied", f"this API key may not use the model '{model}'", "body.model")
+    if not known(kind, model):
+        raise LineError("model_not_found", f"the model '{model}' does not exist", "body.model")
+    return item, model
 
 
 async def validate(chunks: AsyncIterator[bytes], endpoint: str, caller: Caller, known: Known) -> Report:
@@ -136,7 +181,7 @@ async def validate(chunks: AsyncIterator[bytes], endpoint: str, caller: Caller, 
             report.add("too_many_requests", f"a batch may hold at most {MAX_LINES} requests", number)
             break
         try:
-            item = check_line(raw, endpoint, caller, known)
+            item, model = check_line(raw, endpoint, caller, known)
         except LineError as exc:
             report.add(exc.code, exc.message, number, exc.param)
             continue
@@ -145,20 +190,20 @@ async def validate(chunks: AsyncIterator[bytes], endpoint: str, caller: Caller, 
                        "custom_id")
             continue
         seen.add(item.custom_id)
-        report.models.add(str(item.body["model"]))
+        report.models.add(model)
     if report.requests == 0 and not report.errors:
         report.add("empty_file", "the input file holds no requests", None)
     return report
 
 
-async def work_items(chunks: AsyncIterator[bytes], batch_id: str) -> AsyncIterator[WorkItem]:
+async def work_items(chunks: AsyncIterator[bytes], batch_id: str, endpoint: str) -> AsyncIterator[WorkItem]:
     """The lines of a file that passed `validate`, as work queue items."""
     async for number, raw in lines(chunks):
         if raw is None or not raw.strip():
             continue
         item = input_line_decoder.decode(raw)
-        yield WorkItem(batch_id=batch_id, line=number, custom_id=item.custom_id, model=str(item.body["model"]),
-                       body=msgspec.json.encode(item.body))
+        yield WorkItem(batch_id=batch_id, line=number, custom_id=item.custom_id,
+                       model=line_model(endpoint, item.body), body=msgspec.json.encode(item.body))
 
 
 async def custom_ids(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, str]]:

@@ -10,8 +10,9 @@ the response body as the endpoint would have returned it (or its error body).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -33,6 +34,7 @@ from contracts.batch import (
     exec_encoder,
     exec_line_decoder,
 )
+from contracts.embed import EmbeddingsBody
 from contracts.errors import InferBusError, invalid
 from contracts.llm import (
     Accepted,
@@ -44,16 +46,22 @@ from contracts.llm import (
     chat_to_generate,
     completion_to_generate,
 )
+from contracts.responses import CreateResponse
+from services.gateway import responses_routes
 from services.gateway.auth import KeyRecord
 from services.gateway.dispatch import Dispatcher, Served
+from services.gateway.embeddings_routes import embed
 from services.gateway.errors import from_validation, json_response
 from services.gateway.files_routes import _limit, call, caller_of
 from services.gateway.formats import ChatFormat, CompletionFormat, Format, Outcome
+from services.gateway.openai_routes import CHAT_PARAMS, Finished, engine_params
 from services.gateway.state import GATEWAY, Gateway
+from services.gateway.vision_routes import ModerationBody, moderate
 from services.runtime import bus
 from services.runtime import logging as log
 from services.runtime.routing import PRESENCE_TTL
 
+T = TypeVar("T")
 routes = web.RouteTableDef()
 EXEC: web.AppKey[BatchExec] = web.AppKey("batch_exec")
 LINES = Counter("inferbus_gateway_batch_lines_total", "Batch lines this gateway ran, by result", ["outcome"])
@@ -193,13 +201,32 @@ class BatchExec:
                 result = _failed(invalid(f"undecodable batch line: {exc}"))
             else:
                 with log.bound(request_id=line.request_id, batch_id=line.batch_id):
-                    result = await self.run(line)
+                    try:
+                        result = await self.run(line)
+                    except Exception as exc:  # PostgreSQL away while a response is stored, say: run it later
+                        self.logger.exception("batch_line_failed", error=repr(exc))
+                        result = _failed(InferBusError("internal_error", "the gateway failed to run the line"))
         finally:
             beating.cancel()
         LINES.labels(result.code or "ok").inc()
         await nc.publish(msg.reply, exec_encoder.encode(result))
 
     async def run(self, line: ExecLine) -> ExecResult:
+        """One line through the code its endpoint's route runs, as the batch's key, marked as batch work."""
+        if line.endpoint == "/v1/embeddings":
+            return await self._embeddings(line)
+        if line.endpoint == "/v1/moderations":
+            return await self._moderation(line)
+        return await self._generation(line)
+
+    async def _key(self, line: ExecLine) -> tuple[KeyRecord, dict[str, str]]:
+        """The batch's key, and the bus headers of its line (the worker's usage event names the batch)."""
+        assert self.gw.keys is not None
+        key = await self.gw.keys.by_id(line.key_id)
+        return key, {**self.gw.bus_headers(None, key), BATCH_HEADER: line.batch_id}
+
+    async def _generation(self, line: ExecLine) -> ExecResult:
+        """/v1/chat/completions, /v1/completions and /v1/responses: one generation, answered whole."""
         gw = self.gw
         admitted = time.monotonic()
         served = Served()
@@ -208,12 +235,10 @@ class BatchExec:
         outcome = Outcome()
         error: InferBusError | None = None
         try:
-            assert gw.keys is not None
-            key = await gw.keys.by_id(line.key_id)
-            gen, fmt = _request(line, gw.settings.default_max_tokens)
+            key, headers = await self._key(line)
+            gen, fmt, finished, params = await _request(gw, key, line)
             key.authorize("llm", gen.model)
             grant = await gw.admit(key, line.endpoint, gen, batch=True)
-            headers = {**gw.bus_headers(None, key), BATCH_HEADER: line.batch_id}
             assert self.dispatcher is not None
             chunks = self.dispatcher.generate(gen, kind="llm", timeout_s=line.timeout_s, headers=headers,
                                               key_id=key.id, affinity=gen.user, served=served)
@@ -221,17 +246,20 @@ class BatchExec:
                 assert gw.governor is not None
                 chunks = gw.governor.governed(key.id, grant, chunks, gen.model)
             try:
-                async for chunk in chunks:
-                    if isinstance(chunk, Accepted):
-                        fmt.served(served.model or gen.model, served.provider, chunk.version)
-                    elif isinstance(chunk, Delta):
-                        outcome.add(chunk)
-                    elif isinstance(chunk, Final):
-                        outcome.usage = usage = chunk.usage
-                        body = fmt.whole(outcome, chunk)
-                        return ExecResult(status_code=200, body=msgspec.json.encode(body),
-                                          worker_attempts=served.attempts, prompt_tokens=usage.prompt_tokens,
-                                          completion_tokens=usage.completion_tokens)
+                with engine_params(*params):
+                    async for chunk in chunks:
+                        if isinstance(chunk, Accepted):
+                            fmt.served(served.model or gen.model, served.provider, chunk.version)
+                        elif isinstance(chunk, Delta):
+                            outcome.add(chunk)
+                        elif isinstance(chunk, Final):
+                            outcome.usage = usage = chunk.usage
+                            if finished is not None:
+                                await finished(outcome, chunk)
+                            body = fmt.whole(outcome, chunk)
+                            return ExecResult(status_code=200, body=msgspec.json.encode(body),
+                                              worker_attempts=served.attempts, prompt_tokens=usage.prompt_tokens,
+                                              completion_tokens=usage.completion_tokens)
             finally:
                 await chunks.aclose()
             raise InferBusError("stream_broken", "the stream ended without a final chunk")
@@ -248,24 +276,70 @@ class BatchExec:
                                usage=outcome.usage, streamed=False, request_body=line.body,
                                response_text=outcome.text)
 
+    async def _embeddings(self, line: ExecLine) -> ExecResult:
+        """/v1/embeddings: the route's own code (it logs the request), on this runner's dispatcher."""
+        served = Served()
+        try:
+            key, headers = await self._key(line)
+            body = _decode(line.body, EmbeddingsBody)
+            result, _ = await embed(self.gw, key, body, line.request_id, endpoint=line.endpoint,
+                                    timeout_s=line.timeout_s, headers=headers, admitted=time.monotonic(),
+                                    request_body=line.body, dispatcher=self.dispatcher, attempt=line.attempt,
+                                    batch=True, served=served)
+        except InferBusError as exc:
+            return _failed(exc, served.attempts if served.worker_id else 0)
+        return ExecResult(status_code=200, body=msgspec.json.encode(result), worker_attempts=served.attempts,
+                          prompt_tokens=result["usage"]["prompt_tokens"])
 
-def _request(line: ExecLine, default_max_tokens: int) -> tuple[GenerateRequest, Format]:
-    """The line's body as the endpoint reads it (the batch service checked it already; checked again here)."""
-    now = int(time.time())
+    async def _moderation(self, line: ExecLine) -> ExecResult:
+        """/v1/moderations (images: data: URLs, or allowlisted URLs the route fetches)."""
+        served = Served()
+        try:
+            key, headers = await self._key(line)
+            body = _decode(line.body, ModerationBody)
+            result, _ = await moderate(self.gw, key, body, line.request_id, endpoint=line.endpoint,
+                                       timeout_s=line.timeout_s, headers=headers, attempt=line.attempt,
+                                       served=served)
+        except InferBusError as exc:
+            return _failed(exc, served.attempts if served.worker_id else 0)
+        return ExecResult(status_code=200, body=msgspec.json.encode(result), worker_attempts=served.attempts)
+
+
+Params = tuple[tuple[re.Pattern[str], str], ...]
+
+
+def _decode(raw: bytes, cls: type[T]) -> T:
+    """A line's body as its endpoint decodes it (the batch service checked it already; checked again here)."""
     try:
-        if line.endpoint == "/v1/chat/completions":
-            chat = msgspec.json.decode(line.body, type=ChatCompletionRequest)
-            gen = chat_to_generate(chat, line.request_id, default_max_tokens)
-            fmt: Format = ChatFormat(line.request_id, chat.model, now, False)
-        elif line.endpoint == "/v1/completions":
-            text = msgspec.json.decode(line.body, type=CompletionRequest)
-            gen = completion_to_generate(text, line.request_id, default_max_tokens)
-            fmt = CompletionFormat(line.request_id, text.model, now, False)
-        else:
-            raise invalid(f"batch lines for {line.endpoint} are not served", "url")
+        return msgspec.json.decode(raw, type=cls)
     except msgspec.MsgspecError as exc:
         raise from_validation(exc) from None
-    return msgspec.structs.replace(gen, attempt=line.attempt), fmt
+
+
+async def _request(gw: Gateway, key: KeyRecord, line: ExecLine) -> tuple[GenerateRequest, Format, Finished | None,
+                                                                          Params]:
+    """A generation line as its route reads it: the generation, its answer's format, what runs when it is
+    finished (a stored response), and how an engine's parameter names map to the endpoint's."""
+    now = int(time.time())
+    default_max_tokens = gw.settings.default_max_tokens
+    finished: Finished | None = None
+    params: Params = ()
+    if line.endpoint == "/v1/chat/completions":
+        chat = _decode(line.body, ChatCompletionRequest)
+        gen = chat_to_generate(chat, line.request_id, default_max_tokens)
+        fmt: Format = ChatFormat(line.request_id, chat.model, now, False)
+        params = CHAT_PARAMS
+    elif line.endpoint == "/v1/completions":
+        text = _decode(line.body, CompletionRequest)
+        gen = completion_to_generate(text, line.request_id, default_max_tokens)
+        fmt = CompletionFormat(line.request_id, text.model, now, False)
+    elif line.endpoint == "/v1/responses":
+        req = _decode(line.body, CreateResponse)
+        gen, fmt, finished = await responses_routes.prepare(gw, key, req, line.request_id)
+        params = (responses_routes.ENGINE_PARAMS,)
+    else:
+        raise invalid(f"batch lines for {line.endpoint} are not served", "url")
+    return msgspec.structs.replace(gen, attempt=line.attempt), fmt, finished, params
 
 
 def _failed(exc: InferBusError, worker_attempts: int = 0) -> ExecResult:

@@ -23,7 +23,7 @@ from contracts.embed import (
 from contracts.errors import InferBusError
 from contracts.llm import Accepted, GenerateRequest, Usage
 from services.gateway.auth import KeyRecord
-from services.gateway.dispatch import Served
+from services.gateway.dispatch import Dispatcher, Served
 from services.gateway.errors import json_response
 from services.gateway.openai_routes import ADMITTED, BODY, VERSION_HEADER, _decode, _timeout
 from services.gateway.state import GATEWAY, Gateway
@@ -43,30 +43,45 @@ async def embeddings(request: web.Request) -> web.Response:
     key = await gw.authorize(request)
     request[ADMITTED] = time.monotonic()
     body: EmbeddingsBody = await _decode(request, EmbeddingsBody)
+    rid = "embd-" + secrets.token_hex(12)
+    result, headers = await embed(gw, key, body, rid, endpoint=request.path, timeout_s=_timeout(request, gw),
+                                  headers=gw.bus_headers(request, key), admitted=request[ADMITTED],
+                                  request_body=request.get(BODY))
+    return json_response(200, result, headers)
+
+
+async def embed(
+    gw: Gateway, key: KeyRecord, body: EmbeddingsBody, rid: str, *, endpoint: str, timeout_s: float,
+    headers: dict[str, str], admitted: float, request_body: bytes | None, dispatcher: Dispatcher | None = None,
+    attempt: int = 0, batch: bool = False, served: Served | None = None,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """POST /v1/embeddings for a decoded body (the route's and a batch line's): the response body and headers,
+    the request logged. A batch line (`batch`) comes with its own dispatcher, its run's `attempt` and its
+    batch's bus header; it is admitted at the batch discount."""
     texts, tokens = inputs(body)
     model = gw.settings.model_aliases.get(body.model, body.model)
-    rid = "embd-" + secrets.token_hex(12)
-    embed = EmbedRequest(request_id=rid, model=model, texts=texts, tokens=tokens, dimensions=body.dimensions,
-                         truncate=body.truncate, query=body.input_type == "query")
-    payload = embed_encoder.encode(embed)
+    request = EmbedRequest(request_id=rid, model=model, texts=texts, tokens=tokens, dimensions=body.dimensions,
+                           truncate=body.truncate, query=body.input_type == "query", attempt=attempt)
+    payload = embed_encoder.encode(request)
     if len(payload) > gw.service.bus.max_payload - PAYLOAD_HEADROOM:
         raise InferBusError("request_too_large", "The input is too large for one request: split it", param="input")
-    timeout = _timeout(request, gw)
     # Token budgets and tokens/min count the input: at most one token per byte of text (token arrays: exact),
     # plus each input's two special tokens; settled with the worker's count.
     items = texts if texts is not None else tokens or []
     bound = ("\n".join(texts) if texts is not None else " " * sum(map(len, tokens or []))) + "  " * len(items)
-    grant = await gw.admit(key, request.path, GenerateRequest(request_id=rid, model=model, max_tokens=0,
-                                                              prompt=bound), kind="embed")
-    served = Served(model=model)
+    grant = await gw.admit(key, endpoint, GenerateRequest(request_id=rid, model=model, max_tokens=0, prompt=bound),
+                           kind="embed", batch=batch)
+    served = Served() if served is None else served
+    served.model = model
     used = 0
     error: InferBusError | None = None
     try:
-        done, matrix = await _embed(gw, request, key, embed, payload, time.time() + timeout, served)
+        done, matrix = await _embed(gw, key, request, payload, time.time() + timeout_s, served, headers,
+                                    dispatcher or gw.dispatcher, retries=0 if batch else 1)
         used = done.prompt_tokens
-        headers = {VERSION_HEADER: done.version, "x-request-id": rid, TRUNCATED_HEADER: str(done.truncated),
-                   **(grant.headers if grant else {})}
-        return json_response(200, _body(body, matrix, used), headers)
+        out = {VERSION_HEADER: done.version, "x-request-id": rid, TRUNCATED_HEADER: str(done.truncated),
+               **(grant.headers if grant else {})}
+        return _body(body, matrix, used), out
     except InferBusError as exc:
         error = exc
         if exc.param is None and exc.code in WORKER_REFUSALS:
@@ -79,23 +94,22 @@ async def embeddings(request: web.Request) -> web.Response:
     finally:
         if grant is not None and gw.governor is not None:
             gw.governor.settle_later(key.id, grant, used, 0, model)
-        gw.log_request(key, request_id=rid, kind="embed", model=model, admitted=request[ADMITTED], served=served,
+        gw.log_request(key, request_id=rid, kind="embed", model=model, admitted=admitted, served=served,
                        error=error, http_status=error.http_status if error else 200, usage=Usage(used, 0),
-                       streamed=False, request_body=request.get(BODY))
+                       streamed=False, request_body=request_body)
 
 
 async def _embed(
-    gw: Gateway, request: web.Request, key: KeyRecord, embed: EmbedRequest, payload: bytes, deadline: float,
-    served: Served,
+    gw: Gateway, key: KeyRecord, embed: EmbedRequest, payload: bytes, deadline: float, served: Served,
+    headers: dict[str, str], dispatcher: Dispatcher, retries: int,
 ) -> tuple[EmbedDone, Matrix]:
     """The worker's vectors as one (count, dim) matrix, and its terminal chunk."""
     route = gw.catalogue.route(embed.model, "embed", key_id=key.id)
     rows: list[bytes] = []
     with log.bound(request_id=embed.request_id, model=embed.model):
-        chunks = gw.dispatcher.open(
+        chunks = dispatcher.open(
             "embed", embed.model, route, payload, embed.request_id, decoder=embed_chunk_decoder,
-            terminal=(EmbedDone,), progress=(Vectors,), retries=1, deadline=deadline,
-            headers=gw.bus_headers(request, key),
+            terminal=(EmbedDone,), progress=(Vectors,), retries=retries, deadline=deadline, headers=headers,
         )
         try:
             async for chunk in chunks:

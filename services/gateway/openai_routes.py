@@ -78,7 +78,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     gen = chat_to_generate(req, rid, gw.settings.default_max_tokens)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     fmt = ChatFormat(rid, req.model, int(time.time()), include_usage)
-    with engine_params((_CHAT_TOOLS, r"tools[\1].function."), (_CHAT_FORMAT, "response_format.json_schema.schema")):
+    with engine_params(*CHAT_PARAMS):
         return await respond(request, gw, gen, fmt, bool(req.stream), key, affinity=req.prompt_cache_key)
 
 
@@ -97,6 +97,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 _CHAT_TOOLS = re.compile(r"^tools\[(\d+)\]\.")
 _CHAT_FORMAT = re.compile(r"^response_format\.schema")
+# How an engine's names for a bus request's fields read in the chat API (a batch line's errors use them too).
+CHAT_PARAMS = ((_CHAT_TOOLS, r"tools[\1].function."), (_CHAT_FORMAT, "response_format.json_schema.schema"))
 
 
 @contextlib.contextmanager

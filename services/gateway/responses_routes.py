@@ -43,9 +43,10 @@ from contracts.responses import (
     ResponseUsage,
     TextConfig,
 )
+from services.gateway.auth import KeyRecord
 from services.gateway.errors import json_response
 from services.gateway.formats import Outcome, named_sse
-from services.gateway.openai_routes import ADMITTED, _decode, engine_params, respond
+from services.gateway.openai_routes import ADMITTED, Finished, _decode, engine_params, respond
 from services.gateway.state import GATEWAY, Gateway
 
 routes = web.RouteTableDef()
@@ -53,6 +54,7 @@ _messages = msgspec.json.Decoder(list[Message])
 TEXT_PARTS = ("input_text", "output_text")
 SERVICE_TIERS = (None, "auto", "default")
 _FORMAT = re.compile(r"^response_format\.")
+ENGINE_PARAMS = (_FORMAT, "text.format.")  # an engine's `response_format.` is this API's `text.format.`
 
 
 def _unsupported(param: str, message: str) -> InferBusError:
@@ -354,7 +356,17 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     key = await gw.authorize(request)
     request[ADMITTED] = time.monotonic()
     req: CreateResponse = await _decode(request, CreateResponse)
-    rid = _item_id("resp")
+    gen, fmt, finished = await prepare(gw, key, req, _item_id("resp"))
+    with engine_params(ENGINE_PARAMS):
+        return await respond(request, gw, gen, fmt, bool(req.stream), key, affinity=req.prompt_cache_key,
+                             finished=finished)
+
+
+async def prepare(
+    gw: Gateway, key: KeyRecord, req: CreateResponse, rid: str
+) -> tuple[GenerateRequest, ResponsesFormat, Finished]:
+    """A decoded request (the route's, or a batch line's) as its generation, the format of its answer, and what
+    stores the finished response (unless `store` is false) for `previous_response_id` to continue."""
     history = await load_history(gw, key.tenant_id, req.previous_response_id) if req.previous_response_id else []
     gen = to_generate(req, rid, history, gw.settings.default_max_tokens)
     fmt = ResponsesFormat(rid, req, int(time.time()))
@@ -366,15 +378,16 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         conversation = history + input_messages(req.input) + output_messages(response)
         await _pool(gw).execute(
             "INSERT INTO responses (id, tenant_id, key_id, model, previous_response_id, response, input_items,"
-            " history) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            " history) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+            # A batch line run again (its first run's answer was lost) stores its new answer under the same id.
+            " ON CONFLICT (id) DO UPDATE SET response = EXCLUDED.response, input_items = EXCLUDED.input_items,"
+            " history = EXCLUDED.history",
             rid, key.tenant_id, key.id, req.model, req.previous_response_id,
             msgspec.json.encode(response).decode(), msgspec.json.encode(input_items(req)).decode(),
             msgspec.json.encode(conversation).decode(),
         )
 
-    with engine_params((_FORMAT, "text.format.")):
-        return await respond(request, gw, gen, fmt, bool(req.stream), key, affinity=req.prompt_cache_key,
-                             finished=finished)
+    return gen, fmt, finished
 
 
 @routes.get("/v1/responses/{response_id}")

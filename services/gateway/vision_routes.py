@@ -37,6 +37,7 @@ from contracts.vision import (
 )
 from services.gateway.audio_routes import _discard, _media_store
 from services.gateway.auth import KeyRecord
+from services.gateway.dispatch import Served
 from services.gateway.errors import from_validation, json_response
 from services.gateway.openai_routes import VERSION_HEADER, _timeout
 from services.gateway.state import GATEWAY, Gateway
@@ -105,7 +106,8 @@ async def _single(request: web.Request, task: Task) -> web.Response:
         top_k = _top_k(body.top_k)
         data = await load_image(body.image, cfg, "image")
     rid = ("vcls-" if task == "classify" else "vocr-") + secrets.token_hex(12)
-    done = await analyse(gw, request, key, model, task, data, rid, top_k)
+    done = await analyse(gw, key, model, task, data, rid, top_k, endpoint=request.path,
+                         timeout_s=_timeout(request, gw), headers=gw.bus_headers(request, key))
     headers = {VERSION_HEADER: done.version, "x-request-id": rid}
     image = {"width": done.width, "height": done.height}
     if isinstance(done.result, Classification):
@@ -125,16 +127,42 @@ async def moderations(request: web.Request) -> web.Response:
     """One result per image, with only the categories the model judges (category_applied_input_types says which)."""
     gw = request.app[GATEWAY]
     key = await gw.authorize(request)
+    body = await _read_json(request, ModerationBody, image_settings().max_image_bytes)
+    rid = "modr-" + secrets.token_hex(12)
+    result, version = await moderate(gw, key, body, rid, endpoint=request.path, timeout_s=_timeout(request, gw),
+                                     headers=gw.bus_headers(request, key))
+    return json_response(200, result, {VERSION_HEADER: version, "x-request-id": rid})
+
+
+def moderation_model(model: str | None) -> str:
+    """The model that judges the images (OpenAI's moderation model names are ours)."""
+    return MODERATION_ALIASES.get(model or "omni-moderation-latest", model or "")
+
+
+def check_moderation(body: ModerationBody, cfg: ImageSettings) -> str:
+    """What can be checked without the images' bytes from the network (a batch line is checked so at creation):
+    the input's shape, each data: URL, each http(s) URL's host on the allowlist. The model that judges them."""
+    for i, source in enumerate(_moderation_images(body.input)):
+        image_source(source, cfg, f"input[{i}].image_url.url")
+    return moderation_model(body.model)
+
+
+async def moderate(
+    gw: Gateway, key: KeyRecord, body: ModerationBody, rid: str, *, endpoint: str, timeout_s: float,
+    headers: dict[str, str], attempt: int = 0, served: Served | None = None,
+) -> tuple[dict[str, Any], str]:
+    """POST /v1/moderations for a decoded body (the route's and a batch line's): the response body, and the
+    version that judged. One worker request per image: `rid`, or `rid-<i>` when there are several."""
     cfg = image_settings()
-    body = await _read_json(request, ModerationBody, cfg.max_image_bytes)
-    model = MODERATION_ALIASES.get(body.model or "omni-moderation-latest", body.model or "")
+    model = moderation_model(body.model)
     urls = _moderation_images(body.input)
     datas = [await load_image(url, cfg, f"input[{i}].image_url.url") for i, url in enumerate(urls)]
-    rid = "modr-" + secrets.token_hex(12)
     results = []
     version = ""
     for i, data in enumerate(datas):
-        done = await analyse(gw, request, key, model, "moderate", data, f"{rid}-{i}" if len(datas) > 1 else rid)
+        done = await analyse(gw, key, model, "moderate", data, f"{rid}-{i}" if len(datas) > 1 else rid,
+                             endpoint=endpoint, timeout_s=timeout_s, headers=headers, attempt=attempt,
+                             served=served)
         if not isinstance(done.result, Moderation):
             raise InferBusError("stream_broken", "the worker answered a moderation request with another result")
         version = done.version
@@ -145,8 +173,7 @@ async def moderations(request: web.Request) -> web.Response:
             "category_scores": scores,
             "category_applied_input_types": {name: ["image"] for name in scores},
         })
-    return json_response(200, {"id": rid, "model": model, "results": results},
-                         {VERSION_HEADER: version, "x-request-id": rid})
+    return {"id": rid, "model": model, "results": results}, version
 
 
 def _moderation_images(raw: str | list[Any]) -> list[str | dict[str, Any]]:
@@ -184,17 +211,17 @@ def _top_k(raw: int | str) -> int:
 
 
 async def analyse(
-    gw: Gateway, request: web.Request, key: KeyRecord, model: str, task: Task, data: bytes, rid: str,
-    top_k: int = 5,
+    gw: Gateway, key: KeyRecord, model: str, task: Task, data: bytes, rid: str, top_k: int = 5, *, endpoint: str,
+    timeout_s: float, headers: dict[str, str], attempt: int = 0, served: Served | None = None,
 ) -> VisionDone:
-    """Send one image to a worker of `model` (inline, or through the media store) and wait for its result."""
-    timeout = _timeout(request, gw)
-    grant = await gw.admit_request(key, request.path, "vision", model, rid)
+    """Send one image to a worker of `model` (inline, or through the media store) and wait for its result
+    (`headers` go on the bus request; `attempt`: a batch line's run, see contracts.llm.GenerateRequest)."""
+    grant = await gw.admit_request(key, endpoint, "vision", model, rid)
     store = None
     accepted = False
     try:
         route = gw.catalogue.route(model, "vision", key_id=key.id)
-        vision = VisionRequest(request_id=rid, model=model, task=task, top_k=top_k)
+        vision = VisionRequest(request_id=rid, model=model, task=task, top_k=top_k, attempt=attempt)
         if len(data) > INLINE_MAX:
             try:
                 store = await _media_store(gw)
@@ -207,13 +234,15 @@ async def analyse(
             vision = msgspec.structs.replace(vision, image=data)
         chunks = gw.dispatcher.open(
             "vision", model, route, vision_encoder.encode(vision), rid, decoder=vision_chunk_decoder,
-            terminal=(VisionDone,), progress=(), retries=0, deadline=time.time() + timeout,
-            headers=gw.bus_headers(request, key),
+            terminal=(VisionDone,), progress=(), retries=0, deadline=time.time() + timeout_s, headers=headers,
         )
         try:
             async for chunk in chunks:
                 if isinstance(chunk, Accepted):
                     accepted = True
+                    if served is not None:
+                        served.model, served.version, served.worker_id = model, chunk.version, chunk.worker_id
+                        served.attempts += 1
                 elif isinstance(chunk, VisionDone):
                     return chunk
         finally:
@@ -235,6 +264,12 @@ async def analyse(
 
 async def load_image(source: str | dict[str, Any], cfg: ImageSettings, param: str) -> bytes:
     """The bytes of a data: URL, or of an allowlisted http(s) URL; never a fetch from anywhere else."""
+    checked = image_source(source, cfg, param)
+    return checked if isinstance(checked, bytes) else await _fetch(checked, cfg, param)
+
+
+def image_source(source: str | dict[str, Any], cfg: ImageSettings, param: str) -> bytes | str:
+    """A data: URL's bytes, or an http(s) URL whose host is on the allowlist (to fetch); anything else refused."""
     url = source.get("url") if isinstance(source, dict) else source
     if not isinstance(url, str) or not url:
         raise invalid("Give the image as a data: URL, an allowed https URL, or upload it as a file", param)
@@ -248,7 +283,7 @@ async def load_image(source: str | dict[str, Any], cfg: ImageSettings, param: st
             f"Fetching images from '{parts.hostname}' is not allowed: send a data: URL or upload the file "
             "(operators allow hosts with INFERBUS_IMAGE_URL_ALLOWLIST)", param,
         )
-    return await _fetch(url, cfg, param)
+    return url
 
 
 def _data_url(url: str, limit: int, param: str) -> bytes:
