@@ -20,6 +20,7 @@ class WorkerLoad(Struct, frozen=True, kw_only=True):
     tokens_per_s: float
     ready: bool
     upstream: str | None = None  # a remote provider's last health check: "ok" or why not
+    batch_capacity: int | None = None  # slots batch lines may use (the rest are kept for interactive requests)
 
 
 class AdminError(Struct, frozen=True, omit_defaults=True):

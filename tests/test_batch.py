@@ -32,15 +32,17 @@ from aiohttp import web
 from openai import AsyncOpenAI
 
 from contracts import subjects, usage
-from contracts.batch import KeyRef, ListDeliveries, SetWebhook
-from contracts.control import Reply
+from contracts.batch import BATCH_HEADER, KeyRef, ListDeliveries, SetWebhook
+from contracts.control import Reply, load_decoder
 from contracts.errors import InferBusError
+from contracts.llm import GenerateRequest
 from contracts.usage import SetPrice
 from services.batch.webhooks import check_url, verify
 from services.runtime import bus
 from services.runtime.embedded import free_port
 from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env, wait_service, wait_worker
 from services.runtime.resp import Resp
+from services.runtime.streaming import StreamClient
 from tests.conftest import ADMIN_KEY, Gateway, running_gateway, stack_in_tempdir, start_gateway, start_worker
 
 FAST = "batch-fast"  # benchmark engine, no pacing
@@ -345,30 +347,43 @@ async def worker_stats(platform: Platform, name: str) -> dict[str, Any]:
 
 
 async def test_a_busy_worker_keeps_its_room_for_interactive_requests(platform: Platform) -> None:
-    """A batch line waits while the worker's free slot is all that is left for interactive traffic; nothing of
-    it runs or is billed until then, and it completes once the worker is idle."""
+    """A worker tells the batch service how many of its slots batch lines may use, turns away a batch line that
+    would take the room it keeps for interactive requests (before accepting it: nothing runs, nothing is
+    billed), and the batch completes once the worker is idle."""
+    heartbeat = await platform.nc.subscribe(subjects.heartbeat("llm", NARROW, "v1", "w").rsplit(".", 1)[0] + ".*")
+    try:
+        load = load_decoder.decode((await heartbeat.next_msg(timeout=5)).data)
+    finally:
+        await heartbeat.unsubscribe()
+    assert (load.capacity, load.batch_capacity) == (2, 1)  # one slot kept for interactive requests
     before = (await worker_stats(platform, "narrow"))["batch_deferred"]
     api = platform.api()
     interactive = await api.chat.completions.create(
         model=NARROW, max_tokens=5000, stream=True, messages=[{"role": "user", "content": "a long answer"}])
+    client = StreamClient(platform.nc)
+    await client.start()
     try:
         first = await anext(aiter(interactive))  # the worker is busy with it now (100 s of tokens)
         assert first.choices
+        line = GenerateRequest(request_id="turned-away-1", model=NARROW, max_tokens=4, prompt="q")
+        with pytest.raises(InferBusError) as refused:
+            async for _ in client.stream(subjects.infer("llm", NARROW, "v1"), line,
+                                         extra_headers={BATCH_HEADER: "batch_turned_away"}):
+                pass
+        assert refused.value.code == "deferred" and refused.value.retry_after is not None
+        assert (await worker_stats(platform, "narrow"))["batch_deferred"] == before + 1
         batch = await submit(api, chat_lines(2, model=NARROW, max_tokens=4, prefix="waits"))
-
-        async def deferred() -> bool:
-            stats = await worker_stats(platform, "narrow")
-            return bool(stats["batch_deferred"] > before and stats["in_flight"] == 1)
-
-        await until(deferred, 30, "the batch line to be turned away while the interactive stream runs")
-        assert (await api.batches.retrieve(batch.id)).request_counts.completed == 0  # type: ignore[union-attr]
     finally:
         await interactive.close()  # the worker is idle again: the lines run
     done = await finished(api, batch.id)
     out, errors = await answered(api, done)
     assert done.status == "completed" and errors == [] and len(out) == 2
-    rows = await platform.ledger(batch.id)
-    assert sorted(rows.values()) == [1, 1]  # one usage row per line: the turned-away runs left none
+    assert sorted((await platform.ledger(batch.id)).values()) == [1, 1]  # one usage row per line
+    db = await asyncpg.connect(platform.stack.database_url)
+    try:  # the turned-away request left no usage row
+        assert await db.fetchval("SELECT count(*) FROM usage_events WHERE request_id = 'turned-away-1'") == 0
+    finally:
+        await db.close()
 
 
 async def test_a_completions_batch_and_a_line_the_model_refuses(platform: Platform) -> None:

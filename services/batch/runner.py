@@ -84,7 +84,9 @@ class Capacity:
             return 0
         busy = sum(w.in_flight + w.queued for w in workers)  # ours among them, as of the heartbeats
         others = max(0, busy - self._ours_then.get((kind, model), 0))
-        return sum(w.capacity for w in workers) - others - self.ours[kind, model]
+        # What batch lines may use of each worker (it keeps the rest for interactive requests).
+        usable = sum(w.capacity if w.batch_capacity is None else w.batch_capacity for w in workers)
+        return usable - others - self.ours[kind, model]
 
     async def take(self, kind: str, model: str, keepalive: Callable[[], Awaitable[None]]) -> None:
         """Wait for room for one line of `model` (calling `keepalive`, which paces itself, meanwhile)."""

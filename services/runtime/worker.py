@@ -250,6 +250,7 @@ class Worker(Generic[RequestT, TallyT]):
             tokens_per_s=self._per_s(),  # the kind's throughput: tokens, audio seconds or characters
             ready=self.ready and not self._usage_full(),
             upstream=self.upstream,
+            batch_capacity=self.batch_capacity,
         )
         subject = subjects.heartbeat(self.kind, s.model, s.version, s.worker_id)
         await self.nc.publish(subject, load_encoder.encode(load))
@@ -290,7 +291,7 @@ class Worker(Generic[RequestT, TallyT]):
             # Before Accepted: the caller sees that no worker took it (not a try of the line; no usage row).
             self.batch_deferred += 1
             await out.send(ErrorChunk, "deferred", "this worker keeps its free slots for interactive requests; "
-                           "the batch line waits", 1.0)
+                           "the batch line waits", 0.25)
             return
         task = asyncio.current_task()
         assert task is not None
@@ -349,13 +350,18 @@ class Worker(Generic[RequestT, TallyT]):
                     self.usage.publish(self._usage_event(request, msg, outcome, tally, started_at))
                 self._finished(request, outcome, tally)
 
-    def _room_for_batch(self) -> bool:
-        """A batch line may start: nothing waits for a slot and `batch_reserve` slots stay free after it."""
+    @property
+    def batch_capacity(self) -> int:
+        """Slots batch lines may use: all but `batch_reserve` (heartbeats tell the batch service)."""
         capacity = self.engine.capacity
         reserve = self.s.batch_reserve
         if reserve < 0:
             reserve = 0 if capacity <= 1 else max(1, capacity // 4)
-        return self.queued == 0 and len(self.active) + 1 <= capacity - reserve
+        return max(capacity - reserve, 1)
+
+    def _room_for_batch(self) -> bool:
+        """A batch line may start: nothing waits for a slot and `batch_reserve` slots stay free after it."""
+        return self.queued == 0 and len(self.active) + 1 <= self.batch_capacity
 
     def _expire(self, task: asyncio.Task[None]) -> None:
         """A request's deadline passed: cancel it, marked so `_serve` answers deadline_exceeded."""
