@@ -147,7 +147,7 @@ async def test_structured_output_and_logprobs_run_in_the_batch(engine: Any) -> N
     plain = _story(1, 24)
     expected = (await _text(engine, structured), await _pieces(engine, with_logprobs), await _text(engine, plain))
     engine._batch.peak = 0
-    got = await asyncio.gather(_text(engine, structured), _pieces(engine, with_logprobs), _text(engine, plain))
+    got = tuple(await asyncio.gather(_text(engine, structured), _pieces(engine, with_logprobs), _text(engine, plain)))
     assert engine._batch.peak == 3
     assert got == expected
     assert set(json.loads(got[0])) == {"city"}
