@@ -252,25 +252,36 @@ async def _complete(platform: Platform, batch_id: str, lines: int) -> dict[str, 
     return ledger if len(ledger) >= lines else None
 
 
-async def test_a_batch_line_is_metered_as_batch_at_the_batch_discount(platform: Platform) -> None:
+async def set_batch_price(platform: Platform) -> None:
+    """FAST at $2 / $10 per million prompt / completion tokens, batch lines at half price."""
     price = SetPrice(model=FAST, version="*", input_per_1m=2.0, output_per_1m=10.0, batch_discount=0.5)
     msg = await platform.nc.request(usage.PRICES_SET, msgspec.json.encode(price), timeout=5)
     assert msgspec.json.decode(msg.data, type=Reply).error is None
+
+
+async def key_rows(platform: Platform, key_id: str, count: int) -> list[asyncpg.Record]:
+    """The key's usage rows, once there are `count` of them."""
+    db = await asyncpg.connect(platform.stack.database_url)
+    try:
+        async def metered() -> list[asyncpg.Record] | None:
+            rows = await db.fetch("SELECT * FROM usage_events WHERE key_id = $1", key_id)
+            return rows if len(rows) >= count else None
+
+        rows: list[asyncpg.Record] = await until(metered, 30, "usage rows for the lines and the interactive request")
+        return rows
+    finally:
+        await db.close()
+
+
+async def test_a_batch_line_is_metered_as_batch_at_the_batch_discount(platform: Platform) -> None:
+    await set_batch_price(platform)
     key, key_id = await platform.new_key()
     api = platform.api(key)
     lines = chat_lines(3, prefix="priced")
     batch = await submit(api, lines)
     assert (await finished(api, batch.id)).status == "completed"
     chat = await api.chat.completions.create(model=FAST, max_tokens=8, messages=[{"role": "user", "content": "q 0"}])
-    db = await asyncpg.connect(platform.stack.database_url)
-    try:
-        async def metered() -> list[asyncpg.Record] | None:
-            rows = await db.fetch("SELECT * FROM usage_events WHERE key_id = $1", key_id)
-            return rows if len(rows) >= 4 else None
-
-        rows = await until(metered, 30, "usage rows for the lines and the interactive request")
-    finally:
-        await db.close()
+    rows = await key_rows(platform, key_id, 4)
     assert len(rows) == 4 and len({r["request_id"] for r in rows}) == 4  # one row per line, one for the chat
     by_id = {r["request_id"]: r for r in rows}
     interactive = by_id.pop(chat.id)
@@ -294,23 +305,13 @@ async def test_a_batch_line_is_metered_as_batch_at_the_batch_discount(platform: 
 
 async def test_a_batch_line_counts_against_a_usd_budget_at_its_discount(platform: Platform) -> None:
     """The gateway's budget counter (Redis) charges a batch line what the ledger charges: the discounted price."""
-    price = SetPrice(model=FAST, version="*", input_per_1m=2.0, output_per_1m=10.0, batch_discount=0.5)
-    msg = await platform.nc.request(usage.PRICES_SET, msgspec.json.encode(price), timeout=5)
-    assert msgspec.json.decode(msg.data, type=Reply).error is None
+    await set_batch_price(platform)
     key, key_id = await platform.new_key(budget={"usd_per_month": 100.0})
     api = platform.api(key)
     batch = await submit(api, chat_lines(2, prefix="budgeted"))
     assert (await finished(api, batch.id)).status == "completed"
     await api.chat.completions.create(model=FAST, max_tokens=8, messages=[{"role": "user", "content": "q 1"}])
-    db = await asyncpg.connect(platform.stack.database_url)
-    try:
-        async def metered() -> list[asyncpg.Record] | None:
-            rows = await db.fetch("SELECT * FROM usage_events WHERE key_id = $1", key_id)
-            return rows if len(rows) >= 3 else None
-
-        rows = await until(metered, 30, "usage rows for the lines and the interactive request")
-    finally:
-        await db.close()
+    rows = await key_rows(platform, key_id, 3)
     assert sum(r["batch_id"] is not None for r in rows) == 2
     # Each request settles to its cost in micro-dollars, rounded up (in floating point, so an exact cost may
     # round up once more): the ledger's costs, at most one micro-dollar each above them. At full price the

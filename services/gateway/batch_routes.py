@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
@@ -278,31 +279,42 @@ class BatchExec:
 
     async def _embeddings(self, line: ExecLine) -> ExecResult:
         """/v1/embeddings: the route's own code (it logs the request), on this runner's dispatcher."""
-        served = Served()
-        try:
-            key, headers = await self._key(line)
-            body = _decode(line.body, EmbeddingsBody)
-            result, _ = await embed(self.gw, key, body, line.request_id, endpoint=line.endpoint,
-                                    timeout_s=line.timeout_s, headers=headers, admitted=time.monotonic(),
-                                    request_body=line.body, dispatcher=self.dispatcher, attempt=line.attempt,
-                                    batch=True, served=served)
-        except InferBusError as exc:
-            return _failed(exc, served.attempts if served.worker_id else 0)
-        return ExecResult(status_code=200, body=msgspec.json.encode(result), worker_attempts=served.attempts,
-                          prompt_tokens=result["usage"]["prompt_tokens"])
+
+        async def call(key: KeyRecord, headers: dict[str, str], served: Served) -> dict[str, Any]:
+            result, _ = await embed(self.gw, key, _decode(line.body, EmbeddingsBody), line.request_id,
+                                    endpoint=line.endpoint, timeout_s=line.timeout_s, headers=headers,
+                                    admitted=time.monotonic(), request_body=line.body, dispatcher=self.dispatcher,
+                                    attempt=line.attempt, batch=True, served=served)
+            return result
+
+        return await self._answered(line, call, lambda result: result["usage"]["prompt_tokens"])
 
     async def _moderation(self, line: ExecLine) -> ExecResult:
         """/v1/moderations (images: data: URLs, or allowlisted URLs the route fetches)."""
+
+        async def call(key: KeyRecord, headers: dict[str, str], served: Served) -> dict[str, Any]:
+            result, _ = await moderate(self.gw, key, _decode(line.body, ModerationBody), line.request_id,
+                                       endpoint=line.endpoint, timeout_s=line.timeout_s, headers=headers,
+                                       attempt=line.attempt, served=served)
+            return result
+
+        return await self._answered(line, call, lambda _: 0)
+
+    async def _answered(
+        self,
+        line: ExecLine,
+        call: Callable[[KeyRecord, dict[str, str], Served], Awaitable[dict[str, Any]]],
+        prompt_tokens: Callable[[dict[str, Any]], int],
+    ) -> ExecResult:
+        """A non-generation line: its route's answer, or its error as the runner reads one."""
         served = Served()
         try:
             key, headers = await self._key(line)
-            body = _decode(line.body, ModerationBody)
-            result, _ = await moderate(self.gw, key, body, line.request_id, endpoint=line.endpoint,
-                                       timeout_s=line.timeout_s, headers=headers, attempt=line.attempt,
-                                       served=served)
+            result = await call(key, headers, served)
         except InferBusError as exc:
             return _failed(exc, served.attempts if served.worker_id else 0)
-        return ExecResult(status_code=200, body=msgspec.json.encode(result), worker_attempts=served.attempts)
+        return ExecResult(status_code=200, body=msgspec.json.encode(result), worker_attempts=served.attempts,
+                          prompt_tokens=prompt_tokens(result))
 
 
 Params = tuple[tuple[re.Pattern[str], str], ...]
