@@ -259,13 +259,13 @@ async def set_batch_price(platform: Platform) -> None:
     assert msgspec.json.decode(msg.data, type=Reply).error is None
 
 
-async def key_rows(platform: Platform, key_id: str, count: int) -> list[asyncpg.Record]:
-    """The key's usage rows, once there are `count` of them."""
+async def key_rows(platform: Platform, key_id: str, count: int, images: bool = False) -> list[asyncpg.Record]:
+    """The key's usage rows, once there are `count` of them (`images`: `count` rows for judged images)."""
     db = await asyncpg.connect(platform.stack.database_url)
     try:
         async def metered() -> list[asyncpg.Record] | None:
             rows = await db.fetch("SELECT * FROM usage_events WHERE key_id = $1", key_id)
-            return rows if len(rows) >= count else None
+            return rows if sum(1 for r in rows if r["images"] or not images) >= count else None
 
         rows: list[asyncpg.Record] = await until(metered, 30, "usage rows for the lines and the interactive request")
         return rows
@@ -313,9 +313,14 @@ async def test_a_batch_line_counts_against_a_usd_budget_at_its_discount(platform
     await api.chat.completions.create(model=FAST, max_tokens=8, messages=[{"role": "user", "content": "q 1"}])
     rows = await key_rows(platform, key_id, 3)
     assert sum(r["batch_id"] is not None for r in rows) == 2
-    # Each request settles to its cost in micro-dollars, rounded up (in floating point, so an exact cost may
-    # round up once more): the ledger's costs, at most one micro-dollar each above them. At full price the
-    # two lines would add their discount, ~28 micro-dollars each, on top.
+    # The ledger's costs, at most one micro-dollar each above them. At full price the two lines would add
+    # their discount, ~28 micro-dollars each, on top.
+    await budget_settled(platform, key_id, rows)
+
+
+async def budget_settled(platform: Platform, key_id: str, rows: list[asyncpg.Record]) -> None:
+    """The key's monthly USD counter (Redis) reaches what the ledger charged for `rows`: each request settles
+    to its cost in micro-dollars, rounded up (in floating point, so an exact cost may round up once more)."""
     expected = sum(math.ceil(r["cost_usd"] * 1_000_000) for r in rows)
     redis = Resp(platform.stack.redis_url)
     counter = f"ib:bud:key:{key_id}:usd:m{dt.datetime.now(dt.UTC):%Y-%m}"
@@ -539,6 +544,35 @@ async def test_batches_of_embeddings_responses_and_moderations(platform: Platfor
     await one_row_per_line(platform, emb.id, "embd-", 3)
     await one_row_per_line(platform, resp.id, "resp_", 2)
     await one_row_per_line(platform, mod.id, "modr-", 2)
+
+
+async def test_an_image_costs_its_price_in_usd_budgets_and_a_batch_line_its_discounted_price(
+    platform: Platform, other_kinds: None
+) -> None:
+    """Moderation: the budget counter charges each judged image the ledger's per_image price, a batch line's at
+    the batch discount (a refused image costs nothing)."""
+    price = SetPrice(model=NSFW, version="*", per_image=0.01, batch_discount=0.5)
+    msg = await platform.nc.request(usage.PRICES_SET, msgspec.json.encode(price), timeout=5)
+    assert msgspec.json.decode(msg.data, type=Reply).error is None
+    key, key_id = await platform.new_key(budget={"usd_per_month": 100.0})
+    api = platform.api(key)
+    body = {"input": [{"type": "image_url", "image_url": {"url": png_data_url("white")}}]}
+    lines = [{"custom_id": "img-0", "method": "POST", "url": "/v1/moderations", "body": body}]
+    uploaded = await api.files.create(file=("images.jsonl", jsonl(lines)), purpose="batch")
+    batch = await api.batches.create(input_file_id=uploaded.id, endpoint="/v1/moderations",  # type: ignore[arg-type]
+                                     completion_window="24h")
+    assert (await finished(api, batch.id)).status == "completed"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+        async with http.post(platform.gateway.url + "/v1/moderations", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+        refused = {"input": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGEgcG5n"}}]}
+        async with http.post(platform.gateway.url + "/v1/moderations", json=refused) as resp:
+            assert resp.status == 400, await resp.text()
+    rows = await key_rows(platform, key_id, 2, images=True)
+    judged = sorted((r["batch_id"] is not None, r["images"], r["cost_usd"]) for r in rows if r["images"])
+    assert judged == [(False, 1, Decimal("0.01")), (True, 1, Decimal("0.005"))]
+    assert all(r["cost_usd"] == 0 for r in rows if not r["images"])  # the refused image's row, if it has one
+    await budget_settled(platform, key_id, rows)
 
 
 async def test_malformed_embeddings_responses_and_moderations_lines_fail_their_batch(platform: Platform) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import jsonschema
 import openai
 import pytest
@@ -213,6 +217,148 @@ async def test_a_schema_keyword_the_grammar_cannot_enforce_is_named(
     assert bad.value.code == "unsupported_parameter"
     assert bad.value.param == "tools[0].function.parameters.properties.level.minimum"
     assert "minimum" in str(bad.value)
+
+
+# ---- the same over the WebSocket /v1/ws ------------------------------------------------------------
+
+FORCED = {"model": DEFAULT_MODEL, "messages": ASK, "tools": [WEATHER, TIME], "temperature": 0, "max_tokens": 120,
+          "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+GREEDY = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Name a fruit."}], "temperature": 0,
+          "max_tokens": 8, "logprobs": True, "top_logprobs": 3}
+MINIMUM = {"type": "function", "function": {"name": "set_level", "parameters": {
+    "type": "object", "properties": {"level": {"type": "integer", "minimum": 1}}}}}
+MALFORMED = {"type": "function", "function": {"name": "set_level", "parameters": {
+    "type": "object", "properties": {"level": {"type": "integer"}}, "required": "level"}}}
+
+
+@pytest.fixture
+async def ws(gateway: Gateway) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+    async with aiohttp.ClientSession() as http, http.ws_connect(gateway.url + "/v1/ws", headers=gateway.headers) as ws:
+        yield ws
+
+
+async def _http(gateway: Gateway, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as http, http.post(
+        gateway.url + "/v1/chat/completions", json=body, headers=gateway.headers
+    ) as resp:
+        return resp.status, await resp.json()
+
+
+async def _ws_run(
+    ws: aiohttp.ClientWebSocketResponse, rid: str, body: dict[str, Any], endpoint: str = "chat.completions"
+) -> list[dict[str, Any]]:
+    """One request's events, up to its done or error event."""
+    await ws.send_json({"type": "request", "id": rid, "endpoint": endpoint, "body": body})
+    events: list[dict[str, Any]] = []
+    async with asyncio.timeout(120):
+        while not events or events[-1]["type"] not in ("done", "error"):
+            event = await ws.receive_json()
+            assert event["id"] == rid, event
+            events.append(event)
+    return events
+
+
+def _rebuilt(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """The choice of the non-streamed response, rebuilt from a request's delta and done events."""
+    deltas = [e for e in events if e["type"] == "delta"]
+    assert [e["seq"] for e in deltas] == list(range(len(deltas)))
+    assert events[-1]["type"] == "done", events[-1]
+    text = "".join(e["text"] for e in deltas)
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if any("tool_calls" in e for e in deltas):
+        calls: list[dict[str, Any]] = []
+        for piece in (p for e in deltas for p in e.get("tool_calls", ())):
+            if "id" in piece:  # a call's first piece: id, type and name
+                assert piece["index"] == len(calls)
+                calls.append({"id": piece["id"], "type": piece["type"], "function": dict(piece["function"])})
+            else:
+                calls[piece["index"]]["function"]["arguments"] += piece["function"]["arguments"]
+        message["tool_calls"], message["content"] = calls, text or None
+    logprobs = None
+    if any("logprobs" in e for e in deltas):
+        logprobs = {"content": [t for e in deltas for t in e.get("logprobs", {}).get("content", ())], "refusal": None}
+    return {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": events[-1]["finish_reason"]}
+
+
+def _without_call_ids(choice: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(choice)
+    for call in out["message"].get("tool_calls") or ():
+        assert call.pop("id").startswith("call_")
+    return out
+
+
+@pytest.mark.model
+async def test_a_forced_call_over_the_socket_is_the_http_call(
+    gateway: Gateway, ws: aiohttp.ClientWebSocketResponse, default_worker: dict[str, Any]
+) -> None:
+    events = await _ws_run(ws, "forced", FORCED)
+    assert events[0]["type"] == "accepted"
+    pieces = [p for e in events if e["type"] == "delta" for p in e.get("tool_calls", ())]
+    assert len(pieces) > 1, "arguments stream in parts"
+    assert all(e["text"] or "tool_calls" in e for e in events if e["type"] == "delta"), "no empty delta events"
+    choice = _rebuilt(events)
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    calls = choice["message"]["tool_calls"]
+    assert calls and all(c["type"] == "function" and c["function"]["name"] == "get_weather" for c in calls)
+    for call in calls:
+        _valid("get_weather", call["function"]["arguments"])
+    status, whole = await _http(gateway, FORCED)
+    assert status == 200, whole
+    assert _without_call_ids(choice) == _without_call_ids(whole["choices"][0])
+    assert events[-1]["usage"] == whole["usage"]
+
+
+@pytest.mark.model
+async def test_logprobs_over_the_socket_are_the_http_logprobs(
+    gateway: Gateway, ws: aiohttp.ClientWebSocketResponse, default_worker: dict[str, Any]
+) -> None:
+    events = await _ws_run(ws, "greedy", GREEDY)
+    deltas = [e for e in events if e["type"] == "delta"]
+    assert deltas and all("logprobs" in e and "tool_calls" not in e for e in deltas)
+    choice = _rebuilt(events)
+    content = choice["logprobs"]["content"]
+    assert "".join(t["token"] for t in content) == choice["message"]["content"]
+    assert all(len(t["top_logprobs"]) == 3 for t in content)
+    status, whole = await _http(gateway, GREEDY)
+    assert status == 200, whole
+    assert choice == whole["choices"][0]
+
+
+@pytest.mark.model
+async def test_completion_logprobs_over_the_socket_are_the_http_logprobs(
+    gateway: Gateway, ws: aiohttp.ClientWebSocketResponse, default_worker: dict[str, Any]
+) -> None:
+    body = {"model": DEFAULT_MODEL, "prompt": "Paris is", "max_tokens": 6, "temperature": 0, "logprobs": 2}
+    events = await _ws_run(ws, "text", body, "completions")
+    deltas = [e for e in events if e["type"] == "delta"]
+    assert deltas and all("logprobs" in e for e in deltas)
+    fields = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    logprobs = {f: [x for e in deltas for x in e["logprobs"][f]] for f in fields}
+    async with aiohttp.ClientSession() as http, http.post(
+        gateway.url + "/v1/completions", json=body, headers=gateway.headers
+    ) as resp:
+        whole = await resp.json()
+    assert "".join(e["text"] for e in deltas) == whole["choices"][0]["text"]
+    assert logprobs == whole["choices"][0]["logprobs"]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("body", [
+    {"tools": [MINIMUM], "tool_choice": "required"},  # a keyword the grammar cannot enforce: the engine says
+    {"tools": [MALFORMED], "tool_choice": "required"},  # not a schema: the engine says
+    {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},  # the edge says
+    {"tools": [{"type": "function", "function": {"name": "x", "parameters": "not an object"}}]},
+], ids=["unsupported-keyword", "malformed-schema", "missing-function", "parameters-not-an-object"])
+async def test_a_bad_tool_request_is_an_error_event_and_the_socket_serves_on(
+    gateway: Gateway, ws: aiohttp.ClientWebSocketResponse, default_worker: dict[str, Any], body: dict[str, Any]
+) -> None:
+    bad = {"model": DEFAULT_MODEL, "messages": ASK, "max_tokens": 20, **body}
+    events = await _ws_run(ws, "bad", bad)
+    assert events[-1]["type"] == "error" and all(e["type"] == "accepted" for e in events[:-1]), events
+    status, refused = await _http(gateway, bad)
+    assert status == 400 and events[-1]["error"] == refused["error"], refused
+    events = await _ws_run(ws, "next", {**FORCED, "max_tokens": 60})
+    assert events[-1]["type"] == "done" and _rebuilt(events)["message"]["tool_calls"]
 
 
 # ---- the pieces, without a model ---------------------------------------------------------------

@@ -295,7 +295,7 @@ class BatchExec:
         async def call(key: KeyRecord, headers: dict[str, str], served: Served) -> dict[str, Any]:
             result, _ = await moderate(self.gw, key, _decode(line.body, ModerationBody), line.request_id,
                                        endpoint=line.endpoint, timeout_s=line.timeout_s, headers=headers,
-                                       attempt=line.attempt, served=served)
+                                       attempt=line.attempt, served=served, batch=True)
             return result
 
         return await self._answered(line, call, lambda _: 0)

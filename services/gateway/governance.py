@@ -188,6 +188,7 @@ class Grant(NamedTuple):
     model: str = ""
     audio: bool = False  # speech: settled by audio seconds, not tokens
     batch: bool = False  # a batch line: priced with the model's batch discount
+    images: int = 0  # vision: priced per image (the ledger's per_image), no tokens
 
 
 def estimate_prompt_tokens(request: GenerateRequest) -> int:
@@ -243,6 +244,7 @@ class Prices:
     def __init__(self) -> None:
         self.per_model: dict[str, tuple[float, float]] = {}  # model -> (input, output) USD per token, worst case
         self.per_audio_second: dict[str, float] = {}  # model -> USD per second of audio, worst case
+        self.per_image: dict[str, float] = {}  # model -> USD per image, worst case
         self.per_version: dict[tuple[str, str], float] = {}  # (model, version) -> USD per input + output token
         self.batch_discount: dict[str, float] = {}  # model -> the smallest of its versions' batch discounts
         self.loaded = False  # a price list arrived at least once: a missing model is free, not unknown
@@ -252,13 +254,15 @@ class Prices:
         views = list(views)
         per_model: dict[str, tuple[float, float]] = {}
         per_second: dict[str, float] = {}
+        per_image: dict[str, float] = {}
         discount: dict[str, float] = {}
         for view in views:
             discount[view.model] = min(discount.get(view.model, 1.0), view.batch_discount)
             old_in, old_out = per_model.get(view.model, (0.0, 0.0))
             per_model[view.model] = (max(old_in, view.input_per_1m / 1e6), max(old_out, view.output_per_1m / 1e6))
             per_second[view.model] = max(per_second.get(view.model, 0.0), view.per_audio_second)
-        self.per_model, self.per_audio_second, self.loaded = per_model, per_second, True
+            per_image[view.model] = max(per_image.get(view.model, 0.0), view.per_image)
+        self.per_model, self.per_audio_second, self.per_image, self.loaded = per_model, per_second, per_image, True
         self.batch_discount = {model: d for model, d in discount.items() if d > 0}
         self.per_version = {(v.model, v.version): (v.input_per_1m + v.output_per_1m) / 1e6 for v in views}
 
@@ -272,8 +276,10 @@ class Prices:
         usd = prompt * price_in + completion * price_out
         return usd * (1 - self.batch_discount.get(model, 0.0)) if batch else usd
 
-    def audio_usd(self, model: str, seconds: float) -> float:
-        return seconds * self.per_audio_second.get(model, 0.0)
+    def audio_usd(self, model: str, seconds: float, batch: bool = False, images: int = 0) -> float:
+        """Speech by its seconds of audio, vision by its images (the ledger's per_audio_second, per_image)."""
+        usd = seconds * self.per_audio_second.get(model, 0.0) + images * self.per_image.get(model, 0.0)
+        return usd * (1 - self.batch_discount.get(model, 0.0)) if batch else usd
 
 
 class Governor:
@@ -380,15 +386,19 @@ class Governor:
         return await self._admit(key, grant._replace(batch=True) if batch else grant)
 
     async def admit_request(
-        self, key: KeyRecord, endpoint: str, model: str, request_id: str, audio_seconds: float = 0.0
+        self, key: KeyRecord, endpoint: str, model: str, request_id: str, audio_seconds: float = 0.0,
+        *, batch: bool = False, images: int = 0,
     ) -> Grant:
-        """Speech: requests/min, concurrency, and budgets for `audio_seconds` (an upper bound of its audio).
+        """Speech and images: requests/min, concurrency, and budgets for `audio_seconds` (an upper bound of its
+        audio) or `images` (their price; no tokens). `batch`: at the model's batch discount.
 
         Token rate limits do not apply; token budgets count the audio as TOKENS_PER_AUDIO_SECOND per second.
         """
         tokens = audio_tokens(audio_seconds)
-        grant = self.plan(key, endpoint, model, request_id, 0, tokens, self.prices.audio_usd(model, audio_seconds))
-        speech = grant._replace(rates=[r for r in grant.rates if r.unit == "requests"], audio=True)
+        usd = self.prices.audio_usd(model, audio_seconds, batch, images)
+        grant = self.plan(key, endpoint, model, request_id, 0, tokens, usd)
+        speech = grant._replace(rates=[r for r in grant.rates if r.unit == "requests"], audio=not images,
+                                batch=batch, images=images)
         return await self._admit(key, speech)
 
     async def _admit(self, key: KeyRecord, grant: Grant) -> Grant:
@@ -563,9 +573,11 @@ class Governor:
         A speech grant is settled by the audio seconds its stream reported (`metered_audio`); the token
         arguments are ignored for it.
         """
-        if grant.audio:
+        if grant.images:
+            used, usd = 0, self.prices.audio_usd(model, 0.0, grant.batch, grant.images)
+        elif grant.audio:
             seconds = self._audio_spent.pop(grant.request_id, 0.0)
-            used, usd = audio_tokens(seconds), self.prices.audio_usd(model, seconds)
+            used, usd = audio_tokens(seconds), self.prices.audio_usd(model, seconds, grant.batch)
             SPEND.labels(grant.tenant_id, "audio_seconds").inc(seconds)
         else:
             prompt = prompt_tokens if prompt_tokens is not None else grant.prompt_estimate

@@ -461,14 +461,17 @@ class Gateway:
         return await self.governor.admit(key, endpoint, request, batch=batch)
 
     async def admit_request(
-        self, key: KeyRecord, endpoint: str, kind: str, model: str, request_id: str, audio_seconds: float = 0.0
+        self, key: KeyRecord, endpoint: str, kind: str, model: str, request_id: str, audio_seconds: float = 0.0,
+        *, batch: bool = False, images: int = 0,
     ) -> Grant | None:
-        """Scopes, requests/min, concurrency and budgets for speech (`audio_seconds`: an upper bound of its
-        audio); `release` settles it with the seconds `metered_audio` saw when the request ends."""
+        """Scopes, requests/min, concurrency and budgets for speech and images (`audio_seconds`: an upper bound
+        of its audio; `images`: priced per image; `batch`: a batch line, at its discount); `release` settles
+        it (speech: with the seconds `metered_audio` saw) when the request ends."""
         key.authorize(kind, model)
         if self.governor is None:
             return None
-        return await self.governor.admit_request(key, endpoint, model, request_id, audio_seconds)
+        return await self.governor.admit_request(key, endpoint, model, request_id, audio_seconds, batch=batch,
+                                                 images=images)
 
     def metered_audio(self, request_id: str, chunks: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
         """A speech stream whose audio seconds the request's budgets are settled with."""

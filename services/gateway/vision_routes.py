@@ -149,7 +149,7 @@ def check_moderation(body: ModerationBody, cfg: ImageSettings) -> str:
 
 async def moderate(
     gw: Gateway, key: KeyRecord, body: ModerationBody, rid: str, *, endpoint: str, timeout_s: float,
-    headers: dict[str, str], attempt: int = 0, served: Served | None = None,
+    headers: dict[str, str], attempt: int = 0, served: Served | None = None, batch: bool = False,
 ) -> tuple[dict[str, Any], str]:
     """POST /v1/moderations for a decoded body (the route's and a batch line's): the response body, and the
     version that judged. One worker request per image: `rid`, or `rid-<i>` when there are several."""
@@ -162,7 +162,7 @@ async def moderate(
     for i, data in enumerate(datas):
         done = await analyse(gw, key, model, "moderate", data, f"{rid}-{i}" if len(datas) > 1 else rid,
                              endpoint=endpoint, timeout_s=timeout_s, headers=headers, attempt=attempt,
-                             served=served)
+                             served=served, batch=batch)
         if not isinstance(done.result, Moderation):
             raise InferBusError("stream_broken", "the worker answered a moderation request with another result")
         version = done.version
@@ -212,13 +212,14 @@ def _top_k(raw: int | str) -> int:
 
 async def analyse(
     gw: Gateway, key: KeyRecord, model: str, task: Task, data: bytes, rid: str, top_k: int = 5, *, endpoint: str,
-    timeout_s: float, headers: dict[str, str], attempt: int = 0, served: Served | None = None,
+    timeout_s: float, headers: dict[str, str], attempt: int = 0, served: Served | None = None, batch: bool = False,
 ) -> VisionDone:
     """Send one image to a worker of `model` (inline, or through the media store) and wait for its result
-    (`headers` go on the bus request; `attempt`: a batch line's run, see contracts.llm.GenerateRequest)."""
-    grant = await gw.admit_request(key, endpoint, "vision", model, rid)
+    (`headers` go on the bus request; `attempt`: a batch line's run, see contracts.llm.GenerateRequest; `batch`:
+    admitted at the batch discount)."""
+    grant = await gw.admit_request(key, endpoint, "vision", model, rid, batch=batch, images=1)
     store = None
-    accepted = False
+    accepted = judged = False
     try:
         route = gw.catalogue.route(model, "vision", key_id=key.id)
         vision = VisionRequest(request_id=rid, model=model, task=task, top_k=top_k, attempt=attempt)
@@ -244,6 +245,7 @@ async def analyse(
                         served.model, served.version, served.worker_id = model, chunk.version, chunk.worker_id
                         served.attempts += 1
                 elif isinstance(chunk, VisionDone):
+                    judged = True
                     return chunk
         finally:
             await chunks.aclose()
@@ -254,7 +256,8 @@ async def analyse(
             exc.param = "model" if "use a model such as" in exc.message else "image"
         raise exc.with_headers({**(grant.headers if grant else {}), **exc.headers}) from None
     finally:
-        gw.release(key, grant, model)
+        # The budget pays for an image judged (the ledger's row); one refused or failed costs nothing.
+        gw.release(key, grant if grant is None or judged else grant._replace(images=0), model)
         if store is not None and not accepted:  # no worker took it: nobody else will delete it
             await _discard(store, rid)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal, NamedTuple
 
 import msgspec
@@ -20,22 +21,27 @@ from contracts.llm import (
     CompletionRequest,
     Delta,
     Final,
+    GenerateRequest,
     chat_to_generate,
     completion_to_generate,
 )
 from services.gateway.auth import KeyRecord, bearer
 from services.gateway.errors import from_validation
-from services.gateway.formats import usage_body
+from services.gateway.formats import chat_logprobs, completion_logprobs, merged, usage_body
+from services.gateway.openai_routes import CHAT_PARAMS, engine_params
 from services.gateway.state import GATEWAY, Gateway
 from services.runtime import logging as log
 
 routes = web.RouteTableDef()
 
 
+Endpoint = Literal["chat.completions", "completions"]
+
+
 class ClientEvent(msgspec.Struct, forbid_unknown_fields=True):
     type: Literal["request", "cancel", "auth"]
     id: str | None = None
-    endpoint: Literal["chat.completions", "completions"] = "chat.completions"
+    endpoint: Endpoint = "chat.completions"
     body: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
     api_key: str | None = None
 
@@ -53,6 +59,33 @@ class Close(NamedTuple):
 
 def _error(exc: InferBusError, rid: str | None) -> dict[str, Any]:
     return {"type": "error", "id": rid, **exc.openai_body()}
+
+
+class DeltaFields:
+    """A delta event's fields beyond its text, as the endpoint's OpenAI chunks carry them: tool calls, logprobs.
+
+    Present when the bus delta has them, so that joining them rebuilds the non-streamed response.
+    """
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.chat = endpoint == "chat.completions"
+        self.offset = 0  # a completion's logprobs' text_offset, counted in tokens as the whole response does
+
+    def of(self, chunk: Delta) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if chunk.tool_calls is not None:
+            out["tool_calls"] = merged(chunk.tool_calls)
+        if chunk.logprobs is not None:
+            if self.chat:
+                out["logprobs"] = chat_logprobs(chunk.logprobs)
+            else:
+                out["logprobs"] = completion_logprobs(chunk.logprobs, self.offset)
+                self.offset += sum(len(t.token) for t in chunk.logprobs)
+        return out
+
+    def params(self) -> AbstractContextManager[None]:
+        """An engine's error names the field as this endpoint's request does (tools[0].function.parameters...)."""
+        return engine_params(*CHAT_PARAMS) if self.chat else nullcontext()
 
 
 class Socket:
@@ -147,29 +180,24 @@ class Socket:
             self.send(_error(exc, rid))
             return
         assert rid is not None
-        task = asyncio.create_task(self._run(rid, gen))
+        task = asyncio.create_task(self._run(rid, gen, DeltaFields(event.endpoint)))
         self.running[rid] = task
         task.add_done_callback(lambda _: self.running.pop(rid, None))
 
-    def _generate_request(self, event: ClientEvent) -> Any:
+    def _generate_request(self, event: ClientEvent) -> GenerateRequest:
         cfg = self.gw.settings
         try:
             if event.endpoint == "completions":
                 creq = msgspec.json.decode(event.body, type=CompletionRequest)
                 return completion_to_generate(creq, "cmpl-" + secrets.token_hex(12), cfg.default_max_tokens)
             req = msgspec.json.decode(event.body, type=ChatCompletionRequest)
-            gen = chat_to_generate(req, "chatcmpl-" + secrets.token_hex(12), cfg.default_max_tokens)
-            for name in ("tools", "logprobs"):  # their answers are not text deltas: HTTP carries them
-                if getattr(gen, name):
-                    raise InferBusError("unsupported_parameter", f"{name} are not served over /v1/ws yet: use"
-                                        " POST /v1/chat/completions", param=name)
-            return gen
+            return chat_to_generate(req, "chatcmpl-" + secrets.token_hex(12), cfg.default_max_tokens)
         except msgspec.MsgspecError as exc:
             raise from_validation(exc) from None
         except RecursionError:
             raise invalid(TOO_DEEP, "body") from None
 
-    async def _run(self, rid: str, gen: Any) -> None:
+    async def _run(self, rid: str, gen: GenerateRequest, fields: DeltaFields) -> None:
         seq = 0
         key = self.key
         assert key is not None
@@ -189,15 +217,19 @@ class Socket:
             assert self.gw.governor is not None
             chunks = self.gw.governor.governed(key.id, grant, chunks, gen.model)
         try:
-            async for chunk in chunks:
-                if isinstance(chunk, Accepted):
-                    self.send({"type": "accepted", "id": rid, "request_id": gen.request_id, "version": chunk.version})
-                elif isinstance(chunk, Delta):
-                    self.send({"type": "delta", "id": rid, "seq": seq, "text": chunk.text})
-                    seq += 1
-                elif isinstance(chunk, Final):
-                    self.send({"type": "done", "id": rid, "finish_reason": chunk.finish_reason,
-                               "usage": usage_body(chunk.usage), "version": chunk.version})
+            with fields.params():
+                async for chunk in chunks:
+                    if isinstance(chunk, Accepted):
+                        self.send({"type": "accepted", "id": rid, "request_id": gen.request_id,
+                                   "version": chunk.version})
+                    elif isinstance(chunk, Delta):
+                        extra = fields.of(chunk)
+                        if chunk.text or extra:  # a token that shows nothing (a call's markup) is no event
+                            self.send({"type": "delta", "id": rid, "seq": seq, "text": chunk.text, **extra})
+                            seq += 1
+                    elif isinstance(chunk, Final):
+                        self.send({"type": "done", "id": rid, "finish_reason": chunk.finish_reason,
+                                   "usage": usage_body(chunk.usage), "version": chunk.version})
         except InferBusError as exc:
             self.send(_error(exc, rid))
         except asyncio.CancelledError:
