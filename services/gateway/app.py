@@ -22,17 +22,19 @@ from services.gateway import (
     requests_routes,
     responses_routes,
     speech_routes,
+    traced,
     vision_routes,
     websocket,
 )
 from services.gateway.errors import error_middleware
 from services.gateway.state import GATEWAY, Gateway, GatewaySettings
 from services.runtime import logging as log
-from services.runtime import service, settings
+from services.runtime import service, settings, tracing
 
 
 def build_app(gw: Gateway) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=gw.settings.max_body_bytes)
+    middlewares = [error_middleware] if tracing.tracer is None else [error_middleware, traced.server_spans]
+    app = web.Application(middlewares=middlewares, client_max_size=gw.settings.max_body_bytes)
     app[GATEWAY] = gw
     app.add_routes(openai_routes.routes)
     app.add_routes(websocket.routes)

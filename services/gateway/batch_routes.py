@@ -57,8 +57,9 @@ from services.gateway.files_routes import _limit, call, caller_of
 from services.gateway.formats import ChatFormat, CompletionFormat, Format, Outcome
 from services.gateway.openai_routes import CHAT_PARAMS, Finished, engine_params
 from services.gateway.state import GATEWAY, Gateway
+from services.gateway.traced import OPERATIONS
 from services.gateway.vision_routes import ModerationBody, moderate
-from services.runtime import bus
+from services.runtime import bus, tracing
 from services.runtime import logging as log
 from services.runtime.routing import PRESENCE_TTL
 
@@ -203,7 +204,7 @@ class BatchExec:
             else:
                 with log.bound(request_id=line.request_id, batch_id=line.batch_id):
                     try:
-                        result = await self.run(line)
+                        result = await (self.run(line) if tracing.tracer is None else self._traced(line, msg))
                     except Exception as exc:  # PostgreSQL away while a response is stored, say: run it later
                         self.logger.exception("batch_line_failed", error=repr(exc))
                         result = _failed(InferBusError("internal_error", "the gateway failed to run the line"))
@@ -211,6 +212,23 @@ class BatchExec:
             beating.cancel()
         LINES.labels(result.code or "ok").inc()
         await nc.publish(msg.reply, exec_encoder.encode(result))
+
+    async def _traced(self, line: ExecLine, msg: bus.Msg) -> ExecResult:
+        """`run` in a span of its own, which names the line's batch (its worker's span is a child of it)."""
+        span = tracing.start(f"batch {line.endpoint}", msg.headers, {
+            tracing.BATCH_ID: line.batch_id, "inferbus.request.id": line.request_id, "http.route": line.endpoint,
+            tracing.OPERATION: OPERATIONS.get(line.endpoint, "batch")})
+        code: str | None = "internal_error"
+        status = 500
+        try:
+            result = await self.run(line)
+            code, status = result.code, result.status_code
+            return result
+        except asyncio.CancelledError:
+            code, status = "cancelled", 499
+            raise
+        finally:
+            span.end(code, {"http.response.status_code": status})
 
     async def run(self, line: ExecLine) -> ExecResult:
         """One line through the code its endpoint's route runs, as the batch's key, marked as batch work."""

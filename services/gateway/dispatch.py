@@ -20,7 +20,7 @@ from contracts.requestlog import Fallback
 from services.gateway.cache import CachedFinal, Entry, Mode, ResponseCache
 from services.gateway.catalogue import Catalogue
 from services.runtime import logging as log
-from services.runtime import shadow
+from services.runtime import shadow, tracing
 from services.runtime.breakers import Breakers
 from services.runtime.outcomes import OutcomeBatcher
 from services.runtime.routing import Route
@@ -109,6 +109,8 @@ class Dispatcher:
         the caller sees (headers included) is the route that finally served.
         """
         t0 = time.perf_counter()
+        if tracing.tracer is not None:
+            tracing.annotate({tracing.REQUEST_MODEL: request.model, tracing.MAX_TOKENS: request.max_tokens})
         served = served if served is not None else Served()
         route = self.catalogue.route(
             request.model, kind, key_id=key_id, user=request.user, affinity=affinity or request.user

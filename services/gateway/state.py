@@ -43,7 +43,7 @@ from services.gateway.dispatch import CacheUse, Dispatcher, Served
 from services.gateway.governance import Governor, Grant
 from services.gateway.nats_edge import Callout, Edge, Kicker
 from services.gateway.tenancy import TenancyAdmin
-from services.runtime import admin, bus, db, requestlog, service, settings
+from services.runtime import admin, bus, db, requestlog, service, settings, tracing
 from services.runtime import logging as log
 from services.runtime.breakers import Breakers
 from services.runtime.natsauth import Issuer
@@ -377,7 +377,10 @@ class Gateway:
         request_body: bytes | None = None,
         response_text: str | None = None,
     ) -> None:
-        """One request-log record, off the response path (the publisher batches to JetStream)."""
+        """One request-log record, off the response path (the publisher batches to JetStream); the request's span
+        gets the same facts."""
+        if tracing.tracer is not None:
+            tracing.served(model, served.model, served.version, served.provider, usage, error.code if error else None)
         if self.request_log is None:
             return
         bodies, days = (False, DEFAULT_LOG_RETENTION_DAYS) if key is None else body_logging(
@@ -483,6 +486,9 @@ class Gateway:
 
     def bus_headers(self, request: web.Request | None, key: KeyRecord) -> dict[str, str]:
         hdrs = {h.KEY_ID: key.id, h.TENANT: key.tenant_id}
+        if tracing.tracer is not None:  # this request's span (the client's traceparent is its parent)
+            tracing.inject(hdrs)
+            return hdrs
         parent = request.headers.get("traceparent") if request is not None else None
         if parent:
             hdrs[h.TRACEPARENT] = parent

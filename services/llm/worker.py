@@ -25,7 +25,7 @@ from contracts.llm import (
 )
 from services.llm.engines import Engine, Piece, Prepared
 from services.llm.stops import StopScanner
-from services.runtime import worker
+from services.runtime import tracing, worker
 from services.runtime.bus import Connection
 from services.runtime.replies import ReplyStream
 from services.runtime.sweep import Mailbox
@@ -50,11 +50,12 @@ INLINE_PREPARE_CHARS = 2048
 class Tally:
     """Tokens of one request so far: what its usage event reports, however the request ends."""
 
-    __slots__ = ("completion", "prompt")
+    __slots__ = ("completion", "finish", "prompt")
 
     def __init__(self) -> None:
         self.prompt = 0
         self.completion = 0
+        self.finish = ""
 
 
 class Extras:
@@ -121,6 +122,16 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
 
     def _usage_fields(self, request: GenerateRequest, tally: Tally) -> dict[str, Any]:
         return {"prompt_tokens": tally.prompt, "completion_tokens": tally.completion, "shadow": request.shadow}
+
+    def _operation(self, request: GenerateRequest) -> str:
+        return "chat" if request.messages is not None else "text_completion"
+
+    def _span_attributes(self, request: GenerateRequest, tally: Tally) -> dict[str, Any]:
+        out: dict[str, Any] = {tracing.MAX_TOKENS: request.max_tokens, tracing.INPUT_TOKENS: tally.prompt,
+                               tracing.OUTPUT_TOKENS: tally.completion, "inferbus.shadow": request.shadow}
+        if tally.finish:
+            out[tracing.FINISH_REASONS] = (tally.finish,)
+        return out
 
     async def stop(self, grace: float = 10.0) -> None:
         await super().stop(grace)
@@ -231,6 +242,7 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
             self.shadow_tokens += prompt_tokens + completion
         self._tokens[traffic, "prompt"].inc(prompt_tokens)
         self._tokens[traffic, "completion"].inc(completion)
+        tally.finish = finish
         await out.send(Final, finish, Usage(prompt_tokens, completion), self.s.version)
 
     async def _coalesce(self, queue: Mailbox[object], batch: list[object]) -> None:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import Any, NamedTuple
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple, cast
 
 import msgspec
 from prometheus_client import Counter
@@ -27,7 +28,7 @@ from contracts.errors import InferBusError
 from contracts.llm import Delta, ErrorChunk, Final, chunk_decoder, chunk_encoder, request_decoder
 from contracts.registry import Outcome, RoutingTable
 from contracts.speech import AudioChunk, Segment, SpeechDone, Transcript, asr_chunk_decoder, tts_chunk_decoder
-from services.runtime import bus, service, settings, shadow
+from services.runtime import bus, service, settings, shadow, tracing
 from services.runtime import logging as log
 from services.runtime.breakers import Breakers
 from services.runtime.outcomes import OutcomeBatcher
@@ -37,6 +38,7 @@ from services.runtime.streaming import StreamClient, unbundle
 FORWARDED = Counter("inferbus_router_forwarded_total", "Requests forwarded by the alias router", ["model", "version"])
 REFUSED = Counter("inferbus_router_refused_total", "Requests the alias router answered with an error", ["code"])
 OUTCOMES = Counter("inferbus_router_outcomes_total", "Outcomes of watched forwarded requests", ["model", "code"])
+Callback = Callable[[bus.Msg], Awaitable[None]]
 
 
 class StreamShape(NamedTuple):
@@ -90,8 +92,10 @@ class AliasRouter:
         self._client = StreamClient(nc)
         await self._client.start()
         self.outcome_batcher = OutcomeBatcher(nc)
+        # (nats-py ignores what a callback returns: `_on_request`'s route is for the traced one.)
+        on_request = cast(Callback, self._on_request) if tracing.tracer is None else self._on_traced_request
         for kind in self.cfg.kinds:
-            await nc.subscribe(subjects.alias_all(kind), queue="inferbus-router", cb=self._on_request)
+            await nc.subscribe(subjects.alias_all(kind), queue="inferbus-router", cb=on_request)
         self.service.stats_source = lambda: {
             "forwarded": self.forwarded,
             "outcomes": self.outcomes,
@@ -115,11 +119,30 @@ class AliasRouter:
         except msgspec.DecodeError:
             self.logger.warning("bad_heartbeat", subject=msg.subject)
 
-    async def _on_request(self, msg: bus.Msg) -> None:
+    async def _on_traced_request(self, msg: bus.Msg) -> None:
+        """`_on_request` in a span of its own (the subscription's callback when tracing is on)."""
+        _, kind, model = msg.subject.split(".", 2)
+        span = tracing.start(f"route {model}", msg.headers, {
+            tracing.REQUEST_MODEL: model, "inferbus.kind": kind, "messaging.system": "nats"})
+        code: str | None = "internal_error"
+        forwarded: dict[str, str] = {}
+        try:
+            # The worker's span is a child of this one: the forwarded headers carry it as their traceparent.
+            routed = await self._on_request(msg, span.headers(msg.headers))
+            if isinstance(routed, str):
+                code = routed
+            else:
+                code, forwarded = None, {tracing.VERSION: routed.version, "messaging.destination.name": routed.subject}
+        finally:
+            span.end(code, forwarded)
+
+    async def _on_request(self, msg: bus.Msg, headers: dict[str, str] | None = None) -> Route | str:
+        """Forward the request (with `headers` instead of its own, if given) where the policy says; or answer it
+        with an error chunk. The route, or the error's code."""
         nc = self.service.bus
         if not msg.reply:
             REFUSED.labels("no_reply").inc()
-            return
+            return "no_reply"
         _, kind, model = msg.subject.split(".", 2)
         try:
             table = self.tables.get(kind, model)
@@ -136,17 +159,18 @@ class AliasRouter:
             code, text = (exc.code, exc.message) if isinstance(exc, InferBusError) else ("invalid_request", str(exc))
             REFUSED.labels(code).inc()
             await nc.publish(msg.reply, chunk_encoder.encode(ErrorChunk(0, code, text)))
-            return
+            return code
         if route.shadow is not None and kind != "llm":
             route = route._replace(shadow=None)  # shadow copies are generations
         watch = None
         if kind in SHAPES and (route.shadow is not None or self._watched(table)):
             watch = await InboxWatch.start(nc, msg.reply, SHAPES[kind], keep_text=route.shadow is not None)
-        await nc.publish(route.subject, msg.data, reply=msg.reply, headers=msg.headers)
+        await nc.publish(route.subject, msg.data, reply=msg.reply, headers=msg.headers if headers is None else headers)
         self.forwarded += 1
         FORWARDED.labels(model, route.version).inc()
         if watch is not None:
             self._spawn(self._follow(msg, watch, kind, model, route))
+        return route
 
     async def _admits(self, kind: str, model: str, version: str) -> bool:
         verdict = self.breakers.verdict(kind, model, version)

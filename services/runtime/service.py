@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from services.runtime import bus, metrics
+from services.runtime import bus, metrics, tracing
 from services.runtime import logging as log
 from services.runtime.bus import EndpointStats, MicroService
 from services.runtime.bus import MicroRequest as Request
@@ -38,6 +38,7 @@ class Service:
         self._lag_task: asyncio.Task[None] | None = None
         self.stopping = asyncio.Event()
         self.logger = log.get(name)
+        tracing.configure(name)  # when the OTEL_* variables ask for it
 
     @property
     def bus(self) -> bus.Connection:
@@ -91,6 +92,8 @@ class Service:
             self._lag_task.cancel()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
+        if tracing.tracer is not None:
+            await asyncio.to_thread(tracing.shutdown)  # the spans still queued go out
         self.logger.info("stopped")
 
 

@@ -6,6 +6,7 @@ import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -20,6 +21,7 @@ from contracts.errors import InferBusError
 from contracts.llm import Accepted, ErrorChunk, Heartbeat
 from contracts.usage import MAX_ID_CHARS, UsageEvent
 from services.runtime import logging as log
+from services.runtime import tracing
 from services.runtime.bus import Connection, Msg, direct
 from services.runtime.replies import ReplyStream, deadline_in, trace_id, wants_bundles
 from services.runtime.sweep import sweep
@@ -27,6 +29,9 @@ from services.runtime.usage import UsagePublisher
 
 T = TypeVar("T")
 THROUGHPUT_WINDOW_S = 5.0
+# True while the current task serves a batch line (header Inferbus-Batch): an engine that schedules its own
+# work (llama.cpp's continuous batching) runs it below interactive requests.
+BATCH_LINE: ContextVar[bool] = ContextVar("inferbus_batch_line", default=False)
 
 
 class Request(Protocol):
@@ -143,6 +148,14 @@ class Worker(Generic[RequestT, TallyT]):
 
     def _finished(self, request: RequestT, outcome: str, tally: TallyT) -> None:
         """Kind-specific accounting once a request has ended, however it ended."""
+
+    def _operation(self, request: RequestT) -> str:
+        """What the request asks for, as its span's `gen_ai.operation.name`."""
+        return self.noun
+
+    def _span_attributes(self, request: RequestT, tally: TallyT) -> dict[str, Any]:
+        """What the request's span records once it has ended (tracing on only)."""
+        return {}
 
     def _engine_stats(self) -> dict[str, Any]:
         return {}
@@ -287,12 +300,14 @@ class Worker(Generic[RequestT, TallyT]):
         if rid in self.active:
             await out.send(ErrorChunk, "invalid_request", f"request id {rid!r} is already running")
             return
-        if msg.headers and BATCH_HEADER in msg.headers and not self._room_for_batch():
-            # Before Accepted: the caller sees that no worker took it (not a try of the line; no usage row).
-            self.batch_deferred += 1
-            await out.send(ErrorChunk, "deferred", "this worker keeps its free slots for interactive requests; "
-                           "the batch line waits", 0.25)
-            return
+        if msg.headers and BATCH_HEADER in msg.headers:
+            if not self._room_for_batch():
+                # Before Accepted: the caller sees that no worker took it (not a try of the line; no usage row).
+                self.batch_deferred += 1
+                await out.send(ErrorChunk, "deferred", "this worker keeps its free slots for interactive requests;"
+                               " the batch line waits", 0.25)
+                return
+            BATCH_LINE.set(True)  # this request's own task: its context ends with it
         task = asyncio.current_task()
         assert task is not None
         self.active[rid] = task
@@ -303,6 +318,7 @@ class Worker(Generic[RequestT, TallyT]):
         tally = self._new_tally()
         left = deadline_in(msg)
         timeouts = sweep()
+        span = None if tracing.tracer is None else self._span(request, msg)
         with log.bound(request_id=rid, trace_id=trace_id(msg)):
             try:
                 await out.send(Accepted, self.s.worker_id, self.s.version)
@@ -349,6 +365,22 @@ class Worker(Generic[RequestT, TallyT]):
                 if self.usage is not None:
                     self.usage.publish(self._usage_event(request, msg, outcome, tally, started_at))
                 self._finished(request, outcome, tally)
+                if span is not None:
+                    span.end(outcome, self._span_attributes(request, tally))
+
+    def _span(self, request: RequestT, msg: Msg) -> tracing.Active:
+        """The request's span, a child of the caller's `traceparent`, current while the request runs."""
+        s = self.s
+        operation = self._operation(request)
+        attributes: dict[str, Any] = {
+            tracing.OPERATION: operation, tracing.REQUEST_MODEL: s.model, tracing.RESPONSE_MODEL: s.model,
+            tracing.VERSION: s.version, tracing.PROVIDER: self.engine.name, "inferbus.worker.id": s.worker_id,
+            "inferbus.request.id": request.request_id, "inferbus.attempt": request.attempt,
+        }
+        batch = msg.headers.get(BATCH_HEADER) if msg.headers else None
+        if batch:
+            attributes[tracing.BATCH_ID] = batch
+        return tracing.start(f"{operation} {s.model}", msg.headers, attributes)
 
     @property
     def batch_capacity(self) -> int:

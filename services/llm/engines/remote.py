@@ -24,6 +24,7 @@ from contracts.errors import InferBusError
 from contracts.llm import GenerateRequest, TokenLogprob, ToolCallDelta
 from services.llm.engines.base import Piece, Prepared, Progress, refuse
 from services.llm.engines.toolcalls import new_call_id
+from services.runtime import tracing
 
 T = TypeVar("T")
 
@@ -406,7 +407,10 @@ class RemoteEngine:
         assert isinstance(prepared.prompt, dict)
         turn = Turn()
         pieces = 0
-        stream = self.upstream.events(self.stream_url(), prepared.prompt, self.headers())
+        headers = self.headers()
+        if tracing.tracer is not None:
+            tracing.inject(headers)  # the worker's span (current here) is the upstream call's parent
+        stream = self.upstream.events(self.stream_url(), prepared.prompt, headers)
         async with contextlib.aclosing(stream) as events:  # closing us closes the upstream response at once
             async for event in events:
                 text = self.read(event, turn)
