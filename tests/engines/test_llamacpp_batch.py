@@ -13,6 +13,7 @@ from contracts.errors import InferBusError
 from contracts.llm import GenerateRequest, Message, ResponseFormat
 from services.llm import engines
 from services.llm.engines.base import Piece
+from services.runtime.worker import BATCH_LINE
 
 pytestmark = pytest.mark.model
 
@@ -153,3 +154,40 @@ async def test_structured_output_and_logprobs_run_in_the_batch(engine: Any) -> N
     assert set(json.loads(got[0])) == {"city"}
     tokens = [lp for p in got[1] for lp in p.logprobs or []]
     assert len(tokens) == sum(p.tokens for p in got[1]) and all(len(t.top) == 2 for t in tokens)
+
+
+async def test_batch_work_sits_out_while_an_interactive_prompt_is_prefilled(engine: Any) -> None:
+    """Batch lines (the worker's BATCH_LINE) give way: an interactive prompt needing several prefill chunks is
+    fed while they wait (at most the step in flight when it came), and nobody's tokens change."""
+    notes = " ".join(f"Note {i}: the meeting about project {i} moved to room {i + 7}." for i in range(60))
+    interactive = _req(f"{notes}\nWhich room is the meeting about project 12 in?", 4)
+    assert engine.prepare(interactive).prompt_tokens > 2 * engine._batch.prefill_chunk + 512
+    lines = [_story(i, 48) for i in range(CAPACITY - 1)]
+    expected = [await _text(engine, r) for r in lines]
+    expected_interactive = await _pieces(engine, interactive)
+    events: list[str] = []
+    started = [asyncio.Event() for _ in lines]
+
+    async def batch_line(i: int) -> str:
+        BATCH_LINE.set(True)  # this task's context only, as the worker sets it for a batch line's task
+        text = ""
+        async for piece in engine.generate(engine.prepare(lines[i]), lines[i]):
+            events.append(f"line{i}")
+            text += piece.text
+            started[i].set()
+        return text
+
+    running = [asyncio.create_task(batch_line(i)) for i in range(len(lines))]
+    for ready in started:
+        await ready.wait()
+    events.append("submitted")
+    stream = engine.generate(engine.prepare(interactive), interactive)
+    first = await anext(stream)
+    events.append("first token")
+    answer = [first, *[p async for p in stream]]
+    texts = await asyncio.gather(*running)
+    assert answer == expected_interactive and texts == expected
+    waited = events[events.index("submitted"):events.index("first token")]
+    # Without priority each line would gain a token per 256-token chunk (three chunks or more).
+    for i in range(len(lines)):
+        assert waited.count(f"line{i}") <= 1, waited

@@ -48,6 +48,7 @@ class Sequence:
     feed: list[int] = field(default_factory=list)  # tokens to decode next (prompt left, or the last sample)
     started: bool = False  # its decoding has a sampler to close
     generating: bool = False  # past its prompt: one token a step
+    low: bool = False  # batch work: it waits while an interactive prompt is prefilled
 
 
 @dataclass(eq=False)
@@ -123,10 +124,11 @@ class BatchDecoder:
 
     # ---- the event loop's side ----------------------------------------------------------------
 
-    async def stream(self, decoding: Decoding, prompt: list[int]) -> AsyncIterator[Piece]:
-        """Decode `prompt` in the batch; leaving early frees the slot before this returns."""
+    async def stream(self, decoding: Decoding, prompt: list[int], *, low: bool = False) -> AsyncIterator[Piece]:
+        """Decode `prompt` in the batch; leaving early frees the slot before this returns. `low`: batch work,
+        which gives way to interactive requests (see `_step`)."""
         loop = asyncio.get_running_loop()
-        seq = Sequence(decoding, prompt, loop, released=loop.create_future())
+        seq = Sequence(decoding, prompt, loop, released=loop.create_future(), low=low)
         self._submit(seq)
         try:
             while True:
@@ -183,17 +185,25 @@ class BatchDecoder:
         for seq in [*self._waiting, *self._active]:
             if seq.cancelled:
                 self._retire(seq, out, None)
+        if self._waiting and self._free and any(not s.low for s in self._waiting):  # interactive ones first
+            self._waiting = deque(sorted(self._waiting, key=lambda s: s.low))
         while self._waiting and self._free:
             seq = self._waiting.popleft()
             try:
                 self._admit(seq)
             except BaseException as exc:
                 self._retire(seq, out, exc)
+        # Batch work below interactive requests: while an interactive prompt is being prefilled, batch
+        # sequences sit out (their tokens do not depend on which steps they join), so its first token waits for
+        # at most the step in flight when it arrived, not for batch prompts and batch tokens.
+        active = self._active
+        if any(not (s.generating or s.low) for s in active):
+            active = [s for s in active if not s.low]
         # Running streams' next tokens and prompt chunks go to llama.cpp in separate calls: in one mixed batch
         # llama.cpp computes a one-token sequence differently, and a stream's text would depend on who joined.
-        generating = [s for s in self._active if s.generating]
+        generating = [s for s in active if s.generating]
         self._decode(generating, out, self.n_threads)
-        prefilling = [s for s in self._active if not s.generating]
+        prefilling = [s for s in active if not s.generating]
         budget = self.prefill_chunk if generating else self.n_batch
         self._decode(prefilling, out, self.n_threads_batch, budget)
 
