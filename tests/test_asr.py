@@ -16,7 +16,7 @@ import struct
 import time
 import wave
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import av
@@ -332,6 +332,39 @@ async def test_openai_sdk_unchanged(gateway: Gateway, tiny: dict[str, Any], spee
     with pytest.raises(openai.BadRequestError) as caught:
         await client.audio.translations.create(model="whisper-1", file=("speech.wav", wav))
     assert "English-only" in caught.value.message and BASE in caught.value.message
+
+
+async def test_segment_granularity_goes_with_any_format_word_only_with_verbose_json(
+    gateway: Gateway, tiny: dict[str, Any], speech: Speech
+) -> None:
+    """As OpenAI: segment (its default granularity) is accepted with json and changes nothing there; word is
+    refused with anything but verbose_json, before any audio is decoded."""
+    client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+    wav = to_wav(speech.joined([0, 2]))
+    raw = await client.audio.transcriptions.with_raw_response.create(
+        model="whisper-1", file=("speech.wav", wav), response_format="json", timestamp_granularities=["segment"]
+    )
+    body = raw.parse()
+    assert raw.status_code == 200 and wer(speech.text([0, 2]), body.text) <= 0.2
+    assert set(msgspec.json.decode(raw.content)) == {"text", "usage"}  # json's shape: no segments
+    refused: list[list[Literal["word", "segment"]]] = [["word"], ["segment", "word"]]
+    for granularities in refused:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.audio.transcriptions.create(
+                model="whisper-1", file=("speech.wav", wav), response_format="json",
+                timestamp_granularities=granularities,
+            )
+        assert caught.value.param == "timestamp_granularities" and "verbose_json" in caught.value.message
+    await client.close()
+
+    text = await post_audio(gateway, wav, response_format="text", **{"timestamp_granularities[]": "segment"})
+    assert text.status == 200 and wer(speech.text([0, 2]), text.body.decode()) <= 0.2
+    for fmt in ("text", "srt", "vtt", "diarized_json"):
+        reply = await post_audio(gateway, wav, response_format=fmt, **{"timestamp_granularities[]": "word"})
+        assert (reply.status, reply.error["param"]) == (400, "timestamp_granularities"), reply.body
+    segments = await post_audio(gateway, wav, response_format="verbose_json",
+                                **{"timestamp_granularities[]": "segment"})
+    assert segments.status == 200 and segments.json()["segments"] and "words" not in segments.json()
 
 
 @pytest.mark.parametrize(

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
 import av
+import numpy as np
 import openai
 import pytest
 from nats.js.api import DeliverPolicy
@@ -32,6 +35,8 @@ MODEL, VERSION = "hibari", "v0-2"
 DOOMED = "hibari-doomed"  # a worker of its own, killed mid-stream
 SUBJECT = subjects.infer("tts", MODEL, VERSION)
 FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
+CONTENT_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac",
+                 "wav": "audio/wav", "pcm": "audio/pcm"}  # OpenAI's
 TEXT = "The quick brown fox jumps over the lazy dog. She sells sea shells by the sea shore. Dr. Smith paid $3.50."
 SPOKEN = "The quick brown fox jumps over the lazy dog. The keeper climbed the stairs and waited for the morning."
 PARAGRAPH = (
@@ -101,6 +106,29 @@ async def _speech(http: aiohttp.ClientSession, gateway: Gateway, **body: Any) ->
     payload = {"model": "tts-1", "voice": "alloy", **body}
     async with http.post(gateway.url + "/v1/audio/speech", json=payload) as resp:
         return resp.status, resp.headers.copy(), await resp.read()  # header names case-insensitive
+
+
+async def _events(
+    http: aiohttp.ClientSession, gateway: Gateway, **body: Any
+) -> tuple[int, Mapping[str, str], list[dict[str, Any]]]:
+    """stream_format "sse": every `data:` event, parsed, in order (the whole stream must end cleanly)."""
+    payload = {"model": "tts-1", "voice": "alloy", "stream_format": "sse", **body}
+    async with http.post(gateway.url + "/v1/audio/speech", json=payload) as resp:
+        data = await resp.read()
+    if resp.content_type != "text/event-stream":
+        return resp.status, resp.headers.copy(), [json.loads(data)]
+    blocks = data.decode().split("\n\n")
+    assert blocks[-1] == "", "the stream ends with a whole event"
+    events = []
+    for block in blocks[:-1]:
+        assert block.startswith("data: ") and "\n" not in block, block[:200]
+        events.append(json.loads(block.removeprefix("data: ")))
+    return resp.status, resp.headers.copy(), events
+
+
+def _joined_audio(events: list[dict[str, Any]]) -> bytes:
+    assert [e["type"] for e in events] == ["speech.audio.delta"] * (len(events) - 1) + ["speech.audio.done"]
+    return b"".join(base64.b64decode(e["audio"], validate=True) for e in events[:-1])
 
 
 async def _raw(nc: bus.Connection, payload: bytes, limit: float = 30) -> list[Any]:
@@ -256,11 +284,9 @@ async def test_every_format_decodes(gateway: Gateway, worker: dict[str, Any], fm
         status, headers, data = await _speech(http, gateway, input=TEXT, response_format=fmt)
     assert status == 200, data[:300]
     assert headers["x-inferbus-model-version"] == VERSION
-    assert headers["Content-Type"].startswith({"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac",
-                                               "flac": "audio/flac", "wav": "audio/wav", "pcm": "audio/pcm"}[fmt])
-    assert headers.get("Transfer-Encoding") == "chunked"
+    assert headers["Content-Type"] == CONTENT_TYPES[fmt]
+    assert headers.get("Transfer-Encoding") == "chunked" and headers["x-inferbus-sample-rate"] == "24000"
     if fmt == "pcm":
-        assert "rate=24000" in headers["Content-Type"] and headers["x-inferbus-sample-rate"] == "24000"
         seconds = len(data) / 2 / 24_000
     else:
         seconds, rate = _decode(data)
@@ -294,6 +320,78 @@ async def test_openai_sdk(gateway: Gateway, worker: dict[str, Any]) -> None:
         await sdk.audio.speech.create(model="tts-1", voice="alloy", input="")
     assert "must not be empty" in failure.value.message
     await sdk.close()
+
+
+@pytest.fixture(scope="module")
+def openai_spec() -> dict[str, Any]:
+    from tests.test_openapi import _published
+
+    return _published("openai")
+
+
+@pytest.mark.parametrize("fmt", ["pcm", "wav", "mp3", "opus"])
+async def test_sse_stream_carries_the_same_audio(
+    gateway: Gateway, worker: dict[str, Any], openai_spec: dict[str, Any], fmt: str
+) -> None:
+    from tests.test_openapi import _published_validator
+
+    async with aiohttp.ClientSession(headers=gateway.headers) as http:
+        status, headers, events = await _events(http, gateway, input=TEXT, response_format=fmt)
+        assert status == 200, events
+        _, _, whole = await _speech(http, gateway, input=TEXT, response_format=fmt)
+    assert headers["Content-Type"] == "text/event-stream" and headers["x-inferbus-model-version"] == VERSION
+    assert headers["x-inferbus-sample-rate"] == "24000" and headers["x-request-id"].startswith("speech-")
+    audio = _joined_audio(events)
+    assert len(events) >= 3, "the audio arrives in pieces as it is synthesized"
+    if fmt in ("pcm", "wav"):
+        # The same number of samples, and the same waveform up to the engine's float rounding (threads).
+        head = 44 if fmt == "wav" else 0
+        assert audio[:head] == whole[:head] and len(audio) == len(whole)
+        streamed, plain = (np.frombuffer(data[head:], "<i2").astype(np.float64) for data in (audio, whole))
+        assert np.corrcoef(streamed, plain)[0, 1] > 0.999
+        seconds = len(streamed) / 24_000
+    else:
+        seconds, _ = _decode(audio)
+        assert seconds == pytest.approx(_decode(whole)[0], abs=0.03)
+    done = events[-1]
+    output = math.ceil(seconds * 10)  # 10 tokens a second of audio, as token budgets count it
+    assert done["usage"] == {"input_tokens": len(TEXT), "output_tokens": pytest.approx(output, abs=1),
+                             "total_tokens": done["usage"]["input_tokens"] + done["usage"]["output_tokens"]}
+    for event in events:  # OpenAI's own schemas of the two events
+        name = "SpeechAudioDeltaEvent" if event["type"] == "speech.audio.delta" else "SpeechAudioDoneEvent"
+        _published_validator(openai_spec, name).validate(event)
+
+
+async def test_sse_through_the_openai_sdk(gateway: Gateway, worker: dict[str, Any]) -> None:
+    sdk = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+    async with sdk.audio.speech.with_streaming_response.create(
+        model="gpt-4o-mini-tts", voice="coral", input=SPOKEN, response_format="pcm", stream_format="sse"
+    ) as streamed:
+        assert streamed.headers["content-type"] == "text/event-stream"
+        events = [json.loads(line[6:]) async for line in streamed.iter_lines() if line.startswith("data: ")]
+    await sdk.close()
+    audio = _joined_audio(events)
+    assert events[-1]["usage"]["input_tokens"] == len(SPOKEN)
+    assert 3 < len(audio) / 2 / 24_000 < 15
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"input": ""}, 400, "input"),
+        ({"input": "Hi.", "voice": "nobody"}, 400, None),
+        ({"input": "Hi.", "stream_format": "frames"}, 400, "stream_format"),
+        ({"input": "Hi.", "model": "nope"}, 404, "model"),
+    ],
+)
+async def test_sse_request_refused_before_audio_is_a_json_error(
+    gateway: Gateway, worker: dict[str, Any], body: dict[str, Any], status: int, param: str | None
+) -> None:
+    async with aiohttp.ClientSession(headers=gateway.headers) as http:
+        got, headers, events = await _events(http, gateway, **body)
+    assert got == status and headers["Content-Type"].startswith("application/json"), events
+    error = events[0]["error"]
+    assert error["type"] == "invalid_request_error" and (param is None or error["param"] == param), error
 
 
 async def test_tts_then_asr_round_trip(gateway: Gateway, worker: dict[str, Any]) -> None:
@@ -386,6 +484,30 @@ async def test_worker_dying_mid_stream_truncates_the_response(
                 proc.kill()
                 with pytest.raises(aiohttp.ClientPayloadError):
                     await resp.read()  # a cut connection, never a clean end
+    finally:
+        proc.stop()
+
+
+async def test_worker_dying_mid_sse_stream_ends_it_with_an_error_event(
+    infra: EmbeddedStack, nc: bus.Connection, gateway: Gateway
+) -> None:
+    model = DOOMED + "-sse"
+    proc = _start(infra, model=model)
+    try:
+        await _wait_ready(nc, gateway, proc, model)
+        async with aiohttp.ClientSession(headers=gateway.headers) as http:
+            body = {"model": model, "voice": "alloy", "input": LONG, "response_format": "mp3", "stream_format": "sse"}
+            async with http.post(gateway.url + "/v1/audio/speech", json=body) as resp:
+                assert resp.status == 200
+                first = await resp.content.readuntil(b"\n\n")
+                assert json.loads(first.removeprefix(b"data: "))["type"] == "speech.audio.delta"
+                proc.kill()
+                rest = (await resp.read()).decode()  # a clean end of the stream, after its error event
+        events = [json.loads(block.removeprefix("data: ")) for block in rest.split("\n\n") if block]
+        assert all(e.get("type") == "speech.audio.delta" for e in events[:-1])
+        error = events[-1]["error"]  # the chat stream's terminal error event
+        assert (error["type"], error["code"], error["param"]) == ("server_error", "stream_broken", None)
+        assert error["message"] and len(events[-1]) == 1
     finally:
         proc.stop()
 

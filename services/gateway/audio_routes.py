@@ -371,8 +371,11 @@ def _form(audio: bytes, filename: str, fields: dict[str, str], granularities: li
     for value in granularities:
         if value not in transcripts.GRANULARITIES:
             raise invalid("timestamp_granularities[] values must be 'segment' or 'word'", "timestamp_granularities")
-    if granularities and fmt != "verbose_json":
-        raise invalid("timestamp_granularities requires response_format 'verbose_json'", "timestamp_granularities")
+    # As OpenAI: segment (its default) goes with any format and changes nothing outside verbose_json (json is
+    # still {text, usage}); word timestamps exist only in verbose_json, so word with another format is refused.
+    if "word" in granularities and fmt != "verbose_json":
+        raise invalid("timestamp_granularities[] 'word' requires response_format 'verbose_json'",
+                      "timestamp_granularities")
     stream = fields.get("stream", "false").strip().lower()
     if stream not in ("true", "false"):
         raise invalid("stream must be true or false", "stream")

@@ -11,7 +11,7 @@ import inspect
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from aiohttp import web
@@ -20,6 +20,7 @@ from contracts import api, llm, tenancy
 from contracts import messages as anthropic_api
 from contracts import responses as responses_api
 from services.gateway.errors import json_response
+from services.gateway.speech_routes import SpeechAudioDelta, SpeechAudioDone, SpeechBody
 
 routes = web.RouteTableDef()
 SPEC = web.AppKey("openapi_spec", dict)
@@ -34,7 +35,7 @@ class Op:
     summary: str
     request: Any = None  # JSON body
     response: Any = None  # the JSON answer (200 unless `status`)
-    events: Any = None  # with `stream: true`: the `data:` of each server-sent event
+    events: Any = None  # streamed: the `data:` of each server-sent event (a Struct, or a tuple: one per type)
     form: Any = None  # multipart/form-data fields
     query: Any = None  # query parameters (a Struct: its fields)
     status: int = 200
@@ -72,16 +73,9 @@ class TranscriptionForm(msgspec.Struct):
     response_format: str | None = None
     temperature: float | None = None
     stream: bool | None = None
-
-
-class SpeechBody(msgspec.Struct):
-    model: str
-    input: str
-    voice: str
-    response_format: str | None = None
-    speed: float | None = None
-    instructions: str | None = None
-    stream_format: str | None = None
+    # segment with any response_format (json stays {text, usage}); word only with verbose_json
+    timestamp_granularities: list[Literal["segment", "word"]] | None = msgspec.field(
+        default=None, name="timestamp_granularities[]")
 
 
 class Transcription(msgspec.Struct):
@@ -120,7 +114,9 @@ OPERATIONS: dict[tuple[str, str], Op] = {
                                              tags=("audio",)),
     ("POST", "/v1/audio/translations"): Op("Translate audio into English text", form=TranscriptionForm,
                                            response=Transcription, tags=("audio",)),
-    ("POST", "/v1/audio/speech"): Op("Synthesize speech", SpeechBody, content_type="audio/mpeg", tags=("audio",)),
+    ("POST", "/v1/audio/speech"): Op(
+        "Synthesize speech (the audio itself; OpenAI's events with stream_format: sse)", SpeechBody,
+        events=(SpeechAudioDelta, SpeechAudioDone), content_type="audio/mpeg", tags=("audio",)),
     ("POST", "/v1/admin/tenants"): Op("Create a tenant", tenancy.CreateTenant, tenancy.Tenant, status=201,
                                       tags=("admin",)),
     ("GET", "/v1/admin/tenants"): Op("List tenants", tags=("admin",)),
@@ -207,7 +203,10 @@ class Builder:
             content[op.content_type] = {"schema": {"type": "string"}}
         else:
             content["application/json"] = {"schema": {"type": "object"}}
-        if op.events is not None:
+        if isinstance(op.events, tuple):
+            content[SSE] = {"schema": {"type": "string"},
+                            "x-inferbus-event": {"oneOf": [self.ref(event) for event in op.events]}}
+        elif op.events is not None:
             content[SSE] = {"schema": {"type": "string"}, "x-inferbus-event": self.ref(op.events)}
         out["responses"][str(op.status)] = {"description": "OK", "content": content}
         return out

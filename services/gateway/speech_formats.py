@@ -24,7 +24,7 @@ except ImportError:  # no speech extra: wav and pcm still work
 
 Format = Literal["mp3", "opus", "aac", "flac", "wav", "pcm"]
 FORMATS: Final = ("mp3", "opus", "aac", "flac", "wav", "pcm")
-CONTENT_TYPES: Final[dict[str, str]] = {
+CONTENT_TYPES: Final[dict[str, str]] = {  # as OpenAI sends them: opus is Ogg Opus
     "mp3": "audio/mpeg",
     "opus": "audio/ogg",
     "aac": "audio/aac",
@@ -157,7 +157,6 @@ def encoder_for(fmt: str, sample_rate: int) -> AudioEncoder:
     return PyAVEncoder(fmt, sample_rate)
 
 
-def content_type(fmt: str, sample_rate: int) -> str:
-    if fmt == "pcm":
-        return f"audio/pcm;rate={sample_rate};channels=1;encoding=s16le"
+def content_type(fmt: str) -> str:
+    """OpenAI's Content-Type for each format (pcm's sample rate is in x-inferbus-sample-rate)."""
     return CONTENT_TYPES[fmt]

@@ -2,16 +2,19 @@
 
 The response starts once the first sentence's audio arrives, so any failure before that (bad input,
 no worker, unknown voice) is an OpenAI-style JSON error with its status. After that a failure cuts
-the connection: a truncated body, never a clean end. A client that leaves cancels the synthesis.
+the connection (stream_format "audio": a truncated body, never a clean end) or ends the event stream
+with an error event (stream_format "sse", as the chat stream does). A client that leaves cancels the
+synthesis.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import secrets
 import time
 from collections.abc import AsyncGenerator
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, Protocol
 
 import msgspec
 from aiohttp import web
@@ -20,7 +23,8 @@ from contracts.errors import InferBusError, invalid
 from contracts.llm import Accepted
 from contracts.speech import AudioChunk, SpeechDone, SpeechRequest, asr_encoder, tts_chunk_decoder
 from services.gateway.auth import KeyRecord
-from services.gateway.governance import speech_seconds_bound
+from services.gateway.formats import sse
+from services.gateway.governance import audio_tokens, speech_seconds_bound
 from services.gateway.openai_routes import VERSION_HEADER, _decode, _timeout
 from services.gateway.speech_formats import AudioEncoder, Format, content_type, encoder_for
 from services.gateway.state import GATEWAY, Gateway
@@ -47,6 +51,33 @@ class SpeechBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stream_format: Literal["audio", "sse"] = "audio"
 
 
+class SpeechUsage(msgspec.Struct):
+    """What a synthesis used. OpenAI counts text tokens in and audio tokens out; hibari has no text
+    tokenizer, so `input_tokens` are the characters synthesized (as the usage ledger bills them) and
+    `output_tokens` the audio at 10 tokens a second (what a key's token budget is charged for it)."""
+
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+
+
+class SpeechAudioDelta(msgspec.Struct, tag_field="type", tag="speech.audio.delta"):
+    """stream_format "sse": the next piece of the audio, base64, in the response_format asked for."""
+
+    audio: str
+
+
+class SpeechAudioDone(msgspec.Struct, tag_field="type", tag="speech.audio.done"):
+    """stream_format "sse": the last event of a synthesis that ended well."""
+
+    usage: SpeechUsage
+
+
+def speech_usage(done: SpeechDone) -> SpeechUsage:
+    audio = audio_tokens(done.audio_seconds)
+    return SpeechUsage(input_tokens=done.characters, output_tokens=audio, total_tokens=done.characters + audio)
+
+
 def _speech_request(body: SpeechBody, model: str, request_id: str, max_chars: int) -> SpeechRequest:
     if not body.input.strip():
         raise invalid("input must not be empty", "input")
@@ -55,9 +86,6 @@ def _speech_request(body: SpeechBody, model: str, request_id: str, max_chars: in
     if body.instructions is not None and len(body.instructions) > max_chars:
         raise invalid(f"instructions are {len(body.instructions)} characters; the limit is {max_chars}",
                       "instructions")
-    if body.stream_format != "audio":
-        raise InferBusError("unsupported_parameter", "only stream_format 'audio' is supported",
-                            param="stream_format")
     return SpeechRequest(request_id=request_id, model=model, input=body.input, voice=engine_voice(body.voice),
                          speed=body.speed, instructions=body.instructions or None)
 
@@ -121,9 +149,10 @@ async def _speak(
             assert isinstance(first, AudioChunk | SpeechDone)
             rate = first.sample_rate if isinstance(first, AudioChunk) else DEFAULT_RATE
             encoder = encoder_for(body.response_format, rate)
+            events = body.stream_format == "sse"
             response = web.StreamResponse(
                 headers={
-                    "Content-Type": content_type(body.response_format, rate),
+                    "Content-Type": "text/event-stream" if events else content_type(body.response_format),
                     "Cache-Control": "no-cache",
                     "X-Accel-Buffering": "no",
                     VERSION_HEADER: accepted.version,
@@ -133,39 +162,89 @@ async def _speak(
                 }
             )
             await response.prepare(request)
-            await _stream(request, response, encoder, first, chunks)
+            out = EventStream(response) if events else AudioBody(request, response)
+            await _stream(out, encoder, first, chunks)
             return response
         finally:
             await chunks.aclose()  # at once: a client that left cancels the synthesis
 
 
-async def _stream(
-    request: web.Request, response: web.StreamResponse, encoder: AudioEncoder, first: Any, chunks: Any
-) -> None:
-    chunk = first
+class Output(Protocol):
+    """Where the encoded audio goes once the headers are out: the body itself, or OpenAI's events."""
+
+    async def audio(self, data: bytes) -> None: ...
+
+    async def done(self, done: SpeechDone) -> None: ...
+
+    async def failed(self, exc: InferBusError) -> None: ...
+
+
+class AudioBody:
+    """stream_format "audio": the bytes as they are encoded; a failure cuts the connection."""
+
+    def __init__(self, request: web.Request, response: web.StreamResponse) -> None:
+        self.request, self.response = request, response
+
+    async def audio(self, data: bytes) -> None:
+        if data:
+            await self.response.write(data)
+
+    async def done(self, done: SpeechDone) -> None:
+        await self.response.write_eof()
+
+    async def failed(self, exc: InferBusError) -> None:
+        # No final chunk: the client sees a cut connection, never a clean end of a short file.
+        if self.request.transport is not None:
+            self.request.transport.abort()
+
+
+class EventStream:
+    """stream_format "sse": speech.audio.delta events, then speech.audio.done; a failure is an error event."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        self.response = response
+
+    async def audio(self, data: bytes) -> None:
+        if data:
+            await self.response.write(sse(SpeechAudioDelta(base64.b64encode(data).decode())))
+
+    async def done(self, done: SpeechDone) -> None:
+        await self.response.write(sse(SpeechAudioDone(speech_usage(done))))
+        await self.response.write_eof()
+
+    async def failed(self, exc: InferBusError) -> None:
+        await self.response.write(sse(exc.openai_body()))  # the chat stream's terminal error event
+
+
+async def _stream(out: Output, encoder: AudioEncoder, first: Any, chunks: Any) -> None:
     try:
-        while True:
-            if isinstance(chunk, AudioChunk):
-                await _write(response, encoder, encoder.feed, chunk.pcm)
-            elif isinstance(chunk, SpeechDone):
-                await _write(response, encoder, encoder.finish)
-                await response.write_eof()
-                return
-            chunk = await anext(chunks)
-    except (InferBusError, StopAsyncIteration) as exc:
-        # Mid-stream failure: the headers are out, so end the connection without the final chunk.
-        code = exc.code if isinstance(exc, InferBusError) else "stream_broken"
-        log.get("gateway").warning("speech_stream_failed", code=code, error=str(exc))
-        if request.transport is not None:
-            request.transport.abort()
+        await _pump(out, encoder, first, chunks)
     except ConnectionResetError:  # the client left; the caller's aclose() cancels the synthesis
         log.get("gateway").info("speech_client_left")
 
 
-async def _write(response: web.StreamResponse, encoder: AudioEncoder, step: Any, *args: Any) -> None:
-    data = await asyncio.to_thread(step, *args) if encoder.blocking else step(*args)
-    if data:
-        await response.write(data)
+async def _pump(out: Output, encoder: AudioEncoder, first: Any, chunks: Any) -> None:
+    chunk = first
+    try:
+        while True:
+            if isinstance(chunk, AudioChunk):
+                await out.audio(await _encode(encoder, encoder.feed, chunk.pcm))
+            elif isinstance(chunk, SpeechDone):
+                await out.audio(await _encode(encoder, encoder.finish))
+                await out.done(chunk)
+                return
+            chunk = await anext(chunks)
+    except StopAsyncIteration:
+        exc = InferBusError("stream_broken", "the speech stream ended before its audio did")
+    except InferBusError as failure:
+        exc = failure
+    log.get("gateway").warning("speech_stream_failed", code=exc.code, error=exc.message)
+    await out.failed(exc)
+
+
+async def _encode(encoder: AudioEncoder, step: Any, *args: Any) -> bytes:
+    data: bytes = await asyncio.to_thread(step, *args) if encoder.blocking else step(*args)
+    return data
 
 
 def _synthesize(
