@@ -1,5 +1,7 @@
 """Continuous batching on one llama.cpp context: every running sequence advances in one `llama_decode` a step.
 
+Batch lines (the worker's BATCH_LINE) run below interactive requests: see `BatchDecoder._step`.
+
 One thread (the engine's executor) owns the context. Each step puts one token per running sequence and a
 chunk of the prompts of sequences that joined into one batch, decodes it once, then lets each sequence sample
 its own next token. Sequences join and leave between steps. The KV cache is split per sequence
@@ -11,6 +13,7 @@ keeps its cells after its sequence leaves, and the next sequence that shares a p
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
@@ -72,8 +75,19 @@ class BatchDecoder:
     """Runs the decode loop for up to `n_seq` sequences on one context (created by `open`, in the executor)."""
 
     def __init__(self, executor: ThreadPoolExecutor, *, n_ctx: int, n_seq: int, n_threads: int,
-                 n_threads_batch: int, prefill_chunk: int, flash_attn: bool = False) -> None:
+                 n_threads_batch: int, prefill_chunk: int, flash_attn: bool = False,
+                 batch_step_tokens: int = 2) -> None:
         self.executor = executor
+        self.batch_step_tokens = batch_step_tokens  # batch lines' tokens per step, at most (see `_step`)
+        self._next_low = 0  # where the next step's batch tokens start (round robin)
+        # Set when an interactive request arrives: a batch-only llama_decode in flight stops at its next graph
+        # node. llama.cpp asks `bool abort(void *data)` after each node; libc's strlen over this two-byte buffer
+        # answers it without the GIL or a Python call (0 or 1 in the return register's low byte).
+        self._urgent_flag = ctypes.create_string_buffer(2)
+        self._urgent = ctypes.cast(self._urgent_flag, ctypes.c_void_p)
+        self._abort_check: Any = None
+        self._no_abort: Any = None
+        self.aborted = 0  # batch steps stopped for an interactive request (stats, tests)
         self.n_ctx = n_ctx
         self.n_seq = n_seq
         self.n_threads = n_threads
@@ -119,6 +133,9 @@ class BatchDecoder:
         if per_sequence < self.n_ctx:
             raise RuntimeError(f"llama.cpp gave {per_sequence} cells per sequence, not {self.n_ctx}")
         self._memory = llama_cpp.llama_get_memory(self.ctx.ctx)
+        _quiet_aborts()
+        self._abort_check = ctypes.cast(ctypes.CDLL(None).strlen, llama_cpp.ggml_abort_callback)
+        self._no_abort = llama_cpp.ggml_abort_callback()  # NULL
         self._threads = self.n_threads_batch
         self._batch = LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
 
@@ -149,6 +166,8 @@ class BatchDecoder:
             if self._closed:
                 raise InferBusError("engine_error", "the llama.cpp engine is closed")
             self._incoming.append(seq)
+            if not seq.low:
+                self._urgent_flag[0] = b"\x01"
             if not self._running:
                 self._running = True
                 self.executor.submit(self._run)
@@ -164,6 +183,7 @@ class BatchDecoder:
             with self._lock:
                 self._waiting.extend(self._incoming)
                 self._incoming.clear()
+                self._urgent_flag[0] = b"\x00"  # whoever set it is waiting now: `_step` sees it first
                 if not (self._waiting or self._active):
                     self._running = False
                     return
@@ -193,32 +213,64 @@ class BatchDecoder:
                 self._admit(seq)
             except BaseException as exc:
                 self._retire(seq, out, exc)
-        # Batch work below interactive requests: while an interactive prompt is being prefilled, batch
-        # sequences sit out (their tokens do not depend on which steps they join), so its first token waits for
-        # at most the step in flight when it arrived, not for batch prompts and batch tokens.
-        active = self._active
-        if any(not (s.generating or s.low) for s in active):
-            active = [s for s in active if not s.low]
         # Running streams' next tokens and prompt chunks go to llama.cpp in separate calls: in one mixed batch
         # llama.cpp computes a one-token sequence differently, and a stream's text would depend on who joined.
-        generating = [s for s in active if s.generating]
+        # Batch work (`low`) runs below interactive requests; a sequence's tokens do not depend on which steps
+        # it joins, so it can sit out:
+        # - while an interactive prompt is prefilled, batch sequences wait;
+        # - with nothing interactive running, batch work runs in full steps that an arriving interactive request
+        #   aborts (`_urgent`; the step's tokens are fed again later), so its first token does not wait for them;
+        # - beside interactive streams, at most `batch_step_tokens` batch tokens join each step (a step with
+        #   interactive tokens in it is never aborted), and batch prompts wait (fed in small pieces, a prompt
+        #   could be computed differently than when fed whole: its answer would depend on the traffic).
+        generating = [s for s in self._active if s.generating and not s.low]
+        prefilling = [s for s in self._active if not (s.generating or s.low)]
+        if prefilling:
+            self._decode(generating, out, self.n_threads)
+            self._decode(prefilling, out, self.n_threads_batch, self.prefill_chunk if generating else self.n_batch)
+            return
+        low_generating = [s for s in self._active if s.generating and s.low]
+        low_prefilling = [s for s in self._active if not s.generating and s.low]
+        if not generating:  # batch work alone: whole steps, aborted for an interactive request
+            if self._decode(low_generating, out, self.n_threads, abortable=True):
+                self._decode(low_prefilling, out, self.n_threads_batch,
+                             self.prefill_chunk if low_generating else self.n_batch, abortable=True)
+            return
+        if low_generating:
+            start = self._next_low % len(low_generating)
+            taken = (low_generating[start:] + low_generating[:start])[:self.batch_step_tokens]
+            self._next_low = start + len(taken)
+            generating += taken
         self._decode(generating, out, self.n_threads)
-        prefilling = [s for s in active if not s.generating]
-        budget = self.prefill_chunk if generating else self.n_batch
-        self._decode(prefilling, out, self.n_threads_batch, budget)
 
     def _decode(self, sequences: list[Sequence], out: list[tuple[Sequence, Piece | BaseException | None]],
-                threads: int, budget: int | None = None) -> None:
-        """One llama_decode of what `sequences` have to feed (prompts: `budget` tokens at most), then samples."""
+                threads: int, budget: int | None = None, *, abortable: bool = False) -> bool:
+        """One llama_decode of what `sequences` have to feed (prompts: `budget` tokens at most), then samples.
+        `abortable`: an interactive request arriving meanwhile stops it, and what it fed is fed again later
+        (False then: the caller's step ends at once)."""
         import llama_cpp
 
-        outputs = self._fill(sequences, budget)
+        outputs, fed = self._fill(sequences, budget)
         if not self._batch.batch.n_tokens:
-            return
+            return True
         if threads != self._threads:
             llama_cpp.llama_set_n_threads(self.ctx.ctx, threads, threads)
             self._threads = threads
-        status = llama_cpp.llama_decode(self.ctx.ctx, self._batch.batch)
+        if abortable:
+            llama_cpp.llama_set_abort_callback(self.ctx.ctx, self._abort_check, self._urgent)
+        try:
+            status = llama_cpp.llama_decode(self.ctx.ctx, self._batch.batch)
+        finally:
+            if abortable:
+                llama_cpp.llama_set_abort_callback(self.ctx.ctx, self._no_abort, None)
+        if status == 2 and abortable:  # aborted: the KV cells of this step go, its tokens wait in `feed` again
+            self.aborted += 1
+            for seq, count in fed:
+                assert seq.slot is not None
+                seq.feed[:0] = seq.slot.cached[len(seq.slot.cached) - count:]
+                del seq.slot.cached[len(seq.slot.cached) - count:]
+                llama_cpp.llama_memory_seq_rm(self._memory, seq.slot.seq_id, len(seq.slot.cached), -1)
+            return False
         if status != 0:
             raise InferBusError("engine_error", f"llama_decode failed ({status})")
         self.steps += 1
@@ -235,6 +287,7 @@ class BatchDecoder:
                 seq.feed = [token]
                 seq.generating = True
                 out.append((seq, piece))
+        return True
 
     def _admit(self, seq: Sequence) -> None:
         """Give `seq` the free slot whose cached tokens share the longest prefix with its prompt."""
@@ -258,11 +311,15 @@ class BatchDecoder:
         seq.decoding.start()
         seq.started = True
 
-    def _fill(self, sequences: list[Sequence], budget: int | None) -> list[tuple[Sequence, int]]:
-        """The batch of what `sequences` feed (prompt tokens: `budget` at most); who samples at which index."""
+    def _fill(
+        self, sequences: list[Sequence], budget: int | None
+    ) -> tuple[list[tuple[Sequence, int]], list[tuple[Sequence, int]]]:
+        """The batch of what `sequences` feed (prompt tokens: `budget` at most): who samples at which index, and
+        how many tokens each fed."""
         batch = self._batch.batch
         n = 0
         outputs: list[tuple[Sequence, int]] = []
+        fed: list[tuple[Sequence, int]] = []
         for seq in sequences:
             take = len(seq.feed) if budget is None else min(budget, len(seq.feed))
             take = min(take, self.n_batch - n)
@@ -281,13 +338,14 @@ class BatchDecoder:
                 n += 1
             seq.slot.cached.extend(seq.feed[:take])
             del seq.feed[:take]
+            fed.append((seq, take))
             if budget is not None:
                 budget -= take
             if not seq.feed:  # its last fed token gives the next sample
                 batch.logits[n - 1] = 1
                 outputs.append((seq, n - 1))
         batch.n_tokens = n
-        return outputs
+        return outputs, fed
 
     def _retire(self, seq: Sequence, out: list[tuple[Sequence, Piece | BaseException | None]],
                 last: Piece | BaseException | None) -> None:
@@ -321,6 +379,27 @@ class BatchDecoder:
                 loop.call_soon_threadsafe(_hand_over, items)
             except RuntimeError:  # the loop closed: nobody is reading
                 pass
+
+
+_log_callback: Any = None
+
+
+def _quiet_aborts() -> None:
+    """llama.cpp reports each aborted decode ("removing memory module entries ...") on stderr: an aborted
+    batch step is routine here (see `_step`), so that line is dropped; every other goes on as before."""
+    global _log_callback
+    if _log_callback is not None:
+        return
+    import llama_cpp
+    from llama_cpp import _logger
+
+    @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+    def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        if b"removing memory module entries" not in text:
+            _logger.llama_log_callback(level, text, user_data)
+
+    _log_callback = callback
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
 
 
 def _hand_over(items: list[tuple[Sequence, Piece | BaseException | None]]) -> None:
