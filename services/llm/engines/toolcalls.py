@@ -8,6 +8,10 @@ The text protocol is the one Qwen2.5 and Hermes models are trained on, and the o
 
 A chat template that knows tools (it reads `tools`) renders them itself; for one that does not, the tools
 go into the system message in the same words, and earlier calls and results into plain turns.
+
+Some models trained on this template leave the tags out: Qwen2.5-Coder answers `{"name": ..., "arguments": ...}`
+as the whole message, sometimes in a ```json fence. With `bare` the parser takes an answer that opens so as calls
+(the fence is dropped), as llama.cpp's own Hermes parser does for that model.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]*)"\s*,\s*"arguments"\s*:\s*')
 _TAIL = re.compile(r"\s*\}\s*" + re.escape(CLOSE))
+_BARE_TAIL = re.compile(r"\s*\}")
+_SPACE = " \t\n"
 
 
 def openai_tool(tool: Tool) -> dict[str, Any]:
@@ -125,9 +131,10 @@ class ToolCallParser:
     arguments stream as they come: their end is where the JSON value closes (strings and escapes tracked).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, bare: bool = False) -> None:
         self.calls = 0
-        self._state = "text"
+        self._state = "start" if bare else "text"  # start: the answer may still be a bare call
+        self._bare = False  # the call being read has no tags
         self._buffer = ""
         self._depth = 0
         self._in_string = False
@@ -139,7 +146,9 @@ class ToolCallParser:
         deltas: list[ToolCallDelta] = []
         while self._buffer:
             before = (self._state, len(self._buffer))
-            if self._state == "text":
+            if self._state == "start":
+                self._start()
+            elif self._state == "text":
                 text = self._text()
                 content.append(text if not self.calls or text.strip() else "")  # only space between calls
             elif self._state == "head":
@@ -154,8 +163,19 @@ class ToolCallParser:
 
     def flush(self) -> str:
         """What is left at the end: held-back text (never a partial call's JSON)."""
-        out, self._buffer = (self._buffer if self._state == "text" else ""), ""
+        after_calls = self.calls and self._buffer.strip(_SPACE) in ("", "```")  # space, or a fence's end
+        held = self._state == "text" or (self._state == "start" and not after_calls)
+        out, self._buffer = (self._buffer if held else ""), ""
         return out
+
+    def _start(self) -> None:
+        at = bare_opening(self._buffer)
+        if at is None:
+            return
+        if at < 0:
+            self._state = "text"
+        else:
+            self._buffer, self._state, self._bare = self._buffer[at:], "head", True
 
     def _text(self) -> str:
         at = self._buffer.find(OPEN)
@@ -204,9 +224,37 @@ class ToolCallParser:
             self._state = "tail"
 
     def _tail(self) -> None:
+        if self._bare:
+            match = _BARE_TAIL.match(self._buffer)
+            if match is None:
+                return
+            self._buffer = self._buffer[match.end():]
+            self.calls += 1
+            self._state, self._bare = "start", False  # another bare call may follow on the next line
+            return
         match = _TAIL.match(self._buffer)
         if match is None:
             return
         self._buffer = self._buffer[match.end():].lstrip()
         self.calls += 1
         self._state = "text"
+
+
+def bare_opening(text: str) -> int | None:
+    """Where a bare call's `{` is in `text` (the start of an answer): -1 if it opens none, None if it may yet."""
+    rest = text.lstrip(_SPACE)
+    if rest.startswith("`"):
+        if not rest.startswith("```"):
+            return None if "```".startswith(rest) else -1
+        tag = rest[3:]
+        if len(tag) < 4 and "json".startswith(tag):
+            return None
+        rest = (tag[4:] if tag.startswith("json") else tag).lstrip(_SPACE)
+    if not rest:
+        return None
+    if rest[0] != "{":
+        return -1
+    key = rest[1:].lstrip(_SPACE)
+    if len(key) < len('"name"'):
+        return None if '"name"'.startswith(key) else -1
+    return len(text) - len(rest) if key.startswith('"name"') else -1
