@@ -12,7 +12,9 @@ import itertools
 import math
 import re
 import secrets
+import shutil
 import struct
+import subprocess
 import time
 import wave
 from collections.abc import AsyncIterator
@@ -389,17 +391,21 @@ async def test_large_file_goes_through_object_store(
     reply = await post_audio(gateway, wav)
     assert reply.status == 200, reply.body
     assert wer(speech.text(indices), reply.json()["text"]) <= 0.2
-    store = await nc.jetstream().object_store(MEDIA_BUCKET)  # the gateway created the bucket
     rid = reply.headers["x-request-id"]
+    await deleted(nc, rid)
+    await deleted(nc, f"{rid}-1")
+
+
+async def deleted(nc: bus.Connection, name: str) -> None:
+    """The upload `name` leaves the media store (the worker deletes it once read, off the reply path)."""
+    store = await nc.jetstream().object_store(MEDIA_BUCKET)  # the gateway created the bucket
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:  # the worker deletes the upload once read, off the reply path
+    while time.monotonic() < deadline:
         try:
-            await store.get_info(rid)
+            await store.get_info(name)  # a round trip each time: no sleep needed between tries
         except nats.js.errors.NotFoundError:
-            break
-        await asyncio.sleep(0.05)
-    else:
-        pytest.fail(f"the upload {rid} is still in {MEDIA_BUCKET}")
+            return
+    pytest.fail(f"the upload {name} is still in {MEDIA_BUCKET}")
 
 
 async def test_usage_event_published(
@@ -427,6 +433,15 @@ async def test_translation_needs_multilingual_model(gateway: Gateway, tiny: dict
     assert french.status == 400 and "language must be 'en'" in french.error["message"]
 
 
+async def test_whisper_1_without_base_keeps_tiny_en(gateway: Gateway, tiny: dict[str, Any], speech: Speech) -> None:
+    """No multilingual worker yet: whisper-1 is tiny.en, and another language is the English-only model's 400."""
+    wav = to_wav(speech.sentences[0])
+    reply = await post_audio(gateway, wav, model="whisper-1", response_format="verbose_json")
+    assert reply.status == 200 and reply.headers["x-inferbus-model"] == TINY
+    german = await post_audio(gateway, wav, model="whisper-1", language="de")
+    assert german.status == 400 and "language must be 'en'" in german.error["message"]
+
+
 async def test_base_detects_language_and_translates(gateway: Gateway, base: dict[str, Any], speech: Speech) -> None:
     assert base["multilingual"] is True
     wav = to_wav(speech.joined([0, 1]))
@@ -440,6 +455,84 @@ async def test_base_detects_language_and_translates(gateway: Gateway, base: dict
     assert wer(speech.text([0, 1]), reply.json()["text"]) <= 0.2  # English to English
     unknown = await post_audio(gateway, wav, endpoint="translations", model=BASE, language="en")
     assert unknown.status == 400 and "language" in unknown.error["message"]
+
+
+# ---- whisper-1 across languages: identified first, English to tiny.en, the rest to whisper-base -----------
+
+# espeak-ng voices and the words a transcript of each must hold most of (lower case, accents kept).
+# Whisper-base identifies espeak-ng's robotic voices reliably from ~6 s of speech, not from one short sentence.
+FOREIGN = {
+    "de": ("Guten Morgen. Heute ist das Wetter sehr schön, und wir gehen in den Park. Am Abend kochen wir zusammen.",
+           ["guten", "morgen", "heute", "wir", "gehen", "park"], "german"),
+    "es": ("Buenos días. Hoy hace muy buen tiempo y vamos al parque. Por la tarde cocinamos juntos en casa.",
+           ["buenos", "días", "hoy", "tiempo", "parque", "casa"], "spanish"),
+}
+
+
+def espeak(language: str, text: str) -> bytes:
+    assert shutil.which("espeak-ng"), "espeak-ng is needed for the voices (apt-get install espeak-ng)"
+    return subprocess.run(["espeak-ng", "-v", language, "--stdout", text], check=True, capture_output=True).stdout
+
+
+def heard(expected: list[str], text: str) -> int:
+    said = set(re.findall(r"\w+", text.lower()))
+    return sum(word in said for word in expected)
+
+
+async def test_whisper_1_identifies_the_language(
+    gateway: Gateway, tiny: dict[str, Any], base: dict[str, Any], speech: Speech, nc: bus.Connection
+) -> None:
+    for language, (sentence, expected, name) in FOREIGN.items():
+        reply = await post_audio(gateway, espeak(language, sentence), model="whisper-1",
+                                 response_format="verbose_json")
+        assert reply.status == 200, reply.body
+        assert reply.headers["x-inferbus-model"] == BASE
+        body = reply.json()
+        assert body["language"] == name, body
+        assert heard(expected, body["text"]) >= len(expected) - 2, body["text"]
+        event = await usage_event(nc, "asr", BASE, reply.headers["x-request-id"])
+        assert event.audio_seconds_in == pytest.approx(body["duration"], abs=0.01)  # one request, one bill
+
+    english = speech.joined([0, 1])
+    reply = await post_audio(gateway, to_wav(english), model="whisper-1", response_format="verbose_json")
+    assert reply.status == 200, reply.body
+    assert reply.headers["x-inferbus-model"] == TINY  # identified by base, transcribed by tiny.en
+    assert reply.json()["language"] == "english" and wer(speech.text([0, 1]), reply.json()["text"]) <= 0.2
+    rid = reply.headers["x-request-id"]
+    billed = await usage_event(nc, "asr", TINY, rid)
+    assert billed.attempt == 1 and billed.audio_seconds_in == pytest.approx(len(english) / RATE, abs=0.01)
+    identified = await usage_event(nc, "asr", BASE, rid)
+    assert identified.attempt == 0 and identified.audio_seconds_in == 0  # the language-id pass bills no audio
+
+    # A named language skips identification; English streams from tiny.en as before.
+    sentence, expected, _ = FOREIGN["de"]
+    named = await post_audio(gateway, espeak("de", sentence), model="whisper-1", language="de")
+    assert named.status == 200 and named.headers["x-inferbus-model"] == BASE
+    assert heard(expected, named.json()["text"]) >= len(expected) - 2
+    client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+    stream = await client.audio.transcriptions.create(model="whisper-1", file=("speech.wav", to_wav(english)),
+                                                      stream=True)
+    events = [event async for event in stream]
+    assert events[-1].type == "transcript.text.done" and wer(speech.text([0, 1]), events[-1].text) <= 0.2
+    stream = await client.audio.transcriptions.create(
+        model="whisper-1", file=("speech.wav", espeak("es", FOREIGN["es"][0])), stream=True)
+    events = [event async for event in stream]
+    assert events[-1].type == "transcript.text.done" and heard(FOREIGN["es"][1], events[-1].text) >= 3
+    await client.close()
+    explicit = await post_audio(gateway, to_wav(speech.sentences[0]), model=TINY, language="de")
+    assert explicit.status == 400  # a model named outright is not rerouted
+
+    # Through the media store: base reads (and deletes) the upload, the gateway stores it again (under a name
+    # of its own) for tiny.en, which deletes that.
+    indices = [0, 1, 2, 3, 4]
+    large = to_wav(speech.joined(indices))
+    assert len(large) > INLINE_MAX
+    reply = await post_audio(gateway, large, model="whisper-1")
+    assert reply.status == 200 and reply.headers["x-inferbus-model"] == TINY, reply.body
+    assert wer(speech.text(indices), reply.json()["text"]) <= 0.2
+    rid = reply.headers["x-request-id"]
+    await deleted(nc, rid)
+    await deleted(nc, f"{rid}-1")
 
 
 # ---- bad input: clear errors, and the worker keeps serving ----------------------------------

@@ -8,6 +8,11 @@ Speaker diarization: `response_format=diarized_json` (OpenAI's shape: segments w
 `end`, `text`), or `diarize=true` (InferBus) for `speaker` on verbose_json segments; `chunking_strategy`
 ("auto", or a server_vad object whose threshold and silence_duration_ms set the speech detector);
 `known_speaker_names[]` with `known_speaker_references[]` (data URLs of 2-10 s clips) name the speakers.
+
+Languages (settings.asr_multilingual): while a multilingual model is live, whisper-1 sends it translations and
+any `language` but English; with no `language` it asks that worker to identify the language, which transcribes
+the rest itself and hands English back, undecoded, for the alias's own model (services/speech/asr/handoff.py).
+`x-inferbus-model` names the model that transcribed.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncGenerator
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 from aiohttp import BodyPartReader, web
@@ -42,13 +47,13 @@ from services.gateway.auth import KeyRecord
 from services.gateway.errors import json_response
 from services.gateway.formats import sse
 from services.gateway.governance import upload_seconds_bound
-from services.gateway.openai_routes import VERSION_HEADER
+from services.gateway.openai_routes import MODEL_HEADER, VERSION_HEADER
 from services.gateway.openai_routes import _timeout as request_timeout
 from services.gateway.state import GATEWAY, Gateway
 from services.runtime import bus
 from services.runtime import logging as log
 from services.runtime.bus import ObjectStore, ObjectStoreConfig
-from services.runtime.routing import Route
+from services.speech.asr import handoff
 
 routes = web.RouteTableDef()
 
@@ -63,6 +68,7 @@ _FIELDS: dict[Task, frozenset[str]] = {
     "transcribe": _COMMON | _SPEAKERS | {"language", "timestamp_granularities[]", "timestamp_granularities", "stream"},
     "translate": _COMMON,
 }
+ENGLISH = "en"
 _DATA_URL = re.compile(r"^data:(audio|video|application)/[\w.+-]+(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 
 
@@ -94,25 +100,50 @@ async def translations(request: web.Request) -> web.StreamResponse:
     return await _handle(request, "translate", "transl-")
 
 
+class Plan(NamedTuple):
+    """Where a transcription goes: `model` first; `own` is the alias's own model (today's, English-only), which
+    serves it when `model` has no worker after all and, with `identify`, gets the audio `model` found English."""
+
+    model: str
+    own: str
+    identify: bool = False
+
+
 async def _handle(request: web.Request, task: Task, prefix: str) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     key = await gw.authorize(request)
     timeout = request_timeout(request, gw)
     form = await _read_form(request, gw.settings.max_audio_bytes, task)
-    model = gw.settings.model_aliases.get(form.model, form.model)
+    plan = _plan(gw, key, form, task)
     rid = prefix + secrets.token_hex(12)
     seconds = upload_seconds_bound(form.audio, gw.settings.max_audio_seconds)
-    grant = await gw.admit_request(key, request.path, "asr", model, rid, seconds)
+    grant = await gw.admit_request(key, request.path, "asr", plan.model, rid, seconds)
     try:
-        return await _transcribe(request, gw, key, form, task, model, rid, timeout, grant.headers if grant else {})
+        return await _transcribe(request, gw, key, form, task, plan, rid, timeout, grant.headers if grant else {})
     finally:
-        gw.release(key, grant, model)
+        gw.release(key, grant, plan.model)
+
+
+def _plan(gw: Gateway, key: KeyRecord, form: Form, task: Task) -> Plan:
+    """asr_multilingual: whisper-1 reaches whisper-base, while one is live, for what is not English."""
+    own = gw.settings.model_aliases.get(form.model, form.model)
+    multilingual = gw.settings.asr_multilingual.get(form.model)
+    if (multilingual is None or multilingual == own or not key.allows("asr", multilingual)
+            or not any(w.ready for w in gw.catalogue.presence.live("asr", multilingual))):
+        return Plan(own, own)
+    language = (form.language or "").strip().lower()
+    if task == "translate" or language not in ("", ENGLISH):
+        return Plan(multilingual, own)
+    if language or form.diarize:  # a diarized request is served where it lands: no second pass over its audio
+        return Plan(own, own)
+    return Plan(multilingual, own, identify=True)
 
 
 async def _transcribe(
-    request: web.Request, gw: Gateway, key: KeyRecord, form: Form, task: Task, model: str, rid: str, timeout_s: float,
-    limit_headers: dict[str, str],
+    request: web.Request, gw: Gateway, key: KeyRecord, form: Form, task: Task, plan: Plan, rid: str,
+    timeout_s: float, limit_headers: dict[str, str],
 ) -> web.StreamResponse:
+    model = plan.model
     with log.bound(request_id=rid, model=model):
         transcribe = TranscribeRequest(
             request_id=rid,
@@ -130,26 +161,31 @@ async def _transcribe(
             vad_threshold=form.vad_threshold,
             vad_silence_ms=form.vad_silence_ms,
         )
-        route = gw.catalogue.route(model, "asr", key_id=key.id)
-        store = None
-        if len(form.audio) > INLINE_MAX - sum(len(r) for r in form.speaker_references):
-            try:
-                store = await _media_store(gw)
-                await store.put(rid, form.audio)
-            except (bus.errors.Error, TimeoutError) as exc:
-                log.get("gateway").warning("media_store_failed", error=repr(exc))
-                raise InferBusError("internal_error", "Could not store the upload for the worker; retry") from None
-            transcribe = msgspec.structs.replace(transcribe, object_name=rid)
-        else:
-            transcribe = msgspec.structs.replace(transcribe, audio=form.audio)
-        form.audio = b""
-        chunks = _stream(gw, route, asr_encoder.encode(transcribe), transcribe, time.time() + timeout_s, request, key)
-        accepted = False
+        audio, form.audio = form.audio, b""
+        deadline = time.time() + timeout_s
+        handoff_to = frozenset({ENGLISH}) if plan.identify else frozenset[str]()
         try:
-            first = await anext(chunks)  # errors before the first byte keep their HTTP status
-            assert isinstance(first, Accepted)
-            accepted = True
-            headers = {VERSION_HEADER: first.version, "x-request-id": rid, **limit_headers}
+            chunks, accepted = await _open(gw, request, key, transcribe, audio, deadline, handoff_to)
+        except InferBusError as exc:
+            if model == plan.own or exc.code != "no_worker":
+                raise
+            # The multilingual worker went away since its last heartbeat: today's model, as if it never ran.
+            model, handoff_to = plan.own, frozenset()
+            transcribe = msgspec.structs.replace(transcribe, model=model)
+            chunks, accepted = await _open(gw, request, key, transcribe, audio, deadline, handoff_to)
+        try:
+            if handoff_to:
+                result = await _first_result(chunks)
+                if isinstance(result, Transcript) and result.language in handoff_to and not result.text:
+                    # Identified as English: the alias's own model transcribes it (attempt 1 in the ledger).
+                    await chunks.aclose()
+                    model = plan.own
+                    transcribe = msgspec.structs.replace(transcribe, model=model, language=result.language, attempt=1)
+                    chunks, accepted = await _open(gw, request, key, transcribe, audio, deadline, frozenset())
+                else:
+                    chunks = _chain(result, chunks)
+            del audio
+            headers = {VERSION_HEADER: accepted.version, MODEL_HEADER: model, "x-request-id": rid, **limit_headers}
             if form.stream:
                 return await _stream_events(request, chunks, headers)
             segments: list[Segment] = []
@@ -161,25 +197,58 @@ async def _transcribe(
             raise InferBusError("stream_broken", "the stream ended without a transcript")
         finally:
             await chunks.aclose()
-            if store is not None and not accepted:  # no worker took it: nobody else will delete it
-                await _discard(store, rid)
 
 
-def _stream(
-    gw: Gateway,
-    route: Route,
-    payload: bytes,
-    request: TranscribeRequest,
-    deadline: float,
-    http: web.Request,
-    key: KeyRecord,
-) -> AsyncGenerator[Any, None]:
-    """The worker's chunks; a per-worker subject without responders is forgotten and the queue group tried."""
-    return gw.metered_audio(request.request_id, gw.dispatcher.open(
-        "asr", request.model, route, payload, request.request_id, decoder=asr_chunk_decoder,
-        terminal=(Transcript,), progress=(Segment,), retries=0, deadline=deadline,
-        headers=gw.bus_headers(http, key),
+async def _open(
+    gw: Gateway, http: web.Request, key: KeyRecord, transcribe: TranscribeRequest, audio: bytes, deadline: float,
+    handoff_to: frozenset[str],
+) -> tuple[AsyncGenerator[Any, None], Accepted]:
+    """The request sent to a worker of its model (the audio inline or through the media store), once accepted."""
+    route = gw.catalogue.route(transcribe.model, "asr", key_id=key.id)
+    rid = transcribe.request_id
+    # A name per attempt: the worker that identified the language may still be deleting the first copy.
+    name = rid if transcribe.attempt == 0 else f"{rid}-{transcribe.attempt}"
+    store = None
+    if len(audio) > INLINE_MAX - sum(len(r) for r in transcribe.speaker_references):
+        try:
+            store = await _media_store(gw)
+            await store.put(name, audio)
+        except (bus.errors.Error, TimeoutError) as exc:
+            log.get("gateway").warning("media_store_failed", error=repr(exc))
+            raise InferBusError("internal_error", "Could not store the upload for the worker; retry") from None
+        transcribe = msgspec.structs.replace(transcribe, object_name=name)
+    else:
+        transcribe = msgspec.structs.replace(transcribe, audio=audio)
+    headers = {**gw.bus_headers(http, key), **(handoff.header(handoff_to) if handoff_to else {})}
+    chunks = gw.metered_audio(rid, gw.dispatcher.open(
+        "asr", transcribe.model, route, asr_encoder.encode(transcribe), rid, decoder=asr_chunk_decoder,
+        terminal=(Transcript,), progress=(Segment,), retries=0, deadline=deadline, headers=headers,
     ))
+    try:
+        first = await anext(chunks)  # errors before the first byte keep their HTTP status
+    except BaseException:
+        await chunks.aclose()
+        if store is not None:  # no worker took it: nobody else will delete it
+            await _discard(store, name)
+        raise
+    assert isinstance(first, Accepted)
+    return chunks, first
+
+
+async def _first_result(chunks: AsyncGenerator[Any, None]) -> Segment | Transcript:
+    async for chunk in chunks:
+        if isinstance(chunk, Segment | Transcript):
+            return chunk
+    raise InferBusError("stream_broken", "the stream ended without a transcript")
+
+
+async def _chain(first: Segment | Transcript, rest: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
+    try:
+        yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()
 
 
 def _respond(

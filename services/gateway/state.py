@@ -151,6 +151,16 @@ class GatewaySettings(settings.CommonSettings, kw_only=True, forbid_unknown_fiel
             "gpt-4o-mini-tts": "hibari",
         }
     )
+    # Transcription aliases whose audio in other languages than English goes to a multilingual model, while
+    # one is live: a `language` that is not "en" goes straight there, none has it identify the language
+    # first (English is handed back to the alias's own model), and translations go there too.
+    asr_multilingual: dict[str, str] = msgspec.field(
+        default_factory=lambda: {
+            "whisper-1": "whisper-base",
+            "gpt-4o-transcribe": "whisper-base",
+            "gpt-4o-mini-transcribe": "whisper-base",
+        }
+    )
     max_audio_bytes: int = 25 << 20  # uploads to /v1/audio/* (OpenAI's limit)
     max_audio_seconds: float = 900.0
     max_speech_chars: int = 4096  # /v1/audio/speech input (OpenAI's limit)

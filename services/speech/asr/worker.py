@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import time
+from contextvars import ContextVar
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -22,12 +23,12 @@ from contracts.speech import (
     asr_request_decoder,
 )
 from services.runtime import bus, worker
-from services.runtime.bus import Connection
+from services.runtime.bus import Connection, Msg
 from services.runtime.replies import ReplyStream
 from services.runtime.usage import UsagePublisher
 from services.runtime.worker import Metrics, Worker
 from services.speech.asr import audio as audio_io
-from services.speech.asr import diarize
+from services.speech.asr import diarize, handoff
 from services.speech.asr.engines import Detected, Engine, Options, Span
 
 REQUESTS = Counter("inferbus_asr_requests_total", "Transcriptions by outcome", ["model", "version", "outcome"])
@@ -44,6 +45,8 @@ RTF = Histogram(
 MULTILINGUAL_HINT = "whisper-base"
 MAX_BEAM = 10
 REFERENCE_S = (1.0, 10.0)  # a known speaker's reference clip, seconds
+# The languages the caller of this request's task has another model for (handoff.HANDOFF_HEADER).
+HANDOFF: ContextVar[frozenset[str]] = ContextVar("inferbus_asr_handoff", default=frozenset())
 
 
 class Tally:
@@ -109,6 +112,10 @@ class ASRWorker(Worker[TranscribeRequest, Tally]):
         if request.object_name and not tally.fetched:
             self._spawn(self._discard(request.object_name))  # refused before reading: do not leave it
 
+    async def _serve(self, msg: Msg) -> None:
+        HANDOFF.set(handoff.parse(msg.headers.get(handoff.HANDOFF_HEADER) if msg.headers else None))
+        await super()._serve(msg)
+
     def _options(self, request: TranscribeRequest) -> Options:
         """The request checked against what the engine can do, before any audio is touched."""
         if (request.audio is None) == (request.object_name is None):
@@ -137,7 +144,10 @@ class ASRWorker(Worker[TranscribeRequest, Tally]):
             self._check_speakers(request)
         # Diarized segments are cut where the speaker changes, which needs each word's time.
         words = request.word_timestamps or request.diarize
-        return Options(request.task, language, request.prompt, request.temperature, words, request.beam_size)
+        # Only a multilingual model identifies the language; diarized requests are served where they land.
+        routed = self.engine.multilingual and not request.diarize and request.task == "transcribe"
+        return Options(request.task, language, request.prompt, request.temperature, words, request.beam_size,
+                       HANDOFF.get() if routed and language is None else frozenset())
 
     def _check_speakers(self, request: TranscribeRequest) -> None:
         if self.diarizer is None:
@@ -205,10 +215,14 @@ class ASRWorker(Worker[TranscribeRequest, Tally]):
         language = options.language or "en"
         texts: list[str] = []
         count = 0
+        handed_off = False
         try:
             while (item := await self._beating(anext(items, None), out)) is not None:
                 if isinstance(item, Detected):
                     language = item.language
+                    if language in options.handoff:  # another model transcribes it, and bills its audio
+                        tally.audio_seconds, handed_off = 0.0, True
+                        break
                     continue
                 assert isinstance(item, Span)
                 texts.append(item.text)
@@ -227,6 +241,10 @@ class ASRWorker(Worker[TranscribeRequest, Tally]):
                     count += 1
         finally:
             await items.aclose()  # stops the engine thread (cancel, error) before the slot is released
+        if handed_off:
+            self.logger.info("handed_off", language=language)
+            await out.send(Transcript, "", language, round(audio_io.duration(audio), 3), self.s.version)
+            return
         seconds = tally.audio_seconds
         elapsed = time.monotonic() - started
         self.audio_seconds += seconds

@@ -16,7 +16,8 @@ TITLES = frozenset(
 )
 LATIN = frozenset("eg ie cf vs viz al approx ca".split())
 NUMBERING = frozenset("no nos vol vols ch sec fig figs p pp art para".split())
-_END = re.compile(r"(?:\.\.\.|[.!?\u2026])+[\"\u201d\u2019')\]]*(?=\s)")
+# Western stops need a space after them; the full-width ones of Chinese and Japanese text stand between words.
+_END = re.compile(r"(?:\.\.\.|[.!?\u2026])+[\"\u201d\u2019')\]]*(?=\s)|[\u3002\uff01\uff1f]+[\u300d\u300f\uff09]*")
 _CLAUSE = re.compile(r"(?<=[,;:—])\s+")
 _WORD_BEFORE = re.compile(r"([A-Za-z][A-Za-z.]*)\.$")
 

@@ -18,6 +18,9 @@ class Options(NamedTuple):
     temperature: float = 0.0  # 0: the engine's own fallback schedule
     word_timestamps: bool = False
     beam_size: int | None = None  # None: the engine's default
+    # Languages this request hands back undecoded when detection finds them (another model serves them):
+    # the engine yields only Detected then. Detection runs first and the decode reuses its answer.
+    handoff: frozenset[str] = frozenset()
 
 
 class Detected(NamedTuple):

@@ -6,7 +6,7 @@ from typing import Any
 
 from services.speech.tts.engines.base import Engine, Progress
 
-ENGINES = ("hibari",)
+ENGINES = ("hibari", "kokoro-ja")
 
 
 def create(name: str, options: dict[str, Any]) -> Engine:
@@ -14,6 +14,10 @@ def create(name: str, options: dict[str, Any]) -> Engine:
         from services.speech.tts.engines.hibari import HibariEngine
 
         return HibariEngine(**options)
+    if name == "kokoro-ja":
+        from services.speech.tts.engines.kokoro_ja import KokoroJaEngine
+
+        return KokoroJaEngine(**options)
     raise ValueError(f"unknown TTS engine {name!r}; choose one of {', '.join(ENGINES)}")
 
 
