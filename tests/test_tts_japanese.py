@@ -97,3 +97,22 @@ async def test_voices_listed_and_chosen(gateway: Gateway, worker: dict[str, Any]
     assert status == 200 and 0.5 < len(pcm(body)[0]) / 24_000 < 5.0
     status, body = await speak(gateway, input="おはようございます。", voice="heart")
     assert status == 400 and b"jf_alpha" in body
+
+
+def test_the_input_language_is_japanese_with_kana_or_kanji() -> None:
+    from services.gateway.speech_routes import text_language
+
+    assert [text_language(t) for t in ("おはよう", "カタカナ", "東京", "Hello there.", "Ça va ?", "")] == [
+        "ja", "ja", "ja", None, None, None]
+
+
+async def test_tts_1_reads_japanese_with_the_japanese_voice(gateway: Gateway, worker: dict[str, Any]) -> None:
+    """OpenAI's speech models (tts-1, ...) with an OpenAI voice go to kokoro-ja for Japanese text while it runs."""
+    payload = {"model": "tts-1", "voice": "alloy", "response_format": "wav", "input": "おはようございます。"}
+    async with (
+        aiohttp.ClientSession(headers=gateway.headers) as http,
+        http.post(gateway.url + "/v1/audio/speech", json=payload) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["x-inferbus-model"] == MODEL and resp.headers["x-inferbus-model-version"] == VERSION
+        assert 0.5 < len(pcm(await resp.read())[0]) / 24_000 < 5.0

@@ -16,7 +16,7 @@ import msgspec
 from contracts import headers as h
 from contracts.batch import ExecLine, ExecResult, exec_encoder, exec_reply_decoder
 from contracts.subjects import BATCH_EXEC
-from services.runtime import bus
+from services.runtime import bus, tracing
 
 
 class Lost(Exception):
@@ -42,12 +42,29 @@ class ExecClient:
 
     async def run(self, line: ExecLine, keepalive: Callable[[], Awaitable[None]]) -> ExecResult:
         """Run one line; `keepalive` is awaited at every sign of life (the work item's in-progress ack)."""
+        if tracing.tracer is None:
+            return await self._run(line, keepalive, None)
+        # The line's trace starts here: the gateway's span for it (and the worker's) are its children.
+        span = tracing.start(f"batch line {line.endpoint}", None, {
+            tracing.BATCH_ID: line.batch_id, "inferbus.request.id": line.request_id, "inferbus.attempt": line.attempt})
+        code: str | None = "lost"
+        try:
+            result = await self._run(line, keepalive, span.headers(None))
+            code = result.code
+            return result
+        finally:
+            span.end(code)
+
+    async def _run(
+        self, line: ExecLine, keepalive: Callable[[], Awaitable[None]], headers: dict[str, str] | None
+    ) -> ExecResult:
         token = secrets.token_hex(8)
         queue: asyncio.Queue[bus.Msg] = asyncio.Queue()
         self._waiting[token] = queue
         try:
             try:
-                await self.nc.publish(BATCH_EXEC, exec_encoder.encode(line), reply=f"{self.prefix}.{token}")
+                await self.nc.publish(BATCH_EXEC, exec_encoder.encode(line), reply=f"{self.prefix}.{token}",
+                                      headers=headers)
             except Exception as exc:  # disconnected: publish buffers, but a closed or draining connection refuses
                 raise Lost(f"the bus refused the line: {exc!r}") from exc
             loop = asyncio.get_running_loop()

@@ -25,7 +25,7 @@ from contracts.speech import AudioChunk, SpeechDone, SpeechRequest, asr_encoder,
 from services.gateway.auth import KeyRecord
 from services.gateway.formats import sse
 from services.gateway.governance import audio_tokens, speech_seconds_bound
-from services.gateway.openai_routes import VERSION_HEADER, _decode, _timeout
+from services.gateway.openai_routes import MODEL_HEADER, VERSION_HEADER, _decode, _timeout
 from services.gateway.speech_formats import AudioEncoder, Format, content_type, encoder_for
 from services.gateway.state import GATEWAY, Gateway
 from services.runtime import bus
@@ -118,12 +118,33 @@ async def voices(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
+def text_language(text: str) -> str | None:
+    """"ja" for text with kana or kanji in it, else None (hibari's English serves it)."""
+    for ch in text:
+        if "\u3040" <= ch <= "\u30ff" or "\u4e00" <= ch <= "\u9fff":
+            return "ja"
+    return None
+
+
+def speech_model(gw: Gateway, key: KeyRecord, body: SpeechBody) -> str:
+    """The model that speaks `body`: its alias's, or (settings.tts_languages) a live voice model of the input's
+    language when the voice is one of OpenAI's names (or none), so `tts-1` reads Japanese with a Japanese voice."""
+    model = gw.settings.model_aliases.get(body.model, body.model)
+    by_language = gw.settings.tts_languages.get(body.model)
+    if by_language and engine_voice(body.voice) is None:
+        other = by_language.get(text_language(body.input) or "")
+        if (other is not None and other != model and key.allows("tts", other)
+                and any(w.ready for w in gw.catalogue.presence.live("tts", other))):
+            return other
+    return model
+
+
 @routes.post("/v1/audio/speech")
 async def speech(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     key = await gw.authorize(request)
     body: SpeechBody = await _decode(request, SpeechBody)
-    model = gw.settings.model_aliases.get(body.model, body.model)
+    model = speech_model(gw, key, body)
     rid = "speech-" + secrets.token_hex(12)
     speech_request = _speech_request(body, model, rid, gw.settings.max_speech_chars)
     seconds = speech_seconds_bound(len(body.input), body.speed)
@@ -156,6 +177,7 @@ async def _speak(
                     "Cache-Control": "no-cache",
                     "X-Accel-Buffering": "no",
                     VERSION_HEADER: accepted.version,
+                    MODEL_HEADER: model,
                     SAMPLE_RATE_HEADER: str(rate),
                     "x-request-id": rid,
                     **limit_headers,

@@ -161,6 +161,11 @@ class GatewaySettings(settings.CommonSettings, kw_only=True, forbid_unknown_fiel
             "gpt-4o-mini-transcribe": "whisper-base",
         }
     )
+    # Speech aliases whose input in another language goes to a voice model of that language, while one is live
+    # and the request names an OpenAI voice (or none): Japanese text (kana or kanji) to kokoro-ja.
+    tts_languages: dict[str, dict[str, str]] = msgspec.field(
+        default_factory=lambda: {alias: {"ja": "kokoro-ja"} for alias in ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")}
+    )
     max_audio_bytes: int = 25 << 20  # uploads to /v1/audio/* (OpenAI's limit)
     max_audio_seconds: float = 900.0
     max_speech_chars: int = 4096  # /v1/audio/speech input (OpenAI's limit)
