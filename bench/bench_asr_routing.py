@@ -29,7 +29,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from bench import harness  # noqa: E402
 from bench.bench_spine import Results, machine, say  # noqa: E402
@@ -37,6 +36,7 @@ from bench.results import write_section  # noqa: E402
 from services.runtime.embedded import free_port  # noqa: E402
 from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env, wait_http  # noqa: E402
 from services.speech.asr import audio as audio_io  # noqa: E402
+from services.speech.voiceset import wav  # noqa: E402
 
 ADMIN_KEY = "ib-bench-admin-" + "r" * 24
 RESULTS_PATH = ROOT / "bench" / "RESULTS.md"
@@ -56,19 +56,6 @@ FOREIGN = {
     "fr": ["Bonjour. Aujourd'hui il fait très beau, et nous allons au parc avec les enfants.",
            "Ma soeur habite à Paris et travaille dans un grand hôpital du centre."],
 }
-
-
-def wav(samples: np.ndarray[Any, Any], rate: int) -> bytes:
-    import io
-    import wave
-
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
 
 
 def clips() -> list[tuple[str, bytes]]:

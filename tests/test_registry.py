@@ -117,12 +117,14 @@ async def completions(
     return list(await asyncio.gather(*(one() for _ in range(n))))
 
 
-async def nats_generate(nc: bus.Connection, subject: str, request: GenerateRequest) -> list[Any]:
+async def nats_generate(
+    nc: bus.Connection, subject: str, request: GenerateRequest, headers: dict[str, str] | None = None
+) -> list[Any]:
     """A plain nats-py caller: own inbox, publish, read chunks until the terminal one."""
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
     try:
-        await nc.publish(subject, request_encoder.encode(request), reply=inbox)
+        await nc.publish(subject, request_encoder.encode(request), reply=inbox, headers=headers)
         chunks = []
         while True:
             chunk = chunk_decoder.decode((await sub.next_msg(timeout=5)).data)

@@ -40,13 +40,10 @@ from contracts.control import Reply
 from contracts.llm import (
     Accepted,
     Delta,
-    ErrorChunk,
     Final,
     GenerateRequest,
     Usage,
-    chunk_decoder,
     chunk_encoder,
-    request_encoder,
 )
 from contracts.tenancy import CreateKey
 from services.runtime import bus
@@ -54,7 +51,7 @@ from services.runtime.embedded import free_port
 from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env, wait_http, wait_service, wait_worker
 from tests.conftest import ADMIN_KEY, GHOST_MODEL, Gateway
 from tests.fakes.providers import FakeProvider
-from tests.test_registry import admin, until_gateway
+from tests.test_registry import admin, nats_generate, until_gateway
 
 MODEL = "traced-chat"
 REMOTE_MODEL = "traced-remote"
@@ -195,19 +192,8 @@ async def alias_generate(
     nc: bus.Connection, model: str, request_id: str, headers: dict[str, str] | None = None
 ) -> list[Any]:
     """A plain NATS publisher on the model's alias (the router's subject): the chunks until the terminal one."""
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
-    try:
-        request = GenerateRequest(request_id=request_id, model=model, max_tokens=3, prompt="one two three")
-        await nc.publish(subjects.infer("llm", model), request_encoder.encode(request), reply=inbox, headers=headers)
-        chunks = []
-        while True:
-            chunk = chunk_decoder.decode((await sub.next_msg(timeout=5)).data)
-            chunks.append(chunk)
-            if isinstance(chunk, Final | ErrorChunk):
-                return chunks
-    finally:
-        await sub.unsubscribe()
+    request = GenerateRequest(request_id=request_id, model=model, max_tokens=3, prompt="one two three")
+    return await nats_generate(nc, subjects.infer("llm", model), request, headers)
 
 
 async def until_routed(nc: bus.Connection, model: str, limit_s: float = 15) -> None:
