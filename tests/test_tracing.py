@@ -213,6 +213,17 @@ def traceparent(trace_id: str, span_id: str) -> str:
     return f"00-{trace_id}-{span_id}-01"
 
 
+async def traced_chat(platform: Gateway, model: str, content: str, max_tokens: int, parent: str) -> Any:
+    """A chat completion (cache off) sent with the client's `traceparent`; its answer."""
+    body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
+    async with aiohttp.ClientSession() as http, http.post(
+        f"{platform.url}/v1/chat/completions", json=body,
+        headers={**platform.headers, "traceparent": parent, "x-inferbus-cache": "off"},
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
 def one(spans: list[ReceivedSpan], **match: Any) -> ReceivedSpan:
     found = [s for s in spans if all(getattr(s, k) == v for k, v in match.items())]
     assert len(found) == 1, (match, spans)
@@ -223,13 +234,7 @@ async def test_one_trace_across_gateway_router_and_worker(
     platform: Gateway, nc: bus.Connection, receiver: Receiver
 ) -> None:
     trace_id, client_http, client_nats = secrets.token_hex(16), secrets.token_hex(8), secrets.token_hex(8)
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "trace me please"}], "max_tokens": 5}
-    async with aiohttp.ClientSession() as http, http.post(
-        f"{platform.url}/v1/chat/completions", json=body,
-        headers={**platform.headers, "traceparent": traceparent(trace_id, client_http), "x-inferbus-cache": "off"},
-    ) as resp:
-        assert resp.status == 200, await resp.text()
-        answer = await resp.json()
+    answer = await traced_chat(platform, MODEL, "trace me please", 5, traceparent(trace_id, client_http))
     usage = answer["usage"]
     assert usage["completion_tokens"] == 5 and usage["prompt_tokens"] > 0
 
@@ -280,12 +285,7 @@ async def test_a_remote_provider_gets_the_workers_span_as_traceparent(
     platform: Gateway, receiver: Receiver, fake: FakeProvider
 ) -> None:
     trace_id, client = secrets.token_hex(16), secrets.token_hex(8)
-    body = {"model": REMOTE_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-    async with aiohttp.ClientSession() as http, http.post(
-        f"{platform.url}/v1/chat/completions", json=body,
-        headers={**platform.headers, "traceparent": traceparent(trace_id, client), "x-inferbus-cache": "off"},
-    ) as resp:
-        assert resp.status == 200, await resp.text()
+    await traced_chat(platform, REMOTE_MODEL, "hi", 4, traceparent(trace_id, client))
     upstream = fake.stats.last_headers.get("traceparent", "")
     _, upstream_trace, upstream_parent, _ = upstream.split("-")
     assert upstream_trace == trace_id

@@ -210,12 +210,7 @@ async def _open(
     name = rid if transcribe.attempt == 0 else f"{rid}-{transcribe.attempt}"
     store = None
     if len(audio) > INLINE_MAX - sum(len(r) for r in transcribe.speaker_references):
-        try:
-            store = await _media_store(gw)
-            await store.put(name, audio)
-        except (bus.errors.Error, TimeoutError) as exc:
-            log.get("gateway").warning("media_store_failed", error=repr(exc))
-            raise InferBusError("internal_error", "Could not store the upload for the worker; retry") from None
+        store = await put_media(gw, name, audio, "upload")
         transcribe = msgspec.structs.replace(transcribe, object_name=name)
     else:
         transcribe = msgspec.structs.replace(transcribe, audio=audio)
@@ -485,6 +480,17 @@ async def _media_store(gw: Gateway) -> ObjectStore:
             return await js.create_object_store(MEDIA_BUCKET, config)
         except bus.js_errors.BadRequestError:  # created meanwhile by another gateway
             return await js.object_store(MEDIA_BUCKET)
+
+
+async def put_media(gw: Gateway, name: str, data: bytes, what: str) -> ObjectStore:
+    """`data` in the media object store under `name`, for a worker to read; a 500 to retry when it is away."""
+    try:
+        store = await _media_store(gw)
+        await store.put(name, data)
+    except (bus.errors.Error, TimeoutError) as exc:
+        log.get("gateway").warning("media_store_failed", error=repr(exc))
+        raise InferBusError("internal_error", f"Could not store the {what} for the worker; retry") from None
+    return store
 
 
 async def _discard(store: ObjectStore, name: str) -> None:

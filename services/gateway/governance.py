@@ -276,7 +276,7 @@ class Prices:
         usd = prompt * price_in + completion * price_out
         return usd * (1 - self.batch_discount.get(model, 0.0)) if batch else usd
 
-    def audio_usd(self, model: str, seconds: float, batch: bool = False, images: int = 0) -> float:
+    def media_usd(self, model: str, seconds: float, batch: bool = False, images: int = 0) -> float:
         """Speech by its seconds of audio, vision by its images (the ledger's per_audio_second, per_image)."""
         usd = seconds * self.per_audio_second.get(model, 0.0) + images * self.per_image.get(model, 0.0)
         return usd * (1 - self.batch_discount.get(model, 0.0)) if batch else usd
@@ -395,7 +395,7 @@ class Governor:
         Token rate limits do not apply; token budgets count the audio as TOKENS_PER_AUDIO_SECOND per second.
         """
         tokens = audio_tokens(audio_seconds)
-        usd = self.prices.audio_usd(model, audio_seconds, batch, images)
+        usd = self.prices.media_usd(model, audio_seconds, batch, images)
         grant = self.plan(key, endpoint, model, request_id, 0, tokens, usd)
         speech = grant._replace(rates=[r for r in grant.rates if r.unit == "requests"], audio=not images,
                                 batch=batch, images=images)
@@ -574,10 +574,10 @@ class Governor:
         arguments are ignored for it.
         """
         if grant.images:
-            used, usd = 0, self.prices.audio_usd(model, 0.0, grant.batch, grant.images)
+            used, usd = 0, self.prices.media_usd(model, 0.0, grant.batch, grant.images)
         elif grant.audio:
             seconds = self._audio_spent.pop(grant.request_id, 0.0)
-            used, usd = audio_tokens(seconds), self.prices.audio_usd(model, seconds, grant.batch)
+            used, usd = audio_tokens(seconds), self.prices.media_usd(model, seconds, grant.batch)
             SPEND.labels(grant.tenant_id, "audio_seconds").inc(seconds)
         else:
             prompt = prompt_tokens if prompt_tokens is not None else grant.prompt_estimate

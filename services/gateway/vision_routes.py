@@ -35,14 +35,13 @@ from contracts.vision import (
     vision_chunk_decoder,
     vision_encoder,
 )
-from services.gateway.audio_routes import _discard, _media_store
+from services.gateway.audio_routes import _discard, put_media
 from services.gateway.auth import KeyRecord
 from services.gateway.dispatch import Served
 from services.gateway.errors import from_validation, json_response
 from services.gateway.openai_routes import VERSION_HEADER, _timeout
 from services.gateway.state import GATEWAY, Gateway
-from services.runtime import bus, settings
-from services.runtime import logging as log
+from services.runtime import settings
 
 routes = web.RouteTableDef()
 
@@ -224,12 +223,7 @@ async def analyse(
         route = gw.catalogue.route(model, "vision", key_id=key.id)
         vision = VisionRequest(request_id=rid, model=model, task=task, top_k=top_k, attempt=attempt)
         if len(data) > INLINE_MAX:
-            try:
-                store = await _media_store(gw)
-                await store.put(rid, data)
-            except (bus.errors.Error, TimeoutError) as exc:
-                log.get("gateway").warning("media_store_failed", error=repr(exc))
-                raise InferBusError("internal_error", "Could not store the image for the worker; retry") from None
+            store = await put_media(gw, rid, data, "image")
             vision = msgspec.structs.replace(vision, object_name=rid)
         else:
             vision = msgspec.structs.replace(vision, image=data)

@@ -29,9 +29,21 @@ from services.runtime.usage import UsagePublisher
 
 T = TypeVar("T")
 THROUGHPUT_WINDOW_S = 5.0
-# True while the current task serves a batch line (header Inferbus-Batch): an engine that schedules its own
-# work (llama.cpp's continuous batching) runs it below interactive requests.
-BATCH_LINE: ContextVar[bool] = ContextVar("inferbus_batch_line", default=False)
+# The bus headers of the request the current task serves (`_serve` runs each request in a task of its own): what
+# an engine or a worker kind reads of them (a batch line's mark, an ASR hand-off).
+REQUEST_HEADERS: ContextVar[dict[str, str] | None] = ContextVar("inferbus_request_headers", default=None)
+
+
+def request_header(name: str) -> str | None:
+    """A header of the request the current task serves (None: not there, or no request)."""
+    headers = REQUEST_HEADERS.get()
+    return headers.get(name) if headers else None
+
+
+def batch_line() -> bool:
+    """The current task serves a batch line (header Inferbus-Batch): an engine that schedules its own work
+    (llama.cpp's continuous batching) runs it below interactive requests."""
+    return request_header(BATCH_HEADER) is not None
 
 
 class Request(Protocol):
@@ -300,14 +312,14 @@ class Worker(Generic[RequestT, TallyT]):
         if rid in self.active:
             await out.send(ErrorChunk, "invalid_request", f"request id {rid!r} is already running")
             return
-        if msg.headers and BATCH_HEADER in msg.headers:
-            if not self._room_for_batch():
+        if msg.headers:
+            REQUEST_HEADERS.set(msg.headers)  # this request's own task: its context ends with it
+            if BATCH_HEADER in msg.headers and not self._room_for_batch():
                 # Before Accepted: the caller sees that no worker took it (not a try of the line; no usage row).
                 self.batch_deferred += 1
                 await out.send(ErrorChunk, "deferred", "this worker keeps its free slots for interactive requests;"
                                " the batch line waits", 0.25)
                 return
-            BATCH_LINE.set(True)  # this request's own task: its context ends with it
         task = asyncio.current_task()
         assert task is not None
         self.active[rid] = task

@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 
+from contracts.batch import BATCH_HEADER
 from contracts.errors import InferBusError
 from contracts.llm import GenerateRequest, Message, ResponseFormat
 from services.llm import engines
 from services.llm.engines.base import Piece
-from services.runtime.worker import BATCH_LINE
+from services.runtime.worker import REQUEST_HEADERS
 
 pytestmark = pytest.mark.model
 
@@ -158,10 +159,10 @@ async def test_structured_output_and_logprobs_run_in_the_batch(engine: Any) -> N
 
 async def _batch_lines(engine: Any, requests: list[GenerateRequest], events: list[str] | None = None,
                        started: list[asyncio.Event] | None = None) -> list[asyncio.Task[str]]:
-    """`requests` as batch lines (the worker's BATCH_LINE, set in each line's own task), running."""
+    """`requests` as batch lines (a batch line's header in each line's own task, as the worker sets it), running."""
 
     async def line(i: int) -> str:
-        BATCH_LINE.set(True)
+        REQUEST_HEADERS.set({BATCH_HEADER: "batch_test"})
         text = ""
         async for piece in engine.generate(engine.prepare(requests[i]), requests[i]):
             text += piece.text

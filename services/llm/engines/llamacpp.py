@@ -31,7 +31,7 @@ from services.llm.engines.grammar import BARE_TRIGGER, TRIGGER, grammar_for
 from services.llm.engines.llamacpp_batch import BatchDecoder
 from services.llm.engines.sampling import VerifyingSampler
 from services.llm.engines.toolcalls import ToolCallParser, template_messages
-from services.runtime.worker import BATCH_LINE
+from services.runtime.worker import batch_line
 from services.weights import SPLIT_FILES, local, search_dirs
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -177,7 +177,7 @@ class LlamaCppEngine:
         assert isinstance(prepared.prompt, list)
         plan = prepared.plan if isinstance(prepared.plan, Plan) else None
         limit = min(request.max_tokens, self.n_ctx - len(prepared.prompt))
-        return self._batch.stream(Generation(self, request, plan, limit), prepared.prompt, low=BATCH_LINE.get())
+        return self._batch.stream(Generation(self, request, plan, limit), prepared.prompt, low=batch_line())
 
     @staticmethod
     def _piece(text: str, tokens: int, finish: str | None, parser: ToolCallParser | None,

@@ -1,6 +1,6 @@
 """Continuous batching on one llama.cpp context: every running sequence advances in one `llama_decode` a step.
 
-Batch lines (the worker's BATCH_LINE) run below interactive requests: see `BatchDecoder._step`.
+Batch lines (the worker's `batch_line()`) run below interactive requests: see `BatchDecoder._step`.
 
 One thread (the engine's executor) owns the context. Each step puts one token per running sequence and a
 chunk of the prompts of sequences that joined into one batch, decodes it once, then lets each sequence sample

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import time
-from contextvars import ContextVar
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -23,7 +22,7 @@ from contracts.speech import (
     asr_request_decoder,
 )
 from services.runtime import bus, worker
-from services.runtime.bus import Connection, Msg
+from services.runtime.bus import Connection
 from services.runtime.replies import ReplyStream
 from services.runtime.usage import UsagePublisher
 from services.runtime.worker import Metrics, Worker
@@ -45,8 +44,6 @@ RTF = Histogram(
 MULTILINGUAL_HINT = "whisper-base"
 MAX_BEAM = 10
 REFERENCE_S = (1.0, 10.0)  # a known speaker's reference clip, seconds
-# The languages the caller of this request's task has another model for (handoff.HANDOFF_HEADER).
-HANDOFF: ContextVar[frozenset[str]] = ContextVar("inferbus_asr_handoff", default=frozenset())
 
 
 class Tally:
@@ -112,10 +109,6 @@ class ASRWorker(Worker[TranscribeRequest, Tally]):
         if request.object_name and not tally.fetched:
             self._spawn(self._discard(request.object_name))  # refused before reading: do not leave it
 
-    async def _serve(self, msg: Msg) -> None:
-        HANDOFF.set(handoff.parse(msg.headers.get(handoff.HANDOFF_HEADER) if msg.headers else None))
-        await super()._serve(msg)
-
     def _options(self, request: TranscribeRequest) -> Options:
         """The request checked against what the engine can do, before any audio is touched."""
         if (request.audio is None) == (request.object_name is None):
@@ -147,7 +140,8 @@ class ASRWorker(Worker[TranscribeRequest, Tally]):
         # Only a multilingual model identifies the language; diarized requests are served where they land.
         routed = self.engine.multilingual and not request.diarize and request.task == "transcribe"
         return Options(request.task, language, request.prompt, request.temperature, words, request.beam_size,
-                       HANDOFF.get() if routed and language is None else frozenset())
+                       handoff.parse(worker.request_header(handoff.HANDOFF_HEADER))
+                       if routed and language is None else frozenset())
 
     def _check_speakers(self, request: TranscribeRequest) -> None:
         if self.diarizer is None:
