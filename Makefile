@@ -5,6 +5,11 @@ PY := $(VENV)/bin/python
 VLLM_VENV ?= .venv-vllm
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
+# llama.cpp compiles for the CPU it is built on (-march=native). Where the CPU advertises AMX but the machine (a VM)
+# does not run AMX code, its AMX kernels die with SIGILL (seen: `tilezero` in libggml-cpu.so); build without them
+# there. The flags reach ggml through CFLAGS/CXXFLAGS (CMake's initial C/C++ flags); explicit -mno-* win over
+# -march=native whatever their order.
+NO_AMX := $(shell grep -qw amx_tile /proc/cpuinfo 2>/dev/null && echo "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
 
 .PHONY: install browser infra-tools speech-tools tool-model up test test-core test-vllm lint bench bench-deps bench-providers
 
@@ -12,7 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	@echo "[make] installing InferBus into $(VENV) (first run builds llama-cpp-python, a few minutes)"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install --progress-bar off -e '.[llm,transformers,speech,speech-ja,embed,vision,test,dev]'
+	CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" \
+	  $(PY) -m pip install --progress-bar off -e '.[llm,transformers,speech,speech-ja,embed,vision,test,dev]'
 	touch $@
 
 install: $(VENV)/.installed
