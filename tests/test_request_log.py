@@ -36,7 +36,7 @@ from contracts.tenancy import body_logging
 from services.runtime import bus
 from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env
 from services.runtime.requestlog import RequestLogPublisher, ensure_stream
-from tests.conftest import Gateway
+from tests.conftest import BENCH_MODEL, Gateway
 from tests.test_metering import until
 
 DURABLE = "requestlog"
@@ -414,6 +414,39 @@ async def test_http_admin_requests(platform: Platform, gateway: Gateway, nc: bus
             async with http.get(url, headers=gateway.headers, params=bad) as r:
                 body = await r.json()
                 assert r.status == 400 and body["error"]["param"] == param, (bad, body)
+
+
+async def test_a_websocket_request_is_logged_as_an_http_one_is(
+    platform: Platform, gateway: Gateway, bench_worker: dict[str, Any], nc: bus.Connection
+) -> None:
+    """/v1/ws requests reach the request log from the edge: one record each, its outcome and tokens; a refused
+    one (an unknown model) with its error code."""
+    key = await ask(nc, subjects.admin("keys.create"), name="rl-ws")
+    good = {"model": BENCH_MODEL, "messages": [{"role": "user", "content": "log me"}], "max_tokens": 3}
+    ends: dict[str, dict[str, Any]] = {}
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"{gateway.url.replace('http', 'ws', 1)}/v1/ws",
+                                   headers={"Authorization": f"Bearer {key['key']}"}) as ws:
+            await ws.send_json({"type": "request", "id": "ok", "body": good})
+            await ws.send_json({"type": "request", "id": "bad", "body": {**good, "model": "no-such-model"}})
+            while len(ends) < 2:
+                event = await ws.receive_json(timeout=30)
+                if event["type"] in ("done", "error"):
+                    ends[event["id"]] = event
+
+        async def logged() -> list[dict[str, Any]] | None:
+            async with http.get(f"{gateway.url}/v1/admin/requests", headers=gateway.headers,
+                                params={"key_id": key["info"]["id"], "since": "1h"}) as r:
+                assert r.status == 200, await r.text()
+                rows = (await r.json())["data"]
+                return rows if len(rows) >= 2 else None
+
+        rows = {r["model"]: r for r in await until(logged, "two request-log records of the socket")}
+    assert ends["ok"]["type"] == "done" and ends["bad"]["type"] == "error", ends
+    ok, bad = rows[BENCH_MODEL], rows["no-such-model"]
+    assert (ok["status"], ok["streamed"], ok["http_status"]) == ("ok", True, 200)
+    assert ok["completion_tokens"] == ends["ok"]["usage"]["completion_tokens"] == 3
+    assert (bad["status"], bad["error_code"]) == ("error", ends["bad"]["error"]["code"])
 
 
 async def test_logging_settings_on_tenants_and_keys(gateway: Gateway, nc: bus.Connection,

@@ -332,6 +332,75 @@ async def test_a_batch_lines_spans_name_its_batch(platform: Gateway, nc: bus.Con
     assert gateway.attributes["inferbus.batch.id"] == worker.attributes["inferbus.batch.id"] == "batch_traced"
 
 
+async def test_websocket_requests_have_gateway_spans(platform: Gateway, receiver: Receiver) -> None:
+    """/v1/ws: each request its own SERVER span, the child of the event's `traceparent` (else the upgrade
+    request's), the worker's span its child; usage as in the `done` event."""
+    socket_trace, socket_client = secrets.token_hex(16), secrets.token_hex(8)
+    event_trace, event_client = secrets.token_hex(16), secrets.token_hex(8)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "over the socket"}], "max_tokens": 3}
+    done: dict[str, Any] = {}
+    async with aiohttp.ClientSession() as http, http.ws_connect(
+        f"{platform.url.replace('http', 'ws', 1)}/v1/ws",
+        headers={**platform.headers, "traceparent": traceparent(socket_trace, socket_client)},
+    ) as ws:
+        await ws.send_json({"type": "request", "id": "a", "body": body})
+        await ws.send_json({"type": "request", "id": "b", "body": body,
+                            "traceparent": traceparent(event_trace, event_client)})
+        while len(done) < 2:
+            event = await ws.receive_json(timeout=30)
+            assert event["type"] != "error", event
+            if event["type"] == "done":
+                done[event["id"]] = event
+    for trace_id, client, rid in ((socket_trace, socket_client, "a"), (event_trace, event_client, "b")):
+        await receiver.until(f"gateway and worker spans of ws request {rid}", lambda t=trace_id: {
+            s.service for s in receiver.of_trace(t)} >= {"inferbus-gateway", "inferbus-llm"})
+        spans = receiver.of_trace(trace_id)
+        gateway = one(spans, service="inferbus-gateway")
+        worker = one(spans, service="inferbus-llm")
+        assert (gateway.name, gateway.kind, gateway.parent_id) == ("WS /v1/ws chat.completions", SERVER, client)
+        assert worker.parent_id == gateway.span_id and worker.kind == SERVER
+        a = gateway.attributes
+        assert a["inferbus.transport"] == "websocket" and a["inferbus.ws.request_id"] == rid
+        assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.response.model"] == MODEL
+        usage = done[rid]["usage"]
+        assert (a["gen_ai.usage.input_tokens"], a["gen_ai.usage.output_tokens"]) == (
+            usage["prompt_tokens"], usage["completion_tokens"]) and usage["completion_tokens"] == 3
+        assert gateway.status_code != 2
+
+
+async def test_a_realtime_response_has_a_gateway_span(platform: Gateway, receiver: Receiver) -> None:
+    """/v1/realtime: a response's span is the child of the upgrade request's `traceparent` and the parent of the
+    LLM worker's span; its usage is the `response.done` event's."""
+    trace_id, client = secrets.token_hex(16), secrets.token_hex(8)
+    async with aiohttp.ClientSession() as http, http.ws_connect(
+        f"{platform.url.replace('http', 'ws', 1)}/v1/realtime?model={MODEL}",
+        headers={**platform.headers, "traceparent": traceparent(trace_id, client)},
+    ) as ws:
+        for event in ({"type": "session.update", "session": {"type": "realtime", "output_modalities": ["text"],
+                                                             "max_output_tokens": 4}},
+                      {"type": "conversation.item.create", "item": {
+                          "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]}},
+                      {"type": "response.create"}):
+            await ws.send_json(event)
+        while (event := await ws.receive_json(timeout=30))["type"] != "response.done":
+            assert event["type"] != "error", event
+    response = event["response"]
+    assert response["status"] == "completed", response
+    await receiver.until("the realtime response's gateway and worker spans", lambda: {
+        s.service for s in receiver.of_trace(trace_id)} >= {"inferbus-gateway", "inferbus-llm"})
+    spans = receiver.of_trace(trace_id)
+    gateway = one(spans, service="inferbus-gateway")
+    worker = one(spans, service="inferbus-llm")
+    assert (gateway.name, gateway.kind, gateway.parent_id) == (f"realtime response {MODEL}", SERVER, client)
+    assert worker.parent_id == gateway.span_id
+    a = gateway.attributes
+    assert a["inferbus.transport"] == "realtime" and a["inferbus.realtime.response_id"] == response["id"]
+    assert a["gen_ai.request.model"] == MODEL and a["inferbus.realtime.status"] == "completed"
+    assert (a["gen_ai.usage.input_tokens"], a["gen_ai.usage.output_tokens"]) == (
+        response["usage"]["input_tokens"], response["usage"]["output_tokens"])
+    assert response["usage"]["output_tokens"] > 0
+
+
 async def traced_soon(receiver: Receiver, trace_id: str) -> bool:
     """Whether spans of `trace_id` arrive within a second (no: an untraced gateway ran it)."""
     try:

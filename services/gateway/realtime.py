@@ -67,6 +67,7 @@ from contracts.speech import (
     tts_chunk_decoder,
 )
 from contracts.speech import SpeechDone as SpeechDoneChunk
+from services.gateway import traced
 from services.gateway.auth import KeyRecord, bearer
 from services.gateway.errors import from_validation
 from services.gateway.governance import Grant
@@ -96,6 +97,7 @@ from services.gateway.state import GATEWAY, Gateway
 from services.gateway.vad import Detector, Thresholds
 from services.gateway.vad import create as create_vad
 from services.runtime import logging as log
+from services.runtime import tracing
 
 routes = web.RouteTableDef()
 
@@ -231,6 +233,7 @@ class Session:
         self.tasks: set[asyncio.Task[None]] = set()
         self.transcribing: set[asyncio.Task[None]] = set()  # committed turns not transcribed yet
         self.ending = False  # revoked: the close is on its way, nothing more is read
+        self.traceparent: str | None = None  # the upgrade request's: the parent of the session's spans
         self.logger = log.get("realtime")
 
     # ---- plumbing ----------------------------------------------------------------------------
@@ -689,20 +692,35 @@ class Session:
                                     filename="turn.wav", language=tr.language, prompt=prompt,
                                     beam_size=tr.beam_size)
         turn.sent += len(pcm)
-        route = self.gw.catalogue.route(turn.model, "asr", key_id=self.key.id)
-        chunks = self.gw.dispatcher.open(
-            "asr", turn.model, route, asr_encoder.encode(request), request.request_id, decoder=asr_chunk_decoder,
-            terminal=(Transcript,), progress=(Segment,), retries=0, deadline=time.time() + 120,
-            headers=self.gw.bus_headers(None, self.key),
-        )
-        text = ""
+        span = traced.socket_span(f"realtime transcription {turn.model}", self.traceparent, {
+            tracing.OPERATION: "transcription", traced.TRANSPORT: "realtime", tracing.REQUEST_MODEL: turn.model,
+            "inferbus.request.id": request.request_id,
+        })
+        error: str | None = None
         try:
-            async for chunk in chunks:
-                if isinstance(chunk, Transcript):
-                    text = chunk.text.strip()
+            route = self.gw.catalogue.route(turn.model, "asr", key_id=self.key.id)
+            chunks = self.gw.dispatcher.open(
+                "asr", turn.model, route, asr_encoder.encode(request), request.request_id, decoder=asr_chunk_decoder,
+                terminal=(Transcript,), progress=(Segment,), retries=0, deadline=time.time() + 120,
+                headers=self.gw.bus_headers(None, self.key),
+            )
+            text = ""
+            try:
+                async for chunk in chunks:
+                    if isinstance(chunk, Transcript):
+                        text = chunk.text.strip()
+            finally:
+                await chunks.aclose()
+            return text
+        except InferBusError as exc:
+            error = exc.code
+            raise
+        except asyncio.CancelledError:
+            error = "cancelled"
+            raise
         finally:
-            await chunks.aclose()
-        return text
+            if span is not None:
+                span.end(error)
 
     # ---- a response: LLM tokens -> sentences -> TTS audio ------------------------------------
 
@@ -753,6 +771,10 @@ class Session:
         tts_grant: Grant | None = None
         status, reason = "completed", None
         tokens: AsyncGenerator[Any, None] | None = None
+        # The response's span: the LLM request and each sentence's TTS request (the speaker task) are its children.
+        span = traced.socket_span(f"realtime response {self.alias(self.config.model)}", self.traceparent, {
+            tracing.OPERATION: "chat", traced.TRANSPORT: "realtime", "inferbus.realtime.response_id": response_id,
+        })
         try:
             if audio_out:
                 tts_grant = await self.gw.admit_request(self.key, "/v1/realtime", "tts", tts_model,
@@ -804,6 +826,10 @@ class Session:
                 speaker.cancel()  # closes its TTS stream: the worker hears the cancel
                 await asyncio.gather(speaker, return_exceptions=True)
             self.gw.release(self.key, tts_grant, tts_model)
+            if span is not None:
+                span.end(reason if status == "failed" else None, {  # a barge-in's cancel is no failure
+                    "inferbus.realtime.status": status, tracing.INPUT_TOKENS: usage["input_tokens"],
+                    tracing.OUTPUT_TOKENS: usage["output_tokens"]})
         transcript = "".join(text)
         live = spec is None or spec.live
         if transcript and live:
@@ -914,6 +940,7 @@ async def realtime(request: web.Request) -> web.WebSocketResponse:
                                max_msg_size=MAX_EVENT_BYTES)
     await ws.prepare(request)
     session = Session(gw, ws, key, model, beta="realtime=v1" in request.headers.get("OpenAI-Beta", ""))
+    session.traceparent = request.headers.get("traceparent")
     if dictation:
         session.transcription_only = True
         session.config = msgspec.structs.replace(session.config, type="transcription")

@@ -1,8 +1,10 @@
-"""The gateway's HTTP server span per inference request (installed only when tracing is on)."""
+"""The gateway's server span per inference request: HTTP routes through a middleware (installed only when tracing
+is on), a WebSocket's requests (/v1/ws, /v1/realtime) one by one with `socket_span`."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from aiohttp import web
 
@@ -24,6 +26,16 @@ OPERATIONS = {
     "/v1/vision/ocr": "ocr",
     "/v1/moderations": "moderation",
 }
+
+TRANSPORT = "inferbus.transport"  # "websocket" (/v1/ws), "realtime" (/v1/realtime); HTTP spans have http.*
+
+
+def socket_span(name: str, traceparent: str | None, attributes: dict[str, Any]) -> tracing.Active | None:
+    """A SERVER span for one request on a socket (None when tracing is off), current in the calling task until
+    its `end`: the child of `traceparent` (the request's own or the upgrade request's), else a root."""
+    if tracing.tracer is None:
+        return None
+    return tracing.start(name, {"traceparent": traceparent} if traceparent else None, attributes)
 
 
 @web.middleware

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal, NamedTuple
 
@@ -25,12 +26,15 @@ from contracts.llm import (
     chat_to_generate,
     completion_to_generate,
 )
+from services.gateway import traced
 from services.gateway.auth import KeyRecord, bearer
+from services.gateway.dispatch import Served
 from services.gateway.errors import from_validation
-from services.gateway.formats import chat_logprobs, completion_logprobs, merged, usage_body
+from services.gateway.formats import Outcome, chat_logprobs, completion_logprobs, merged, usage_body
 from services.gateway.openai_routes import CHAT_PARAMS, engine_params
 from services.gateway.state import GATEWAY, Gateway
 from services.runtime import logging as log
+from services.runtime import tracing
 
 routes = web.RouteTableDef()
 
@@ -44,6 +48,7 @@ class ClientEvent(msgspec.Struct, forbid_unknown_fields=True):
     endpoint: Endpoint = "chat.completions"
     body: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
     api_key: str | None = None
+    traceparent: str | None = None  # W3C trace context of this request (else the socket's upgrade request's)
 
 
 _event_decoder = msgspec.json.Decoder(ClientEvent)
@@ -68,6 +73,7 @@ class DeltaFields:
     """
 
     def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
         self.chat = endpoint == "chat.completions"
         self.offset = 0  # a completion's logprobs' text_offset, counted in tokens as the whole response does
 
@@ -89,9 +95,11 @@ class DeltaFields:
 
 
 class Socket:
-    def __init__(self, gw: Gateway, ws: web.WebSocketResponse, key: KeyRecord | None) -> None:
+    def __init__(self, gw: Gateway, ws: web.WebSocketResponse, key: KeyRecord | None,
+                 traceparent: str | None = None) -> None:
         self.gw = gw
         self.ws = ws
+        self.traceparent = traceparent  # the upgrade request's: the parent of requests that name none
         self.key: KeyRecord | None = None
         self.auth_failures = 0
         self.ending = False  # an error was sent and the close is on its way: nothing more is read
@@ -180,7 +188,8 @@ class Socket:
             self.send(_error(exc, rid))
             return
         assert rid is not None
-        task = asyncio.create_task(self._run(rid, gen, DeltaFields(event.endpoint)))
+        parent = event.traceparent or self.traceparent
+        task = asyncio.create_task(self._run(rid, gen, DeltaFields(event.endpoint), parent, bytes(event.body)))
         self.running[rid] = task
         task.add_done_callback(lambda _: self.running.pop(rid, None))
 
@@ -197,13 +206,35 @@ class Socket:
         except RecursionError:
             raise invalid(TOO_DEEP, "body") from None
 
-    async def _run(self, rid: str, gen: GenerateRequest, fields: DeltaFields) -> None:
-        seq = 0
+    async def _run(self, rid: str, gen: GenerateRequest, fields: DeltaFields, parent: str | None,
+                   body: bytes) -> None:
+        """One request of the socket, in its own task: its span (when tracing is on) and request-log record as
+        an HTTP request has them; errors are the request's error event, never the socket's end."""
+        span = traced.socket_span(f"WS /v1/ws {fields.endpoint}", parent, {
+            "http.route": "/v1/ws", tracing.OPERATION: "chat" if fields.chat else "text_completion",
+            traced.TRANSPORT: "websocket", "inferbus.ws.request_id": rid,
+        })
+        admitted = time.monotonic()
         key = self.key
         assert key is not None
+        served, outcome = Served(), Outcome()
+        try:
+            await self._answer(rid, gen, fields, key, served, outcome)
+        finally:
+            error = outcome.error
+            self.gw.log_request(key, request_id=gen.request_id, kind="llm", model=gen.model, admitted=admitted,
+                                served=served, error=error, http_status=error.http_status if error else 200,
+                                usage=outcome.usage, streamed=True, request_body=body, response_text=outcome.text)
+            if span is not None:
+                span.end(error.code if error else None)
+
+    async def _answer(self, rid: str, gen: GenerateRequest, fields: DeltaFields, key: KeyRecord, served: Served,
+                      outcome: Outcome) -> None:
+        seq = 0
         try:
             grant = await self.gw.admit(key, "/v1/ws", gen)
         except InferBusError as exc:
+            outcome.error = exc
             self.send(_error(exc, rid))
             return
         chunks = self.gw.dispatcher.generate(
@@ -212,6 +243,7 @@ class Socket:
             timeout_s=self.gw.settings.request_timeout_s,
             headers=self.gw.bus_headers(None, key),
             key_id=key.id,
+            served=served,
         )
         if grant is not None:
             assert self.gw.governor is not None
@@ -220,23 +252,29 @@ class Socket:
             with fields.params():
                 async for chunk in chunks:
                     if isinstance(chunk, Accepted):
+                        outcome.started = True
                         self.send({"type": "accepted", "id": rid, "request_id": gen.request_id,
                                    "version": chunk.version})
                     elif isinstance(chunk, Delta):
+                        outcome.add(chunk)
                         extra = fields.of(chunk)
                         if chunk.text or extra:  # a token that shows nothing (a call's markup) is no event
                             self.send({"type": "delta", "id": rid, "seq": seq, "text": chunk.text, **extra})
                             seq += 1
                     elif isinstance(chunk, Final):
+                        outcome.usage = chunk.usage
                         self.send({"type": "done", "id": rid, "finish_reason": chunk.finish_reason,
                                    "usage": usage_body(chunk.usage), "version": chunk.version})
         except InferBusError as exc:
+            outcome.error = exc
             self.send(_error(exc, rid))
         except asyncio.CancelledError:
-            self.send(_error(InferBusError("cancelled", "cancelled by the client"), rid))
+            outcome.error = InferBusError("cancelled", "cancelled by the client")
+            self.send(_error(outcome.error, rid))
         except Exception:
             log.get("gateway").exception("ws_request_failed", id=rid)
-            self.send(_error(InferBusError("internal_error", "The server had an error processing your request"), rid))
+            outcome.error = InferBusError("internal_error", "The server had an error processing your request")
+            self.send(_error(outcome.error, rid))
         finally:
             await chunks.aclose()
 
@@ -258,7 +296,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         key = await gw.keys.authenticate(bearer(request.headers["Authorization"]))
     ws = web.WebSocketResponse(heartbeat=20, max_msg_size=gw.settings.max_body_bytes)
     await ws.prepare(request)
-    sock = Socket(gw, ws, key)
+    sock = Socket(gw, ws, key, request.headers.get("traceparent"))
     writer = asyncio.create_task(sock.writer())
     try:
         async for msg in ws:
