@@ -98,7 +98,7 @@ PRICES_CHANGED: Final = "metering.prices.changed"  # broadcast after a price cha
 DEAD_LETTERS: Final = "metering.admin.dead_letters.list"
 ANY_VERSION: Final = "*"
 CURRENCY: Final = "USD"
-GROUPS: Final = ("tenant", "key", "model", "kind", "day", "hour", "batch")
+GROUPS: Final = ("tenant", "key", "model", "kind", "day", "hour", "minute", "batch")
 
 
 class SetPrice(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -156,6 +156,7 @@ class UsageRow(Struct, frozen=True, kw_only=True):
     kind: str | None = None
     day: str | None = None  # YYYY-MM-DD (UTC)
     hour: str | None = None  # YYYY-MM-DDTHH:00:00Z
+    minute: str | None = None  # YYYY-MM-DDTHH:MM:00Z
     batch: bool | None = None  # grouped by batch: batch lines (true) or interactive requests (false)
     shadow: bool = False  # shadow copies: never billed, never in the totals
     requests: int = 0

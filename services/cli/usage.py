@@ -26,6 +26,7 @@ DIMS = {
     "kind": "kind",
     "day": "day",
     "hour": "hour",
+    "minute": "minute",
     "batch": "batch",
 }
 FLAGS = ("batch", "shadow")  # booleans: lower case in CSV

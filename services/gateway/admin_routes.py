@@ -23,6 +23,7 @@ from contracts.tenancy import (
 )
 from contracts.usage import UsageQuery
 from services.cli.usage import moment, render_csv
+from services.gateway.auth import KeyRecord
 from services.gateway.errors import from_validation, json_response
 from services.gateway.state import GATEWAY
 from services.gateway.tenancy import TenancyAdmin
@@ -30,12 +31,30 @@ from services.gateway.tenancy import TenancyAdmin
 routes = web.RouteTableDef()
 
 
-async def _admin(request: web.Request, typ: type[Any], **fields: Any) -> tuple[TenancyAdmin, Any]:
-    """The caller must hold an admin key; the body (a JSON object) plus `fields` decode as `typ`."""
-    gw = request.app[GATEWAY]
-    key = await gw.authorize(request)
+async def admin_key(request: web.Request) -> KeyRecord:
+    """The caller's key, which must have the admin scope."""
+    key = await request.app[GATEWAY].authorize(request)
     if not key.is_admin:
         raise InferBusError("permission_denied", "This endpoint needs an API key with the admin scope")
+    return key
+
+
+async def ask(request: web.Request, subject: str, body: msgspec.Struct, service: str, timeout_s: float = 10) -> Any:
+    """A control-plane service's answer to `body` on `subject` (its `Reply.result`), or its typed error; 503
+    `no_worker` naming `service` when none answers."""
+    try:
+        msg = await request.app[GATEWAY].service.bus.request(subject, msgspec.json.encode(body), timeout=timeout_s)
+    except Exception as exc:  # no responders or a timeout: the service is down
+        raise InferBusError("no_worker", f"The {service} is not answering; retry shortly") from exc
+    reply = msgspec.json.decode(msg.data, type=Reply)
+    if reply.error is not None:
+        raise InferBusError(reply.error.code, reply.error.message, param=reply.error.param)
+    return reply.result
+
+
+async def admin_body(request: web.Request, typ: type[Any], **fields: Any) -> Any:
+    """An admin's request: the body (a JSON object) plus `fields` as `typ`, the key's id as its `actor`."""
+    key = await admin_key(request)
     raw = await request.read()
     try:
         body = msgspec.json.decode(raw) if raw else {}
@@ -44,11 +63,16 @@ async def _admin(request: web.Request, typ: type[Any], **fields: Any) -> tuple[T
     if not isinstance(body, dict):
         raise invalid("The request body must be a JSON object")
     try:
-        parsed = msgspec.convert({**body, **fields, "actor": f"key:{key.id}"}, typ)
+        return msgspec.convert({**body, **fields, "actor": f"key:{key.id}"}, typ)
     except msgspec.ValidationError as exc:
         raise from_validation(exc) from None
-    assert gw.tenancy is not None
-    return gw.tenancy, parsed
+
+
+async def _admin(request: web.Request, typ: type[Any], **fields: Any) -> tuple[TenancyAdmin, Any]:
+    parsed = await admin_body(request, typ, **fields)
+    tenancy = request.app[GATEWAY].tenancy
+    assert tenancy is not None
+    return tenancy, parsed
 
 
 def _ok(result: Any, status: int = 200) -> web.Response:
@@ -149,13 +173,7 @@ async def get_usage(request: web.Request) -> web.Response:
         body = msgspec.convert(fields, UsageQuery)
     except msgspec.ValidationError as exc:
         raise from_validation(exc) from None
-    try:
-        msg = await gw.service.bus.request(usage.USAGE_QUERY, msgspec.json.encode(body), timeout=10)
-    except Exception as exc:  # no responders or a timeout: the metering service is down
-        raise InferBusError("no_worker", "The usage service is unavailable; retry shortly") from exc
-    reply = msgspec.json.decode(msg.data, type=Reply)
-    if reply.error is not None:
-        raise InferBusError(reply.error.code, reply.error.message, param=reply.error.param)
+    result = await ask(request, usage.USAGE_QUERY, body, "usage service")
     if fmt == "csv":
-        return web.Response(text=render_csv(reply.result) + "\n", content_type="text/csv")
-    return json_response(200, {"object": "usage", **reply.result})
+        return web.Response(text=render_csv(result) + "\n", content_type="text/csv")
+    return json_response(200, {"object": "usage", **result})

@@ -11,6 +11,7 @@ from services.gateway import (
     audio_routes,
     batch_routes,
     cache_routes,
+    console,
     cors,
     embeddings_routes,
     files_routes,
@@ -45,6 +46,7 @@ def build_app(gw: Gateway) -> web.Application:
     app.add_routes(vision_routes.routes)
     app.add_routes(realtime.routes)
     app.add_routes(playground.routes)
+    app.add_routes(console.routes)  # the ops console and the admin JSON it reads
     requests_routes.register(app)
     app.add_routes(files_routes.routes)
     batch_routes.register(app)  # the Batch API, and batch lines run through this gateway's dispatch

@@ -99,6 +99,12 @@ class Catalogue:
         seen = self.presence.workers.get((kind, model, version), {}).get(worker_id)
         return seen.load.engine if seen is not None else None
 
+    def live_workers(self) -> list[tuple[WorkerLoad, float]]:
+        """Every worker heard from within the presence TTL, with the seconds since its last heartbeat."""
+        now, ttl = time.monotonic(), self.presence.ttl
+        return [(s.load, now - s.at) for seen in self.presence.workers.values() for s in seen.values()
+                if now - s.at <= ttl]
+
     def listing(self) -> list[Listed]:
         names: dict[tuple[str, str], str] = {}
         for kind, model in self.tables.by_model:

@@ -8,12 +8,11 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from contracts.control import Reply
-from contracts.errors import InferBusError, invalid
+from contracts.errors import invalid
 from contracts.requestlog import REQUESTS_QUERY, RequestQuery
 from services.cli.admin import duration
+from services.gateway.admin_routes import admin_key, ask
 from services.gateway.errors import from_validation, json_response
-from services.gateway.state import GATEWAY
 
 routes = web.RouteTableDef()
 FILTERS = ("key_id", "tenant_id", "model", "status", "error_code", "cursor")
@@ -57,16 +56,6 @@ def query_of(params: Any, now: float) -> RequestQuery:
 
 @routes.get("/v1/admin/requests")
 async def list_requests(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
-    key = await gw.authorize(request)
-    if not key.is_admin:
-        raise InferBusError("permission_denied", "This endpoint needs an API key with the admin scope")
+    await admin_key(request)
     body = query_of(request.query, time.time())
-    try:
-        msg = await gw.service.bus.request(REQUESTS_QUERY, msgspec.json.encode(body), timeout=10)
-    except Exception as exc:  # no responders or a timeout: the metering service is down
-        raise InferBusError("no_worker", "The request log service is unavailable; retry shortly") from exc
-    reply = msgspec.json.decode(msg.data, type=Reply)
-    if reply.error is not None:
-        raise InferBusError(reply.error.code, reply.error.message, param=reply.error.param)
-    return json_response(200, {"object": "list", **reply.result})
+    return json_response(200, {"object": "list", **await ask(request, REQUESTS_QUERY, body, "request log service")})

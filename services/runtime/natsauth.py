@@ -68,7 +68,9 @@ ROLES: dict[str, Permissions] = {
                    "admin.keys.revoked", "admin.keys.changed", "metering.admin.prices.list",
                    "metering.admin.usage.query", "metering.admin.requests.query", "$O.INFERBUS_MEDIA.>", "$SRV.>",
                    "requestlog.>",
-                   "$KV.INFERBUS_BREAKERS.>", "batch.api.>"),
+                   "$KV.INFERBUS_BREAKERS.>", "batch.api.>",
+                   # the ops console (/console): the edge checks its admin key, the registry records it as actor
+                   "registry.admin.list", "registry.admin.show", "registry.admin.promote", "registry.admin.rollback"),
         sub_allow=(*_SERVICE_SUB, "edge.>", "admin.keys.>", "admin.tenants.>", "registry.heartbeat.>",
                    "metering.prices.changed", "batch.exec"),
         pub_deny=(*_ROUTING_WRITES, *_USAGE_CONSUMERS, *_DESTRUCTIVE),
