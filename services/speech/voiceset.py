@@ -12,6 +12,7 @@ import io
 import shutil
 import subprocess
 import wave
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -166,13 +167,16 @@ class Spoken(NamedTuple):
         return self.audio.size / RATE
 
 
-def conversation(gap_s: float = 0.4) -> Spoken:
-    """CONVERSATION spoken in turn by SPEAKERS' voices (espeak-ng needed), `gap_s` of silence after each line."""
+def conversation(gap_s: float = 0.4, lines: Sequence[tuple[str, str]] = CONVERSATION,
+                 speakers: Mapping[str, Voice] | None = None) -> Spoken:
+    """`lines` (who, text; CONVERSATION by default) spoken in turn by `speakers`' voices (SPEAKERS by default;
+    espeak-ng needed for theirs), `gap_s` of silence after each line."""
+    voices = SPEAKERS if speakers is None else speakers
     parts: list[Audio] = []
     turns: list[tuple[float, float, str]] = []
     at = 0.0
-    for who, text in CONVERSATION:
-        audio = speak(text, SPEAKERS[who])
+    for who, text in lines:
+        audio = speak(text, voices[who])
         turns.append((at, at + audio.size / RATE, who))
         parts += [audio, np.zeros(int(gap_s * RATE), np.float32)]
         at += audio.size / RATE + gap_s

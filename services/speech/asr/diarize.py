@@ -218,9 +218,26 @@ def speaker_at(turns_: list[Turn], start: float, end: float) -> str:
     return min(turns_, key=lambda t: min(abs(t.start - middle), abs(t.end - middle))).speaker
 
 
+class Errors(NamedTuple):
+    """A diarization's errors, each as a fraction of the reference's speech; `rate` is their sum (the DER)."""
+
+    missed: float
+    false_alarm: float
+    confusion: float
+
+    @property
+    def rate(self) -> float:
+        return self.missed + self.false_alarm + self.confusion
+
+
 def error_rate(reference: list[Turn], hypothesis: list[Turn], duration: float) -> float:
     """Diarization error rate over 10 ms frames: missed speech, false alarm and speaker confusion over the
     reference's speech, under the best one-to-one mapping of hypothesis speakers to reference speakers."""
+    return errors(reference, hypothesis, duration).rate
+
+
+def errors(reference: list[Turn], hypothesis: list[Turn], duration: float) -> Errors:
+    """error_rate's three parts."""
     frames = int(duration / FRAME_S) + 1
     ref_names = sorted({t.speaker for t in reference})
     hyp_names = sorted({t.speaker for t in hypothesis})
@@ -246,4 +263,4 @@ def error_rate(reference: list[Turn], hypothesis: list[Turn], duration: float) -
     missed = int(np.sum((ref >= 0) & (hyp < 0)))
     false_alarm = int(np.sum((ref < 0) & (hyp >= 0)))
     both = int(np.sum((ref >= 0) & (hyp >= 0)))
-    return (missed + false_alarm + both - correct) / max(speech, 1)
+    return Errors(missed / max(speech, 1), false_alarm / max(speech, 1), (both - correct) / max(speech, 1))
