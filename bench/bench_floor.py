@@ -33,14 +33,13 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import re
-import resource
 import secrets
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -50,11 +49,10 @@ if str(ROOT) not in sys.path:
 
 import aiohttp  # noqa: E402
 import msgspec  # noqa: E402
-import psutil  # noqa: E402
 
 from bench import fleet, harness  # noqa: E402
 from bench.bench_spine import machine  # noqa: E402
-from bench.harness import Report, say  # noqa: E402
+from bench.harness import WRK_INSTALL, Report, TreeMeter, Wrk, say, wrk, wrk_binary, wrk_script  # noqa: E402
 from bench.results import write_section  # noqa: E402
 from services.runtime import bus  # noqa: E402
 from services.runtime.embedded import NatsServer, free_port  # noqa: E402
@@ -89,18 +87,7 @@ TODAY_REF = "db14ce6"
 FULL = {"seconds": 4, "rounds": 3, "c1_seconds": 3, "c1_rounds": 5, "warmup": 2}
 QUICK = {"seconds": 2, "rounds": 1, "c1_seconds": 2, "c1_rounds": 2, "warmup": 1}
 
-WRK_INSTALL = "make bench-deps  (or: sudo apt-get install -y wrk)"
-
-
-# ---- wrk ------------------------------------------------------------------------------------------
-
-
-def wrk_binary() -> str:
-    found = shutil.which("wrk")
-    if found is None:
-        raise SystemExit(f"[bench] wrk is not installed; this benchmark drives the HTTP load with it. Install: "
-                         f"{WRK_INSTALL}")
-    return found
+# ---- the request --------------------------------------------------------------------------------
 
 
 def body(model: str, stream: bool) -> bytes:
@@ -113,107 +100,14 @@ def body(model: str, stream: bool) -> bytes:
     return msgspec.json.encode(req)
 
 
-LUA = """\
-wrk.method = "POST"
-wrk.body = [==[%(body)s]==]
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer %(key)s"
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    "WRKJSON {\\"requests\\": %%d, \\"duration_us\\": %%d, \\"bytes\\": %%d, \\"connect\\": %%d, \\"read\\": %%d, " ..
-    "\\"write\\": %%d, \\"status\\": %%d, \\"timeout\\": %%d, \\"p50\\": %%d, \\"p90\\": %%d, \\"p99\\": %%d, " ..
-    "\\"max\\": %%d, \\"mean\\": %%.1f}\\n",
-    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max, latency.mean))
-end
-"""
-
-
-class Wrk(NamedTuple):
-    requests: int
-    seconds: float
-    p50: float  # seconds
-    p99: float
-    errors: int
-    bytes: int
-    cpu: float  # wrk's own CPU seconds
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.seconds if self.seconds else 0.0
-
-
-async def wrk(url: str, script: Path, concurrency: int, seconds: int) -> Wrk:
-    """One wrk run: one thread, `concurrency` keep-alive connections, `seconds` long."""
-    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = await asyncio.create_subprocess_exec(
-        wrk_binary(), "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script), url,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-    out, _ = await proc.communicate()
-    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    text = out.decode(errors="replace")
-    m = re.search(r"^WRKJSON (\{.*\})$", text, re.M)
-    if proc.returncode != 0 or m is None:
-        raise RuntimeError(f"wrk failed (exit {proc.returncode}):\n{text[-2000:]}")
-    r = msgspec.json.decode(m.group(1))
-    errors = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
-    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
-    return Wrk(r["requests"], r["duration_us"] / 1e6, r["p50"] / 1e6, r["p99"] / 1e6, errors, r["bytes"], cpu)
-
-
-# ---- CPU of whole process trees ---------------------------------------------------------------------
-
-
-class TreeMeter:
-    """CPU seconds of named process trees (a process and its descendants, e.g. PostgreSQL's backends) over a
-    window, and the cores everything else on the machine used meanwhile."""
-
-    others: list[float] = []  # cores used outside the bench, one entry per window
-
-    def __init__(self, pids: dict[str, int]) -> None:
-        self.roots = pids
-
-    @staticmethod
-    def _busy() -> float:
-        t = psutil.cpu_times()
-        return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
-
-    def _sample(self) -> dict[str, dict[int, float]]:
-        out: dict[str, dict[int, float]] = {}
-        for name, pid in self.roots.items():
-            per: dict[int, float] = {}
-            with contextlib.suppress(psutil.Error):
-                root = psutil.Process(pid)
-                for p in [root, *root.children(recursive=True)]:
-                    with contextlib.suppress(psutil.Error):
-                        c = p.cpu_times()
-                        per[p.pid] = c.user + c.system
-            out[name] = per
-        return out
-
-    def start(self) -> None:
-        self.t0, self.busy0, self.s0 = time.perf_counter(), self._busy(), self._sample()
-
-    def stop(self, client_cpu: float) -> None:
-        self.wall = time.perf_counter() - self.t0
-        busy = self._busy() - self.busy0
-        s1 = self._sample()
-        # A process that ended within the window loses its CPU time here; one that started counts from zero.
-        self.used = {n: sum(t - self.s0[n].get(pid, 0.0) for pid, t in s1[n].items()) for n in self.roots}
-        self.client = client_cpu
-        self.other = max(0.0, busy - sum(self.used.values()) - client_cpu) / self.wall
-        TreeMeter.others.append(self.other)
-
-
 # ---- the systems under test --------------------------------------------------------------------------
 
 
 class Target(NamedTuple):
     url: str
     scripts: dict[str, Path]  # mode -> wrk script
-    pids: dict[str, int]  # process tree roots whose CPU is the platform's
+    pids: Mapping[str, int | Sequence[int]]  # process tree roots whose CPU is the platform's, by name or group
+    threads: int = 1  # wrk threads (a script may send each to a server of its own)
 
 
 class Platform(NamedTuple):
@@ -225,9 +119,7 @@ class Platform(NamedTuple):
 
 
 def script(root: Path, name: str, model: str, stream: bool, key: str) -> Path:
-    path = root / f"wrk-{name}.lua"
-    path.write_text(LUA % {"body": body(model, stream).decode(), "key": key})
-    return path
+    return wrk_script(root / f"wrk-{name}.lua", body(model, stream), key)
 
 
 async def start_inferbus(infra: EmbeddedStack, procs: list[ServiceProcess]) -> Platform:
@@ -362,7 +254,7 @@ class Window(NamedTuple):
 async def window(target: Target, mode: str, concurrency: int, seconds: int) -> Window:
     meter = TreeMeter(target.pids)
     meter.start()
-    run = await wrk(target.url, target.scripts[mode], concurrency, seconds)
+    run = await wrk(target.url, target.scripts[mode], concurrency, seconds, target.threads)
     meter.stop(run.cpu)
     return Window(run, meter.used, meter.other)
 

@@ -146,9 +146,9 @@ import msgspec  # noqa: E402
 import psutil  # noqa: E402
 
 from bench import fleet, harness  # noqa: E402
-from bench.bench_floor import LUA, TreeMeter, Wrk, body, fingerprint, loop_of, wrk, wrk_binary  # noqa: E402
+from bench.bench_floor import body, fingerprint, loop_of  # noqa: E402
 from bench.bench_spine import machine  # noqa: E402
-from bench.harness import Report, say  # noqa: E402
+from bench.harness import LUA, Report, TreeMeter, Wrk, say, wrk, wrk_binary  # noqa: E402
 from bench.results import write_section  # noqa: E402
 from services.runtime import bus  # noqa: E402
 from services.runtime.embedded import free_port  # noqa: E402

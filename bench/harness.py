@@ -6,6 +6,10 @@
 The stack (nats-server, PostgreSQL, Redis from the wheels) lives in a fresh temporary folder; every
 process the benchmark appends to `procs` is stopped at the end, on failure too (SIGTERM included);
 the folder is removed after a clean run and kept, with log tails printed, after a failed one.
+
+The HTTP load generator the benchmarks share is wrk (`wrk_script`, `wrk`: keep-alive connections, POST bodies,
+percentiles through a Lua script), and their CPU accounting `TreeMeter` (CPU seconds of process trees over a
+window, and what the rest of the machine used meanwhile).
 """
 
 from __future__ import annotations
@@ -16,18 +20,24 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
+import resource
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+import msgspec
+import psutil
 
 from services.runtime.local import EmbeddedStack, ServiceProcess
 
-Bench = Callable[[EmbeddedStack, list[ServiceProcess]], Awaitable[None]]
+Bench = Callable[[EmbeddedStack, list[ServiceProcess]], Coroutine[Any, Any, None]]
 
 
 class Outcome(NamedTuple):
@@ -200,3 +210,134 @@ def markdown(
         *([f"- {f}" for f in outcome.findings] or ["- none"]),
         "",
     ])
+
+
+WRK_INSTALL = "make bench-deps  (or: sudo apt-get install -y wrk)"
+
+
+# ---- wrk ------------------------------------------------------------------------------------------
+
+
+def wrk_binary() -> str:
+    found = shutil.which("wrk")
+    if found is None:
+        raise SystemExit(f"[bench] wrk is not installed; this benchmark drives the HTTP load with it. Install: "
+                         f"{WRK_INSTALL}")
+    return found
+
+
+LUA = """\
+wrk.method = "POST"
+wrk.body = [==[%(body)s]==]
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %(key)s"
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "WRKJSON {\\"requests\\": %%d, \\"duration_us\\": %%d, \\"bytes\\": %%d, \\"connect\\": %%d, \\"read\\": %%d, " ..
+    "\\"write\\": %%d, \\"status\\": %%d, \\"timeout\\": %%d, \\"p50\\": %%d, \\"p90\\": %%d, \\"p99\\": %%d, " ..
+    "\\"max\\": %%d, \\"mean\\": %%.1f}\\n",
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max, latency.mean))
+end
+"""
+
+# wrk connects every thread to the URL's address; this sends thread i to port i (round-robin over the list), so
+# one wrk (one latency histogram) spreads its connections evenly over several servers.
+LUA_PORTS = """\
+local ports = {%(ports)s}
+local threads = 0
+function setup(thread)
+  thread.addr = wrk.lookup(wrk.host, tostring(ports[threads %% #ports + 1]))[1]
+  threads = threads + 1
+end
+"""
+
+
+def wrk_script(path: Path, body: bytes, key: str, ports: Sequence[int] = ()) -> Path:
+    """A wrk script at `path` that POSTs `body` with bearer `key`; with `ports`, thread i goes to port i (wrap)."""
+    text = LUA % {"body": body.decode(), "key": key}
+    if ports:
+        text += LUA_PORTS % {"ports": ", ".join(str(p) for p in ports)}
+    path.write_text(text)
+    return path
+
+
+class Wrk(NamedTuple):
+    requests: int
+    seconds: float
+    p50: float  # seconds
+    p99: float
+    errors: int
+    bytes: int
+    cpu: float  # wrk's own CPU seconds
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+async def wrk(url: str, script: Path, concurrency: int, seconds: int, threads: int = 1) -> Wrk:
+    """One wrk run: `threads` threads, `concurrency` keep-alive connections over them, `seconds` long (wrk's CPU:
+    from the children's rusage, so run one at a time)."""
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = await asyncio.create_subprocess_exec(
+        wrk_binary(), f"-t{threads}", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script), url,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    text = out.decode(errors="replace")
+    m = re.search(r"^WRKJSON (\{.*\})$", text, re.M)
+    if proc.returncode != 0 or m is None:
+        raise RuntimeError(f"wrk failed (exit {proc.returncode}):\n{text[-2000:]}")
+    r = msgspec.json.decode(m.group(1))
+    errors = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    return Wrk(r["requests"], r["duration_us"] / 1e6, r["p50"] / 1e6, r["p99"] / 1e6, errors, r["bytes"], cpu)
+
+
+# ---- CPU of whole process trees ---------------------------------------------------------------------
+
+
+class TreeMeter:
+    """CPU seconds of named process trees (a process and its descendants, e.g. PostgreSQL's backends; a name may
+    stand for several, e.g. "gateways") over a window, and the cores everything else on the machine used
+    meanwhile."""
+
+    others: list[float] = []  # cores used outside the bench, one entry per window
+
+    def __init__(self, pids: Mapping[str, int | Sequence[int]]) -> None:
+        self.roots = {name: [p] if isinstance(p, int) else list(p) for name, p in pids.items()}
+
+    @staticmethod
+    def _busy() -> float:
+        t = psutil.cpu_times()
+        return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
+
+    def _sample(self) -> dict[str, dict[int, float]]:
+        out: dict[str, dict[int, float]] = {}
+        for name, pids in self.roots.items():
+            per: dict[int, float] = {}
+            for pid in pids:
+                with contextlib.suppress(psutil.Error):
+                    root = psutil.Process(pid)
+                    for p in [root, *root.children(recursive=True)]:
+                        with contextlib.suppress(psutil.Error):
+                            c = p.cpu_times()
+                            per[p.pid] = c.user + c.system
+            out[name] = per
+        return out
+
+    def start(self) -> None:
+        self.t0, self.busy0, self.s0 = time.perf_counter(), self._busy(), self._sample()
+
+    def stop(self, client_cpu: float) -> None:
+        self.wall = time.perf_counter() - self.t0
+        busy = self._busy() - self.busy0
+        s1 = self._sample()
+        # A process that ended within the window loses its CPU time here; one that started counts from zero.
+        self.used = {n: sum(t - self.s0[n].get(pid, 0.0) for pid, t in s1[n].items()) for n in self.roots}
+        self.client = client_cpu
+        self.other = max(0.0, busy - sum(self.used.values()) - client_cpu) / self.wall
+        TreeMeter.others.append(self.other)

@@ -45,17 +45,14 @@ from bench.bench_floor import (  # noqa: E402
     ADMIN_KEY,
     MODEL,
     STREAM_MODEL,
-    WRK_INSTALL,
-    TreeMeter,
     create_limits_key,
     fingerprint,
     loop_of,
     script,
     start_inferbus,
-    wrk,
 )
 from bench.bench_spine import machine  # noqa: E402
-from bench.harness import say  # noqa: E402
+from bench.harness import WRK_INSTALL, TreeMeter, say, wrk  # noqa: E402
 from bench.results import write_section  # noqa: E402
 from services.runtime.local import EmbeddedStack, ServiceProcess  # noqa: E402
 
