@@ -233,18 +233,23 @@ def expressions() -> dict[str, str]:
 
 def test_every_rule_and_panel_names_exported_metrics_and_labels() -> None:
     metrics = exported()
-    assert "inferbus_llm_ttft_seconds_bucket" in metrics and "outcome" in metrics["inferbus_llm_requests_total"]
+    assert "outcome" in metrics["inferbus_llm_requests_total"]
+    # The LLM worker's vLLM names (what dashboards and autoscalers made for vLLM query), labelled as vLLM does.
+    for name in ("vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
+                 "vllm:e2e_request_latency_seconds_bucket", "vllm:num_requests_running", "vllm:num_requests_waiting",
+                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total"):
+        assert "model_name" in metrics[name], name
     scrape = {"up": {"job", "instance", "service"}}
     exprs = expressions()
     recorded = {where.removeprefix("rule ") for where in exprs if where.startswith("rule inferbus:")}
     for where, expr in exprs.items():
-        names = re.findall(r"\b(inferbus_[a-z0-9_]+)", expr)
+        names = re.findall(r"\b(inferbus_[a-z0-9_]+|vllm:[a-z0-9_:]+)", expr)
         uses = set(re.findall(r"\b(inferbus:[a-z0-9_:]+)", expr))
         assert uses <= recorded, f"{where}: {uses - recorded} is not a recording rule"
         assert names or uses or "up{" in expr, where
         for name in names:
             assert name in metrics, f"{where}: {name} is not exported by any service"
-        for name, matchers in re.findall(r"\b(inferbus_[a-z0-9_]+|up)\{([^}]*)\}", expr):
+        for name, matchers in re.findall(r"\b(inferbus_[a-z0-9_]+|vllm:[a-z0-9_:]+|up)\{([^}]*)\}", expr):
             known = metrics.get(name) or scrape.get(name, set())
             for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers):
                 assert label in known | {"instance", "job", "service"}, f"{where}: {name} has no label {label}"

@@ -22,17 +22,20 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from contracts import subjects
+from contracts.llm import Final, GenerateRequest
 from contracts.registry import Breaker
 from services.cli.up import say
 from services.runtime import bus
 from services.runtime.breakers import Breakers, BreakerState, breaker_bucket, breaker_key
 from services.runtime.embedded import NatsServer
-from services.runtime.local import EmbeddedStack, wait_http, with_identity
+from services.runtime.local import EmbeddedStack, wait_http, wait_worker, with_identity
 from services.runtime.logging import redact
 from services.runtime.metrics import sample_loop_lag
 from services.runtime.metrics import url as metrics_url
 from services.runtime.natsauth import read_credentials
-from tests.conftest import ADMIN_KEY, BENCH_MODEL, Gateway, start_gateway
+from tests.conftest import ADMIN_KEY, BENCH_MODEL, Gateway, start_gateway, start_worker
+from tests.test_registry import nats_generate
 
 PG_PASSWORD = "pg-Pa55word-" + "k" * 12
 LAG = "inferbus_event_loop_lag_seconds"
@@ -185,6 +188,59 @@ async def test_metrics_port_is_published_and_loopback_only(
     listening = [c.laddr for c in psutil.Process(gateway.proc.pid).net_connections("inet")
                  if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
     assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
+
+
+async def test_the_llm_worker_exports_vllms_metric_names(infra: EmbeddedStack, nc: bus.Connection) -> None:
+    """Time to first token, inter-token and end-to-end latency, tokens, running and waiting under vLLM's names
+    (label `model_name`), with what one token-by-token generation puts in them."""
+    model = "metrics-vllm-names"
+    proc = start_worker(infra, model, engine_options={"tokens_per_s": 400})  # one Delta per token
+    try:
+        stats = await wait_worker(nc, model, proc)
+        url = metrics_url(await instance_info(nc, "inferbus-llm", instance=stats["worker_id"]))
+        assert url is not None
+        request = GenerateRequest(request_id="vllm-names-1", model=model, max_tokens=8, prompt="one two three")
+        chunks = await nats_generate(nc, subjects.infer("llm", model, "v1"), request)
+        final = chunks[-1]
+        assert isinstance(final, Final) and final.usage.completion_tokens == 8, chunks
+        samples = await scrape(url)
+        mine = {"model_name": model, "version": "v1"}
+        assert value(samples, "vllm:time_to_first_token_seconds_count", **mine) == 1
+        assert value(samples, "vllm:e2e_request_latency_seconds_count", **mine) == 1
+        assert value(samples, "vllm:inter_token_latency_seconds_count", **mine) == 7  # between 8 tokens
+        itl = value(samples, "vllm:inter_token_latency_seconds_sum", **mine) / 7
+        assert 0.5 / 400 < itl < 0.5, itl  # paced at 400 tokens/s: ~2.5 ms apart
+        assert value(samples, "vllm:prompt_tokens_total", **mine, traffic="live") == final.usage.prompt_tokens
+        assert value(samples, "vllm:generation_tokens_total", **mine, traffic="live") == 8
+        assert value(samples, "vllm:num_requests_running", **mine) == 0
+        assert value(samples, "vllm:num_requests_waiting", **mine) == 0
+    finally:
+        proc.stop()
+
+
+def test_gpu_metrics_where_there_is_an_nvidia_gpu_and_none_elsewhere() -> None:
+    """NVML's numbers per GPU on /metrics where the NVIDIA driver runs (a lent GPU machine); on a CPU machine no
+    GPU sample at all (and no error)."""
+    from services.runtime import gpu
+
+    driver = Path("/proc/driver/nvidia/version").exists()
+    count = gpu.export()
+    assert gpu.export() == count  # once per process
+    names = ("hw_gpu_utilization_ratio", "hw_gpu_memory_usage_bytes", "hw_gpu_memory_limit_bytes",
+             "inferbus_worker_gpu_memory_bytes")
+    samples = [s for m in REGISTRY.collect() for s in m.samples if s.name in names]
+    if not driver:
+        assert count == 0 and samples == []
+        return
+    assert count >= 1 and len(samples) == 4 * count
+    for sample in samples:
+        assert sample.labels["uuid"].startswith("GPU-"), sample
+        if sample.name == "hw_gpu_utilization_ratio":
+            assert 0 <= sample.value <= 1, sample
+        elif sample.name == "hw_gpu_memory_limit_bytes":
+            assert sample.value > 2**30, sample
+        else:
+            assert sample.value >= 0, sample
 
 
 # ---- event-loop lag ---------------------------------------------------------------------------------------

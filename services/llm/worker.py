@@ -33,14 +33,25 @@ from services.runtime.usage import UsagePublisher
 from services.runtime.worker import Metrics, Worker
 
 REQUESTS = Counter("inferbus_llm_requests_total", "Generations by outcome", ["model", "version", "outcome"])
-TOKENS = Counter(
-    "inferbus_llm_tokens_total",
-    "Tokens counted by the engine tokenizer; traffic=shadow marks shadow copies (never billed)",
-    ["model", "version", "type", "traffic"],
-)
 IN_FLIGHT = Gauge("inferbus_llm_in_flight", "Generations running or queued", ["model", "version"])
-TTFT = Histogram("inferbus_llm_ttft_seconds", "Request receipt to first token", ["model", "version"])
-DURATION = Histogram("inferbus_llm_request_seconds", "Request receipt to terminal chunk", ["model", "version"])
+# vLLM's names (`vllm:*`, labelled `model_name`) where vLLM has one, so dashboards, alerts and autoscalers made for
+# vLLM read an InferBus LLM worker unchanged (whatever its engine); ours above where none exists.
+TTFT = Histogram("vllm:time_to_first_token_seconds", "Request receipt to first token", ["model_name", "version"],
+                 buckets=(0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                          10.0, 20.0, 40.0, 80.0))
+ITL = Histogram("vllm:inter_token_latency_seconds",
+                "Time between output tokens (several tokens in one message: their mean)", ["model_name", "version"],
+                buckets=(0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+                         0.3, 0.4, 0.5, 0.75, 1.0, 2.5))
+DURATION = Histogram("vllm:e2e_request_latency_seconds", "Request receipt to terminal chunk", ["model_name", "version"],
+                     buckets=(0.01, 0.025, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
+                              40.0, 50.0, 60.0, 120.0))
+# Tokens counted by the engine's tokenizer (a provider's own counts for remote versions); traffic="shadow" marks
+# shadow copies (never billed).
+PROMPT_TOKENS = Counter("vllm:prompt_tokens", "Prompt tokens processed", ["model_name", "version", "traffic"])
+GENERATION_TOKENS = Counter("vllm:generation_tokens", "Tokens generated", ["model_name", "version", "traffic"])
+RUNNING = Gauge("vllm:num_requests_running", "Generations running on the engine", ["model_name", "version"])
+WAITING = Gauge("vllm:num_requests_waiting", "Generations waiting for a slot", ["model_name", "version"])
 
 _DONE = object()
 # A prompt this short is rendered and tokenized on the loop: the hop to the thread costs more than it does.
@@ -99,8 +110,12 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
     ) -> None:
         super().__init__(nc, engine, settings, usage)
         self._ttft = TTFT.labels(*self._labels)
-        self._tokens = {(traffic, part): TOKENS.labels(*self._labels, part, traffic)
-                        for traffic in ("live", "shadow") for part in ("prompt", "completion")}
+        self._itl = ITL.labels(*self._labels)
+        self._tokens = {traffic: (PROMPT_TOKENS.labels(*self._labels, traffic),
+                                  GENERATION_TOKENS.labels(*self._labels, traffic)) for traffic in ("live", "shadow")}
+        # Read when scraped: nothing on the request path.
+        RUNNING.labels(*self._labels).set_function(lambda: len(self.active) - self.queued)
+        WAITING.labels(*self._labels).set_function(lambda: self.queued)
         self.shadow_served = 0
         self.shadow_tokens = 0
         self.faults = 0
@@ -175,6 +190,7 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
         completion = 0
         finish = "length"
         first = True
+        last = received  # when the last token went out (inter-token latency)
         try:
             while True:
                 try:
@@ -221,9 +237,13 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
                 tally.completion = completion
                 text = "".join(text_parts)
                 if text or tokens or extras is not None:
+                    now = time.monotonic()
                     if first:
-                        self._ttft.observe(time.monotonic() - received)
+                        self._ttft.observe(now - received)
                         first = False
+                    elif tokens:
+                        self._itl.observe((now - last) / tokens)
+                    last = now
                     if extras is None:
                         await out.send(Delta, text, tokens, more=done)  # done: Final follows at once
                     else:
@@ -240,8 +260,9 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
         if request.shadow:
             self.shadow_served += 1
             self.shadow_tokens += prompt_tokens + completion
-        self._tokens[traffic, "prompt"].inc(prompt_tokens)
-        self._tokens[traffic, "completion"].inc(completion)
+        prompt_counter, generation_counter = self._tokens[traffic]
+        prompt_counter.inc(prompt_tokens)
+        generation_counter.inc(completion)
         tally.finish = finish
         await out.send(Final, finish, Usage(prompt_tokens, completion), self.s.version)
 

@@ -83,7 +83,8 @@ class Engine(Protocol):
 
 @dataclass(frozen=True)
 class Metrics:
-    """A kind's own Prometheus metrics the skeleton keeps, all labelled model and version."""
+    """A kind's own Prometheus metrics the skeleton keeps, all labelled with the model and the version (in that
+    order; the LLM's duration is vLLM's, whose model label is `model_name`)."""
 
     requests: Counter  # ... and outcome
     in_flight: Gauge

@@ -6,8 +6,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from services.runtime import gpu, service, settings, usage
 from services.runtime import logging as log
-from services.runtime import service, settings, usage
 from services.runtime.bus import Connection
 from services.runtime.worker import Engine, Worker, WorkerSettings
 
@@ -54,6 +54,7 @@ async def serve(
     def progress(step: str, fraction: float) -> None:
         logger.info("model_loading", model=cfg.model, engine=cfg.engine, step=step, progress=f"{fraction:.0%}")
 
+    gpu.export()  # GPU utilization and memory on /metrics, where there is an NVIDIA GPU
     await engine.load(progress)
     await worker.start()
     logger.info(
