@@ -55,6 +55,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         message = f"{request.method} {request.path}: {exc.reason}"
         body = InferBusError(code, message).openai_body()
         return json_response(exc.status, body)
+    except ConnectionError as exc:  # the client closed its connection while its answer was written: not ours
+        log.get("gateway").debug("client_gone", path=request.path, error=repr(exc))
+        # Nothing can reach it any more; aiohttp's write of this fails as a premature disconnection (debug level),
+        # where the exception itself would be logged as an error.
+        return web.Response(status=499)
     except Exception:
         log.get("gateway").exception("unhandled_error", path=request.path)
         return error_response(InferBusError("internal_error", "The server had an error processing your request"))
