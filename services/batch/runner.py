@@ -294,7 +294,8 @@ class Runner:
                         pass
                     continue
                 try:
-                    msgs = await sub.fetch(room, timeout=1.0)
+                    # What is there now, at once; else wait up to 1 s for lines (a retry, a redelivery).
+                    msgs = await pull.ready(sub, room) or await sub.fetch(room, timeout=1.0)
                 except (bus.errors.TimeoutError, TimeoutError):  # nothing to run now
                     continue
                 except Exception as exc:  # disconnected, consumer gone: try again shortly
