@@ -230,6 +230,58 @@ async def test_token_limit_is_corrected_to_the_workers_count(
         assert headers["x-ratelimit-limit-tokens"] == "200"
 
 
+async def evalsha_calls(client: aioredis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_large_limits_are_spent_from_a_lease_without_a_redis_round_trip(
+    infra: EmbeddedStack, gateway: Gateway, bench_worker: dict[str, Any], nc: bus.Connection
+) -> None:
+    created = await admin(nc, "keys.create", name="leased", limits={"rpm": 100_000, "tpm": 10_000_000})
+    client = aioredis.Redis.from_url(infra.redis_url)
+    try:
+        async with aiohttp.ClientSession() as http:
+            before = await evalsha_calls(client)
+            results = [await complete(http, gateway, created["key"]) for _ in range(60)]
+            during = await evalsha_calls(client) - before
+            assert [status for status, _, _ in results] == [200] * 60
+            remaining = [int(h["x-ratelimit-remaining-requests"]) for _, h, _ in results]
+            assert all(0 < r < 100_000 for r in remaining), remaining
+            assert int(results[-1][1]["x-ratelimit-remaining-tokens"]) < 10_000_000
+            # Without leases: an admission and a settle per request (120). With them: the first admission takes
+            # a lease of 1,000 requests and 100,000 tokens; a second passes only if the load outlives a lease.
+            assert during <= 15, during
+            # Idle, the unspent lease goes back to Redis (one settle call) within about LEASE_TTL_S.
+            deadline = time.monotonic() + 10
+            while True:
+                after = await evalsha_calls(client) - before
+                if after > during or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+            assert after > during
+    finally:
+        await client.aclose()
+
+
+async def test_leases_never_let_two_gateways_admit_past_a_limit(
+    gateway: Gateway, second_gateway: Gateway, bench_worker: dict[str, Any], nc: bus.Connection
+) -> None:
+    limit = 300  # leases of up to 3 requests per gateway
+    created = await admin(nc, "keys.create", name="leased-rpm-300", limits={"rpm": limit})
+    started = time.monotonic()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
+        results = await asyncio.gather(
+            *(complete(http, (gateway, second_gateway)[i % 2], created["key"]) for i in range(400))
+        )
+    refill = (time.monotonic() - started) * limit / 60  # GCRA gives one request back every 200 ms
+    statuses = Counter(status for status, _, _ in results)
+    assert set(statuses) == {200, 429}, statuses
+    # Never past the limit (plus what refilled meanwhile); short of it by at most the two gateways' leases.
+    assert limit - 2 * 3 <= statuses[200] <= limit + int(refill) + 1, (statuses, refill)
+    assert all(b["error"]["code"] == "rate_limited" for s, _, b in results if s == 429)
+
+
 async def test_concurrency_limit(gateway: Gateway, nc: bus.Connection, slow_worker: Any) -> None:
     created = await admin(nc, "keys.create", name="two-at-a-time", limits={"concurrency": 2})
     async with aiohttp.ClientSession() as http:

@@ -2,10 +2,21 @@
 
 One Lua script admits a request against every limit that applies to it (requests/min and tokens/min
 by GCRA, concurrency by a sorted set of request ids, budgets by per-period counters) and commits
-all of them only if all pass: one Redis round trip per request. Time is Redis's own clock, so
-gateways on different machines (or racing on one) agree on it. A second script settles after the
+all of them only if all pass: at most one Redis round trip per request. Time is Redis's own clock,
+so gateways on different machines (or racing on one) agree on it. A second script settles after the
 stream ends: the token estimate is corrected to the worker's count, the budget reservation to the
 actual spend, and the concurrency slot is released.
+
+Leases take the round trip off most requests under large rate limits. When the script admits a
+request against a requests/min or tokens/min limit of at least LEASE_MIN_LIMIT, it also grants the
+gateway up to 1/LEASE_SHARE of the limit ahead (never more than an eighth of what is left, so near
+the limit leases shrink to nothing and every request is decided in Redis again). Later requests
+spend the lease locally; a token estimate corrected at settle time goes back into the lease, not to
+Redis; after LEASE_TTL_S the lease's unspent units go back to Redis. The units are counted in Redis
+when leased, so all gateways together still never admit past a limit; the price is that a lease held
+by one gateway is briefly unavailable to another (at most 1 % of the limit per gateway, for at most
+about two LEASE_TTL_S), and a gateway that dies holding one loses it until the window refills.
+Limits under LEASE_MIN_LIMIT, concurrency and budgets go to Redis on every request.
 
 Budgets reserve an upper bound (prompt bytes + template allowance, plus max_tokens) before dispatch,
 so concurrent requests can never spend past a budget; settling only gives back what was not used.
@@ -62,6 +73,12 @@ MIN_COMPRESSED_BYTES_PER_SECOND = 750
 # ... and of synthesized speech: at most one second per 8 characters at speed 1 (speech runs 12-16), plus 1 s.
 MIN_CHARS_PER_SECOND = 8.0
 
+# Leases (see the module docstring): a limit of at least LEASE_MIN_LIMIT units lets a gateway take up to
+# 1/LEASE_SHARE of it ahead, which it spends locally and gives back after LEASE_TTL_S.
+LEASE_MIN_LIMIT = 100
+LEASE_SHARE = 100
+LEASE_TTL_S = 1.0
+
 _ADMIT = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
@@ -71,8 +88,9 @@ local a, k = 6, 1
 local denied, retry = 0, 0
 local out, tats = {}, {}
 for i = 1, nr do
-  local period, limit, cost = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  a = a + 3
+  local period, limit = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  local cost, want = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  a = a + 4
   local t = period / limit
   local tat = tonumber(redis.call('GET', KEYS[k]) or '0')
   if tat < now then tat = now end
@@ -85,10 +103,15 @@ for i = 1, nr do
     tats[i] = false
     out[#out + 1] = math.max(0, math.floor((period - (tat - now)) / t))
     out[#out + 1] = math.ceil(tat - now)
+    out[#out + 1] = 0
   else
+    -- a lease for the gateway: up to `want` more units, never more than an eighth of what is left
+    local extra = math.min(want, math.floor((period - (new_tat - now)) / t / 8))
+    if extra > 0 then new_tat = new_tat + extra * t else extra = 0 end
     tats[i] = new_tat
     out[#out + 1] = math.floor((period - (new_tat - now)) / t)
     out[#out + 1] = math.ceil(new_tat - now)
+    out[#out + 1] = extra
   end
   k = k + 1
 end
@@ -110,7 +133,7 @@ if denied > 0 then return {denied, tostring(retry), out} end
 a, k = 6, 1
 for i = 1, nr do
   redis.call('SET', KEYS[k], tostring(tats[i]), 'PX', math.ceil(tonumber(ARGV[a]) * 2))
-  a, k = a + 3, k + 1
+  a, k = a + 4, k + 1
 end
 for i = 1, nc do
   redis.call('ZADD', KEYS[k], now, rid)
@@ -159,6 +182,19 @@ class Rate(NamedTuple):
     unit: Literal["requests", "tokens"]
     limit: int
     cost: int
+
+
+class Lease:
+    """Units of one rate limit this gateway took from Redis ahead of use (negative: used past the lease)."""
+
+    __slots__ = ("granted", "limit", "remaining", "reset_ms", "units")
+
+    def __init__(self, limit: int, units: int, remaining: int, reset_ms: float, granted: float) -> None:
+        self.limit = limit
+        self.units = units
+        self.remaining = remaining  # what Redis had left beyond the lease when it granted it (for the headers)
+        self.reset_ms = reset_ms
+        self.granted = granted  # time.monotonic()
 
 
 class Slot(NamedTuple):
@@ -314,8 +350,11 @@ class Governor:
         # always see their corrected counters, without waiting for the settle's answer.
         self._settling: set[asyncio.Future[Any]] = set()
         self._settle_loaded = False  # the settle script is known to Redis (it is loaded before the first admit)
+        self._leases: dict[str, Lease] = {}  # rate key -> units taken ahead (see the module docstring)
+        self._lease_timer: asyncio.TimerHandle | None = None
 
     async def close(self) -> None:
+        self._return_leases(everything=True)
         await asyncio.gather(*self._settling, return_exceptions=True)
         await self.redis.close()
 
@@ -406,16 +445,29 @@ class Governor:
             return grant
         if not self.prices.loaded and any(c.unit == "usd" for c in grant.caps):
             self._unpriced(key, grant)
+        # What this gateway's leases cover is taken now (a concurrent admission cannot take it too); the rest
+        # of each rate goes to Redis, with a new lease asked for on top.
+        taken = self._take(grant.rates)
+        sent = [(rate, rate.cost - take) for rate, take in zip(grant.rates, taken, strict=True) if take < rate.cost]
+        covered = {r.key: self._view(r.key, None) for r, take in zip(grant.rates, taken, strict=True) if take == r.cost}
+        if not (sent or grant.slots or grant.caps):  # every limit covered by leases: no round trip
+            DECISIONS.labels("admitted", "-").inc()
+            return grant._replace(headers=_headers(grant.rates, [covered[r.key] for r in grant.rates]))
         if not self._settle_loaded:  # so a settle queued later never meets NOSCRIPT (and runs out of order)
             try:
                 await self.redis.call("SCRIPT", "LOAD", self.settle_script.source)
                 self._settle_loaded = True
+            except asyncio.CancelledError:
+                self._give_back(grant.rates, taken)
+                raise
             except (RedisUnavailable, ReplyError) as exc:
+                self._give_back(grant.rates, taken)
                 return self._unavailable(grant, exc)
-        keys = [r.key for r in grant.rates] + [s.key for s in grant.slots] + [c.key for c in grant.caps]
-        args: list[Any] = [time.time() * 1000, grant.request_id, len(grant.rates), len(grant.slots), len(grant.caps)]
-        for r in grant.rates:
-            args += [60_000, r.limit, r.cost]
+        keys = [r.key for r, _ in sent] + [s.key for s in grant.slots] + [c.key for c in grant.caps]
+        args: list[Any] = [time.time() * 1000, grant.request_id, len(sent), len(grant.slots), len(grant.caps)]
+        for r, need in sent:
+            want = r.limit // LEASE_SHARE if r.limit >= LEASE_MIN_LIMIT and r.cost <= r.limit else 0
+            args += [60_000, r.limit, need, want]
         for s in grant.slots:
             args += [s.limit, self.stale_ms]
         for c in grant.caps:
@@ -434,25 +486,29 @@ class Governor:
                 reply = await relayed(script, self.redis.timeout_s)
             denied, retry, out = reply
         except asyncio.CancelledError:
-            script.add_done_callback(lambda done: self._abandoned(key.id, grant, done))
+            script.add_done_callback(lambda done: self._abandoned(key.id, grant, taken, sent, done))
             raise
         except TimeoutError:
+            self._give_back(grant.rates, taken)
             self.redis.drop("Redis did not answer in time")
             self._uncertain_slots(key.id, grant)
             return self._unavailable(grant, RedisUnavailable("Redis did not answer in time"))
         except (RedisUnavailable, ReplyError) as exc:
+            self._give_back(grant.rates, taken)
             self._uncertain_slots(key.id, grant)
             return self._unavailable(grant, exc)
         if self._uncertain:
             self._release_uncertain()
-        headers = _headers(grant.rates, out)
         if int(denied) == 0:
+            self._leased(sent, out)
             DECISIONS.labels("admitted", "-").inc()
-            return grant._replace(headers=headers)
+            return grant._replace(headers=self._headers_after(grant.rates, sent, out, covered))
+        self._give_back(grant.rates, taken)
+        headers = self._headers_after(grant.rates, sent, out, covered)
         index = int(denied) - 1
         retry_ms = float(retry)
-        if index < len(grant.rates):
-            rate = grant.rates[index]
+        if index < len(sent):
+            rate = sent[index][0]
             DECISIONS.labels("refused", rate.unit).inc()
             if retry_ms < 0:
                 raise InferBusError(
@@ -463,7 +519,7 @@ class Governor:
             raise InferBusError(
                 "rate_limited", f"Rate limit reached: {rate.limit} {rate.name}. Retry in {reset_text(retry_ms)}."
             ).with_headers(headers)
-        index -= len(grant.rates)
+        index -= len(sent)
         if index < len(grant.slots):
             slot = grant.slots[index]
             DECISIONS.labels("refused", "concurrency").inc()
@@ -478,17 +534,106 @@ class Governor:
             "insufficient_quota", f"The {cap.name} ({shown}) would be exceeded by this request"
         ).with_headers(headers)
 
-    def _abandoned(self, key_id: str, grant: Grant, script: asyncio.Future[Any]) -> None:
-        """The caller left while its admission ran: give back whatever the admission took."""
-        if script.cancelled():
+    # ---- leases ------------------------------------------------------------------------------
+
+    def _take(self, rates: list[Rate]) -> list[int]:
+        """Per rate, what its lease pays of the cost now (negative: the lease's debt, paid by Redis's share)."""
+        taken: list[int] = []
+        for rate in rates:
+            lease = self._leases.get(rate.key)
+            take = 0 if lease is None or rate.cost > rate.limit else min(lease.units, rate.cost)
+            if take:
+                assert lease is not None
+                lease.units -= take
+            taken.append(take)
+        return taken
+
+    def _give_back(self, rates: list[Rate], taken: list[int]) -> None:
+        """The admission did not happen: what it took from leases goes back."""
+        returns: list[tuple[str, int, int]] = []
+        for rate, take in zip(rates, taken, strict=True):
+            if take:
+                self._credit(rate.key, rate.limit, take, returns)
+        self._return(returns)
+
+    def _credit(self, key: str, limit: int, units: int, returns: list[tuple[str, int, int]]) -> None:
+        """`units` go back to the key's lease; with none (it was returned meanwhile) to Redis, via `returns`."""
+        lease = self._leases.get(key)
+        if lease is not None:
+            lease.units += units
+        else:
+            returns.append((key, limit, units))
+
+    def _leased(self, sent: list[tuple[Rate, int]], out: list[Any]) -> None:
+        """Redis admitted: the extra units it granted per rate become (or join) this gateway's lease."""
+        now = time.monotonic()
+        for i, (rate, _) in enumerate(sent):
+            remaining, reset_ms, extra = int(out[3 * i]), float(out[3 * i + 1]), int(out[3 * i + 2])
+            lease = self._leases.get(rate.key)
+            if lease is not None:
+                lease.units += extra
+                lease.remaining, lease.reset_ms, lease.granted = remaining, reset_ms, now
+            elif extra > 0:
+                self._leases[rate.key] = Lease(rate.limit, extra, remaining, reset_ms, now)
+                if self._lease_timer is None:
+                    self._lease_timer = asyncio.get_running_loop().call_later(LEASE_TTL_S, self._return_leases)
+
+    def _view(self, key: str, fresh: tuple[int, float] | None) -> tuple[int, float]:
+        """(remaining, reset ms) of one rate for the x-ratelimit headers: Redis's answer plus the lease left."""
+        lease = self._leases.get(key)
+        if fresh is not None:
+            return fresh[0] + (max(lease.units, 0) if lease else 0), fresh[1]
+        if lease is None:  # a rate that cost nothing, with no lease
+            return 0, 0.0
+        elapsed = (time.monotonic() - lease.granted) * 1000
+        return lease.remaining + max(lease.units, 0), max(lease.reset_ms - elapsed, 0.0)
+
+    def _headers_after(self, rates: list[Rate], sent: list[tuple[Rate, int]], out: list[Any],
+                       covered: dict[str, tuple[int, float]]) -> dict[str, str]:
+        """Headers after Redis answered: its figures for the rates it was asked about, `covered` for the rest."""
+        views = covered | {rate.key: self._view(rate.key, (int(out[3 * i]), float(out[3 * i + 1])))
+                           for i, (rate, _) in enumerate(sent)}
+        return _headers(rates, [views[r.key] for r in rates])
+
+    def _return_leases(self, everything: bool = False) -> None:
+        """Leases older than LEASE_TTL_S (or all of them) go back to Redis; runs every LEASE_TTL_S while any is held."""
+        self._lease_timer = None
+        now = time.monotonic()
+        returns: list[tuple[str, int, int]] = []
+        for key, lease in list(self._leases.items()):
+            if everything or now - lease.granted >= LEASE_TTL_S:
+                del self._leases[key]
+                if lease.units:
+                    returns.append((key, lease.limit, lease.units))
+        self._return(returns)
+        if self._leases and not everything:
+            self._lease_timer = asyncio.get_running_loop().call_later(LEASE_TTL_S, self._return_leases)
+
+    def _return(self, returns: list[tuple[str, int, int]]) -> None:
+        """Give units back to Redis's counters (negative: take them), off the response path."""
+        if not returns:
             return
-        if script.exception() is not None:
-            self._uncertain_slots(key_id, grant)
+        args: list[Any] = [time.time() * 1000, "lease", len(returns), 0, 0]
+        for _, limit, units in returns:
+            args += [60_000, limit, -units]
+        self._queue_settle([key for key, _, _ in returns], args)
+
+    def _abandoned(
+        self, key_id: str, grant: Grant, taken: list[int], sent: list[tuple[Rate, int]], script: asyncio.Future[Any]
+    ) -> None:
+        """The caller left while its admission ran: give back whatever the admission took."""
+        if script.cancelled() or script.exception() is not None:
+            self._give_back(grant.rates, taken)
+            if not script.cancelled():
+                self._uncertain_slots(key_id, grant)
         elif isinstance(script.result(), hiredis.ReplyError):
-            return  # refused by Redis (no script): nothing was taken
+            self._give_back(grant.rates, taken)  # refused by Redis (no script): nothing was taken there
         elif int(script.result()[0]) == 0:
+            self._leased(sent, script.result()[2])
             self._audio_spent.pop(grant.request_id, None)
             self.settle_later(key_id, grant, 0, 0, grant.model)
+        else:
+            self._give_back(grant.rates, taken)
 
     def _uncertain_slots(self, key_id: str, grant: Grant) -> None:
         if grant.slots and len(self._uncertain) < 10_000:
@@ -531,9 +676,10 @@ class Governor:
             self._audio_spent.pop(grant.request_id, None)
             return  # request-rate limits only: nothing to correct or release
         command = self._settle_command(grant, prompt_tokens, completion_tokens, model)
-        if command is None:
-            return
-        keys, args = command
+        if command is not None:
+            self._queue_settle(*command)
+
+    def _queue_settle(self, keys: list[str], args: list[Any]) -> None:
         future = self.redis.call_nowait("EVALSHA", self.settle_script.sha, len(keys), *keys, *args)
         self._settling.add(future)
 
@@ -588,12 +734,24 @@ class Governor:
             return None
         delta_tokens = used - grant.estimate_tokens
         SPEND.labels(grant.tenant_id, "usd").inc(usd)
-        args: list[Any] = [time.time() * 1000, grant.request_id, len(grant.rates), len(grant.slots), len(grant.caps)]
+        # Token rates are corrected by the difference; one this gateway holds a lease on is corrected there.
+        rates: list[Rate] = []
         for r in grant.rates:
-            args += [60_000, r.limit, delta_tokens if r.unit == "tokens" else 0]
+            if r.unit != "tokens" or not delta_tokens:
+                continue
+            lease = self._leases.get(r.key)
+            if lease is not None:
+                lease.units -= delta_tokens
+            else:
+                rates.append(r)
+        if not (rates or grant.slots or grant.caps):
+            return None
+        args: list[Any] = [time.time() * 1000, grant.request_id, len(rates), len(grant.slots), len(grant.caps)]
+        for r in rates:
+            args += [60_000, r.limit, delta_tokens]
         for c in grant.caps:
             args.append(delta_tokens if c.unit == "tokens" else math.ceil(usd * MICRO) - c.amount)
-        keys = [r.key for r in grant.rates] + [s.key for s in grant.slots] + [c.key for c in grant.caps]
+        keys = [r.key for r in rates] + [s.key for s in grant.slots] + [c.key for c in grant.caps]
         return keys, args
 
     async def governed(
@@ -658,15 +816,15 @@ async def relayed(future: asyncio.Future[Any], timeout_s: float) -> Any:
     return await timeouts.wait(waiter, timeout_s)
 
 
-def _headers(rates: list[Rate], out: list[Any]) -> dict[str, str]:
-    """OpenAI's x-ratelimit-* headers from the most constraining request and token limits."""
+def _headers(rates: list[Rate], views: list[tuple[int, float]]) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers from the most constraining request and token limits; `views` holds each
+    rate's (remaining, reset ms)."""
     headers: dict[str, str] = {}
     for unit in ("requests", "tokens"):
         best: tuple[int, int, float] | None = None
-        for i, rate in enumerate(rates):
+        for rate, (remaining, reset_ms) in zip(rates, views, strict=True):
             if rate.unit != unit:
                 continue
-            remaining, reset_ms = int(out[2 * i]), float(out[2 * i + 1])
             if best is None or remaining < best[1]:
                 best = (rate.limit, remaining, reset_ms)
         if best is not None:
