@@ -42,6 +42,8 @@ from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env, 
 
 ADMIN_KEY = "ib-bench-admin-" + secrets.token_hex(16)
 MODEL, VERSION = "smollm2-135m-instruct", "q4_1"
+NARROW = "smollm2-135m-instruct-narrow"  # the same weights on an engine with n_threads_wide=1 (section a only)
+ENGINES = {MODEL: "default (wide steps)", NARROW: "one thread every step"}
 RESULTS_PATH = ROOT / "bench" / "RESULTS.md"
 FULL = {"concurrency": [1, 4, 8, 16], "tokens": 64, "rounds": 3, "constrained": 12, "latency": 12}
 QUICK = {"concurrency": [1, 4, 8], "tokens": 32, "rounds": 1, "constrained": 4, "latency": 4}
@@ -124,23 +126,33 @@ async def chat(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> S
 
 
 async def concurrency(http: aiohttp.ClientSession, url: str, cfg: dict[str, Any], rep: Report) -> None:
-    rep.table("a", ["streams", "aggregate tokens/s", "per stream tokens/s", "TTFT p50 ms", "wall s"])
-    one = None
+    """Both engines (WIDE: the default; NARROW: one thread for every step, the engine before), alternating
+    round by round at each concurrency."""
+    rep.table("a", ["streams", "engine", "aggregate tokens/s", "per stream tokens/s", "TTFT p50 ms", "wall s"])
+    one: dict[str, float] = {}
     for n in cfg["concurrency"]:
-        rates, ttfts, walls = [], [], []
+        rates: dict[str, list[float]] = {m: [] for m in ENGINES}
+        ttfts: dict[str, list[float]] = {m: [] for m in ENGINES}
+        walls: dict[str, list[float]] = {m: [] for m in ENGINES}
         for r in range(cfg["rounds"]):
-            bodies = [{"messages": [{"role": "user", "content": f"Write a story about robot number {i + r * 100}."}],
-                       "max_tokens": cfg["tokens"], "temperature": 0.8, "seed": i} for i in range(n)]
-            t0 = time.perf_counter()
-            streams = await asyncio.gather(*(chat(http, url, b) for b in bodies))
-            wall = time.perf_counter() - t0
-            rates.append(sum(s.tokens for s in streams) / wall)
-            ttfts += [s.ttft for s in streams]
-            walls.append(wall)
-        aggregate = statistics.median(rates)
-        one = one or aggregate
-        rep.row("a", str(n), f"{aggregate:.0f} ({aggregate / one:.2f}x)", f"{aggregate / n:.1f}",
-                f"{statistics.median(ttfts) * 1000:.0f}", f"{statistics.median(walls):.2f}")
+            for model in (ENGINES if r % 2 == 0 else list(reversed(ENGINES))):
+                asks = [f"Write a story about robot number {i + r * 100}." for i in range(n)]
+                bodies = [{"model": model, "max_tokens": cfg["tokens"], "temperature": 0.8, "seed": i,
+                           "messages": [{"role": "user", "content": ask}]} for i, ask in enumerate(asks)]
+                t0 = time.perf_counter()
+                streams = await asyncio.gather(*(chat(http, url, b) for b in bodies))
+                wall = time.perf_counter() - t0
+                rates[model].append(sum(s.tokens for s in streams) / wall)
+                ttfts[model] += [s.ttft for s in streams]
+                walls[model].append(wall)
+        for model in ENGINES:
+            one.setdefault(model, statistics.median(rates[model]))
+        base = one[NARROW]
+        for model, label in ENGINES.items():
+            aggregate = statistics.median(rates[model])
+            rep.row("a", str(n), label, f"{aggregate:.0f} ({aggregate / base:.2f}x)", f"{aggregate / n:.1f}",
+                    f"{statistics.median(ttfts[model]) * 1000:.0f}", f"{statistics.median(walls[model]):.2f}")
+            say(f"{n} streams, {label}: {aggregate:.0f} tok/s ({aggregate / base:.2f}x one stream, one thread)")
 
 
 async def constrained(http: aiohttp.ClientSession, url: str, cfg: dict[str, Any], rep: Report) -> None:
@@ -195,7 +207,7 @@ async def tool_latency(http: aiohttp.ClientSession, url: str, cfg: dict[str, Any
 
 async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServiceProcess], rep: Report) -> None:
     port = free_port()
-    models = json.dumps([{"name": MODEL, "version": VERSION}])
+    models = json.dumps([{"name": MODEL, "version": VERSION}, {"name": NARROW, "version": VERSION}])
     gateway = ServiceProcess("gateway", "services.gateway", infra.env(
         INFERBUS_PORT=str(port), INFERBUS_ADMIN_KEY=ADMIN_KEY, INFERBUS_MODELS=models), infra.root)
     procs.append(gateway)
@@ -203,17 +215,22 @@ async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServicePr
     settings = settings_env(model=MODEL, version=VERSION, engine="llamacpp", engine_options={"n_ctx": 4096})
     worker = ServiceProcess("llm", "services.llm", infra.env(**settings), infra.root)
     procs.append(worker)
+    narrow = ServiceProcess("llm-narrow", "services.llm", infra.env(**settings_env(
+        model=NARROW, version=VERSION, engine="llamacpp", engine_options={"n_ctx": 4096, "n_threads_wide": 1})),
+        infra.root)
+    procs.append(narrow)
     url = f"http://127.0.0.1:{port}"
     await wait_http(url, gateway)
     nc = await bus.connect(infra.nats_url, "bench", identity=infra.identity())
     try:
         await wait_worker(nc, MODEL, worker, limit_s=180)
+        await wait_worker(nc, NARROW, narrow, limit_s=180)
     finally:
         await nc.close()
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=timeout) as http:
         await chat(http, url, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})  # warm up
-        pids = {"gateway": gateway.popen.pid, "llm": worker.popen.pid}
+        pids = {"gateway": gateway.popen.pid, "llm": worker.popen.pid, "llm-narrow": narrow.popen.pid}
         for name, step in (("a", concurrency), ("b", constrained), ("c", tool_latency)):
             say(TITLES[name])
             with CpuMeter(pids):
@@ -223,7 +240,9 @@ async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServicePr
 def write_results(rep: Report, quick: bool, outcome: harness.Outcome, note: str) -> str:
     about = [
         "Stack: embedded nats-server, PostgreSQL and Redis; one gateway and one llama.cpp worker "
-        "(SmolLM2-135M-Instruct Q4_1, one decode thread, up to 8 sequences a batch), as separate processes; "
+        "(SmolLM2-135M-Instruct Q4_1, up to 8 sequences a batch), as separate processes, plus for section a a second "
+        "worker with the same weights and n_threads_wide=1 (model name `smollm2-135m-instruct-narrow`), idle while the "
+        "first runs; "
         "the client (aiohttp, streamed chat completions) runs on the same 2 cores.",
         *harness.noise(CpuMeter.others, outcome, note),
     ]
@@ -232,7 +251,9 @@ def write_results(rep: Report, quick: bool, outcome: harness.Outcome, note: str)
         "",
         "- **a**: the llama.cpp engine batches continuously (services/llm/engines/llamacpp_batch.py): up to 8 "
         "streams advance in one llama_decode a step, each with its own sampler; 16 streams = 8 decoding, 8 "
-        "waiting for a slot. One thread decodes (the engine's n_threads; target 3x at 8).",
+        "waiting for a slot. A step of one token decodes on one thread (n_threads); a step of 4 or more sequences on "
+        "every core (n_threads_wide, the default) or, for the reference engine, on one. Ratios are to one stream "
+        "on the one-thread engine (single-stream speed is the same on both: one thread); target 3x at 8.",
         "- **b**: the grammar is checked on the sampled token only, and applied to the whole vocabulary only "
         "when it refuses that token (services/llm/engines/sampling.py); decode rate is first to last token of "
         "each stream, so prefill is out of it.",

@@ -76,7 +76,7 @@ class BatchDecoder:
 
     def __init__(self, executor: ThreadPoolExecutor, *, n_ctx: int, n_seq: int, n_threads: int,
                  n_threads_batch: int, prefill_chunk: int, flash_attn: bool = False,
-                 batch_step_tokens: int = 2) -> None:
+                 batch_step_tokens: int = 2, n_threads_wide: int = 0, wide_from: int = 4) -> None:
         self.executor = executor
         self.batch_step_tokens = batch_step_tokens  # batch lines' tokens per step, at most (see `_step`)
         self._next_low = 0  # where the next step's batch tokens start (round robin)
@@ -92,6 +92,10 @@ class BatchDecoder:
         self.n_seq = n_seq
         self.n_threads = n_threads
         self.n_threads_batch = n_threads_batch
+        # A step that advances `wide_from` sequences or more runs on `n_threads_wide` threads (0: n_threads): one
+        # token a step is too short a job to split, eight are not (see LlamaCppEngine).
+        self.n_threads_wide = n_threads_wide or n_threads
+        self.wide_from = wide_from
         self.prefill_chunk = prefill_chunk
         self.flash_attn = flash_attn
         self.n_batch = max(512, n_seq)
@@ -226,13 +230,13 @@ class BatchDecoder:
         generating = [s for s in self._active if s.generating and not s.low]
         prefilling = [s for s in self._active if not (s.generating or s.low)]
         if prefilling:
-            self._decode(generating, out, self.n_threads)
+            self._decode(generating, out, self._generation_threads(generating))
             self._decode(prefilling, out, self.n_threads_batch, self.prefill_chunk if generating else self.n_batch)
             return
         low_generating = [s for s in self._active if s.generating and s.low]
         low_prefilling = [s for s in self._active if not s.generating and s.low]
         if not generating:  # batch work alone: whole steps, aborted for an interactive request
-            if self._decode(low_generating, out, self.n_threads, abortable=True):
+            if self._decode(low_generating, out, self._generation_threads(low_generating), abortable=True):
                 self._decode(low_prefilling, out, self.n_threads_batch,
                              self.prefill_chunk if low_generating else self.n_batch, abortable=True)
             return
@@ -241,7 +245,10 @@ class BatchDecoder:
             taken = (low_generating[start:] + low_generating[:start])[:self.batch_step_tokens]
             self._next_low = start + len(taken)
             generating += taken
-        self._decode(generating, out, self.n_threads)
+        self._decode(generating, out, self._generation_threads(generating))
+
+    def _generation_threads(self, sequences: list[Sequence]) -> int:
+        return self.n_threads_wide if len(sequences) >= self.wide_from else self.n_threads
 
     def _decode(self, sequences: list[Sequence], out: list[tuple[Sequence, Piece | BaseException | None]],
                 threads: int, budget: int | None = None, *, abortable: bool = False) -> bool:
