@@ -57,6 +57,21 @@ async def test_concurrent_greedy_generations_match_one_at_a_time(engine: Any) ->
     assert len(set(alone)) == CAPACITY and all(alone)
 
 
+async def test_wide_steps_run_on_more_threads_and_give_the_same_answers(engine: Any) -> None:
+    wide = engines.create("llamacpp", {"system_prompt": "You are a helpful AI assistant.", "capacity": CAPACITY,
+                                       "n_threads": 1, "n_threads_wide": 2, "wide_from": 2})
+    await wide.load(lambda step, fraction: None)
+    try:
+        requests = [_story(i) for i in range(CAPACITY)]
+        alone = [await _text(engine, r) for r in requests]  # the module's engine: one thread every step
+        assert wide._batch.wide_steps == 0
+        together = await asyncio.gather(*(_text(wide, r) for r in requests))
+        assert wide._batch.wide_steps > 0  # steps of 2 or more sequences ran on two threads
+        assert together == alone
+    finally:
+        await wide.close()
+
+
 async def test_more_requests_than_slots_wait_their_turn(engine: Any) -> None:
     requests = [_story(i % len(TOPICS), 8) for i in range(2 * CAPACITY + 1)]
     alone = [await _text(engine, r) for r in requests[:len(TOPICS)]]

@@ -112,6 +112,7 @@ class BatchDecoder:
         self._active: list[Sequence] = []
         self.steps = 0  # decode calls (stats, tests)
         self.peak = 0  # the most sequences one step decoded
+        self.wide_steps = 0  # steps decoded on n_threads_wide (stats, tests)
 
     # ---- set-up (executor thread) -------------------------------------------------------------
 
@@ -248,7 +249,10 @@ class BatchDecoder:
         self._decode(generating, out, self._generation_threads(generating))
 
     def _generation_threads(self, sequences: list[Sequence]) -> int:
-        return self.n_threads_wide if len(sequences) >= self.wide_from else self.n_threads
+        if len(sequences) >= self.wide_from and self.n_threads_wide != self.n_threads:
+            self.wide_steps += 1
+            return self.n_threads_wide
+        return self.n_threads
 
     def _decode(self, sequences: list[Sequence], out: list[tuple[Sequence, Piece | BaseException | None]],
                 threads: int, budget: int | None = None, *, abortable: bool = False) -> bool:
