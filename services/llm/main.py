@@ -25,7 +25,7 @@ class LLMSettings(WorkerProcessSettings, kw_only=True, forbid_unknown_fields=Tru
     system_prompt: str | None = "You are a helpful AI assistant."
     max_queue: int = 256
     heartbeat_s: float = 0.5
-    batch_reserve: int = -1  # slots a batch line never takes; -1: a quarter of the engine's capacity
+    batch_reserve: int = -1  # slots a batch line never takes; -1: a quarter of the capacity (none on llama.cpp)
     coalesce_ms: float = 0.0
     coalesce_tokens: int = 64
     drain_grace_s: float = 10.0

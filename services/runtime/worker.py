@@ -66,7 +66,8 @@ class WorkerSettings(msgspec.Struct, kw_only=True):
     max_queue: int = 64
     heartbeat_s: float = 0.5
     # Slots a batch line never takes (services/batch): interactive requests find them free. -1: a quarter of
-    # the engine's capacity (at least 1), none for a one-slot engine (which takes a batch line only when idle).
+    # the engine's capacity (at least 1), none for a one-slot engine (which takes a batch line only when idle)
+    # nor for an engine that preempts batch work (llama.cpp: an interactive request takes a batch line's slot).
     batch_reserve: int = -1
 
 
@@ -95,17 +96,26 @@ class Admission:
     """`async with worker._admitted(out)`: one of the engine's slots for the block (a class, not a generator:
     it is entered once per request)."""
 
-    __slots__ = ("out", "worker")
+    __slots__ = ("batch", "out", "worker")
 
     def __init__(self, worker: Worker[Any, Any], out: ReplyStream) -> None:
         self.worker = worker
         self.out = out
+        # A batch line on an engine that preempts batch work takes no interactive slot: it already waited for
+        # room (`_room_for_batch`), and an interactive request may take its place in the engine.
+        self.batch = worker.preempting and batch_line()
 
     async def __aenter__(self) -> None:
-        await self.worker._admit(self.out)
+        if self.batch:
+            self.worker.batch_running += 1
+        else:
+            await self.worker._admit(self.out)
 
     async def __aexit__(self, *exc: object) -> None:
-        self.worker.slots.release()
+        if self.batch:
+            self.worker.batch_running -= 1
+        else:
+            self.worker.slots.release()
 
 
 class Worker(Generic[RequestT, TallyT]):
@@ -127,6 +137,8 @@ class Worker(Generic[RequestT, TallyT]):
         self.s = settings
         self.usage = usage
         self.slots = asyncio.Semaphore(engine.capacity)
+        self.preempting = bool(getattr(engine, "preempts_batch", False))  # see Admission
+        self.batch_running = 0  # batch lines in a preempting engine (they hold no slot of `slots`)
         self.active: dict[str, asyncio.Task[None]] = {}
         # Cancels arrive on `infer.cancel.<token(request id)>`: the subject token each running id is heard by.
         self._cancel_tokens: dict[str, set[str]] = {}
@@ -397,11 +409,12 @@ class Worker(Generic[RequestT, TallyT]):
 
     @property
     def batch_capacity(self) -> int:
-        """Slots batch lines may use: all but `batch_reserve` (heartbeats tell the batch service)."""
+        """Slots batch lines may use: all but `batch_reserve` (heartbeats tell the batch service); all by default
+        on an engine that preempts batch work for interactive requests."""
         capacity = self.engine.capacity
         reserve = self.s.batch_reserve
         if reserve < 0:
-            reserve = 0 if capacity <= 1 else max(1, capacity // 4)
+            reserve = 0 if capacity <= 1 or self.preempting else max(1, capacity // 4)
         return max(capacity - reserve, 1)
 
     def _room_for_batch(self) -> bool:

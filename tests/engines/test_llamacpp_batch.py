@@ -236,3 +236,22 @@ async def test_an_interactive_request_aborts_the_batch_step_in_flight(engine: An
     assert engine._batch.aborted > aborted
     assert answers and set(answers) == {alone}
     assert all(texts) and events.count("line0") == events.count("line1") == 48
+
+
+async def test_an_interactive_request_takes_a_batch_lines_slot_when_none_is_free(engine: Any) -> None:
+    """Batch lines fill every slot; an interactive request preempts the one that joined last, gets the answer it
+    gets alone, and every line still gets all its tokens (the preempted one feeds again what it had fed)."""
+    lines = [_story(i, 40) for i in range(CAPACITY)]
+    short = _req("What is the capital of France?", 2)
+    alone = await _text(engine, short)
+    preempted = engine._batch.preempted
+    events: list[str] = []
+    started = [asyncio.Event() for _ in lines]
+    running = await _batch_lines(engine, lines, events, started)
+    for ready in started:
+        await ready.wait()
+    answer = await _text(engine, short)
+    texts = await asyncio.gather(*running)
+    assert engine._batch.preempted > preempted
+    assert answer == alone
+    assert all(texts) and all(events.count(f"line{i}") == 40 for i in range(CAPACITY)), events

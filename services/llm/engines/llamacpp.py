@@ -63,6 +63,9 @@ class Plan(NamedTuple):
 
 class LlamaCppEngine:
     name = "llamacpp"
+    # An interactive request that finds every slot taken by batch lines takes one of theirs (BatchDecoder._preempt):
+    # the worker lets batch lines use every slot and never queues an interactive request behind them.
+    preempts_batch = True
 
     def __init__(
         self,

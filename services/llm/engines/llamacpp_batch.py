@@ -1,6 +1,8 @@
 """Continuous batching on one llama.cpp context: every running sequence advances in one `llama_decode` a step.
 
-Batch lines (the worker's `batch_line()`) run below interactive requests: see `BatchDecoder._step`.
+Batch lines (the worker's `batch_line()`) run below interactive requests: see `BatchDecoder._step`. They may hold
+every slot: an interactive request that finds none free takes the slot of the batch sequence that joined last
+(`_preempt`), which waits and later feeds again what it had fed, so the worker keeps no slots in reserve.
 
 One thread (the engine's executor) owns the context. Each step puts one token per running sequence and a
 chunk of the prompts of sequences that joined into one batch, decodes it once, then lets each sequence sample
@@ -113,6 +115,7 @@ class BatchDecoder:
         self.steps = 0  # decode calls (stats, tests)
         self.peak = 0  # the most sequences one step decoded
         self.wide_steps = 0  # steps decoded on n_threads_wide (stats, tests)
+        self.preempted = 0  # batch sequences that gave their slot to an interactive request (stats, tests)
 
     # ---- set-up (executor thread) -------------------------------------------------------------
 
@@ -210,9 +213,9 @@ class BatchDecoder:
         for seq in [*self._waiting, *self._active]:
             if seq.cancelled:
                 self._retire(seq, out, None)
-        if self._waiting and self._free and any(not s.low for s in self._waiting):  # interactive ones first
+        if self._waiting and any(not s.low for s in self._waiting):  # interactive ones first
             self._waiting = deque(sorted(self._waiting, key=lambda s: s.low))
-        while self._waiting and self._free:
+        while self._waiting and (self._free or self._preempt()):
             seq = self._waiting.popleft()
             try:
                 self._admit(seq)
@@ -300,6 +303,28 @@ class BatchDecoder:
                 out.append((seq, piece))
         return True
 
+    def _preempt(self) -> bool:
+        """No slot is free and an interactive request waits: the batch sequence that joined last gives its slot up
+        (True), or there is none to give (False). It waits again with everything it has fed as its prompt, and
+        carries on from there once a slot is free (its cells stay in the slot for a prefix match)."""
+        if not self._waiting or self._waiting[0].low:
+            return False
+        victims = [s for s in self._active if s.low]
+        if not victims:
+            return False
+        seq = victims[-1]
+        slot = seq.slot
+        assert slot is not None
+        seq.prompt = slot.cached + seq.feed
+        seq.feed = []
+        seq.generating = False
+        seq.slot = None
+        self._active.remove(seq)
+        self._free.append(slot)
+        self._waiting.append(seq)  # behind the interactive ones (the queue is sorted interactive first)
+        self.preempted += 1
+        return True
+
     def _admit(self, seq: Sequence) -> None:
         """Give `seq` the free slot whose cached tokens share the longest prefix with its prompt."""
         import llama_cpp
@@ -319,8 +344,9 @@ class BatchDecoder:
             reuse = 0
         slot.cached = seq.prompt[:reuse]
         seq.feed = seq.prompt[reuse:]
-        seq.decoding.start()
-        seq.started = True
+        if not seq.started:  # a preempted sequence keeps its sampler and what it has written
+            seq.decoding.start()
+            seq.started = True
 
     def _fill(
         self, sequences: list[Sequence], budget: int | None
