@@ -354,6 +354,8 @@ class Governor:
         self._lease_timer: asyncio.TimerHandle | None = None
 
     async def close(self) -> None:
+        if self._lease_timer is not None:
+            self._lease_timer.cancel()
         self._return_leases(everything=True)
         await asyncio.gather(*self._settling, return_exceptions=True)
         await self.redis.close()

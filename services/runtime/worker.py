@@ -409,12 +409,16 @@ class Worker(Generic[RequestT, TallyT]):
 
     @property
     def batch_capacity(self) -> int:
-        """Slots batch lines may use: all but `batch_reserve` (heartbeats tell the batch service); all by default
-        on an engine that preempts batch work for interactive requests."""
+        """Slots batch lines may use: all but `batch_reserve` (heartbeats tell the batch service). An engine that
+        preempts batch work for interactive requests keeps none back, and takes a quarter more lines than it has
+        slots: they wait inside the engine, which starts one the step a slot frees (not a round trip through the
+        batch service later)."""
         capacity = self.engine.capacity
         reserve = self.s.batch_reserve
+        if self.preempting and reserve < 0:
+            return capacity + max(1, capacity // 4)
         if reserve < 0:
-            reserve = 0 if capacity <= 1 or self.preempting else max(1, capacity // 4)
+            reserve = 0 if capacity <= 1 else max(1, capacity // 4)
         return max(capacity - reserve, 1)
 
     def _room_for_batch(self) -> bool:
