@@ -33,17 +33,15 @@ SUPPORTED = frozenset({"seed", "frequency_penalty", "presence_penalty", "logit_b
 def structured(request: GenerateRequest) -> Any:
     """vLLM's guided decoding for `response_format` (its default backend, xgrammar, masks the logits with a
     grammar built from the schema), or None. The schema was checked at the gateway (contracts.structured):
-    what reaches here a grammar can enforce. JSON without free whitespace between its tokens, as llama.cpp's
-    grammars write it: a model cannot pad the answer until max_tokens."""
+    what reaches here a grammar can enforce (whitespace: see `_start`)."""
     form = request.response_format
     if form is None:
         return None
     from vllm.sampling_params import StructuredOutputsParams
 
-    options: dict[str, Any] = {"disable_any_whitespace": True}
     if form.type == "json_schema" and form.schema is not None:
-        return StructuredOutputsParams(json=strip_annotations(form.schema), **options)
-    return StructuredOutputsParams(json_object=True, **options)
+        return StructuredOutputsParams(json=strip_annotations(form.schema))
+    return StructuredOutputsParams(json_object=True)
 
 
 class VllmEngine:
@@ -79,6 +77,12 @@ class VllmEngine:
             "disable_log_stats": True,
             **self.engine_args,
         }
+        if "structured_outputs_config" not in args:
+            from vllm.config import StructuredOutputsConfig
+
+            # JSON without free whitespace between its tokens, as llama.cpp's grammars write it: a model cannot
+            # pad a structured answer until max_tokens (an engine setting in vLLM, not a request's).
+            args["structured_outputs_config"] = StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
         # Set here, not returned: a thread's future would keep the engine alive past close().
         self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
 
