@@ -335,11 +335,19 @@ def _unsupported(param: str, message: str) -> InferBusError:
     return InferBusError("unsupported_parameter", message, param=param)
 
 
-def _check_common(req: _SamplingFields) -> None:
+MAX_CHOICES = 16  # `n` on /v1/chat/completions and /v1/completions (the gateway runs each choice as a generation)
+
+
+def _check_common(req: _SamplingFields, max_choices: int) -> None:
     if not req.model:
         raise invalid("model must not be empty", "model")
-    if req.n not in (None, 1):
-        raise _unsupported("n", "only n=1 is supported: send n requests for n choices")
+    if req.n is not None and req.n < 1:
+        raise invalid(f"n must be at least 1, not {req.n}", "n")
+    if req.n is not None and req.n > max_choices:
+        if max_choices == 1:
+            raise _unsupported("n", "n > 1 is served on /v1/chat/completions and /v1/completions only: "
+                                    "send n requests for n choices")
+        raise _unsupported("n", f"n may be at most {max_choices}, not {req.n}")
     if req.stream_options is not None and not req.stream:
         raise invalid("stream_options is only allowed when stream is true", "stream_options")
     if req.store:
@@ -427,8 +435,11 @@ def tools_of(tools: list[Tool], choice: str | None, named: str | None) -> tuple[
     return mode, None
 
 
-def chat_to_generate(req: ChatCompletionRequest, request_id: str, default_max_tokens: int) -> GenerateRequest:
-    _check_common(req)
+def chat_to_generate(
+    req: ChatCompletionRequest, request_id: str, default_max_tokens: int, max_choices: int = 1
+) -> GenerateRequest:
+    """The generation one choice of `req` runs (`max_choices`: the largest `n` the caller serves)."""
+    _check_common(req, max_choices)
     if not req.messages:
         raise invalid("messages must hold at least one message", "messages")
     if req.prediction:
@@ -485,8 +496,11 @@ def schema_format(name: str, schema: dict[str, Any] | None, strict: bool, param:
     return ResponseFormat(type="json_schema", schema=schema, name=name, strict=strict)
 
 
-def completion_to_generate(req: CompletionRequest, request_id: str, default_max_tokens: int) -> GenerateRequest:
-    _check_common(req)
+def completion_to_generate(
+    req: CompletionRequest, request_id: str, default_max_tokens: int, max_choices: int = 1
+) -> GenerateRequest:
+    """The generation one choice of `req` runs (`max_choices`: the largest `n` the caller serves)."""
+    _check_common(req, max_choices)
     if req.echo:
         raise _unsupported("echo", "echo is not supported")
     if req.suffix:

@@ -22,7 +22,7 @@ CASES: list[tuple[str, bytes, int, str | None]] = [
     ("unknown role", b'{"model": "bench-fast", "messages": [{"role": "wizard", "content": "x"}]}', 400,
      "messages[0].role"),
     ("unknown field", b'{"model": "bench-fast", "messages": [], "frobnicate": true}', 400, "frobnicate"),
-    ("n=2", b'{"model": "bench-fast", "messages": [{"role":"user","content":"x"}], "n": 2}', 400, "n"),
+    ("n=17", b'{"model": "bench-fast", "messages": [{"role":"user","content":"x"}], "n": 17}', 400, "n"),
     ("missing model", b'{"messages": [{"role":"user","content":"x"}]}', 400, None),
     ("empty messages", b'{"model": "bench-fast", "messages": []}', 400, "messages"),
     ("tools", b'{"model": "bench-fast", "messages": [{"role":"user","content":"x"}], "tools": [{"type": "f"}]}',

@@ -259,8 +259,12 @@ async def test_bodies_validate_against_openais_published_schema(
         checks.append(("CreateChatCompletionResponse", await post("/v1/chat/completions", plain)))
         for body in (tools, {**plain, "stream_options": {"include_usage": True}}):
             checks += [("CreateChatCompletionStreamResponse", e) for e in await events("/v1/chat/completions", body)]
+        several = {"model": model, "messages": ASK, "max_tokens": 4, "n": 2, "seed": 1}
+        checks.append(("CreateChatCompletionResponse", await post("/v1/chat/completions", several)))
+        checks += [("CreateChatCompletionStreamResponse", e) for e in await events("/v1/chat/completions", several)]
         text = {"model": model, "prompt": "Paris is", "max_tokens": 3, "logprobs": 2}
         checks.append(("CreateCompletionResponse", await post("/v1/completions", text)))
+        checks.append(("CreateCompletionResponse", await post("/v1/completions", {**text, "n": 2})))
         response = {"model": model, "input": "Weather in Paris?", "max_output_tokens": 60, "temperature": 0,
                     "tools": [{"type": "function", **WEATHER["function"]}], "tool_choice": "required"}  # type: ignore[dict-item]
         checks.append(("Response", await post("/v1/responses", response)))

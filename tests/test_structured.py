@@ -179,7 +179,7 @@ async def test_penalties_and_seed_are_applied(client: openai.AsyncOpenAI, defaul
 
 
 @pytest.mark.parametrize(("fields", "param"), [
-    ({"n": 2}, "n"),
+    ({"n": 17}, "n"),
     ({"store": True}, "store"),
     ({"metadata": {"a": "b"}}, "metadata"),
     ({"service_tier": "flex"}, "service_tier"),

@@ -52,10 +52,25 @@ class ToolCalls:
         return [{"id": i, "type": "function", "function": {"name": n, "arguments": a}} for i, n, a in self.calls]
 
 
-class Outcome:
-    """What a response has said so far (text, tool calls, logprobs) and how it went, for `whole` and the log."""
+class ChoiceDelta(Delta, frozen=True, array_like=True):
+    """A Delta of choice `index` when a request asks for n > 1 (the gateway's merge of its choices; never on
+    the bus)."""
 
-    __slots__ = ("error", "logprobs", "parts", "started", "tool_calls", "usage")
+    index: int = 0
+
+
+class ChoiceEnd(msgspec.Struct, frozen=True):
+    """Choice `index` finished (n > 1): its finish reason; the request's Final follows the last one."""
+
+    index: int
+    finish_reason: str
+
+
+class Outcome:
+    """What a response has said so far (text, tool calls, logprobs) and how it went, for `whole` and the log.
+    With n > 1 choices this is the first one's, and `others` holds the rest."""
+
+    __slots__ = ("error", "finishes", "logprobs", "others", "parts", "started", "tool_calls", "usage")
 
     def __init__(self) -> None:
         self.started = False  # the 200 and its headers went out (a stream's later error is an event)
@@ -64,8 +79,18 @@ class Outcome:
         self.parts: list[str] = []
         self.tool_calls: ToolCalls | None = None
         self.logprobs: list[TokenLogprob] | None = None
+        self.others: dict[int, Outcome] | None = None  # choices 1.. when n > 1
+        self.finishes: dict[int, str] = {}  # each choice's finish reason when n > 1
 
     def add(self, chunk: Delta) -> None:
+        if type(chunk) is ChoiceDelta and chunk.index:
+            if self.others is None:
+                self.others = {}
+            other = self.others.get(chunk.index)
+            if other is None:
+                other = self.others[chunk.index] = Outcome()
+            other.add(msgspec.structs.replace(chunk, index=0))
+            return
         if chunk.text:
             self.parts.append(chunk.text)
         if chunk.tool_calls is not None:
@@ -78,6 +103,13 @@ class Outcome:
     @property
     def text(self) -> str:
         return "".join(self.parts)
+
+    def choices(self, final: Final) -> list[tuple[int, Outcome, str]]:
+        """(index, what it said, finish reason) for every choice, in order."""
+        if not self.finishes:
+            return [(0, self, final.finish_reason)]
+        return [(i, self if i == 0 else (self.others or {}).get(i) or Outcome(), reason)
+                for i, reason in sorted(self.finishes.items())]
 
 
 class Format(Protocol):
@@ -134,24 +166,25 @@ def completion_logprobs(items: list[TokenLogprob], offset: int) -> dict[str, Any
     }
 
 
-class _OpenAIFormat:
+class OpenAIFormat:
     """What both OpenAI shapes share: the per-request header fields, the usage chunk, the null usage field."""
 
     chunk_object = ""
 
-    def __init__(self, request_id: str, model: str, created: int, include_usage: bool) -> None:
+    def __init__(self, request_id: str, model: str, created: int, include_usage: bool, n: int = 1) -> None:
         # Until a worker answers nothing goes out; then `served` sets the fingerprint (a string, always).
         self.base: dict[str, Any] = {"id": request_id, "object": self.chunk_object, "created": created,
                                      "model": model, "system_fingerprint": "inferbus"}
         self.include_usage = include_usage
+        self.n = n  # choices: with more than one, each finishes on its own (`finish`), and `end` only closes
 
     def served(self, model: str, provider: str | None, version: str) -> None:
         """What served the request: `model` (another one's after a fallback) and the system fingerprint."""
         self.base["model"] = model
         self.base["system_fingerprint"] = f"{provider or 'inferbus'}:{version}"
 
-    def _chunk(self, content: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> bytes:
-        body = {**self.base, "choices": [{"index": 0, **content, "logprobs": logprobs, "finish_reason": finish}]}
+    def _chunk(self, content: dict[str, Any], finish: str | None = None, logprobs: Any = None, index: int = 0) -> bytes:
+        body = {**self.base, "choices": [{"index": index, **content, "logprobs": logprobs, "finish_reason": finish}]}
         if self.include_usage:
             body["usage"] = None
         return sse(body)
@@ -162,72 +195,78 @@ class _OpenAIFormat:
     def error(self, exc: InferBusError) -> bytes:
         return sse(exc.openai_body())
 
-    def finish(self, reason: str) -> bytes:
+    def finish(self, reason: str, index: int = 0) -> bytes:
         raise NotImplementedError
 
     def end(self, final: Final) -> bytes:
-        tail = self.finish(final.finish_reason)
+        tail = self.finish(final.finish_reason) if self.n == 1 else b""  # n > 1: each choice's went out already
         if self.include_usage:
             tail += self.usage(final.usage)
         return tail + DONE
 
 
-class ChatFormat(_OpenAIFormat):
+class ChatFormat(OpenAIFormat):
     """chat.completion / chat.completion.chunk for one request."""
 
     chunk_object = "chat.completion.chunk"
 
     def start(self) -> bytes | None:
-        return self._chunk({"delta": {"role": "assistant", "content": ""}})
+        return b"".join(self._chunk({"delta": {"role": "assistant", "content": ""}}, index=i) for i in range(self.n))
 
     def delta(self, chunk: Delta) -> bytes:
+        index = chunk.index if type(chunk) is ChoiceDelta else 0
         if chunk.tool_calls is None and chunk.logprobs is None:
-            return self._chunk({"delta": {"content": chunk.text}}) if chunk.text else b""
+            return self._chunk({"delta": {"content": chunk.text}}, index=index) if chunk.text else b""
         out = b""
         if chunk.text or chunk.logprobs:
             logprobs = chat_logprobs(chunk.logprobs) if chunk.logprobs else None
-            out += self._chunk({"delta": {"content": chunk.text}}, logprobs=logprobs)
+            out += self._chunk({"delta": {"content": chunk.text}}, logprobs=logprobs, index=index)
         if chunk.tool_calls:
-            out += self._chunk({"delta": {"tool_calls": merged(chunk.tool_calls)}})
+            out += self._chunk({"delta": {"tool_calls": merged(chunk.tool_calls)}}, index=index)
         return out
 
-    def finish(self, reason: str) -> bytes:
-        return self._chunk({"delta": {}}, reason)
+    def finish(self, reason: str, index: int = 0) -> bytes:
+        return self._chunk({"delta": {}}, reason, index=index)
 
     def whole(self, outcome: Outcome, final: Final) -> dict[str, Any]:
-        text = outcome.text
-        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
-        if outcome.tool_calls is not None:
-            message["tool_calls"] = outcome.tool_calls.openai()
-            message["content"] = text or None
-        logprobs = chat_logprobs(outcome.logprobs) if outcome.logprobs is not None else None
-        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": final.finish_reason}
-        return {**self.base, "object": "chat.completion", "choices": [choice], "usage": usage_body(final.usage)}
+        choices = []
+        for index, said, reason in outcome.choices(final):
+            text = said.text
+            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            if said.tool_calls is not None:
+                message["tool_calls"] = said.tool_calls.openai()
+                message["content"] = text or None
+            logprobs = chat_logprobs(said.logprobs) if said.logprobs is not None else None
+            choices.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason})
+        return {**self.base, "object": "chat.completion", "choices": choices, "usage": usage_body(final.usage)}
 
 
-class CompletionFormat(_OpenAIFormat):
+class CompletionFormat(OpenAIFormat):
     """text_completion objects, streamed and whole."""
 
     chunk_object = "text_completion"
 
-    def __init__(self, request_id: str, model: str, created: int, include_usage: bool) -> None:
-        super().__init__(request_id, model, created, include_usage)
-        self.offset = 0  # characters so far: logprobs' text_offset
+    def __init__(self, request_id: str, model: str, created: int, include_usage: bool, n: int = 1) -> None:
+        super().__init__(request_id, model, created, include_usage, n)
+        self.offsets = [0] * n  # each choice's characters so far: logprobs' text_offset
 
     def start(self) -> bytes | None:
         return None
 
     def delta(self, chunk: Delta) -> bytes:
+        index = chunk.index if type(chunk) is ChoiceDelta else 0
         if chunk.logprobs is None:
-            return self._chunk({"text": chunk.text}) if chunk.text else b""
-        logprobs = completion_logprobs(chunk.logprobs, self.offset)
-        self.offset += len(chunk.text)
-        return self._chunk({"text": chunk.text}, logprobs=logprobs)
+            return self._chunk({"text": chunk.text}, index=index) if chunk.text else b""
+        logprobs = completion_logprobs(chunk.logprobs, self.offsets[index])
+        self.offsets[index] += len(chunk.text)
+        return self._chunk({"text": chunk.text}, logprobs=logprobs, index=index)
 
-    def finish(self, reason: str) -> bytes:
-        return self._chunk({"text": ""}, reason)
+    def finish(self, reason: str, index: int = 0) -> bytes:
+        return self._chunk({"text": ""}, reason, index=index)
 
     def whole(self, outcome: Outcome, final: Final) -> dict[str, Any]:
-        logprobs = completion_logprobs(outcome.logprobs, 0) if outcome.logprobs is not None else None
-        choice = {"index": 0, "text": outcome.text, "logprobs": logprobs, "finish_reason": final.finish_reason}
-        return {**self.base, "choices": [choice], "usage": usage_body(final.usage)}
+        choices = []
+        for index, said, reason in outcome.choices(final):
+            logprobs = completion_logprobs(said.logprobs, 0) if said.logprobs is not None else None
+            choices.append({"index": index, "text": said.text, "logprobs": logprobs, "finish_reason": reason})
+        return {**self.base, "choices": choices, "usage": usage_body(final.usage)}

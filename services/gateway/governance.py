@@ -415,14 +415,15 @@ class Governor:
         )
 
     async def admit(
-        self, key: KeyRecord, endpoint: str, request: GenerateRequest, *, batch: bool = False
+        self, key: KeyRecord, endpoint: str, request: GenerateRequest, *, batch: bool = False, choices: int = 1
     ) -> Grant | None:
-        """A grant to settle after the stream, or None when nothing applies to this key (the common case)."""
+        """A grant to settle after the stream, or None when nothing applies to this key (the common case).
+        `choices`: n generations of the request (n > 1), one request that may use n times the tokens."""
         if self.unlimited(key, endpoint, request.model):
             return None
-        prompt = estimate_prompt_tokens(request)
-        tokens = prompt + request.max_tokens
-        usd = self.prices.estimate_usd(request.model, prompt, request.max_tokens, batch)
+        prompt = estimate_prompt_tokens(request) * choices
+        tokens = prompt + request.max_tokens * choices
+        usd = self.prices.estimate_usd(request.model, prompt, request.max_tokens * choices, batch)
         grant = self.plan(key, endpoint, request.model, request.request_id, prompt, tokens, usd)
         return await self._admit(key, grant._replace(batch=True) if batch else grant)
 

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from contracts.errors import InferBusError, invalid
 from contracts.llm import (
+    MAX_CHOICES,
     Accepted,
     ChatCompletionRequest,
     CompletionRequest,
@@ -24,9 +25,10 @@ from contracts.llm import (
     completion_to_generate,
 )
 from services.gateway.auth import KeyRecord
+from services.gateway.choices import choice_requests, fanned
 from services.gateway.dispatch import Served
 from services.gateway.errors import from_validation, json_response
-from services.gateway.formats import ChatFormat, CompletionFormat, Format, Outcome
+from services.gateway.formats import ChatFormat, ChoiceEnd, CompletionFormat, Format, OpenAIFormat, Outcome
 from services.gateway.state import CACHE_HEADER, GATEWAY, Gateway
 from services.runtime import logging as log
 from services.runtime.streaming import Pace
@@ -75,11 +77,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     request[ADMITTED] = time.monotonic()
     req = await _decode(request, ChatCompletionRequest)
     rid = "chatcmpl-" + secrets.token_hex(12)
-    gen = chat_to_generate(req, rid, gw.settings.default_max_tokens)
+    gen = chat_to_generate(req, rid, gw.settings.default_max_tokens, MAX_CHOICES)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    fmt = ChatFormat(rid, req.model, int(time.time()), include_usage)
+    n = req.n or 1
+    fmt = ChatFormat(rid, req.model, int(time.time()), include_usage, n)
     with engine_params(*CHAT_PARAMS):
-        return await respond(request, gw, gen, fmt, bool(req.stream), key, affinity=req.prompt_cache_key)
+        return await respond(request, gw, gen, fmt, bool(req.stream), key, affinity=req.prompt_cache_key, n=n)
 
 
 @routes.post("/v1/completions")
@@ -89,10 +92,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
     request[ADMITTED] = time.monotonic()
     req = await _decode(request, CompletionRequest)
     rid = "cmpl-" + secrets.token_hex(12)
-    gen = completion_to_generate(req, rid, gw.settings.default_max_tokens)
+    gen = completion_to_generate(req, rid, gw.settings.default_max_tokens, MAX_CHOICES)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    fmt = CompletionFormat(rid, req.model, int(time.time()), include_usage)
-    return await respond(request, gw, gen, fmt, bool(req.stream), key)
+    n = req.n or 1
+    fmt = CompletionFormat(rid, req.model, int(time.time()), include_usage, n)
+    return await respond(request, gw, gen, fmt, bool(req.stream), key, n=n)
 
 
 _CHAT_TOOLS = re.compile(r"^tools\[(\d+)\]\.")
@@ -130,12 +134,14 @@ async def respond(
     *,
     affinity: str | None = None,
     finished: Finished | None = None,
+    n: int = 1,
 ) -> web.StreamResponse:
-    """Admit, dispatch and answer one generation in `fmt`'s shape, whole or streamed; log it either way."""
+    """Admit, dispatch and answer one generation in `fmt`'s shape, whole or streamed; log it either way.
+    `n` > 1: that many choices, each a generation of its own (see `choices`; `fmt` an OpenAI one)."""
     with log.bound(request_id=gen.request_id, model=gen.model):
         timeout = _timeout(request, gw)
         try:
-            grant = await gw.admit(key, request.path, gen)
+            grant = await gw.admit(key, request.path, gen, choices=n)
         except InferBusError as exc:  # refused by limits, budgets or scopes: logged too
             gw.log_request(key, request_id=gen.request_id, kind="llm", model=gen.model,
                            admitted=request.get(ADMITTED, time.monotonic()), served=Served(), error=exc,
@@ -143,17 +149,27 @@ async def respond(
             raise
         pace = Pace()
         served = Served()
-        chunks = gw.dispatcher.generate(
-            gen,
-            kind="llm",
-            timeout_s=timeout,
-            headers=gw.bus_headers(request, key),
-            key_id=key.id,
-            affinity=request.headers.get(AFFINITY_HEADER) or affinity,
-            pace=pace,
-            served=served,
-            cache=gw.cache_use(request.headers, key, gen),
-        )
+        if n == 1:
+            chunks = gw.dispatcher.generate(
+                gen,
+                kind="llm",
+                timeout_s=timeout,
+                headers=gw.bus_headers(request, key),
+                key_id=key.id,
+                affinity=request.headers.get(AFFINITY_HEADER) or affinity,
+                pace=pace,
+                served=served,
+                cache=gw.cache_use(request.headers, key, gen),
+            )
+        else:  # one worker for all of them where it can (on llama.cpp they share its batch); no cache
+            assert isinstance(fmt, OpenAIFormat)
+            headers = gw.bus_headers(request, key)
+            together = request.headers.get(AFFINITY_HEADER) or affinity or gen.request_id
+            chunks = fanned([
+                gw.dispatcher.generate(one, kind="llm", timeout_s=timeout, headers=dict(headers), key_id=key.id,
+                                       affinity=together, served=served if i == 0 else Served())
+                for i, one in enumerate(choice_requests(gen, n))
+            ], pace)
         limit_headers: dict[str, str] = {}
         if grant is not None:
             assert gw.governor is not None
@@ -174,6 +190,8 @@ async def respond(
             async for chunk in chunks:
                 if isinstance(chunk, Delta):
                     outcome.add(chunk)
+                elif isinstance(chunk, ChoiceEnd):
+                    outcome.finishes[chunk.index] = chunk.finish_reason
                 elif isinstance(chunk, Final):
                     outcome.usage = chunk.usage
                     if finished is not None:
@@ -229,6 +247,10 @@ async def _stream(
                 if data:
                     out.append(data)
                 outcome.add(chunk)
+            elif isinstance(chunk, ChoiceEnd):
+                assert isinstance(fmt, OpenAIFormat)
+                outcome.finishes[chunk.index] = chunk.finish_reason
+                out.append(fmt.finish(chunk.finish_reason, chunk.index))
             elif isinstance(chunk, Final):
                 outcome.usage = chunk.usage
                 if finished is not None:

@@ -469,14 +469,15 @@ class Gateway:
             self.kick_later(what["key_id"])
 
     async def admit(
-        self, key: KeyRecord, endpoint: str, request: GenerateRequest, kind: str = "llm", *, batch: bool = False
+        self, key: KeyRecord, endpoint: str, request: GenerateRequest, kind: str = "llm", *, batch: bool = False,
+        choices: int = 1,
     ) -> Grant | None:
-        """Scopes, rate limits and budgets for one generation (`batch`: a batch line, at its discount); None when
-        governance is off."""
+        """Scopes, rate limits and budgets for one generation (`batch`: a batch line, at its discount; `choices`:
+        n of them, one request); None when governance is off."""
         key.authorize(kind, request.model)
         if self.governor is None:
             return None
-        return await self.governor.admit(key, endpoint, request, batch=batch)
+        return await self.governor.admit(key, endpoint, request, batch=batch, choices=choices)
 
     async def admit_request(
         self, key: KeyRecord, endpoint: str, kind: str, model: str, request_id: str, audio_seconds: float = 0.0,
