@@ -185,13 +185,14 @@ async def tool_latency(http: aiohttp.ClientSession, url: str, cfg: dict[str, Any
     cold: dict[str, list[float]] = {k: [] for k in kinds}
     prompt: dict[str, int] = {}
     # Blocks of a few turns per kind, alternating: an agent's loop sends the same tools every turn, so after
-    # a block's first request (cold: another prompt was in the cache) the tools' prefix is cached.
+    # a block's first request the tools' prefix is cached. Each block is a new session (its system prompt starts
+    # with the block's number), so its first request is cold: nothing of its prompt is cached.
     per_block = 4
     for block in range(max(1, cfg["latency"] // per_block)):
         for kind, extra in kinds.items():
             for turn in range(per_block):
                 question = questions[(block * per_block + turn) % len(questions)]
-                body = {"messages": [{"role": "system", "content": "You are a helpful assistant."},
+                body = {"messages": [{"role": "system", "content": f"Session {block}. You are a helpful assistant."},
                                      {"role": "user", "content": f"{question} (turn {block}.{turn})"}],
                         "max_tokens": 4, "temperature": 0, **extra}
                 stream = await chat(http, url, body)
@@ -258,9 +259,10 @@ def write_results(rep: Report, quick: bool, outcome: harness.Outcome, note: str)
         "when it refuses that token (services/llm/engines/sampling.py); decode rate is first to last token of "
         "each stream, so prefill is out of it.",
         "- **c**: with tool_choice auto the 20 tools go into the system prompt (the prompt tokens column) and "
-        "the grammar waits for `<tool_call>`. Cold (another prompt was in the cache), their prefill dominates; "
-        "warm (the same tools again, as an agent's loop sends them every turn) llama.cpp reuses the cached "
-        "prefix and evaluates only the new turn. The worker runs with n_ctx 4096 for these prompts.",
+        "the grammar waits for `<tool_call>`. Cold (a new session: nothing of its prompt cached), their prefill "
+        "dominates; warm (the same tools again, as an agent's loop sends them every turn, with the other kind's "
+        "requests in between) llama.cpp reuses the cached prefix and evaluates only the new turn. The worker runs "
+        "with n_ctx 4096 for these prompts.",
         "",
         rep.section("a"),
         rep.section("b"),

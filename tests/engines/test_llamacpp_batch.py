@@ -149,6 +149,24 @@ async def test_a_long_prompt_is_fed_in_chunks_without_changing_its_answer(engine
     assert joined == alone and sum(p.tokens for p in alone) > 0
 
 
+async def test_a_short_prompt_leaves_a_long_cached_prefix_to_the_prompts_that_share_it(engine: Any) -> None:
+    """An agent's long prefix (tools, a document) stays cached while short chats that share its first tokens come
+    and go: they take other slots, and the agent's next turn computes only what is new."""
+    from services.llm.engines.llamacpp_batch import common_prefix
+
+    facts = [f"Fact {i}: the {TOPICS[i % 4]} has number {i * 7}." for i in range(40)]
+    first = _req("Summarize. " + " ".join(facts) + " What is fact 3?", 2)
+    await _text(engine, first)
+    for i in range(2 * CAPACITY):  # each shares the system prompt and the first fact with it, and little else
+        await _text(engine, _req(f"Summarize. {facts[0]} ({TOPICS[i % 4]})", 2))
+    second = _req("Summarize. " + " ".join(facts) + " What is fact 9?", 2)
+    shared = common_prefix(engine.prepare(first).prompt, engine.prepare(second).prompt)
+    assert shared > 400
+    before = engine._batch.reused
+    await _text(engine, second)
+    assert engine._batch.reused - before >= shared - 2  # (a prompt's last token is always decoded again)
+
+
 async def test_a_prompt_longer_than_the_context_is_refused(engine: Any) -> None:
     with pytest.raises(InferBusError) as err:
         engine.prepare(_req("word " * 5000))

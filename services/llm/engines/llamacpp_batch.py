@@ -8,8 +8,10 @@ One thread (the engine's executor) owns the context. Each step puts one token pe
 chunk of the prompts of sequences that joined into one batch, decodes it once, then lets each sequence sample
 its own next token. Sequences join and leave between steps. The KV cache is split per sequence
 (`kv_unified` off): `n_seq` streams of `n_ctx` cells each, so a sequence can never crowd out another. A slot
-keeps its cells after its sequence leaves, and the next sequence that shares a prefix with them reuses them
-(an agent's loop resends the same system prompt and tools every turn).
+keeps its cells after its sequence leaves, and a later sequence whose prompt begins with most of them reuses them
+(an agent's loop resends the same system prompt and tools every turn); any other takes an empty slot or the one
+used least recently (`_admit`), so a short chat does not evict an agent's 2,000 tokens of tools for the dozen it
+shares with them.
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ class Slot:
 
     seq_id: int
     cached: list[int] = field(default_factory=list)
+    used: int = 0  # when a sequence last took it (BatchDecoder's admission count): least recently used goes first
+
+
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -116,6 +121,8 @@ class BatchDecoder:
         self.peak = 0  # the most sequences one step decoded
         self.wide_steps = 0  # steps decoded on n_threads_wide (stats, tests)
         self.preempted = 0  # batch sequences that gave their slot to an interactive request (stats, tests)
+        self.admitted = 0  # sequences given a slot (and the slots' clock for least recently used)
+        self.reused = 0  # prompt tokens whose cells a slot already held (stats, tests)
 
     # ---- set-up (executor thread) -------------------------------------------------------------
 
@@ -326,13 +333,23 @@ class BatchDecoder:
         return True
 
     def _admit(self, seq: Sequence) -> None:
-        """Give `seq` the free slot whose cached tokens share the longest prefix with its prompt."""
+        """Give `seq` a free slot: one whose cells are mostly (more than half) a prefix of its prompt, the longest
+        such prefix (the same tools, the conversation so far: not computed again); else an empty one, else the one
+        used least recently. A slot's cells are never dropped for a few shared tokens."""
         import llama_cpp
 
         if not seq.prompt:
             raise InferBusError("invalid_request", "the prompt is empty")
-        slot = max(self._free, key=lambda s: common_prefix(s.cached, seq.prompt))
+        slot, best = None, 0
+        for free in self._free:
+            shared = common_prefix(free.cached, seq.prompt)
+            if shared > best and 2 * shared > len(free.cached):
+                slot, best = free, shared
+        if slot is None:
+            slot = min(self._free, key=lambda s: (bool(s.cached), s.used))
         self._free.remove(slot)
+        self.admitted += 1
+        slot.used = self.admitted
         seq.slot = slot
         self._active.append(seq)
         # The prompt's last token is decoded again (its logits give the first sample), and never alone: llama.cpp
@@ -344,6 +361,7 @@ class BatchDecoder:
             reuse = 0
         slot.cached = seq.prompt[:reuse]
         seq.feed = seq.prompt[reuse:]
+        self.reused += reuse
         if not seq.started:  # a preempted sequence keeps its sampler and what it has written
             seq.decoding.start()
             seq.started = True
