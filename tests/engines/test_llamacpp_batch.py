@@ -167,6 +167,30 @@ async def test_a_short_prompt_leaves_a_long_cached_prefix_to_the_prompts_that_sh
     assert engine._batch.reused - before >= shared - 2  # (a prompt's last token is always decoded again)
 
 
+async def test_a_shared_system_prompt_is_copied_from_a_slot_that_keeps_its_own_cells(engine: Any) -> None:
+    """Two chats with one long system prompt and different long questions: the second takes another slot (the
+    first's cells are mostly its own question), gets the system prompt's cells copied into it, and answers as a
+    fresh engine does."""
+    rules = " ".join(f"Rule {i}: answer questions about the {TOPICS[i % 4]} politely." for i in range(16))
+
+    def chat(who: int) -> GenerateRequest:
+        lines = " ".join(f"Customer {who} line {j}: order {who * 100 + j} is late." for j in range(30))
+        return GenerateRequest(request_id="t", model="m", max_tokens=8, temperature=0,
+                               messages=[Message("system", rules), Message("user", lines)])
+
+    await _text(engine, chat(1))
+    copies, reused = engine._batch.copies, engine._batch.reused
+    answer = await _text(engine, chat(2))
+    assert engine._batch.copies == copies + 1
+    assert engine._batch.reused - reused > 150  # the system prompt's tokens, not computed again
+    fresh = engines.create("llamacpp", {"capacity": 1})
+    await fresh.load(lambda step, fraction: None)
+    try:
+        assert await _text(fresh, chat(2)) == answer
+    finally:
+        await fresh.close()
+
+
 async def test_a_prompt_longer_than_the_context_is_refused(engine: Any) -> None:
     with pytest.raises(InferBusError) as err:
         engine.prepare(_req("word " * 5000))
