@@ -339,9 +339,10 @@ class BatchDecoder:
         return True
 
     def _admit(self, seq: Sequence) -> None:
-        """Give `seq` a free slot: one whose cells are mostly (more than half) a prefix of its prompt, the longest
-        such prefix (the same tools, the conversation so far: not computed again); else an empty one, else the one
-        used least recently. A slot's cells are never dropped for a few shared tokens: when another free slot
+        """Give `seq` a free slot: one whose cells are mostly (more than half) a prefix of its prompt, or that would
+        drop fewer than COPY_FROM cells, the longest such prefix (the same tools, the conversation so far: not
+        computed again); else an empty one, else the one used least recently. A slot's cells are never dropped for a
+        few shared tokens: when another free slot
         holds a prefix of COPY_FROM tokens or more (a long system prompt every chat shares), its cells are copied
         into the one taken (a memory copy, where computing them again takes a forward pass)."""
         import llama_cpp
@@ -352,7 +353,7 @@ class BatchDecoder:
         donor, lent = None, 0
         for free in self._free:
             shared = common_prefix(free.cached, seq.prompt)
-            if shared > best and 2 * shared > len(free.cached):
+            if shared > best and (2 * shared > len(free.cached) or len(free.cached) - shared < COPY_FROM):
                 slot, best = free, shared
             if shared > lent:
                 donor, lent = free, shared
