@@ -38,7 +38,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 PROMPT = "The quick brown fox"
-N_CTX = 512
+N_CTX = 2048  # a tools prompt takes ~700 tokens of this 384-token vocabulary
 CAPACITY = 8
 
 
@@ -235,6 +235,52 @@ async def test_response_format_guides_the_output_to_json_that_validates(engine: 
     anything = "".join(p.text for p in await _collect(engine, _req(max_tokens=16, response_format=ResponseFormat(
         type="json_object"))))
     assert anything.startswith("{")  # an object from the first token (16 tokens may not close it)
+
+
+WEATHER = Tool(name="get_weather", parameters={
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"enum": [1, 2, 3]}},
+    "required": ["city", "days"], "additionalProperties": False})
+TIME = Tool(name="get_time", parameters={"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                                         "required": ["zone"], "additionalProperties": False})
+
+
+def _chat(max_tokens: int, **kw: Any) -> GenerateRequest:
+    return GenerateRequest(request_id=f"t{time.monotonic_ns()}", model="tiny", max_tokens=max_tokens,
+                           messages=[Message("user", "What is the weather in Paris?")], temperature=0.0,
+                           tools=[WEATHER, TIME], **kw)
+
+
+def _calls(pieces: list[Piece]) -> list[tuple[str, Any]]:
+    """The tool call deltas of a generation, assembled: (name, parsed arguments) per call."""
+    calls: list[list[str]] = []
+    for piece in pieces:
+        for d in piece.tool_calls or ():
+            if d.index >= len(calls):
+                calls.append([d.name or "", ""])
+            calls[d.index][1] += d.arguments
+    return [(name, json.loads(arguments)) for name, arguments in calls]
+
+
+async def test_forced_tool_calls_are_generated_under_their_schemas(engine: VllmEngine) -> None:
+    import jsonschema
+
+    schemas = {WEATHER.name: WEATHER.parameters, TIME.name: TIME.parameters}
+    required = await _collect(engine, _chat(128, tool_choice="required", parallel_tool_calls=False))
+    ((name, arguments),) = _calls(required)  # the random model calls a tool: the grammar leaves it no other way
+    jsonschema.validate(arguments, schemas[name])
+    assert required[-1].finish_reason == "tool_calls" and not "".join(p.text for p in required).strip()
+    named = await _collect(engine, _chat(128, tool_choice="required", tool_name="get_time"))
+    calls = _calls(named)
+    assert calls and all(n == "get_time" and a["zone"] in ("UTC", "CET") for n, a in calls)
+    assert named[-1].finish_reason in ("tool_calls", "length")  # parallel calls allowed: it may go on calling
+
+
+async def test_auto_tool_choice_leaves_plain_text_free(engine: VllmEngine) -> None:
+    pieces = await _collect(engine, _chat(12, tool_choice="auto"))
+    assert not _calls(pieces)  # the random model never writes `<tool_call>`: nothing starts the grammar
+    assert sum(p.tokens for p in pieces) == 12 and "".join(p.text for p in pieces).strip()
+    assert pieces[-1].finish_reason == "length"
     with pytest.raises(InferBusError) as refused:
-        engine.prepare(_req(tools=[Tool(name="f", parameters={"type": "object"})]))
-    assert refused.value.code == "unsupported_parameter" and refused.value.param == "tools"
+        engine.prepare(_chat(8, response_format=ResponseFormat(type="json_object")))
+    assert refused.value.code == "unsupported_parameter" and refused.value.param == "response_format"

@@ -30,7 +30,7 @@ from services.llm.engines.base import Piece, Prepared, Progress, with_system_pro
 from services.llm.engines.grammar import BARE_TRIGGER, TRIGGER, grammar_for
 from services.llm.engines.llamacpp_batch import BatchDecoder
 from services.llm.engines.sampling import VerifyingSampler
-from services.llm.engines.toolcalls import ToolCallParser, template_messages
+from services.llm.engines.toolcalls import ToolCallParser, parsed_piece, template_messages
 from services.runtime.worker import batch_line
 from services.weights import SPLIT_FILES, local, search_dirs
 
@@ -191,18 +191,6 @@ class LlamaCppEngine:
         limit = min(request.max_tokens, self.n_ctx - len(prepared.prompt))
         return self._batch.stream(Generation(self, request, plan, limit), prepared.prompt, low=batch_line())
 
-    @staticmethod
-    def _piece(text: str, tokens: int, finish: str | None, parser: ToolCallParser | None,
-               logprobs: list[TokenLogprob] | None, *, end: bool) -> Piece:
-        if parser is None:
-            return Piece(text, tokens, finish, logprobs=logprobs)
-        content, calls = parser.feed(text)
-        if end:
-            content += parser.flush()
-            if finish == "stop" and parser.calls:
-                finish = "tool_calls"
-        return Piece(content, tokens, finish, tool_calls=calls or None, logprobs=logprobs)
-
     def _sampler(self, request: GenerateRequest, plan: Plan | None) -> Any:
         """The request's chain: `sample(ctx, index)` picks (and accepts) its next token."""
         from llama_cpp._internals import LlamaSampler
@@ -291,14 +279,14 @@ class Generation:
     def step(self, ctx: Any, index: int) -> tuple[int, Piece]:
         token = int(self.sampler.sample(ctx, index))
         if self._is_eog(self._vocab, token):
-            return token, self.engine._piece(self.decoder.decode(b"", final=True), 0, "stop", self.parser, None,
+            return token, parsed_piece(self.decoder.decode(b"", final=True), 0, "stop", self.parser, None,
                                              end=True)
         self.count += 1
         top = self.request.logprobs
         logprobs = self.engine._logprobs(ctx, index, token, top) if top is not None else None
         text = self.decoder.decode(self.engine._llm.detokenize([token], special=self.special))
         finish = "length" if self.count >= self.limit else None
-        return token, self.engine._piece(text, 1, finish, self.parser, logprobs, end=finish is not None)
+        return token, parsed_piece(text, 1, finish, self.parser, logprobs, end=finish is not None)
 
     def close(self) -> None:
         if self.sampler is not None:

@@ -21,7 +21,8 @@ import re
 import secrets
 from typing import Any
 
-from contracts.llm import GenerateRequest, Message, ResponseFormat, Tool, ToolCallDelta
+from contracts.llm import GenerateRequest, Message, ResponseFormat, TokenLogprob, Tool, ToolCallDelta
+from services.llm.engines.base import Piece
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
@@ -118,6 +119,20 @@ def _parsed(arguments: str) -> Any:
         return json.loads(arguments)
     except ValueError:
         return arguments
+
+
+def parsed_piece(text: str, tokens: int, finish: str | None, parser: ToolCallParser | None,
+                 logprobs: list[TokenLogprob] | None, *, end: bool) -> Piece:
+    """A piece of an engine's text as content and tool call deltas (`parser` None: text only). `end`: the last
+    piece; a generation that stopped after calling a tool finishes with `tool_calls`."""
+    if parser is None:
+        return Piece(text, tokens, finish, logprobs=logprobs)
+    content, calls = parser.feed(text)
+    if end:
+        content += parser.flush()
+        if finish == "stop" and parser.calls:
+            finish = "tool_calls"
+    return Piece(content, tokens, finish, tool_calls=calls or None, logprobs=logprobs)
 
 
 def new_call_id() -> str:

