@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from contracts import subjects
-from contracts.llm import Final, GenerateRequest
+from contracts.llm import Final, GenerateRequest, Message
 from contracts.registry import Breaker
 from services.cli.up import say
 from services.runtime import bus
@@ -34,7 +34,7 @@ from services.runtime.logging import redact
 from services.runtime.metrics import sample_loop_lag
 from services.runtime.metrics import url as metrics_url
 from services.runtime.natsauth import read_credentials
-from tests.conftest import ADMIN_KEY, BENCH_MODEL, Gateway, start_gateway, start_worker
+from tests.conftest import ADMIN_KEY, BENCH_MODEL, DEFAULT_MODEL, Gateway, start_gateway, start_worker
 from tests.test_registry import nats_generate
 
 PG_PASSWORD = "pg-Pa55word-" + "k" * 12
@@ -216,6 +216,35 @@ async def test_the_llm_worker_exports_vllms_metric_names(infra: EmbeddedStack, n
         assert value(samples, "vllm:num_requests_waiting", **mine) == 0
     finally:
         proc.stop()
+
+
+@pytest.mark.model
+async def test_the_llama_cpp_worker_exports_its_prefix_cache_counters(
+    nc: bus.Connection, default_worker: dict[str, Any]
+) -> None:
+    """vllm:prefix_cache_queries/hits: the prompt tokens the engine looked up and found in its slots' cells."""
+    url = metrics_url(await instance_info(nc, "inferbus-llm", instance=default_worker["worker_id"]))
+    assert url is not None
+    mine = {"model_name": DEFAULT_MODEL, "version": default_worker["version"]}
+    rules = " ".join(f"Rule {i}: the answer to question {i} is {i * 3}." for i in range(20))
+
+    async def ask(i: int) -> int:
+        request = GenerateRequest(request_id=f"prefix-{i}-{secrets.token_hex(4)}", model=DEFAULT_MODEL, max_tokens=2,
+                                  temperature=0, messages=[Message("system", rules), Message("user", "Question 7?")])
+        chunks = await nats_generate(nc, subjects.infer("llm", DEFAULT_MODEL, default_worker["version"]), request)
+        assert isinstance(chunks[-1], Final), chunks
+        return chunks[-1].usage.prompt_tokens
+
+    before = await scrape(url)
+    prompt = await ask(1)
+    await ask(2)  # the same prompt again: all of it is in a slot but the last token, decoded again for its logits
+    after = await scrape(url)
+
+    def grew(name: str) -> float:
+        return value(after, name, **mine) - value(before, name, **mine)
+
+    assert grew("vllm:prefix_cache_queries_total") == 2 * prompt
+    assert prompt - 2 <= grew("vllm:prefix_cache_hits_total") <= 2 * prompt - 2
 
 
 def test_gpu_metrics_where_there_is_an_nvidia_gpu_and_none_elsewhere() -> None:

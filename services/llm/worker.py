@@ -8,7 +8,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from contracts.errors import InferBusError
 from contracts.llm import (
@@ -52,6 +54,32 @@ PROMPT_TOKENS = Counter("vllm:prompt_tokens", "Prompt tokens processed", ["model
 GENERATION_TOKENS = Counter("vllm:generation_tokens", "Tokens generated", ["model_name", "version", "traffic"])
 RUNNING = Gauge("vllm:num_requests_running", "Generations running on the engine", ["model_name", "version"])
 WAITING = Gauge("vllm:num_requests_waiting", "Generations waiting for a slot", ["model_name", "version"])
+
+
+
+class PrefixCache(Collector):
+    """vLLM's prefix cache counters (prompt tokens looked up, and found cached) of every engine that keeps a prefix
+    cache (llama.cpp's slots), read from the engines when scraped: nothing on the request path."""
+
+    def __init__(self) -> None:
+        self.engines: dict[tuple[str, str], Any] = {}
+
+    def collect(self) -> Any:
+        labels = ["model_name", "version"]
+        queries = CounterMetricFamily("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      labels=labels)
+        hits = CounterMetricFamily("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed)",
+                                   labels=labels)
+        for key, engine in list(self.engines.items()):
+            queried, found = engine.prefix_cache()
+            queries.add_metric(list(key), queried)
+            hits.add_metric(list(key), found)
+        yield queries
+        yield hits
+
+
+PREFIX_CACHE = PrefixCache()
+REGISTRY.register(PREFIX_CACHE)
 
 _DONE = object()
 # A prompt this short is rendered and tokenized on the loop: the hop to the thread costs more than it does.
@@ -114,6 +142,8 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
         self._tokens = {traffic: (PROMPT_TOKENS.labels(*self._labels, traffic),
                                   GENERATION_TOKENS.labels(*self._labels, traffic)) for traffic in ("live", "shadow")}
         # Read when scraped: nothing on the request path.
+        if hasattr(engine, "prefix_cache"):
+            PREFIX_CACHE.engines[self._labels] = engine
         RUNNING.labels(*self._labels).set_function(lambda: len(self.active) - self.queued)
         WAITING.labels(*self._labels).set_function(lambda: self.queued)
         self.shadow_served = 0
@@ -151,6 +181,8 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
     async def stop(self, grace: float = 10.0) -> None:
         await super().stop(grace)
         self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+        if PREFIX_CACHE.engines.get(self._labels) is self.engine:
+            del PREFIX_CACHE.engines[self._labels]
 
     async def _prepare(self, request: GenerateRequest, out: ReplyStream) -> Prepared:
         """The engine's prepare (chat template, tokenize): in the prepare thread unless the prompt is tiny."""

@@ -250,6 +250,10 @@ class LlamaCppEngine:
     def _token_text(self, token: int) -> str:
         return bytes(self._llm.detokenize([token])).decode("utf-8", "replace")
 
+    def prefix_cache(self) -> tuple[int, int]:
+        """Prompt tokens looked up in the slots' cells so far, and those found there (not computed again)."""
+        return self._batch.queried, self._batch.reused
+
     async def close(self) -> None:
         self._batch.close()  # the loop fails what it still holds, then lets go of the thread
         self._executor.shutdown(wait=False)

@@ -127,7 +127,8 @@ class BatchDecoder:
         self.wide_steps = 0  # steps decoded on n_threads_wide (stats, tests)
         self.preempted = 0  # batch sequences that gave their slot to an interactive request (stats, tests)
         self.admitted = 0  # sequences given a slot (and the slots' clock for least recently used)
-        self.reused = 0  # prompt tokens whose cells a slot already held (stats, tests)
+        self.queried = 0  # prompt tokens of every admission: the prefix cache's lookups (metrics)
+        self.reused = 0  # prompt tokens whose cells a slot already held (metrics, tests)
         self.copies = 0  # slots that took another's cells for a prefix they share (stats, tests)
 
     # ---- set-up (executor thread) -------------------------------------------------------------
@@ -379,6 +380,7 @@ class BatchDecoder:
             reuse = 0
         slot.cached = seq.prompt[:reuse]
         seq.feed = seq.prompt[reuse:]
+        self.queried += len(seq.prompt)
         self.reused += reuse
         if not seq.started:  # a preempted sequence keeps its sampler and what it has written
             seq.decoding.start()
