@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -71,3 +72,32 @@ async def test_prompt_over_the_context_is_refused(engine: Any) -> None:
     with pytest.raises(InferBusError) as err:
         engine.prepare(_req(messages=[Message("user", "word " * 5000)]))
     assert err.value.code == "context_length_exceeded"
+
+
+@pytest.mark.model
+async def test_requantized_weights_are_converted_once_and_still_answer(tmp_path: Path) -> None:
+    """`requantize: q8_0` holds the shipped Q4_1 weights in Q8_0 blocks (to within Q8_0's rounding): converted
+    once into the cache, then loaded from there, and it answers the question the shipped file answers."""
+    shipped = engines.create("llamacpp", {"system_prompt": "You are a helpful AI assistant.", "capacity": 1})
+    await shipped.load(lambda step, fraction: None)
+    try:
+        expected = "".join(p.text for p in await _collect(shipped, _req(12)))
+    finally:
+        await shipped.close()
+    options = {"system_prompt": "You are a helpful AI assistant.", "capacity": 1, "requantize": "q8_0",
+               "cache_dir": str(tmp_path)}
+    target = tmp_path / "SmolLM2-135M-Instruct.Q4_1.q8_0.gguf"
+    for run in range(2):
+        steps: list[str] = []
+        eng = engines.create("llamacpp", options)
+        await eng.load(lambda step, fraction, seen=steps: seen.append(step))
+        try:
+            assert eng.model_path == str(target) and target.is_file()
+            assert any(s.startswith("converting") for s in steps) == (run == 0)  # the second load finds it
+            assert "Paris" in "".join(p.text for p in await _collect(eng, _req(12)))
+        finally:
+            await eng.close()
+    assert "Paris" in expected
+    with pytest.raises(ValueError, match="requantize"):
+        engines.create("llamacpp", {"requantize": "q2_k"})
+
