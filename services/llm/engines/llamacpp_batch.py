@@ -67,8 +67,6 @@ class Slot:
     used: int = 0  # when a sequence last took it (BatchDecoder's admission count): least recently used goes first
 
 
-
-
 # A prompt that shares this many tokens or more with a free slot it does not take gets that slot's cells copied
 # (the whole KV stream, ~50 MB for SmolLM2 at n_ctx 2048: a few ms, where 32 tokens of prefill take 50-200 ms).
 COPY_FROM = 32
@@ -342,10 +340,10 @@ class BatchDecoder:
     def _admit(self, seq: Sequence) -> None:
         """Give `seq` a free slot: one whose cells are mostly (more than half) a prefix of its prompt, or that would
         drop fewer than COPY_FROM cells, the longest such prefix (the same tools, the conversation so far: not
-        computed again); else an empty one, else the one used least recently. A slot's cells are never dropped for a
-        few shared tokens: when another free slot
-        holds a prefix of COPY_FROM tokens or more (a long system prompt every chat shares), its cells are copied
-        into the one taken (a memory copy, where computing them again takes a forward pass)."""
+        computed again); else an empty one, else the one used least recently. A slot's cells are never dropped for
+        a few shared tokens. When another free slot holds a prefix of COPY_FROM tokens or more beyond the taken
+        one's (a long system prompt every chat shares), its cells are copied into the taken one (a memory copy,
+        where computing them again takes a forward pass)."""
         import llama_cpp
 
         if not seq.prompt:
