@@ -191,6 +191,18 @@ async def test_a_shared_system_prompt_is_copied_from_a_slot_that_keeps_its_own_c
         await fresh.close()
 
 
+async def test_a_prompt_a_running_sequence_is_computing_waits_and_copies_its_cells(engine: Any) -> None:
+    """The same long prompt twice at once (n choices, a burst of calls with one tool list): the second waits for
+    the first's prefill and copies its cells instead of computing them again, and answers the same."""
+    notes = " ".join(f"Note {i}: the parcel for {TOPICS[i % 4]} left on day {i + 2}." for i in range(36))
+    req = _req(f"{notes} Which parcel left on day 9?", 6)
+    copies, reused = engine._batch.copies, engine._batch.reused
+    first, second = await asyncio.gather(_text(engine, req), _text(engine, req))
+    assert first == second
+    assert engine._batch.copies == copies + 1
+    assert engine._batch.reused - reused >= engine.prepare(req).prompt_tokens - 2
+
+
 async def test_a_prompt_longer_than_the_context_is_refused(engine: Any) -> None:
     with pytest.raises(InferBusError) as err:
         engine.prepare(_req("word " * 5000))

@@ -227,12 +227,22 @@ class BatchDecoder:
                 self._retire(seq, out, None)
         if self._waiting and any(not s.low for s in self._waiting):  # interactive ones first
             self._waiting = deque(sorted(self._waiting, key=lambda s: s.low))
-        while self._waiting and (self._free or self._preempt()):
+        deferred: list[Sequence] = []
+        while self._waiting:
+            head = self._waiting[0]
+            if not self._free and (head.low or not any(s.low for s in self._active)):
+                break  # no slot, and none a batch sequence could give up (see _preempt)
+            if self._prefix_coming(head):  # it waits for a running prompt's cells, then copies them
+                deferred.append(self._waiting.popleft())
+                continue
+            if not self._free and not self._preempt():
+                break
             seq = self._waiting.popleft()
             try:
                 self._admit(seq)
             except BaseException as exc:
                 self._retire(seq, out, exc)
+        self._waiting.extendleft(reversed(deferred))
         # Running streams' next tokens and prompt chunks go to llama.cpp in separate calls: in one mixed batch
         # llama.cpp computes a one-token sequence differently, and a stream's text would depend on who joined.
         # Batch work (`low`) runs below interactive requests; a sequence's tokens do not depend on which steps
@@ -337,6 +347,20 @@ class BatchDecoder:
         self.preempted += 1
         return True
 
+    def _prefix_coming(self, seq: Sequence) -> bool:
+        """A running sequence is still feeding a prompt that begins with COPY_FROM or more of `seq`'s tokens not yet
+        in any slot (n choices of one request, a burst of calls with the same tools): `seq` waits until those cells
+        are computed, then copies them (`_admit`) instead of computing them a second time."""
+        for other in self._active:
+            if other.generating or other.slot is None or (other.low and not seq.low):  # (batch prompts can wait)
+                continue
+            shared = common_prefix(other.prompt, seq.prompt)
+            if shared < COPY_FROM or len(other.slot.cached) >= min(shared, len(seq.prompt) - 2):
+                continue
+            if all(common_prefix(free.cached, seq.prompt) + COPY_FROM <= shared for free in self._free):
+                return True
+        return False
+
     def _admit(self, seq: Sequence) -> None:
         """Give `seq` a free slot: one whose cells are mostly (more than half) a prefix of its prompt, or that would
         drop fewer than COPY_FROM cells, the longest such prefix (the same tools, the conversation so far: not
@@ -356,6 +380,11 @@ class BatchDecoder:
                 slot, best = free, shared
             if shared > lent:
                 donor, lent = free, shared
+        for running in self._active:  # a running sequence's cells too (its stream is copied before it goes on)
+            assert running.slot is not None
+            shared = common_prefix(running.slot.cached, seq.prompt)
+            if shared > lent:
+                donor, lent = running.slot, shared
         if slot is None:
             slot = min(self._free, key=lambda s: (bool(s.cached), s.used))
             best = common_prefix(slot.cached, seq.prompt)
