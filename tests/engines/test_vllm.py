@@ -284,3 +284,15 @@ async def test_auto_tool_choice_leaves_plain_text_free(engine: VllmEngine) -> No
     with pytest.raises(InferBusError) as refused:
         engine.prepare(_chat(8, response_format=ResponseFormat(type="json_object")))
     assert refused.value.code == "unsupported_parameter" and refused.value.param == "response_format"
+
+
+async def test_logprobs_of_each_sampled_token_and_its_alternatives(engine: VllmEngine) -> None:
+    pieces = await _collect(engine, _req(max_tokens=6, logprobs=3))
+    items = [item for p in pieces for item in p.logprobs or ()]
+    assert len(items) == sum(p.tokens for p in pieces) == 6
+    for item in items:
+        assert item.logprob <= 0 and len(item.top) == 3
+        assert [a.logprob for a in item.top] == sorted((a.logprob for a in item.top), reverse=True)
+        assert item.top[0].token == item.token and item.top[0].logprob == item.logprob  # greedy: the likeliest
+    plain = await _collect(engine, _req(max_tokens=6, logprobs=0))
+    assert all(not item.top for p in plain for item in p.logprobs or ()) and any(p.logprobs for p in plain)

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from contracts.errors import InferBusError
-from contracts.llm import GenerateRequest
+from contracts.llm import GenerateRequest, TokenLogprob, TopLogprob
 from contracts.structured import check_schema, strip_annotations
 from services.llm.engines.base import Piece, Prepared, Progress, hf_token_ids, refuse, within_context
 from services.llm.engines.toolcalls import CLOSE, OPEN, ToolCallParser, parsed_piece, template_messages
@@ -34,7 +34,8 @@ DEFAULT_ENV = {
     "VLLM_WORKER_MULTIPROC_METHOD": "spawn",  # what the CPU platform forces anyway
 }
 
-SUPPORTED = frozenset({"seed", "frequency_penalty", "presence_penalty", "logit_bias", "response_format", "tools"})
+SUPPORTED = frozenset({"seed", "frequency_penalty", "presence_penalty", "logit_bias", "response_format", "tools",
+                       "logprobs"})
 NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
@@ -199,6 +200,7 @@ class VllmEngine:
                 frequency_penalty=request.frequency_penalty,
                 presence_penalty=request.presence_penalty,
                 logit_bias=request.logit_bias,
+                logprobs=request.logprobs,  # the sampled token's, and this many alternatives (None: none)
                 structured_outputs=tool_tags(request) if parser is not None else structured(request),
                 # `<tool_call>` may be a special token (Qwen's): the parser needs its text.
                 skip_special_tokens=parser is None,
@@ -219,7 +221,11 @@ class VllmEngine:
                     raise InferBusError("engine_error", f"vLLM ended the generation: {finish}")
                 if finish not in (None, "length"):
                     finish = "stop"  # an EOS or stop token; the worker handles stop strings itself
-                yield parsed_piece(completion.text, len(completion.token_ids), finish, parser, None,
+                logprobs = None
+                if request.logprobs is not None and completion.logprobs is not None:
+                    logprobs = [self._logprob(place, token, request.logprobs)
+                                for place, token in zip(completion.logprobs, completion.token_ids, strict=False)]
+                yield parsed_piece(completion.text, len(completion.token_ids), finish, parser, logprobs,
                                    end=output.finished)
                 if output.finished:
                     return
@@ -228,6 +234,17 @@ class VllmEngine:
             # in the output processor and the engine core, so its KV cache and batch slot free at once.
             # (Cancellation does the same from inside vLLM; then this close is a no-op.)
             await stream.aclose()
+
+    def _logprob(self, place: Any, token: int, top: int) -> TokenLogprob:
+        """One position of vLLM's sample logprobs ({token id: Logprob}, the sampled one among them) as ours."""
+
+        def text(token_id: int, entry: Any) -> str:
+            return str(entry.decoded_token if entry.decoded_token is not None else self._tokenizer.decode([token_id]))
+
+        chosen = place[token]
+        best = sorted(place.items(), key=lambda item: -item[1].logprob)[:top]
+        return TokenLogprob(text(token, chosen), float(chosen.logprob),
+                            [TopLogprob(text(t, e), float(e.logprob)) for t, e in best])
 
     async def close(self) -> None:
         engine, self._engine = self._engine, None
