@@ -1,5 +1,5 @@
 """vLLM engine (vllm.v1 AsyncLLM): continuous batching, streamed deltas, abort frees the slot, structured output
-(`response_format`) and tool calls by vLLM's guided decoding.
+(`response_format`) and tool calls by vLLM's guided decoding, logprobs, seed, penalties and logit_bias.
 
 Tool calls use the text protocol of toolcalls.py (`<tool_call>{"name": ..., "arguments": ...}</tool_call>`, what
 Qwen2.5 and Hermes models are trained on): the tools go into the chat template (its own `tools` when it has them,
