@@ -384,7 +384,9 @@ async def test_a_busy_worker_keeps_its_room_for_interactive_requests(platform: P
     done = await finished(api, batch.id)
     out, errors = await answered(api, done)
     assert done.status == "completed" and errors == [] and len(out) == 2
-    assert sorted((await platform.ledger(batch.id)).values()) == [1, 1]  # one usage row per line
+    # One usage row per line, once metering has taken them in (asynchronously: they may land after completion).
+    ledger = await until(lambda: _complete(platform, batch.id, 2), 30, "usage rows for both lines")
+    assert sorted(ledger.values()) == [1, 1]
     db = await asyncpg.connect(platform.stack.database_url)
     try:  # the turned-away request left no usage row
         assert await db.fetchval("SELECT count(*) FROM usage_events WHERE request_id = 'turned-away-1'") == 0
