@@ -86,11 +86,13 @@ class Outcome:
         if type(chunk) is ChoiceDelta and chunk.index:
             if self.others is None:
                 self.others = {}
-            other = self.others.get(chunk.index)
-            if other is None:
-                other = self.others[chunk.index] = Outcome()
-            other.add(msgspec.structs.replace(chunk, index=0))
-            return
+            if chunk.index not in self.others:
+                self.others[chunk.index] = Outcome()
+            self.others[chunk.index]._take(chunk)
+        else:
+            self._take(chunk)
+
+    def _take(self, chunk: Delta) -> None:
         if chunk.text:
             self.parts.append(chunk.text)
         if chunk.tool_calls is not None:

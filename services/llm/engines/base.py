@@ -83,10 +83,15 @@ def hf_token_ids(tokenizer: Any, request: GenerateRequest, system_prompt: str | 
     """A request as token ids through a Hugging Face tokenizer and its chat template."""
     if request.messages is None:
         return [int(i) for i in tokenizer.encode(request.prompt or "")]
+    return chat_template_ids(tokenizer, with_system_prompt(request.messages, system_prompt))
+
+
+def chat_template_ids(tokenizer: Any, messages: list[dict[str, Any]], **extra: Any) -> list[int]:
+    """Template messages (and the template's extras: `tools`) as token ids through a Hugging Face tokenizer."""
     if not getattr(tokenizer, "chat_template", None):
         raise InferBusError("invalid_request", "this model has no chat template; use /v1/completions")
-    messages = with_system_prompt(request.messages, system_prompt)
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                        **extra)
     if not isinstance(ids, list):  # a BatchEncoding on tokenizers that ignore return_dict
         ids = list(ids["input_ids"])
     return [int(i) for i in ids]

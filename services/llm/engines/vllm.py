@@ -24,7 +24,16 @@ from typing import Any
 from contracts.errors import InferBusError
 from contracts.llm import GenerateRequest, TokenLogprob, TopLogprob
 from contracts.structured import check_schema, strip_annotations
-from services.llm.engines.base import Piece, Prepared, Progress, hf_token_ids, refuse, within_context
+from services.llm.engines.base import (
+    Piece,
+    Prepared,
+    Progress,
+    chat_template_ids,
+    hf_token_ids,
+    refuse,
+    within_context,
+)
+from services.llm.engines.grammar import NO_ARGUMENTS
 from services.llm.engines.toolcalls import CLOSE, OPEN, ToolCallParser, parsed_piece, template_messages
 
 # Set before vLLM reads them (it reads its env lazily, but the engine core child inherits os.environ).
@@ -36,7 +45,6 @@ DEFAULT_ENV = {
 
 SUPPORTED = frozenset({"seed", "frequency_penalty", "presence_penalty", "logit_bias", "response_format", "tools",
                        "logprobs"})
-NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 def structured(request: GenerateRequest) -> Any:
@@ -159,16 +167,9 @@ class VllmEngine:
         (it reads `tools`), the tools in the system message and calls as text turns otherwise."""
         if request.messages is None:
             raise InferBusError("invalid_request", "tools need a chat: use /v1/chat/completions", param="tools")
-        template = getattr(self._tokenizer, "chat_template", None)
-        if not template:
-            raise InferBusError("invalid_request", "this model has no chat template; use /v1/completions")
+        template = getattr(self._tokenizer, "chat_template", None) or ""
         turns, tools = template_messages(request, self.system_prompt, "tools" in template)
-        extra = {"tools": tools} if tools else {}
-        ids = self._tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=False, **extra)
-        if not isinstance(ids, list):  # a BatchEncoding on tokenizers that ignore return_dict
-            ids = list(ids["input_ids"])
-        return [int(i) for i in ids]
+        return chat_template_ids(self._tokenizer, turns, **({"tools": tools} if tools else {}))
 
     def _render(self, ids: list[int]) -> Any:
         """Token ids as the engine input vLLM wants (raw prompt dicts are deprecated in vllm.v1)."""
