@@ -535,6 +535,62 @@ async def test_whisper_1_identifies_the_language(
     await deleted(nc, f"{rid}-1")
 
 
+async def test_a_named_language_is_not_identified(
+    gateway: Gateway, tiny: dict[str, Any], base: dict[str, Any], speech: Speech, nc: bus.Connection
+) -> None:
+    """Named, the language is taken as said: whisper-base decodes in it without its detection pass, and whisper-1
+    sends the audio where that language goes without an identification pass first."""
+    wav = to_wav(speech.joined([0, 1]))  # English
+    found = await post_audio(gateway, wav, model=BASE, response_format="verbose_json")
+    assert found.status == 200 and found.json()["language"] == "english"
+    told = await post_audio(gateway, wav, model=BASE, language="de", response_format="verbose_json")
+    assert told.status == 200 and told.json()["language"] == "german"  # detection would have said english
+    # whisper-1 and German: straight to whisper-base. An identification pass would have found English and
+    # handed the audio to tiny.en.
+    german = await post_audio(gateway, wav, model="whisper-1", language="de", response_format="verbose_json")
+    assert german.status == 200 and german.headers["x-inferbus-model"] == BASE
+    assert german.json()["language"] == "german"
+    # whisper-1 and English: straight to tiny.en, its first attempt; identified first, it is tiny.en's second.
+    named = await post_audio(gateway, wav, model="whisper-1", language="en")
+    assert named.status == 200 and named.headers["x-inferbus-model"] == TINY
+    assert (await usage_event(nc, "asr", TINY, named.headers["x-request-id"])).attempt == 0
+    unnamed = await post_audio(gateway, wav, model="whisper-1")
+    assert unnamed.status == 200 and unnamed.headers["x-inferbus-model"] == TINY
+    assert (await usage_event(nc, "asr", TINY, unnamed.headers["x-request-id"])).attempt == 1
+    assert wer(speech.text([0, 1]), named.json()["text"]) <= 0.2
+
+
+def noisy(clean: Wave, snr_db: float, seed: int) -> Wave:
+    rms = float(np.sqrt(np.mean(clean**2)))
+    white = np.random.default_rng(seed).standard_normal(clean.size).astype(np.float32)
+    return (clean + white * rms / 10 ** (snr_db / 20)).astype(np.float32)
+
+
+async def test_beam_size_sets_the_decoders_search(gateway: Gateway, tiny: dict[str, Any], speech: Speech) -> None:
+    """beam_size=1 is greedy decoding: on noisy speech it settles for other, lower-scoring hypotheses than the
+    beam of 5 that is the worker's default (an unset beam_size)."""
+
+    async def segments(wav: bytes, **fields: Any) -> list[tuple[str, float]]:
+        reply = await post_audio(gateway, wav, response_format="verbose_json", **fields)
+        assert reply.status == 200, reply.body
+        return [(s["text"], s["avg_logprob"]) for s in reply.json()["segments"]]
+
+    clips = [to_wav(noisy(speech.sentences[i], snr, seed=i)) for i, snr in ((1, 0), (2, 0), (3, 5))]
+    greedy = [await segments(wav, beam_size=1) for wav in clips]
+    beam = [await segments(wav, beam_size=5) for wav in clips]
+    default = [await segments(wav) for wav in clips]
+    assert beam == default
+    assert sum(g != b for g, b in zip(greedy, beam, strict=True)) >= 2, (greedy, beam)
+
+    def score(result: list[list[tuple[str, float]]]) -> float:
+        return float(np.mean([logprob for clip in result for _, logprob in clip]))
+
+    assert score(beam) > score(greedy)  # what a wider search is for
+    for bad in ("0", "11", "wide"):
+        reply = await post_audio(gateway, clips[0], beam_size=bad)
+        assert (reply.status, reply.error["param"]) == (400, "beam_size"), reply.body
+
+
 # ---- bad input: clear errors, and the worker keeps serving ----------------------------------
 
 

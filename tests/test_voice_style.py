@@ -1,8 +1,11 @@
-"""TTS style through the openai SDK: `instructions` and inline breaks change the audio as documented (rate,
-pitch, loudness and pauses measured on the output), and GET /v1/audio/voices lists what the workers offer."""
+"""TTS style through the openai SDK: `instructions`, inline breaks and emphasis change the audio as documented
+(rate, pitch, loudness and pauses measured on the output), also per session and per response on /v1/realtime,
+and GET /v1/audio/voices lists what the workers offer."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,11 +16,13 @@ from openai import AsyncOpenAI, BadRequestError
 
 from services.runtime import bus
 from services.runtime.local import EmbeddedStack, ServiceProcess
-from tests.conftest import ADMIN_KEY, Gateway
-from tests.test_realtime import wait_ready
+from tests.conftest import ADMIN_KEY, Gateway, start_worker
+from tests.test_realtime import client, events_until, wait_ready
 
 RATE = 24_000
 TEXT = "The garden was quiet in the early morning light. A small bird sang on the fence."
+RT_MODEL = "rt-style"
+ANSWER = " The garden was quiet in the early morning light."  # each token of RT_MODEL's answers
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +30,17 @@ async def tts(infra: EmbeddedStack, nc: bus.Connection) -> AsyncIterator[Service
     proc = ServiceProcess("tts", "services.speech.tts", infra.env(), infra.root)
     try:
         await wait_ready(nc, "inferbus-tts", proc)
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+async def talker(infra: EmbeddedStack, nc: bus.Connection) -> AsyncIterator[ServiceProcess]:
+    """An LLM whose every answer is the same: what the TTS makes of it differs only by voice and style."""
+    proc = start_worker(infra, RT_MODEL, engine_options={"token_text": ANSWER})
+    try:
+        await wait_ready(nc, "inferbus-llm", proc)
         yield proc
     finally:
         proc.stop()
@@ -122,3 +138,87 @@ def test_the_vocabulary_and_breaks_parse_as_documented() -> None:
     assert style.segments('One. <break time="1.5s"/> Two.') == ["One. ", 1.5, " Two."]
     with pytest.raises(InferBusError):
         style.segments('<break time="9s"/> too long')
+    assert style.segments('Say <emphasis level="strong">no <break time="200ms"/> more</emphasis> now.') == [
+        "Say ", style.Emphasis("no ", "strong"), 0.2, style.Emphasis(" more", "strong"), " now."]
+    assert style.segments("<emphasis>Once</emphasis>") == [style.Emphasis("Once", "moderate")]
+    loud = style.emphasized(style.parse("whisper"), "moderate")
+    assert loud.gain_db == -12 + 4 and loud.rate == pytest.approx(0.95 * 0.9)  # on top of the instructions
+
+
+async def test_emphasis_speaks_its_span_louder_and_slower(gateway: Gateway, tts: ServiceProcess) -> None:
+    before, words, after = [await say(gateway, text) for text in ("Please read", "this line", "twice.")]
+    mixed = await say(gateway, "Please read <emphasis>this line</emphasis> twice.")
+    # The span is synthesized as a phrase of its own: it lies between the two plain phrases, whose lengths are known.
+    span = mixed[before.size : mixed.size - after.size]
+    assert loudness_db(span) - loudness_db(words) == pytest.approx(4, abs=1.0)
+    assert speech_seconds(span) / speech_seconds(words) == pytest.approx(1 / 0.9, rel=0.06)
+    assert loudness_db(mixed[: before.size]) == pytest.approx(loudness_db(before), abs=0.5)  # the rest as it was
+    assert loudness_db(mixed[-after.size :]) == pytest.approx(loudness_db(after), abs=0.5)
+    strong = await say(gateway, '<emphasis level="strong">this line</emphasis>')
+    reduced = await say(gateway, "<emphasis level='reduced'>this line</emphasis>")
+    assert loudness_db(strong) - loudness_db(words) == pytest.approx(6, abs=1.0)
+    assert speech_seconds(strong) / speech_seconds(words) == pytest.approx(1 / 0.85, rel=0.06)
+    assert loudness_db(reduced) - loudness_db(words) == pytest.approx(-4, abs=1.0)
+    assert reduced.size / words.size == pytest.approx(1 / 1.05, rel=0.02)  # too little for 20 ms frames to show
+    # A style's pause goes after sentences, not where a span begins or ends within one.
+    slow = "Speak slow and clear."
+    parts = [await say(gateway, text, instructions=slow)
+             for text in ("Please read", "<emphasis>this line</emphasis>", "twice.")]
+    whole = await say(gateway, "Please read <emphasis>this line</emphasis> twice.", instructions=slow)
+    assert whole.size == sum(p.size for p in parts)
+    for bad in ("<emphasis>one <emphasis>two</emphasis></emphasis>", "<emphasis>never closed",
+                "closes nothing</emphasis>", '<emphasis level="loud">no such level</emphasis>'):
+        with pytest.raises(BadRequestError) as refused:
+            await say(gateway, bad)
+        assert refused.value.status_code == 400 and "emphasis" in refused.value.message, bad
+        assert refused.value.param == "input"
+
+
+async def realtime_answer(conn: Any, **response: Any) -> tuple[np.ndarray, Any, list[Any]]:
+    """One response's audio, its response.done and the events that came with it."""
+    await conn.response.create(response=response) if response else await conn.response.create()
+    seen = await events_until(conn, lambda e: e.type == "response.done")
+    pcm = b"".join(base64.b64decode(e.delta) for e in seen if e.type == "response.output_audio.delta")
+    return np.frombuffer(pcm, "<i2").astype(np.float32) / 32768.0, seen[-1], seen
+
+
+@contextlib.asynccontextmanager
+async def realtime_session(gateway: Gateway, **session: Any) -> AsyncIterator[Any]:
+    async with client(gateway).realtime.connect(model=RT_MODEL) as conn:
+        assert (await conn.recv()).type == "session.created"
+        await conn.session.update(session={"type": "realtime", "max_output_tokens": 2, **session})
+        assert (await conn.recv()).type == "session.updated"
+        yield conn
+
+
+async def test_realtime_voice_and_instructions_per_session_and_per_response(
+    gateway: Gateway, tts: ServiceProcess, talker: ServiceProcess
+) -> None:
+    async with realtime_session(gateway) as conn:  # the default instructions hold no style word
+        plain, done, _ = await realtime_answer(conn)
+    assert done.response.status == "completed" and speech_seconds(plain) > 3
+    async with realtime_session(gateway, instructions="Speak slow and clear.") as conn:
+        slow, _, _ = await realtime_answer(conn)
+        whispered, _, _ = await realtime_answer(conn, instructions="whisper-like")  # this response only
+        slow_again, _, _ = await realtime_answer(conn)
+    assert speech_seconds(slow) / speech_seconds(plain) == pytest.approx(1 / 0.8, rel=0.06)
+    # The response's instructions replace the session's (quiet, x0.95), not add to them (that would be x0.76).
+    assert loudness_db(whispered) - loudness_db(plain) == pytest.approx(-12, abs=1.5)
+    assert speech_seconds(whispered) / speech_seconds(plain) == pytest.approx(1 / 0.95, rel=0.06)
+    assert speech_seconds(slow_again) / speech_seconds(plain) == pytest.approx(1 / 0.8, rel=0.06)
+    assert loudness_db(slow_again) == pytest.approx(loudness_db(plain), abs=1.0)
+
+    # hibari has one voice here: a voice it does not have shows whose voice reached the TTS.
+    async with realtime_session(gateway, audio={"output": {"voice": "no-such-voice"}}) as conn:
+        _, failed, seen = await realtime_answer(conn)
+        heart, done, _ = await realtime_answer(conn, audio={"output": {"voice": "heart"}})
+        beta, beta_done, _ = await realtime_answer(conn, voice="alloy")  # the beta field
+    assert failed.response.status == "failed"
+    error = next(e for e in seen if e.type == "error")
+    assert error.error.param == "voice" and "no-such-voice" in error.error.message
+    assert done.response.status == "completed" and heart.size == plain.size
+    assert beta_done.response.status == "completed" and beta.size == plain.size
+    async with realtime_session(gateway, audio={"output": {"voice": "alloy"}}) as conn:
+        _, failed, seen = await realtime_answer(conn, audio={"output": {"voice": "no-such-voice"}})
+    assert failed.response.status == "failed"
+    assert any(e.type == "error" and e.error.param == "voice" for e in seen)

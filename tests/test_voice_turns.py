@@ -178,6 +178,28 @@ async def test_a_noisy_turn_ends_and_noise_does_not_barge_in(
     assert seen[-1].response.status == "completed"  # not cancelled by the noise that went on
 
 
+async def test_turns_are_detected_by_silero_not_by_loudness(gateway: Gateway) -> None:
+    """Noise louder than the speech, then the speech: an energy detector (the fallback where Silero cannot run)
+    starts a turn at the noise; Silero starts one where the speech begins, and only there."""
+    from services.gateway import vad
+
+    spoken = speech("Turn the music down a little, please.")
+    loud = noise(2.0, 0.2)  # ~-14 dBFS: 10 dB over the speech
+    assert np.sqrt(np.mean(loud**2)) > 3 * np.sqrt(np.mean(spoken**2))
+    stream = pcm(loud) + silence(0.5) + pcm(spoken) + silence(1.0)
+    energy = vad.EnergyVad(vad.Thresholds(0.5, 500), 0)
+    assert energy.feed(stream)[0] == ("start", 0)  # what the fallback would make of it
+    async with client(gateway).realtime.connect(model=MODEL, extra_query={"intent": "transcription"}) as conn:
+        assert (await conn.recv()).type == "session.created"
+        await send(conn, stream)  # no ASR worker needed: turn detection is the gateway's own
+        seen = await events_until(conn, lambda e: e.type == "input_audio_buffer.speech_stopped")
+    started = [e for e in seen if e.type == "input_audio_buffer.speech_started"]
+    assert len(started) == 1, [e.type for e in seen]
+    assert abs(started[0].audio_start_ms - 2500) <= 100  # the speech, 2.5 s in
+    speech_end_ms = 2500 + spoken.size * 1000 // RATE
+    assert 0 <= seen[-1].audio_end_ms - speech_end_ms <= 800
+
+
 async def test_semantic_vad_ends_a_finished_sentence_sooner_than_an_unfinished_one(
     gateway: Gateway, voice: dict[str, ServiceProcess], nc: bus.Connection
 ) -> None:

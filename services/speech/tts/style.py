@@ -1,6 +1,6 @@
-"""Speaking style: OpenAI's free-text `instructions` mapped onto what we can really change, and inline pauses.
+"""Speaking style: OpenAI's free-text `instructions` mapped onto what we can really change; inline pauses, emphasis.
 
-What changes (and is measured on the output by tests/test_tts_style.py): speaking rate, pitch, loudness
+What changes (and is measured on the output by tests/test_voice_style.py): speaking rate, pitch, loudness
 and the pauses between sentences. Pitch is moved by synthesizing at a rate scaled by the pitch ratio and
 resampling the result back to its length (formants move with it, as with any such shift: keep it within
 a few semitones). Nothing else is claimed: "whisper" makes the voice quiet and slow, not breathy.
@@ -20,7 +20,19 @@ pitches add up, and the result is clamped):
 | deep, low-pitched, lower | — | -3 st | — | — |
 | high-pitched, higher, bright | — | +3 st | — | — |
 
-Inline control in `input`: `<break time="500ms"/>` (or `"1.5s"`, up to 5 s) inserts that much silence.
+Inline control in `input`, SSML's tags:
+- `<break time="500ms"/>` (or `"1.5s"`, up to 5 s) inserts that much silence.
+- `<emphasis>words</emphasis>` speaks the words louder and a little slower; `level="strong"` more so,
+  `level="reduced"` quieter and a little faster (`moderate`, the default, as SSML). The engines have no
+  word-level prosody: the span is synthesized as a phrase of its own, so it also starts and ends like
+  one. It applies on top of the request's style (rates multiply, loudness adds; as with the vocabulary,
+  louder only as far as the audio does not clip). A `<break/>` may stand inside a span; spans do not nest.
+
+| level | rate | loudness |
+|---|---|---|
+| strong | x0.85 | +6 dB |
+| moderate | x0.9 | +4 dB |
+| reduced | x1.05 | -4 dB |
 """
 
 from __future__ import annotations
@@ -35,7 +47,11 @@ from contracts.errors import invalid
 
 MAX_BREAK_S = 5.0
 _BREAK = re.compile(r"<break\s+time\s*=\s*[\"']?\s*(\d+(?:\.\d+)?)\s*(ms|s)\s*[\"']?\s*/?>", re.IGNORECASE)
-_TAG = re.compile(r"<\s*/?\s*break\b[^>]*>", re.IGNORECASE)
+_OPEN = re.compile(r"<emphasis(?:\s+level\s*=\s*([\"']?)(strong|moderate|reduced)\1)?\s*>", re.IGNORECASE)
+_CLOSE = re.compile(r"<\s*/\s*emphasis\s*>", re.IGNORECASE)
+_TAG = re.compile(r"<\s*/?\s*(break|emphasis)\b[^>]*>", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"[.!?\u2026\u3002\uff01\uff1f][\"\u201d\u2019')\]\u300d\u300f\uff09]*\s*$")
+EMPHASIS = {"strong": (0.85, 6.0), "moderate": (0.9, 4.0), "reduced": (1.05, -4.0)}  # level: (rate, dB)
 
 
 class Style(NamedTuple):
@@ -102,24 +118,64 @@ def parse(instructions: str | None) -> Style:
                  tuple(found))
 
 
-def segments(text: str) -> list[str | float]:
-    """`text` as its pieces of text and the pauses (seconds) its `<break time=.../>` tags ask for."""
-    out: list[str | float] = []
+class Emphasis(NamedTuple):
+    """Words of an `<emphasis>` span, spoken as `level` says."""
+
+    text: str
+    level: str = "moderate"
+
+
+Piece = str | float | Emphasis
+
+
+def segments(text: str) -> list[Piece]:
+    """`text` as its pieces of text, the pauses (seconds) its `<break time=.../>` tags ask for and the spans
+    its `<emphasis>` tags mark; a tag written any other way, nested or left open is refused."""
+    out: list[Piece] = []
+    level: str | None = None  # inside a span: its level
     at = 0
-    for match in _BREAK.finditer(text):
-        if text[at : match.start()].strip():
-            out.append(text[at : match.start()])
-        seconds = float(match.group(1)) / (1000.0 if match.group(2).lower() == "ms" else 1.0)
-        if seconds > MAX_BREAK_S:
-            raise invalid(f"a <break> is {MAX_BREAK_S:g} s at most", "input")
-        out.append(seconds)
-        at = match.end()
-    rest = text[at:]
-    if _TAG.search(rest) or any(isinstance(p, str) and _TAG.search(p) for p in out):
-        raise invalid('write pauses as <break time="500ms"/> or <break time="1s"/>', "input")
-    if rest.strip():
-        out.append(rest)
+    for tag in _TAG.finditer(text):
+        _spoken(out, text[at : tag.start()], level)
+        at = tag.end()
+        if (pause := _BREAK.fullmatch(tag.group())) is not None:
+            seconds = float(pause.group(1)) / (1000.0 if pause.group(2).lower() == "ms" else 1.0)
+            if seconds > MAX_BREAK_S:
+                raise invalid(f"a <break> is {MAX_BREAK_S:g} s at most", "input")
+            out.append(seconds)
+        elif (opening := _OPEN.fullmatch(tag.group())) is not None:
+            if level is not None:
+                raise invalid("<emphasis> spans do not nest: close one before the next", "input")
+            level = (opening.group(2) or "moderate").lower()
+        elif _CLOSE.fullmatch(tag.group()) is not None:
+            if level is None:
+                raise invalid("</emphasis> closes no <emphasis>", "input")
+            level = None
+        elif tag.group(1).lower() == "break":
+            raise invalid('write pauses as <break time="500ms"/> or <break time="1s"/>', "input")
+        else:
+            raise invalid('write emphasis as <emphasis>words</emphasis>, or with level="strong", "moderate" '
+                          'or "reduced"', "input")
+    if level is not None:
+        raise invalid("an <emphasis> is not closed: end it with </emphasis>", "input")
+    _spoken(out, text[at:], None)
     return out
+
+
+def _spoken(out: list[Piece], text: str, level: str | None) -> None:
+    if text.strip():
+        out.append(text if level is None else Emphasis(text, level))
+
+
+def ends_sentence(text: str) -> bool:
+    return _SENTENCE_END.search(text) is not None
+
+
+def emphasized(style: Style, level: str) -> Style:
+    """`style` as an `<emphasis level=...>` span speaks it: rate and loudness change, pitch and pauses do not."""
+    rate, gain = EMPHASIS[level]
+    return style._replace(rate=min(max(style.rate * rate, 0.5), 2.0),
+                          gain_db=min(max(style.gain_db + gain, -20.0), 8.0),
+                          words=(*style.words, f"emphasis:{level}"))
 
 
 def pitch_ratio(style: Style) -> float:

@@ -135,23 +135,27 @@ class TTSWorker(Worker[SpeechRequest, Tally]):
         CHARACTERS.labels(*self._labels).inc(tally.characters)
         AUDIO_SECONDS.labels(*self._labels).inc(tally.seconds)
 
-    def _validate(self, request: SpeechRequest) -> tuple[list[str | float], str, style.Style]:
-        """The request's sentences and pauses (seconds), voice and style; bad input is refused here and never
-        reaches the engine."""
+    def _validate(self, request: SpeechRequest) -> tuple[list[style.Piece], str, style.Style]:
+        """The request's sentences, pauses (seconds) and emphasized sentences, voice and style; bad input is
+        refused here and never reaches the engine."""
         text = request.input
         if len(text) > self.s.max_chars:
             raise invalid(f"input is {len(text)} characters; the limit is {self.s.max_chars}", "input")
         if request.instructions is not None and len(request.instructions) > self.s.max_chars:
             raise invalid(f"instructions are {len(request.instructions)} characters; the limit is "
                           f"{self.s.max_chars}", "instructions")
-        parts: list[str | float] = []
+        parts: list[style.Piece] = []
+        limit = self.s.max_sentence_chars
         for piece in style.segments(text):
             if isinstance(piece, float):
                 parts.append(piece)
                 continue
-            first = self.s.first_sentence_chars if not any(isinstance(p, str) for p in parts) else None
-            parts.extend(sentences.split(piece, self.s.max_sentence_chars, first))
-        if not any(isinstance(p, str) for p in parts):
+            first = None if any(not isinstance(p, float) for p in parts) else self.s.first_sentence_chars
+            if isinstance(piece, style.Emphasis):
+                parts.extend(style.Emphasis(s, piece.level) for s in sentences.split(piece.text, limit, first))
+            else:
+                parts.extend(sentences.split(piece, limit, first))
+        if all(isinstance(p, float) for p in parts):
             raise invalid("input must not be empty", "input")
         voice = request.voice or self.engine.default_voice
         if voice not in self.voices:
@@ -166,18 +170,21 @@ class TTSWorker(Worker[SpeechRequest, Tally]):
             await self._synthesize(request, parts, voice, how, out, received, tally)
 
     async def _synthesize(
-        self, request: SpeechRequest, parts: list[str | float], voice: str, how: style.Style, out: ReplyStream,
+        self, request: SpeechRequest, parts: list[style.Piece], voice: str, how: style.Style, out: ReplyStream,
         received: float, tally: Tally,
     ) -> None:
         rate = self.engine.sample_rate
-        last = len(parts) - 1
-        for index, sentence in enumerate(parts):
-            if isinstance(sentence, float):
-                pcm = bytes(int(sentence * rate) * PCM_WIDTH)  # an inline <break>
+        for index, part in enumerate(parts):
+            if isinstance(part, float):
+                pcm = bytes(int(part * rate) * PCM_WIDTH)  # an inline <break>
             else:
-                pcm = await self._in_thread(out, sentence, voice, request.speed, how)
+                if isinstance(part, style.Emphasis):
+                    sentence, said = part.text, style.emphasized(how, part.level)
+                else:
+                    sentence, said = part, how
+                pcm = await self._in_thread(out, sentence, voice, request.speed, said)
                 tally.characters += len(sentence)  # produced: counted even if the caller leaves while it goes out
-                if how.pause_s and index < last:
+                if how.pause_s and _sentence_ends(parts, index):
                     pcm += bytes(int(how.pause_s * rate) * PCM_WIDTH)
             tally.samples += len(pcm) // PCM_WIDTH
             if index == 0:
@@ -203,3 +210,14 @@ class TTSWorker(Worker[SpeechRequest, Tally]):
         # Made slower by the pitch ratio, then read faster by it: the pitch moves, the length does not.
         pace = min(max(speed * how.rate / style.pitch_ratio(how), MIN_SPEED), MAX_SPEED)
         return pcm16(style.apply(self.engine.synthesize(sentence, voice, pace), how))
+
+
+def _sentence_ends(parts: list[style.Piece], index: int) -> bool:
+    """Whether the style's pause goes after part `index`: after each sentence but the last, not where an
+    <emphasis> span begins or ends within a sentence."""
+    if index == len(parts) - 1:
+        return False
+    here, after = parts[index], parts[index + 1]
+    if isinstance(here, style.Emphasis) or isinstance(after, style.Emphasis):
+        return style.ends_sentence(here.text if isinstance(here, style.Emphasis) else str(here))
+    return True
