@@ -217,7 +217,12 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
     ) -> None:
         tally.prompt = prepared.prompt_tokens
         queue: Mailbox[object] = Mailbox()
-        pump = asyncio.create_task(self._pump(self.engine.generate(prepared, request), queue))
+        feed = getattr(self.engine, "feed", None)
+        pump: asyncio.Task[None] | None = None
+        if feed is not None:  # the engine puts its pieces here itself: no pump task
+            stop_feed = feed(prepared, request, queue.put, lambda: queue.put(_DONE))
+        else:
+            pump = asyncio.create_task(self._pump(self.engine.generate(prepared, request), queue))
         scanner = StopScanner(request.stop)
         completion = 0
         finish = "length"
@@ -283,7 +288,9 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
                 if done:
                     break
         finally:
-            if not pump.done():  # (gathering a finished task would still cost a loop iteration)
+            if pump is None:
+                stop_feed()
+            elif not pump.done():  # (gathering a finished task would still cost a loop iteration)
                 pump.cancel()
                 await asyncio.gather(pump, return_exceptions=True)
         self._record(completion)

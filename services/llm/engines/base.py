@@ -62,6 +62,20 @@ class Engine(Protocol):
     async def close(self) -> None: ...
 
 
+class Put(Protocol):
+    def __call__(self, item: Piece | BaseException, /) -> None: ...
+
+
+class Feeding(Protocol):
+    """An engine that can also hand its pieces straight to the worker, from event-loop callbacks: no task and
+    no async generator per generation (the worker uses `generate` through a pump task otherwise). `feed` puts
+    each piece (or the exception that ends it) with `put`, calls `done` after the last, and returns what stops
+    it early (the caller left); what it raises at once is the request's error."""
+
+    def feed(self, prepared: Prepared, request: GenerateRequest, put: Put,
+             done: Callable[[], None]) -> Callable[[], None]: ...
+
+
 def with_system_prompt(messages: list[Message], system_prompt: str | None) -> list[dict[str, str]]:
     """Messages as template dicts; a deployment's default system prompt when the caller sent none."""
     rendered = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
