@@ -41,8 +41,11 @@ def openai_tool(tool: Tool) -> dict[str, Any]:
     return {"type": "function", "function": function}
 
 
+COMPACT = (",", ":")  # JSON in prompts without spaces: 16 % fewer tokens for a tool list (SmolLM2's tokenizer)
+
+
 def tools_prompt(tools: list[Tool]) -> str:
-    listing = "\n".join(json.dumps(openai_tool(t), ensure_ascii=False) for t in tools)
+    listing = "\n".join(json.dumps(openai_tool(t), ensure_ascii=False, separators=COMPACT) for t in tools)
     return (
         "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
         "You are provided with function signatures within <tools></tools> XML tags:\n"
@@ -56,7 +59,8 @@ def tools_prompt(tools: list[Tool]) -> str:
 def format_prompt(fmt: ResponseFormat) -> str:
     if fmt.schema is None:
         return "Answer with a JSON object."
-    return "Answer with a JSON object that follows this JSON Schema:\n" + json.dumps(fmt.schema, ensure_ascii=False)
+    schema = json.dumps(fmt.schema, ensure_ascii=False, separators=COMPACT)
+    return "Answer with a JSON object that follows this JSON Schema:\n" + schema
 
 
 def call_text(name: str, arguments: str) -> str:
