@@ -162,6 +162,13 @@ class LLMWorker(Worker[GenerateRequest, Tally]):
             "tokens_per_s": round(self._per_s(), 1),
         }
 
+    def _engine_stats(self) -> dict[str, Any]:
+        kv_cache = getattr(self.engine, "kv_cache", None)  # llama.cpp: the KV cells' type (after load)
+        return {} if kv_cache is None else {"kv_cache": kv_cache}
+
+    def ready_fields(self) -> dict[str, Any]:
+        return self._engine_stats()
+
     def _new_tally(self) -> Tally:
         return Tally()
 

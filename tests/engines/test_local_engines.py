@@ -101,3 +101,29 @@ async def test_requantized_weights_are_converted_once_and_still_answer(tmp_path:
     with pytest.raises(ValueError, match="requantize"):
         engines.create("llamacpp", {"requantize": "q2_k"})
 
+
+
+@pytest.mark.model
+async def test_kv_cache_cells_are_the_type_asked_for() -> None:
+    """`kv_cache` sets the K and V cells' type: f16 twice gives the very same log probabilities, bf16 others
+    (cells rounded another way) and the same answer; `auto` is bf16 exactly where llama.cpp multiplies it natively."""
+    from services.llm.engines.llamacpp import native_bf16
+
+    async def logprobs(kv_cache: str) -> tuple[str, list[float], str]:
+        eng: Any = engines.create("llamacpp", {"system_prompt": "You are a helpful AI assistant.", "capacity": 1,
+                                               "kv_cache": kv_cache})
+        await eng.load(lambda step, fraction: None)
+        try:
+            pieces = await _collect(eng, _req(12, logprobs=3))
+            values = [t.logprob for p in pieces for t in p.logprobs or ()]
+            return "".join(p.text for p in pieces), values, eng.kv_cache
+        finally:
+            await eng.close()
+
+    (f16, first, _), (_, again, _), (bf16, other, _) = [await logprobs(k) for k in ("f16", "f16", "bf16")]
+    assert "Paris" in f16 and "Paris" in bf16 and len(first) >= 5
+    assert first == again  # deterministic cells: any difference below is the type's
+    assert other != first and max(abs(a - b) for a, b in zip(first, other, strict=False)) < 0.5
+    assert (await logprobs("auto"))[2] == ("bf16" if native_bf16() else "f16")
+    with pytest.raises(ValueError, match="kv_cache"):
+        engines.create("llamacpp", {"kv_cache": "q4_0"})

@@ -28,7 +28,7 @@ from contracts.errors import InferBusError
 from contracts.llm import GenerateRequest, TokenLogprob, TopLogprob
 from services.llm.engines.base import Piece, Prepared, Progress, with_system_prompt, within_context
 from services.llm.engines.grammar import BARE_TRIGGER, TRIGGER, grammar_for
-from services.llm.engines.llamacpp_batch import BatchDecoder
+from services.llm.engines.llamacpp_batch import GGML_BF16, GGML_F16, BatchDecoder
 from services.llm.engines.sampling import VerifyingSampler
 from services.llm.engines.toolcalls import ToolCallParser, parsed_piece, template_messages
 from services.runtime.worker import batch_line
@@ -82,6 +82,21 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None) -
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent)
 
 
+# The KV cache's cells. "bf16" where the CPU multiplies bf16 natively (AVX512_BF16): attention over a long
+# cached prompt (an agent's tools) is faster than over f16 cells, which are converted to f32 first. Measured on
+# an AMD EPYC (Zen 4), SmolLM2-135M Q4_1, in-process: first token of a warm 20-tool request 136 -> 122 ms (a
+# chat without tools 88 -> 85 ms); perplexity on 3,000 tokens of README.md 32.976 (f16) vs 32.959 (bf16),
+# 95.3 % of next-token argmaxes the same. "auto": bf16 where llama.cpp reports AVX512_BF16, else f16.
+KV_CACHE = {"auto": 0, "f16": GGML_F16, "bf16": GGML_BF16}
+
+
+def native_bf16() -> bool:
+    """Whether this llama.cpp build runs bf16 dot products natively on this CPU."""
+    import llama_cpp
+
+    return "AVX512_BF16 = 1" in llama_cpp.llama_print_system_info().decode(errors="replace")
+
+
 class Plan(NamedTuple):
     """How to sample one request that is not plain."""
 
@@ -115,6 +130,7 @@ class LlamaCppEngine:
         cache_dir: str | None = None,
         bare_tool_calls: bool | None = None,
         requantize: str | None = None,
+        kv_cache: str = "auto",
     ) -> None:
         if capacity < 1:
             raise ValueError("capacity: at least 1 sequence")
@@ -128,6 +144,9 @@ class LlamaCppEngine:
                              else "weights and model_path: give one of them")
         if requantize is not None and requantize not in REQUANTIZE:
             raise ValueError(f"requantize: one of {', '.join(REQUANTIZE)}, not {requantize!r}")
+        if kv_cache not in KV_CACHE:
+            raise ValueError(f"kv_cache: one of {', '.join(KV_CACHE)}, not {kv_cache!r}")
+        self.kv_cache = kv_cache  # "auto": resolved at load (see KV_CACHE)
         self.requantize = requantize
         self.weights = weights
         self.cache_dirs = search_dirs() if cache_dir is None else [Path(cache_dir)]
@@ -173,7 +192,10 @@ class LlamaCppEngine:
             target = await loop.run_in_executor(self._executor, requantized, self.model_path, self.requantize,
                                                 self.cache_dirs[0], progress)
             self.model_path = str(target)
-        progress(f"loading {os.path.basename(self.model_path)}", 0.0)
+        if self.kv_cache == "auto":
+            self.kv_cache = "bf16" if native_bf16() else "f16"
+        self._batch.kv_type = KV_CACHE[self.kv_cache]
+        progress(f"loading {os.path.basename(self.model_path)} (KV cache {self.kv_cache})", 0.0)
 
         def load() -> Any:
             # The Llama object tokenizes and holds the metadata; its own small context is never decoded on.

@@ -81,13 +81,18 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+GGML_F16, GGML_BF16 = 1, 30  # ggml_type values (ggml.h)
+
+
 class BatchDecoder:
     """Runs the decode loop for up to `n_seq` sequences on one context (created by `open`, in the executor)."""
 
     def __init__(self, executor: ThreadPoolExecutor, *, n_ctx: int, n_seq: int, n_threads: int,
                  n_threads_batch: int, prefill_chunk: int, flash_attn: bool = False,
-                 batch_step_tokens: int = 2, n_threads_wide: int = 0, wide_from: int = 4) -> None:
+                 batch_step_tokens: int = 2, n_threads_wide: int = 0, wide_from: int = 4,
+                 kv_type: int = GGML_F16) -> None:
         self.executor = executor
+        self.kv_type = kv_type  # the K and V cells' ggml type (see LlamaCppEngine's kv_cache)
         self.batch_step_tokens = batch_step_tokens  # batch lines' tokens per step, at most (see `_step`)
         self._next_low = 0  # where the next step's batch tokens start (round robin)
         # Set when an interactive request arrives: a batch-only llama_decode in flight stops at its next graph
@@ -144,6 +149,7 @@ class BatchDecoder:
         params.n_threads = self.n_threads
         params.n_threads_batch = self.n_threads_batch
         params.kv_unified = False
+        params.type_k = params.type_v = self.kv_type
         # Off, as llama-cpp-python's Llama has it: the same numbers as the engine gave before batching.
         params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn
                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
