@@ -873,7 +873,11 @@ async def test_killing_nats_server_mid_batch_answers_every_line_once(platform: P
         assert server.proc is not None
         server.proc.kill()
         server.proc.wait()
-        await asyncio.sleep(1.0)  # the outage itself (nothing is waited for here)
+
+        async def noticed() -> bool:  # the outage lasts until clients have seen it
+            return not platform.nc.is_connected
+
+        await until(noticed, 10, "the test's NATS client noticing the outage")
         server.start()
 
     await _killed_mid_batch(platform, kill, "kill-nats")

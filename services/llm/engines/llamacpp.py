@@ -87,7 +87,8 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None) -
 # an AMD EPYC (Zen 4), SmolLM2-135M Q4_1, in-process: first token of a warm 20-tool request 136 -> 122 ms (a
 # chat without tools 88 -> 85 ms); perplexity on 3,000 tokens of README.md 32.976 (f16) vs 32.959 (bf16),
 # 95.3 % of next-token argmaxes the same. "auto": bf16 where llama.cpp reports AVX512_BF16, else f16.
-KV_CACHE = {"auto": 0, "f16": GGML_F16, "bf16": GGML_BF16}
+KV_TYPES = {"f16": GGML_F16, "bf16": GGML_BF16}
+KV_CACHE = ("auto", *KV_TYPES)
 
 
 def native_bf16() -> bool:
@@ -146,7 +147,7 @@ class LlamaCppEngine:
             raise ValueError(f"requantize: one of {', '.join(REQUANTIZE)}, not {requantize!r}")
         if kv_cache not in KV_CACHE:
             raise ValueError(f"kv_cache: one of {', '.join(KV_CACHE)}, not {kv_cache!r}")
-        self.kv_cache = kv_cache  # "auto": resolved at load (see KV_CACHE)
+        self.kv_cache = kv_cache  # "auto": resolved at load (see KV_TYPES)
         self.requantize = requantize
         self.weights = weights
         self.cache_dirs = search_dirs() if cache_dir is None else [Path(cache_dir)]
@@ -194,7 +195,7 @@ class LlamaCppEngine:
             self.model_path = str(target)
         if self.kv_cache == "auto":
             self.kv_cache = "bf16" if native_bf16() else "f16"
-        self._batch.kv_type = KV_CACHE[self.kv_cache]
+        self._batch.kv_type = KV_TYPES[self.kv_cache]
         progress(f"loading {os.path.basename(self.model_path)} (KV cache {self.kv_cache})", 0.0)
 
         def load() -> Any:

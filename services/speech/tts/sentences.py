@@ -46,6 +46,13 @@ def _first_clause(sentence: str, limit: int) -> list[str]:
     return [sentence[: cuts[-1]], sentence[cuts[-1] :].strip()]
 
 
+def ends_sentence(text: str) -> bool:
+    """Whether `text` ends where `split` would end a sentence (its last stop, then nothing but space)."""
+    tail = text.rstrip() + " "  # a Western stop needs a space after it
+    stops = [m.end() for m in _END.finditer(tail)]
+    return bool(stops) and not tail[stops[-1] :].strip()
+
+
 def _sentences(paragraph: str) -> list[str]:
     out: list[str] = []
     start = 0

@@ -50,7 +50,6 @@ _BREAK = re.compile(r"<break\s+time\s*=\s*[\"']?\s*(\d+(?:\.\d+)?)\s*(ms|s)\s*[\
 _OPEN = re.compile(r"<emphasis(?:\s+level\s*=\s*([\"']?)(strong|moderate|reduced)\1)?\s*>", re.IGNORECASE)
 _CLOSE = re.compile(r"<\s*/\s*emphasis\s*>", re.IGNORECASE)
 _TAG = re.compile(r"<\s*/?\s*(break|emphasis)\b[^>]*>", re.IGNORECASE)
-_SENTENCE_END = re.compile(r"[.!?\u2026\u3002\uff01\uff1f][\"\u201d\u2019')\]\u300d\u300f\uff09]*\s*$")
 EMPHASIS = {"strong": (0.85, 6.0), "moderate": (0.9, 4.0), "reduced": (1.05, -4.0)}  # level: (rate, dB)
 
 
@@ -164,10 +163,6 @@ def segments(text: str) -> list[Piece]:
 def _spoken(out: list[Piece], text: str, level: str | None) -> None:
     if text.strip():
         out.append(text if level is None else Emphasis(text, level))
-
-
-def ends_sentence(text: str) -> bool:
-    return _SENTENCE_END.search(text) is not None
 
 
 def emphasized(style: Style, level: str) -> Style:

@@ -219,5 +219,5 @@ def _sentence_ends(parts: list[style.Piece], index: int) -> bool:
         return False
     here, after = parts[index], parts[index + 1]
     if isinstance(here, style.Emphasis) or isinstance(after, style.Emphasis):
-        return style.ends_sentence(here.text if isinstance(here, style.Emphasis) else str(here))
+        return sentences.ends_sentence(here.text if isinstance(here, style.Emphasis) else str(here))
     return True
