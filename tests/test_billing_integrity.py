@@ -348,8 +348,9 @@ async def test_usage_survives_jetstream_outage_and_worker_kill(platform: Embedde
         await until(spooled, "every event in the spool file")
 
         workers["w1"].kill()  # SIGKILL with the events unpublished
+        w1_files = {f.name for f in spool.glob("*.spool")}
         workers["w2"] = spool_worker(platform, spool)  # recreates USAGE, adopts w1's spool
-        await wait_worker(conn, SPOOL_MODEL, workers["w2"])
+        w2 = (await wait_worker(conn, SPOOL_MODEL, workers["w2"]))["worker_id"]
         database = platform.database_url
         meter = start_metering(platform, database, f"spool-{tag}")
         workers["meter"] = meter
@@ -373,11 +374,12 @@ async def test_usage_survives_jetstream_outage_and_worker_kill(platform: Embedde
         assert {r["request_id"]: (r["outcome"], r["completion_tokens"]) for r in rows} == expected
         assert len(rows) == len(expected)
 
-        async def truncated() -> bool:
-            files = list(spool.glob("*.spool"))
-            return len(files) == 1 and files[0].stat().st_size == 0
+        async def settled() -> bool:
+            files = {f.name for f in spool.glob("*.spool")}
+            return len(files) == 1 and not files & w1_files and (await worker_stats(conn, w2))["usage_unacked"] == 0
 
-        await until(truncated, "the spool to hold only w2's file, empty once JetStream acknowledged")
+        # w2's own file holds the adopted events until it grows to truncate_bytes (a replay is deduplicated).
+        await until(settled, "the spool to hold only w2's file, every event in it acknowledged")
     finally:
         await conn.close()
 
@@ -459,6 +461,11 @@ def test_spool_adopts_only_files_of_publishers_that_are_gone(tmp_path: Path) -> 
     heir.compact_bytes = 0
     heir.settle(events[2:])
     assert read_spool(heir.path)[0] == events[2:]
+    heir.settle([])
+    assert read_spool(heir.path)[0] == events[2:]  # all acknowledged, but under truncate_bytes: no ftruncate yet
+    heir.truncate_bytes, heir.compact_bytes = heir.size, 8 << 20
+    heir.settle(events[2:])
+    assert read_spool(heir.path)[0] == events[2:]  # big enough, but an event is still unacknowledged
     heir.settle([])
     assert heir.path.stat().st_size == 0
     heir.close(keep=False)
