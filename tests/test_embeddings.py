@@ -278,6 +278,31 @@ TRANSLATIONS = [
 ]
 
 
+async def test_int8_precision_stays_close_to_fp32() -> None:
+    """engine_options precision=int8: its vectors stay within cosine 0.98 (but are not the same)
+    of the fp32 graph's (the default's, which matches the reference) and rank paraphrases as fp32 does."""
+    from services.embed.engines.sentence_transformers import SentenceTransformersEngine
+
+    with pytest.raises(ValueError, match="precision"):
+        SentenceTransformersEngine(precision="int4")
+    with pytest.raises(ValueError, match="onnxruntime"):
+        SentenceTransformersEngine(precision="int8", runtime="torch")
+    steps: list[str] = []
+    engines = {p: SentenceTransformersEngine(precision=p, threads=1) for p in ("fp32", "int8")}
+    for engine in engines.values():
+        await engine.load(lambda step, _: steps.append(step))
+    assert "quantizing the weights to int8" in steps
+    texts = [t for pair in PARAPHRASES for t in pair]
+    got = {p: e.embed(e.prepare(texts, None, True)) for p, e in engines.items()}
+    agreement = [cos(a, b) for a, b in zip(got["fp32"], got["int8"], strict=True)]
+    assert min(agreement) > 0.98 and max(agreement) < 0.99999, agreement  # close, and not the fp32 graph itself
+    n = len(PARAPHRASES)
+    for vecs in got.values():
+        pos = [cos(vecs[2 * i], vecs[2 * i + 1]) for i in range(n)]
+        neg = [cos(vecs[2 * i], vecs[2 * ((i + 2) % n) + 1]) for i in range(n)]
+        assert min(pos) > max(neg) + 0.3, (pos, neg)
+
+
 def ranks(values: list[float]) -> npt.NDArray[np.float64]:
     return np.argsort(np.argsort(values)).astype(np.float64)
 

