@@ -215,9 +215,11 @@ def write_results(res: Results, quick: bool, outcome: harness.Outcome) -> str:
     about = [
         "Sentences: ~18-token English sentences; vectors asked as base64 (what the openai SDK asks for).",
         "Engine: all-MiniLM-L6-v2 on onnxruntime (CPU, threads = cores, graph exported at load), mean pooling, "
-        "normalized; the worker batches up to 32 inputs: an input that finds it idle runs at once, and while it "
-        "is busy a batch waits at most 2 ms to fill. A third worker (`all-minilm-l6-v2-int8`) runs the same model "
-        "with engine option precision=int8 (weights int8 per output channel, onnxruntime dynamic quantization).",
+        "normalized; the worker batches up to 32 inputs in flight, as up to two passes of 16 at once (engine "
+        "option lanes, 2), each on its own one-thread session: an input that finds it idle runs at once (on both "
+        "threads), and while it is busy a batch waits at most 2 ms to fill. A third worker "
+        "(`all-minilm-l6-v2-int8`) runs the same model with engine option precision=int8 (weights int8 per output "
+        "channel, onnxruntime dynamic quantization).",
         *harness.noise(CpuMeter.others, outcome),
         f"Cores: {os.cpu_count()}; the gateway, the worker, nats-server and this client share them.",
     ]

@@ -258,6 +258,74 @@ async def test_an_idle_batcher_runs_at_once_and_a_busy_one_gathers() -> None:
     assert sizes == [1, 3]
 
 
+async def test_two_lanes_run_a_second_pass_while_the_first_runs() -> None:
+    """With lanes=2 the batcher starts a second pass while the first still runs (one at a time with lanes=1, the
+    test above); inputs that queue meanwhile still share it. The engine gives each overlapping pass its own
+    session (its lane's), and the idle pass every thread."""
+    import threading
+
+    from services.embed.batcher import Batcher
+    from services.embed.engines import Item
+
+    item = Item(tokens=3, full=3, ids=[101, 7, 102])
+    first_started, second_started, release = threading.Event(), threading.Event(), threading.Event()
+    sizes: list[int] = []
+
+    def run(items: Any) -> Any:
+        sizes.append(len(items))
+        n = len(sizes)
+        if n == 1:
+            first_started.set()
+            release.wait(30)
+        else:
+            second_started.set()
+        return np.full((len(items), 2), n, dtype=np.float32)  # which pass made them
+
+    batcher = Batcher(run, max_batch=4, max_wait_s=3600, lanes=2)  # passes of up to 2
+    batcher.start()
+    try:
+        async with asyncio.timeout(30):
+            first = asyncio.create_task(batcher.embed([item]))
+            await asyncio.to_thread(first_started.wait, 30)
+            later = [asyncio.create_task(batcher.embed([item])) for _ in range(2)]
+            assert await asyncio.to_thread(second_started.wait, 30)  # while the first pass still holds
+            release.set()
+            results = await asyncio.gather(first, *later)
+    finally:
+        release.set()
+        await batcher.close()
+    assert sizes == [1, 2]
+    assert [float(r[0, 0]) for r in results] == [1.0, 2.0, 2.0]
+
+
+async def test_overlapping_passes_take_lane_sessions() -> None:
+    """The onnxruntime engine: a pass alone runs on the all-threads session, overlapping ones on lane sessions,
+    and every pass gives back what it took (the vectors are the same whichever session ran them)."""
+    from services.embed.engines.sentence_transformers import SentenceTransformersEngine
+
+    engine = SentenceTransformersEngine(lanes=2, threads=2)
+    await engine.load(lambda step, _: None)
+    try:
+        assert engine.lanes == 2 and len(engine._lane_sessions) == 2
+        alone = engine._checkout()
+        assert alone is engine._session
+        overlapping = engine._checkout()
+        assert overlapping is not engine._session and len(engine._lane_sessions) == 1
+        engine._checkin(alone)
+        third = engine._checkout()  # another pass still runs: a lane's session, not the idle one's
+        assert third is not engine._session and not engine._lane_sessions
+        items = engine.prepare(["lanes give the same vectors"], None, True)
+        ids = np.array([items[0].ids])
+        mask = np.ones_like(ids)
+        assert np.abs(overlapping.run(ids, mask) - engine._session.run(ids, mask)).max() < 1e-5
+        engine._checkin(overlapping)
+        engine._checkin(third)
+        assert len(engine._lane_sessions) == 2 and engine._passes == 0
+    finally:
+        await engine.close()
+    assert SentenceTransformersEngine(runtime="torch").lanes == 1
+
+
 async def test_usage_event_counts_prompt_tokens(worker: ServiceProcess, nc: bus.Connection, gateway: Gateway) -> None:
     status, headers, body = await post(gateway, {"model": MODEL, "input": ["Count my tokens.", "And mine."]})
     assert status == 200, headers

@@ -66,7 +66,7 @@ class EmbedWorker(Worker[EmbedRequest, Tally]):
         self._batch_size = BATCH.labels(*self._labels)
         self._inputs = INPUTS.labels(*self._labels)
         self.batcher = Batcher(engine.embed, settings.max_batch, settings.max_wait_ms / 1000,
-                               observe=self._batch_size.observe)
+                               observe=self._batch_size.observe, lanes=engine.lanes)
         self.tokens = 0
 
     async def start(self) -> None:

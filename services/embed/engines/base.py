@@ -28,6 +28,7 @@ class Engine(Protocol):
     dim: int  # vector size
     window: int  # the most tokens one input may feed, special tokens included
     token_input: bool  # takes token arrays (ids of its own vocabulary) as well as text
+    lanes: int  # passes `embed` may run at once, from as many threads (1: one at a time)
 
     async def load(self, progress: Progress) -> None: ...
 
@@ -38,7 +39,7 @@ class Engine(Protocol):
         ...
 
     def embed(self, items: Sequence[Item]) -> Matrix:
-        """L2-normalized vectors, one row per item (blocking: the worker runs it in a thread)."""
+        """L2-normalized vectors, one row per item (blocking: the worker runs it in a thread, up to `lanes` at once)."""
         ...
 
     async def close(self) -> None: ...

