@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -324,6 +325,8 @@ async def test_overlapping_passes_take_lane_sessions() -> None:
     finally:
         await engine.close()
     assert SentenceTransformersEngine(runtime="torch").lanes == 1
+    assert SentenceTransformersEngine().lanes == 1  # fp32: a lane's copy of the weights costs ~110 MiB
+    assert SentenceTransformersEngine(precision="int8").lanes == min(2, len(os.sched_getaffinity(0)))
 
 
 async def test_usage_event_counts_prompt_tokens(worker: ServiceProcess, nc: bus.Connection, gateway: Gateway) -> None:
