@@ -102,6 +102,26 @@ async def test_requantized_weights_are_converted_once_and_still_answer(tmp_path:
         engines.create("llamacpp", {"requantize": "q2_k"})
 
 
+@pytest.mark.model
+async def test_requantize_q4_0_gives_the_repackable_type_and_still_answers(tmp_path: Path) -> None:
+    """`requantize: q4_0` (speed for quality, see REQUANTIZE): every block weight becomes Q4_0, the type llama.cpp
+    repacks for its x86 matrix kernels (the Q8_0 token embedding stays), and the model still answers."""
+    import gguf
+
+    eng = engines.create("llamacpp", {"system_prompt": "You are a helpful AI assistant.", "capacity": 1,
+                                      "requantize": "q4_0", "cache_dir": str(tmp_path)})
+    await eng.load(lambda step, fraction: None)
+    try:
+        assert "Paris" in "".join(p.text for p in await _collect(eng, _req(12)))
+    finally:
+        await eng.close()
+    converted = gguf.GGUFReader(tmp_path / "SmolLM2-135M-Instruct.Q4_1.q4_0.gguf")
+    types = {t.name: t.tensor_type.name for t in converted.tensors}
+    blocks = {n: kind for n, kind in types.items() if n.startswith("blk.") and not n.endswith("norm.weight")}
+    assert blocks and set(blocks.values()) == {"Q4_0"}, set(blocks.values())
+    assert types["token_embd.weight"] == "Q8_0"
+
+
 
 @pytest.mark.model
 async def test_kv_cache_cells_are_the_type_asked_for() -> None:
