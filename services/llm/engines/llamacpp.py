@@ -52,8 +52,8 @@ def smollm2_gguf() -> str:
 # differ. Which is faster depends on the CPU (bench notes: Q8_0 +27% single-stream tokens/s on an AMD EPYC Zen 4,
 # -21% on an Intel Xeon), so the shipped file stays the default. q4_0 trades quality for speed: llama.cpp repacks
 # Q4_0 weights for its AVX2/AVX-512 matrix kernels (Q4_1 has none), which on an AMD EPYC Zen 4 decoded a token in
-# 6.3 vs 12.3 ms on one thread and 8 sequences' step in 22 vs 46 ms on two; but Q4_0 has no per-block offset, so
-# the converted weights are rounded again: perplexity on README.md 45.1 vs 38.1 (q8_0: 38.0).
+# 6.3 vs 13.8 ms on one thread and 8 sequences' step in 27.5 vs 38.8 ms on two; but Q4_0 has no per-block offset,
+# so the converted weights are rounded again: perplexity on README.md 37.2 vs 30.9 (q8_0: 30.8). bench/bench_quant.py.
 REQUANTIZE = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "f16": "LLAMA_FTYPE_MOSTLY_F16", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 
 
