@@ -208,6 +208,7 @@ async def test_dynamic_batching_keeps_each_answer_its_own(
     for i, got in enumerate(answers):
         assert np.abs(got[0] - alone[i]).max() < 1e-4, i
     batches = after["batches"] - before["batches"]
+    assert (after["lanes"], after["precision"]) == (1, "fp32")  # the defaults, as the stats report them
     assert after["inputs"] - before["inputs"] == 32
     assert batches < 16, f"32 concurrent requests took {batches} forward passes"
 

@@ -81,7 +81,8 @@ class EmbedWorker(Worker[EmbedRequest, Tally]):
         return {"dim": self.engine.dim, "window": self.engine.window, "max_batch": self.s.max_batch}
 
     def _engine_stats(self) -> dict[str, Any]:
-        return {"dim": self.engine.dim, "window": self.engine.window}
+        return {"dim": self.engine.dim, "window": self.engine.window, "lanes": self.engine.lanes,
+                "precision": getattr(self.engine, "precision", None)}
 
     def _kind_stats(self) -> dict[str, Any]:
         b = self.batcher
