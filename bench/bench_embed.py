@@ -50,6 +50,7 @@ ADMIN_KEY = "ib-bench-admin-" + secrets.token_hex(16)
 RESULTS_PATH = Path(os.environ.get("INFERBUS_BENCH_RESULTS") or ROOT / "bench" / "RESULTS.md")
 MODEL, NO_BATCH, INT8 = "all-minilm-l6-v2", "all-minilm-l6-v2-unbatched", "all-minilm-l6-v2-int8"
 LANES2 = "all-minilm-l6-v2-lanes2"  # fp32 with engine option lanes=2 (the default is 1 for fp32)
+SPIN = "all-minilm-l6-v2-spin"  # fp32 with engine option spin=true (threads spin between operators)
 FULL = {"window_s": 10.0, "runs": 3}
 QUICK = {"window_s": 3.0, "runs": 1}
 TOPICS = ["weather", "football", "the stock market", "a new recipe", "train delays", "a software release",
@@ -83,7 +84,8 @@ def start(infra: EmbeddedStack, procs: list[ServiceProcess]) -> tuple[ServicePro
     port = free_port()
     env = infra.env(INFERBUS_PORT=str(port), INFERBUS_ADMIN_KEY=ADMIN_KEY)
     procs.append(ServiceProcess("gateway", "services.gateway", env, infra.root))
-    workers = ((MODEL, 32, {}), (NO_BATCH, 1, {}), (INT8, 32, {"precision": "int8"}), (LANES2, 32, {"lanes": 2}))
+    workers = ((MODEL, 32, {}), (NO_BATCH, 1, {}), (INT8, 32, {"precision": "int8"}), (LANES2, 32, {"lanes": 2}),
+               (SPIN, 32, {"spin": True}))
     for model, batch, options in workers:
         env = infra.env(**settings_env(model=model, version="v1", engine="sentence-transformers", max_batch=batch,
                                        engine_options=options))
@@ -129,7 +131,7 @@ async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServicePr
     try:
         await wait_http(url, gateway)
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN_KEY}"}, connector=conn) as http:
-            for model in (MODEL, NO_BATCH, INT8, LANES2):
+            for model in (MODEL, NO_BATCH, INT8, LANES2, SPIN):
                 await wait_routable(http, url, model, procs)
             worker = procs[1]
             await post(http, url, MODEL, SENTENCES[:32])  # warm: connection pool, first batch
@@ -169,6 +171,12 @@ async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServicePr
                                         for _ in range(runs)])
             res.add("2", "32 clients, fp32 with lanes 2 (two passes at once) (embeddings/s)",
                     f"{lanes2:.0f} ({lanes2 / many:.2f}x one lane)")
+            one_spin = statistics.median([await rate(window, 1, lambda i: post(http, url, SPIN, SENTENCES[i % 256]))
+                                          for _ in range(runs)])
+            many_spin = statistics.median([await rate(window, 32, lambda i: post(http, url, SPIN, SENTENCES[i % 256]))
+                                           for _ in range(runs)])
+            res.add("2", "fp32 with spin on (threads spin between operators): 1 client / 32 clients (embeddings/s)",
+                    f"{one_spin:.0f} / {many_spin:.0f} (default, threads sleeping: {one:.0f} / {many:.0f})")
             say("2b. the same with precision int8 (engine option): 1 client, 32 clients")
             one8 = statistics.median([await rate(window, 1, lambda i: post(http, url, INT8, SENTENCES[i % 256]))
                                       for _ in range(runs)])
@@ -225,7 +233,8 @@ def write_results(res: Results, quick: bool, outcome: harness.Outcome) -> str:
         "is busy a batch waits at most 2 ms to fill. A third worker (`all-minilm-l6-v2-int8`) runs the same model "
         "with engine option precision=int8 (weights int8 per output channel, onnxruntime dynamic quantization; "
         "its default lanes 2: up to two passes of 16 at once, each on its own one-thread session, a pass that "
-        "finds it idle on both threads); a fourth (`all-minilm-l6-v2-lanes2`) runs fp32 with lanes 2.",
+        "finds it idle on both threads); a fourth (`all-minilm-l6-v2-lanes2`) runs fp32 with lanes 2, a fifth "
+        "(`all-minilm-l6-v2-spin`) fp32 with spin on (its threads spin between a pass's operators).",
         *harness.noise(CpuMeter.others, outcome),
         f"Cores: {os.cpu_count()}; the gateway, the worker, nats-server and this client share them.",
     ]

@@ -305,6 +305,9 @@ async def test_overlapping_passes_take_lane_sessions() -> None:
     and every pass gives back what it took (the vectors are the same whichever session ran them)."""
     from services.embed.engines.sentence_transformers import SentenceTransformersEngine
 
+    def spins(session: Any) -> str:
+        return str(session._session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning"))
+
     engine = SentenceTransformersEngine(lanes=2, threads=2)
     await engine.load(lambda step, _: None)
     try:
@@ -323,8 +326,16 @@ async def test_overlapping_passes_take_lane_sessions() -> None:
         engine._checkin(overlapping)
         engine._checkin(third)
         assert len(engine._lane_sessions) == 2 and engine._passes == 0
+        assert spins(engine._session) == "0"  # default: the helper threads sleep between operators
+        assert {spins(s) for s in engine._lane_sessions} == {"0"}  # one thread: nothing to spin
     finally:
         await engine.close()
+    spinning = SentenceTransformersEngine(spin=True, lanes=1)
+    await spinning.load(lambda step, _: None)
+    try:
+        assert spins(spinning._session) == "1" and not spinning._lane_sessions
+    finally:
+        await spinning.close()
     assert SentenceTransformersEngine(runtime="torch").lanes == 1
     assert SentenceTransformersEngine().lanes == 1  # fp32: a lane's copy of the weights costs ~110 MiB
     assert SentenceTransformersEngine(precision="int8").lanes == min(2, len(os.sched_getaffinity(0)))

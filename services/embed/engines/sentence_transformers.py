@@ -18,9 +18,13 @@ with every thread (a lone request's latency); passes that overlap run one per la
 batches of 16: two one-thread passes at once do 1.24x (fp32) and 1.25x (int8) the embeddings/s of one
 two-thread pass after another: fewer thread hand-offs per operator, and the event loop's work between passes
 (replies, the next batch gathering) overlaps a pass instead of idling the cores. Through the gateway, 32
-one-sentence clients, fp32: 330 embeddings/s with two lanes vs 299 with one (bench embed, one run). Each lane's
+one-sentence clients, fp32: 323 embeddings/s with two lanes vs 281 with one (bench embed; another run: 330 vs
+299). Each lane's
 session holds its own copy of the weights and packed matrices: +214 MiB RSS for two fp32 lanes, none measurable
 for int8; hence fp32's default of one lane.
+Engine option `spin` (onnxruntime, default false): the all-threads session's helper threads spin between the
+operators of a pass rather than sleep (see bert_onnx.Session): a lone request's pass is faster, but the spinning
+competes with the worker's event loop and its neighbours, so it is an option, not the default.
 """
 
 from __future__ import annotations
@@ -59,7 +63,8 @@ class SentenceTransformersEngine:
     token_input = True
 
     def __init__(self, model_path: str | None = None, capacity: int = 64, threads: int | None = None,
-                 runtime: str = "onnxruntime", precision: str = "fp32", lanes: int | None = None) -> None:
+                 runtime: str = "onnxruntime", precision: str = "fp32", lanes: int | None = None,
+                 spin: bool = False) -> None:
         if runtime not in RUNTIMES:
             raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
         if precision not in PRECISIONS:
@@ -67,6 +72,7 @@ class SentenceTransformersEngine:
         if precision != "fp32" and runtime != "onnxruntime":
             raise ValueError(f"precision {precision!r} needs runtime 'onnxruntime'")
         self.precision = precision
+        self.spin = spin
         cores = len(os.sched_getaffinity(0))
         if lanes is None:
             lanes = min(2, cores) if precision == "int8" else 1
@@ -106,7 +112,7 @@ class SentenceTransformersEngine:
             if self.precision == "int8":
                 progress("quantizing the weights to int8", 0.6)
                 graph = bert_onnx.int8(graph)
-            self._session = bert_onnx.Session(graph, self.threads)
+            self._session = bert_onnx.Session(graph, self.threads, spin=self.spin)
             if self.lanes > 1:
                 share = max(1, (self.threads or len(os.sched_getaffinity(0))) // self.lanes)
                 self._lane_sessions = [bert_onnx.Session(graph, share) for _ in range(self.lanes)]
