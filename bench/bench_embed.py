@@ -151,15 +151,17 @@ async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServicePr
             res.add("1", "gateway / in-process", f"{re / lo:.2f}x", ">= 0.9x", re / lo >= 0.9)
             res.note(f"1: in-process windows {', '.join(f'{x:.0f}' for x in local)}/s; gateway windows "
                      f"{', '.join(f'{x:.0f}' for x in remote)}/s; {meter.summary()} (last window)")
+            async def sentences(model: str, clients: int) -> float:
+                """Embeddings/s of one-sentence requests from `clients` clients: the median of `runs` windows."""
+                return statistics.median([await rate(window, clients, lambda i: post(
+                    http, url, model, SENTENCES[i % 256])) for _ in range(runs)])
+
             say("2. one-sentence requests: 1 client, 32 clients, 32 clients without batching")
-            one = statistics.median([await rate(window, 1, lambda i: post(http, url, MODEL, SENTENCES[i % 256]))
-                                     for _ in range(runs)])
+            one = await sentences(MODEL, 1)
             before = await stats(nc, worker.pid)
-            many = statistics.median([await rate(window, 32, lambda i: post(http, url, MODEL, SENTENCES[i % 256]))
-                                      for _ in range(runs)])
+            many = await sentences(MODEL, 32)
             after = await stats(nc, worker.pid)
-            off = statistics.median([await rate(window, 32, lambda i: post(http, url, NO_BATCH, SENTENCES[i % 256]))
-                                     for _ in range(runs)])
+            off = await sentences(NO_BATCH, 32)
             mean_batch = (after["inputs"] - before["inputs"]) / max(after["batches"] - before["batches"], 1)
             res.add("2", "1 client, one sentence per request (embeddings/s)", f"{one:.0f}")
             res.add("2", "32 clients, batching on (max_batch 32, max_wait 2 ms when busy) (embeddings/s)",
@@ -167,21 +169,14 @@ async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServicePr
             res.add("2", "32 clients, batching off (max_batch 1) (embeddings/s)", f"{off:.0f}")
             res.add("2", "gain: 32 clients batched / 1 client", f"{many / one:.1f}x", ">= 4x", many / one >= 4)
             res.add("2", "gain: batching on / off at 32 clients", f"{many / off:.1f}x")
-            lanes2 = statistics.median([await rate(window, 32, lambda i: post(http, url, LANES2, SENTENCES[i % 256]))
-                                        for _ in range(runs)])
+            lanes2 = await sentences(LANES2, 32)
             res.add("2", "32 clients, fp32 with lanes 2 (two passes at once) (embeddings/s)",
                     f"{lanes2:.0f} ({lanes2 / many:.2f}x one lane)")
-            one_spin = statistics.median([await rate(window, 1, lambda i: post(http, url, SPIN, SENTENCES[i % 256]))
-                                          for _ in range(runs)])
-            many_spin = statistics.median([await rate(window, 32, lambda i: post(http, url, SPIN, SENTENCES[i % 256]))
-                                           for _ in range(runs)])
+            one_spin, many_spin = await sentences(SPIN, 1), await sentences(SPIN, 32)
             res.add("2", "fp32 with spin on (threads spin between operators): 1 client / 32 clients (embeddings/s)",
                     f"{one_spin:.0f} / {many_spin:.0f} (default, threads sleeping: {one:.0f} / {many:.0f})")
             say("2b. the same with precision int8 (engine option): 1 client, 32 clients")
-            one8 = statistics.median([await rate(window, 1, lambda i: post(http, url, INT8, SENTENCES[i % 256]))
-                                      for _ in range(runs)])
-            many8 = statistics.median([await rate(window, 32, lambda i: post(http, url, INT8, SENTENCES[i % 256]))
-                                       for _ in range(runs)])
+            one8, many8 = await sentences(INT8, 1), await sentences(INT8, 32)
             res.add("2", "int8: 1 client / 32 clients batched (embeddings/s)", f"{one8:.0f} / {many8:.0f}")
             res.add("2", "int8: gain 32 clients batched / 1 client", f"{many8 / one8:.1f}x", ">= 4x", many8 / one8 >= 4)
             res.add("2", "int8 / fp32: 1 client, 32 clients", f"{one8 / one:.2f}x, {many8 / many:.2f}x")

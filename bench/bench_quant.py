@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,13 +44,10 @@ SHAPES = ((1, 1), (1, 2), (4, 2), (8, 2))  # (sequences a step, threads)
 WINDOW = 512
 
 
-def put(batch: object, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
-    b: object = batch
-    b.token[i] = token  # type: ignore[attr-defined]
-    b.pos[i] = pos  # type: ignore[attr-defined]
-    b.n_seq_id[i] = 1  # type: ignore[attr-defined]
-    b.seq_id[i][0] = seq  # type: ignore[attr-defined]
-    b.logits[i] = logits  # type: ignore[attr-defined]
+def put(batch: Any, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
+    """Token `i` of a llama_batch: `token` at `pos` of sequence `seq`, with or without its logits."""
+    batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+    batch.seq_id[i][0] = seq
 
 
 def measure(path: str, tokens: list[int], steps: int, score_windows: int) -> tuple[dict[tuple[int, int], float], float]:

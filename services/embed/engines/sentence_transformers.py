@@ -13,15 +13,14 @@ Engine option `precision` (onnxruntime only): "fp32" (the default: the reference
 (weights int8, about twice the embeddings/s on CPUs with integer dot products, vectors at cosine ~0.99 to
 fp32's: see bert_onnx.int8).
 Engine option `lanes` (onnxruntime; default 2 for int8 on 2 cores or more, else 1): passes that run at once
-under load, each on its own session with a share of the threads. A pass that finds the engine idle runs on a session
-with every thread (a lone request's latency); passes that overlap run one per lane. Measured on 2 cores, MiniLM,
-batches of 16: two one-thread passes at once do 1.24x (fp32) and 1.25x (int8) the embeddings/s of one
+under load, each on its own session with a share of the threads. A pass that finds the engine idle runs on a
+session with every thread (a lone request's latency); passes that overlap run one per lane. Measured on 2 cores,
+MiniLM, batches of 16: two one-thread passes at once do 1.24x (fp32) and 1.25x (int8) the embeddings/s of one
 two-thread pass after another: fewer thread hand-offs per operator, and the event loop's work between passes
 (replies, the next batch gathering) overlaps a pass instead of idling the cores. Through the gateway, 32
 one-sentence clients, fp32: 323 embeddings/s with two lanes vs 281 with one (bench embed; another run: 330 vs
-299). Each lane's
-session holds its own copy of the weights and packed matrices: +214 MiB RSS for two fp32 lanes, none measurable
-for int8; hence fp32's default of one lane.
+299). Each lane's session holds its own copy of the weights and packed matrices: +214 MiB RSS for two fp32
+lanes, none measurable for int8; hence fp32's default of one lane.
 Engine option `spin` (onnxruntime, default false): the all-threads session's helper threads spin between the
 operators of a pass rather than sleep (see bert_onnx.Session): a lone request's pass is faster, but the spinning
 competes with the worker's event loop and its neighbours, so it is an option, not the default.
@@ -73,12 +72,12 @@ class SentenceTransformersEngine:
             raise ValueError(f"precision {precision!r} needs runtime 'onnxruntime'")
         self.precision = precision
         self.spin = spin
-        cores = len(os.sched_getaffinity(0))
+        self._cores = len(os.sched_getaffinity(0))
         if lanes is None:
-            lanes = min(2, cores) if precision == "int8" else 1
+            lanes = min(2, self._cores) if precision == "int8" else 1
         self.lanes = 1 if runtime != "onnxruntime" else max(1, lanes)
         self._lane_sessions: list[Any] = []  # onnxruntime, lanes > 1: free sessions of threads // lanes threads
-        self._passes = 0  # passes running (lanes > 1)
+        self._passes = 0  # passes running
         self._lock = threading.Lock()
         self.model_path = Path(model_path) if model_path else None
         self.capacity = capacity
@@ -114,7 +113,7 @@ class SentenceTransformersEngine:
                 graph = bert_onnx.int8(graph)
             self._session = bert_onnx.Session(graph, self.threads, spin=self.spin)
             if self.lanes > 1:
-                share = max(1, (self.threads or len(os.sched_getaffinity(0))) // self.lanes)
+                share = max(1, (self.threads or self._cores) // self.lanes)
                 self._lane_sessions = [bert_onnx.Session(graph, share) for _ in range(self.lanes)]
         else:
             progress("importing torch and transformers", 0.1)
