@@ -22,6 +22,7 @@ from contracts.registry import Outcome, decode_outcomes
 from services.runtime import bus
 from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env, wait_service
 from tests.conftest import Workers
+from tests.test_metering import until
 from tests.test_registry import admin, nats_generate, serve
 
 # Both replicas reload every table each second: without one leader, the one that did not change a
@@ -251,4 +252,8 @@ async def test_another_replica_takes_over_when_the_leader_dies(
     await roll_back(nc, model)
     rollbacks = [e for e in await admin(nc, "history", model=model) if e["action"] == "auto_rollback"]
     assert len(rollbacks) == 1 and rollbacks[0]["actor"] == "canary-controller"
-    assert survivor.log().count('"canary_rolled_back"') >= 1
+
+    async def logged() -> bool:  # the registry logs the rollback just after it publishes the change seen above
+        return survivor.log().count('"canary_rolled_back"') >= 1
+
+    await until(logged, "the survivor to log the rollback it made", 10)
