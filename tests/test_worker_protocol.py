@@ -186,3 +186,31 @@ async def test_bundles_coalesce_a_fast_stream(infra: EmbeddedStack, nc: bus.Conn
     deltas = [c for c in chunks if isinstance(c, Delta)]
     assert sum(d.tokens for d in deltas) == 32
     assert len(messages) < len(deltas)  # tokens that came apart share messages
+
+
+async def test_publish_nowait_keeps_order_with_awaited_publishes(infra: EmbeddedStack, nc: bus.Connection) -> None:
+    """The callback-safe publish (what a reply stream's flush uses) and nats-py's awaited one share one outbound
+    buffer: interleaved, with and without headers, the messages arrive in the order they were made; where only
+    nats-py's path may send (a payload over the server's limit, a closed connection) it sends nothing and says so."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    try:
+        for i in range(40):
+            if i % 3 == 0:
+                await nc.publish(inbox, b"%d" % i)
+            elif i % 3 == 1:
+                assert bus.publish_nowait(nc, inbox, b"%d" % i, reply="r.%d" % i)
+            else:
+                assert bus.publish_nowait(nc, inbox, b"%d" % i, headers={"X-N": f"{i}\r\nX-Injected: 1"})
+        got = [await sub.next_msg(timeout=5) for _ in range(40)]
+        assert [int(m.data) for m in got] == list(range(40))
+        assert [m.reply for m in got[1::3]] == ["r.%d" % i for i in range(1, 40, 3)]
+        assert all(m.headers == {"X-N": f"{i}  X-Injected: 1"} for i, m in zip(range(2, 40, 3), got[2::3], strict=True))
+        assert not bus.publish_nowait(nc, inbox, b"x" * (nc.max_payload + 1))
+        await nc.publish(inbox, b"after")  # the refused one never reached the buffer
+        assert (await sub.next_msg(timeout=5)).data == b"after"
+    finally:
+        await sub.unsubscribe()
+    closed = await bus.connect(infra.nats_url, "tests-closed", identity=infra.identity())
+    await closed.close()
+    assert not bus.publish_nowait(closed, inbox, b"late")

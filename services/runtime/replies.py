@@ -10,7 +10,7 @@ import msgspec
 
 from contracts import headers as h
 from contracts.llm import Accepted, Bundle, Heartbeat
-from services.runtime.bus import Connection, Msg
+from services.runtime.bus import Connection, Msg, publish_nowait
 from services.runtime.sweep import sweep
 
 
@@ -59,7 +59,8 @@ class ReplyStream:
         if terminal:
             self.closed = True
         if not self.bundle:
-            await self.nc.publish(self.reply, data)
+            if not publish_nowait(self.nc, self.reply, data):
+                await self.nc.publish(self.reply, data)
             return
         if not self._pending:
             self._first_seq = chunk.seq
@@ -85,12 +86,12 @@ class ReplyStream:
             timeouts.at(self, timeouts.loop.time() + self.HOLD_S, self._flush_later)
 
     def _flush_later(self) -> None:
-        if self._pending:
+        if not self._pending:
+            self._reset()
+        elif not self._flush_nowait():  # only nats-py's awaited path may send now (reconnecting, say)
             task = asyncio.ensure_future(self.flush())
             _flushing.add(task)
             task.add_done_callback(_flushing.discard)
-        else:
-            self._reset()
 
     def _reset(self) -> None:
         if self._timer is not None:
@@ -101,18 +102,36 @@ class ReplyStream:
             sweep().cancel(self)
         self._soon = False
 
+    def _packed(self) -> bytes:
+        """What is pending as one message: one chunk as itself, several as a Bundle."""
+        pending = self._pending
+        if len(pending) == 1:
+            return pending[0]
+        return self.encoder.encode(Bundle(self._first_seq, [msgspec.Raw(p) for p in pending]))
+
+    def _flush_nowait(self) -> bool:
+        """Send what is pending without awaiting (from a loop callback: no task); False if it must be awaited."""
+        if self.nc.is_closed:
+            self._pending = []
+        elif not publish_nowait(self.nc, self.reply, self._packed()):
+            return False
+        self._pending = []
+        self._reset()
+        self._last_flush = asyncio.get_running_loop().time()
+        return True
+
     async def flush(self) -> None:
         """Send what is pending: one chunk as itself, several as one Bundle."""
         self._reset()
-        pending, self._pending = self._pending, []
-        if not pending or self.nc.is_closed:
+        if not self._pending or self.nc.is_closed:
+            self._pending = []
             return
+        data = self._packed()
+        self._pending = []
         self._last_flush = asyncio.get_running_loop().time()
-        if len(pending) == 1:
-            await self.nc.publish(self.reply, pending[0])
-        else:
-            items = [msgspec.Raw(p) for p in pending]
-            await self.nc.publish(self.reply, self.encoder.encode(Bundle(self._first_seq, items)))
+        # Either way the message is in the connection's outbound buffer before this yields: order is kept.
+        if not publish_nowait(self.nc, self.reply, data):
+            await self.nc.publish(self.reply, data)
 
 
 _flushing: set[asyncio.Future[None]] = set()  # flushes scheduled from callbacks, kept until done

@@ -70,12 +70,21 @@ def _time_out(future: asyncio.Future[Any]) -> None:
 _sweeps: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Sweep] = weakref.WeakKeyDictionary()
 
 
+_last: tuple[weakref.ref[asyncio.AbstractEventLoop], Sweep] | None = None  # the last loop asked about, and its sweep
+
+
 def sweep() -> Sweep:
-    """The running loop's sweep."""
+    """The running loop's sweep (a process has one loop, so the last one asked about is cached: a
+    WeakKeyDictionary lookup makes a weak reference per call, and this is called per request and per token)."""
+    global _last
     loop = asyncio.get_running_loop()
+    last = _last
+    if last is not None and last[0]() is loop:
+        return last[1]
     found = _sweeps.get(loop)
     if found is None:
         found = _sweeps[loop] = Sweep(loop)
+    _last = (weakref.ref(loop), found)
     return found
 
 

@@ -159,25 +159,55 @@ _NEWLINES = str.maketrans("\r\n", "  ")
 async def publish(nc: Client, subject: str, payload: bytes, *, reply: str = "", headers: dict[str, str]) -> None:
     """`nc.publish` with headers, without nats-py's per-header regex checks (our header names are constants;
     values have CR/LF replaced so none can inject a header). Falls back to nats-py when not connected."""
-    try:
-        send = nc._send_command
-        flush_queue = nc._flush_queue
-    except AttributeError:
-        send = None
-    if send is None or not nc.is_connected or nc.is_draining_pubs or len(payload) > nc.max_payload:
+    if not publish_nowait(nc, subject, payload, reply=reply, headers=headers):
         await nc.publish(subject, payload, reply=reply, headers=headers)
-        return
-    lines = ["NATS/1.0"]
-    for key, value in headers.items():
-        lines.append(f"{key}: {value.translate(_NEWLINES).strip()}")
-    block = ("\r\n".join(lines) + "\r\n\r\n").encode()
-    cmd = b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
-        subject.encode(), reply.encode(), len(block), len(block) + len(payload), block, payload)
-    nc.stats["out_msgs"] += 1
-    nc.stats["out_bytes"] += len(payload)
-    await send(cmd)
-    if flush_queue is not None and flush_queue.empty():
-        await nc._flush_pending()
+
+
+def publish_nowait(
+    nc: Client, subject: str, payload: bytes, *, reply: str = "", headers: dict[str, str] | None = None
+) -> bool:
+    """Queue a publish for nats-py's flusher without awaiting anything: callable from a loop callback, and no
+    coroutine, Future or queue hand-off per message (they showed in a streaming worker's profile).
+
+    Returns False, having sent nothing, where only nats-py's own (awaited) path may send: not connected
+    (it buffers or refuses), draining, a payload over the server's limit (it raises), the outbound buffer
+    over its limit (it flushes first), or no flusher task. The message is in the connection's outbound
+    buffer when this returns, so publishes keep their order whichever path each takes.
+    """
+    try:
+        flush_queue = nc._flush_queue
+        flusher = nc._flusher_task
+        limit = nc._max_pending_size
+    except AttributeError:  # another client library: its own path
+        return False
+    if (flush_queue is None or flusher is None or flusher.done() or not nc.is_connected or nc.is_draining_pubs
+            or len(payload) > nc.max_payload):
+        return False
+    if headers:
+        lines = ["NATS/1.0"]
+        for key, value in headers.items():
+            lines.append(f"{key}: {value.translate(_NEWLINES).strip()}")
+        block = ("\r\n".join(lines) + "\r\n\r\n").encode()
+        cmd = b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
+            subject.encode(), reply.encode(), len(block), len(block) + len(payload), block, payload)
+    else:
+        cmd = b"PUB %s %s %d\r\n%s\r\n" % (subject.encode(), reply.encode(), len(payload), payload)
+    size = nc._pending_data_size + len(cmd)
+    if limit > 0 and size > limit:
+        return False
+    nc._pending.append(cmd)
+    nc._pending_data_size = size
+    stats = nc.stats
+    stats["out_msgs"] += 1
+    stats["out_bytes"] += len(payload)
+    if flush_queue.empty():  # kick the flusher, as nats-py does, with a token it has nothing to resolve on
+        kick: asyncio.Future[None] | None = getattr(nc, "_inferbus_kick", None)
+        if kick is None or kick.get_loop() is not flusher.get_loop():
+            kick = flusher.get_loop().create_future()
+            kick.set_result(None)
+            nc._inferbus_kick = kick  # type: ignore[attr-defined]
+        flush_queue.put_nowait(kick)
+    return True
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
