@@ -10,6 +10,8 @@ import aiohttp
 import openai
 import pytest
 
+from contracts.llm import Delta, TokenLogprob
+from services.gateway.formats import ChatFormat, ChoiceDelta, CompletionFormat
 from services.runtime import bus
 from tests.conftest import ADMIN_KEY, BENCH_MODEL, DEFAULT_MODEL, SLOW_MODEL, Gateway, SlowWorker, usage_event
 from tests.test_tenancy import admin, complete
@@ -133,3 +135,27 @@ async def test_leaving_a_streamed_request_cancels_every_choice(
     for request_id in (rid, rid + "-1"):
         event = await usage_event(nc, "llm", SLOW_MODEL, request_id)
         assert 0 < event.completion_tokens < 400, event
+
+
+@pytest.mark.parametrize("usage", [False, True])
+def test_prepared_token_events_are_the_events_built_whole(usage: bool) -> None:
+    """A plain token's SSE event is made from prepared bytes around its encoded text (the streaming hot path):
+    byte for byte what building the whole event gives, for awkward text too, in both OpenAI shapes and after a
+    fallback changes the serving model; other choices and tokens with logprobs take the whole path."""
+    texts = ["tok", 'a "quote" \\ and\nnewline', "\x00 é 漢字 🙂", "\x00inferbus-text\x00", "</script>"]
+    for cls in (ChatFormat, CompletionFormat):
+        fmt = cls("chatcmpl-1", "asked", 1700000000, usage)
+        for served in (("first", "llamacpp", "v1"), ("fallback", None, "v2")):
+            fmt.served(*served)
+            for text in texts:
+                event = fmt.delta(Delta(1, text, 1))
+                assert event == fmt._chunk(fmt._content(text))
+                body = json.loads(event.removeprefix(b"data: ").removesuffix(b"\n\n"))
+                choice = body["choices"][0]
+                assert (choice["delta"]["content"] if cls is ChatFormat else choice["text"]) == text
+                assert body["model"] == served[0] and ("usage" in body) == usage
+            other = json.loads(fmt.delta(ChoiceDelta(1, "x", 1, index=2)).removeprefix(b"data: "))
+            assert other["choices"][0]["index"] == 2
+        with_logprobs = fmt.delta(Delta(1, "y", 1, logprobs=[TokenLogprob("y", -0.5, [])]))
+        assert json.loads(with_logprobs.removeprefix(b"data: "))["choices"][0]["logprobs"] is not None
+        assert fmt.delta(Delta(1, "", 0)) == b""

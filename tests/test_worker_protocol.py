@@ -199,12 +199,12 @@ async def test_publish_nowait_keeps_order_with_awaited_publishes(infra: Embedded
             if i % 3 == 0:
                 await nc.publish(inbox, b"%d" % i)
             elif i % 3 == 1:
-                assert bus.publish_nowait(nc, inbox, b"%d" % i, reply="r.%d" % i)
+                assert bus.publish_nowait(nc, inbox, b"%d" % i, reply=f"r.{i}")
             else:
                 assert bus.publish_nowait(nc, inbox, b"%d" % i, headers={"X-N": f"{i}\r\nX-Injected: 1"})
         got = [await sub.next_msg(timeout=5) for _ in range(40)]
         assert [int(m.data) for m in got] == list(range(40))
-        assert [m.reply for m in got[1::3]] == ["r.%d" % i for i in range(1, 40, 3)]
+        assert [m.reply for m in got[1::3]] == [f"r.{i}" for i in range(1, 40, 3)]
         assert all(m.headers == {"X-N": f"{i}  X-Injected: 1"} for i, m in zip(range(2, 40, 3), got[2::3], strict=True))
         assert not bus.publish_nowait(nc, inbox, b"x" * (nc.max_payload + 1))
         await nc.publish(inbox, b"after")  # the refused one never reached the buffer

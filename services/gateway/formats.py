@@ -15,6 +15,8 @@ from contracts.llm import Delta, Final, TokenLogprob, ToolCallDelta, Usage
 
 _encode = msgspec.json.encode
 DONE = b"data: [DONE]\n\n"
+_MARK = "\x00inferbus-text\x00"  # where a token's text goes in a prepared event (`_text_chunk`)
+_ENCODED_MARK = _encode(_MARK)
 
 
 def usage_body(usage: Usage) -> dict[str, int]:
@@ -179,11 +181,27 @@ class OpenAIFormat:
                                      "model": model, "system_fingerprint": "inferbus"}
         self.include_usage = include_usage
         self.n = n  # choices: with more than one, each finishes on its own (`finish`), and `end` only closes
+        self._text: tuple[bytes, bytes] | None = None  # a plain text delta's event around its encoded text
 
     def served(self, model: str, provider: str | None, version: str) -> None:
         """What served the request: `model` (another one's after a fallback) and the system fingerprint."""
         self.base["model"] = model
         self.base["system_fingerprint"] = f"{provider or 'inferbus'}:{version}"
+        self._text = None
+
+    def _content(self, text: str) -> dict[str, Any]:
+        """A text piece as this shape's choice content."""
+        raise NotImplementedError
+
+    def _text_chunk(self, text: str) -> bytes:
+        """`_chunk(self._content(text))` of choice 0 (a plain token: most of a stream's events). The event's bytes
+        are made once, with a marker where the text goes; each token's encoded text is put in its place."""
+        parts = self._text
+        if parts is None:
+            head, marker, tail = self._chunk(self._content(_MARK)).partition(_ENCODED_MARK)
+            assert marker and _ENCODED_MARK not in tail
+            parts = self._text = (head, tail)
+        return parts[0] + _encode(text) + parts[1]
 
     def _chunk(self, content: dict[str, Any], finish: str | None = None, logprobs: Any = None, index: int = 0) -> bytes:
         body = {**self.base, "choices": [{"index": index, **content, "logprobs": logprobs, "finish_reason": finish}]}
@@ -218,7 +236,9 @@ class ChatFormat(OpenAIFormat):
     def delta(self, chunk: Delta) -> bytes:
         index = chunk.index if type(chunk) is ChoiceDelta else 0
         if chunk.tool_calls is None and chunk.logprobs is None:
-            return self._chunk({"delta": {"content": chunk.text}}, index=index) if chunk.text else b""
+            if not chunk.text:
+                return b""
+            return self._text_chunk(chunk.text) if index == 0 else self._chunk(self._content(chunk.text), index=index)
         out = b""
         if chunk.text or chunk.logprobs:
             logprobs = chat_logprobs(chunk.logprobs) if chunk.logprobs else None
@@ -226,6 +246,9 @@ class ChatFormat(OpenAIFormat):
         if chunk.tool_calls:
             out += self._chunk({"delta": {"tool_calls": merged(chunk.tool_calls)}}, index=index)
         return out
+
+    def _content(self, text: str) -> dict[str, Any]:
+        return {"delta": {"content": text}}
 
     def finish(self, reason: str, index: int = 0) -> bytes:
         return self._chunk({"delta": {}}, reason, index=index)
@@ -258,10 +281,15 @@ class CompletionFormat(OpenAIFormat):
     def delta(self, chunk: Delta) -> bytes:
         index = chunk.index if type(chunk) is ChoiceDelta else 0
         if chunk.logprobs is None:
-            return self._chunk({"text": chunk.text}, index=index) if chunk.text else b""
+            if not chunk.text:
+                return b""
+            return self._text_chunk(chunk.text) if index == 0 else self._chunk(self._content(chunk.text), index=index)
         logprobs = completion_logprobs(chunk.logprobs, self.offsets[index])
         self.offsets[index] += len(chunk.text)
         return self._chunk({"text": chunk.text}, logprobs=logprobs, index=index)
+
+    def _content(self, text: str) -> dict[str, Any]:
+        return {"text": text}
 
     def finish(self, reason: str, index: int = 0) -> bytes:
         return self._chunk({"text": ""}, reason, index=index)

@@ -145,7 +145,9 @@ class StreamClient:
                 timeout = self.idle_timeout
                 chunks = unbundle(decoder, msg.data)
                 # The caller sees all but heartbeats: `more` while one of those is still in this message.
-                last = max((i for i, c in enumerate(chunks) if not isinstance(c, Heartbeat)), default=-1)
+                last = len(chunks) - 1
+                while last >= 0 and isinstance(chunks[last], Heartbeat):
+                    last -= 1
                 for index, chunk in enumerate(chunks):
                     if pace is not None:
                         pace.more = index < last

@@ -92,11 +92,12 @@ class Mailbox(Generic[T]):
     """Items for one consumer: a deque and at most one waiter, timed out on the sweep (an asyncio.Queue and an
     asyncio.timeout per wait cost more than the rest of a short request's handling)."""
 
-    __slots__ = ("items", "waiter")
+    __slots__ = ("items", "timeouts", "waiter")
 
     def __init__(self) -> None:
         self.items: deque[T] = deque()
         self.waiter: asyncio.Future[None] | None = None
+        self.timeouts: Sweep | None = None  # the loop's sweep, looked up at the first wait (a stream waits per token)
 
     def put(self, item: T) -> None:
         self.items.append(item)
@@ -112,7 +113,9 @@ class Mailbox(Generic[T]):
     async def get(self, wait_s: float, *, precise: bool = False) -> T:
         """The next item; TimeoutError after about `wait_s` (to the millisecond if `precise`, else to a tick)."""
         while not self.items:
-            timeouts = sweep()
+            timeouts = self.timeouts
+            if timeouts is None:
+                timeouts = self.timeouts = sweep()
             self.waiter = waiter = timeouts.loop.create_future()
             try:
                 if precise:
