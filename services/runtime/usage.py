@@ -79,54 +79,84 @@ async def ensure_stream(js: bus.JetStreamContext) -> None:
     await bus.ensure_stream(js, config)
 
 
+class AckBatch:
+    """The acknowledgements of one batch of publishes: each publish's result (None: stored; else the exception
+    that stands for it) and one future, resolved when the last of them is in."""
+
+    __slots__ = ("done", "left", "results", "tokens")
+
+    def __init__(self, size: int) -> None:
+        self.results: list[BaseException | None] = [_UNANSWERED] * size
+        self.tokens: list[str | None] = [None] * size
+        self.left = 0  # publishes sent whose acknowledgement has not come
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def settle(self, index: int, result: BaseException | None) -> None:
+        if self.results[index] is not _UNANSWERED:
+            return
+        self.results[index] = result
+        self.left -= 1
+        if self.left == 0 and not self.done.done():
+            self.done.set_result(None)
+
+
+_UNANSWERED = TimeoutError("no JetStream acknowledgement within 2 s")  # a batch's results until answered
+
+
 class Acks:
     """JetStream publishes whose acknowledgements come back on one direct inbox subscription.
 
     What `JetStreamContext.publish_async` does, minus its per-message costs (header validation, a
-    semaphore, a future callback, a task hop per acknowledgement), which showed in the worker's profile.
+    semaphore, a future and its callback per message, a task hop per acknowledgement), which showed in the
+    worker's profile: a batch's publishes share one `AckBatch`.
     """
 
     def __init__(self, nc: bus.Connection) -> None:
         self.nc = nc
         self.prefix = f"_INBOX.{secrets.token_hex(8)}"
-        self.waiting: dict[str, asyncio.Future[None]] = {}
+        self.waiting: dict[str, tuple[AckBatch, int]] = {}
         self._next = 0
         self._sub: object | None = None
 
-    async def publish(self, subject: str, payload: bytes, msg_id: str) -> tuple[str, asyncio.Future[None]]:
+    async def publish(self, batch: AckBatch, index: int, subject: str, payload: bytes, msg_id: str) -> None:
+        """Publish one message as `batch`'s `index`-th; its acknowledgement settles that place."""
         if self._sub is None:
             self._sub = await direct.subscribe(self.nc, self.prefix + ".*", self._on_ack)
         self._next += 1
         token = str(self._next)
-        future = asyncio.get_running_loop().create_future()
-        self.waiting[token] = future
+        self.waiting[token] = (batch, index)
+        batch.tokens[index] = token
+        batch.left += 1
         try:
             await bus.publish(self.nc, subject, payload, reply=f"{self.prefix}.{token}", headers={MSG_ID: msg_id})
         except BaseException:
             self.waiting.pop(token, None)
+            batch.tokens[index] = None
+            batch.left -= 1
             raise
-        return token, future
 
-    def forget(self, token: str) -> None:
-        self.waiting.pop(token, None)
+    def forget(self, batch: AckBatch) -> None:
+        """Stop waiting for what `batch` has not heard back (a late acknowledgement is then ignored)."""
+        for token in batch.tokens:
+            if token is not None:
+                self.waiting.pop(token, None)
 
     def _on_ack(self, msg: bus.Msg) -> None:
-        future = self.waiting.pop(msg.subject[len(self.prefix) + 1 :], None)
-        if future is None or future.done():
+        entry = self.waiting.pop(msg.subject[len(self.prefix) + 1 :], None)
+        if entry is None:
             return
+        batch, index = entry
         if not msg.data:  # a status message: 503 when no stream takes the subject
             status = msg.headers.get("Status", "?") if msg.headers else "?"
-            future.set_exception(RuntimeError(f"JetStream did not store the event (status {status})"))
+            batch.settle(index, RuntimeError(f"JetStream did not store the event (status {status})"))
             return
         try:
             ack = _ACK.decode(msg.data)
         except msgspec.DecodeError as exc:
-            future.set_exception(exc)
+            batch.settle(index, exc)
             return
-        if ack.error is not None:
-            future.set_exception(RuntimeError(f"JetStream refused the event: {ack.error}"))
-        else:
-            future.set_result(None)
+        batch.settle(index, RuntimeError(f"JetStream refused the event: {ack.error}") if ack.error is not None
+                     else None)
 
 
 class _PubAck(msgspec.Struct):
@@ -262,37 +292,25 @@ class UsagePublisher:
             self.logger.warning("usage_spool_settle_failed", error=repr(exc))
 
     async def _send_all(self, batch: list[UsageEvent]) -> list[object]:
-        """Publish the batch without waiting in between, then collect the acks under one timer (per event:
-        its PubAck, or the exception that stands for it)."""
-        sent: list[tuple[str, asyncio.Future[None]] | BaseException] = []
-        for event in batch:
+        """Publish the batch without waiting in between, then wait for its acks under one timer (per event:
+        None once JetStream stored it, or the exception that stands for its ack)."""
+        acks = AckBatch(len(batch))
+        for index, event in enumerate(batch):
             try:
-                sent.append(await self.acks.publish(
-                    usage.subject(event.kind, event.model), event_encoder.encode(event), usage.msg_id(event)
-                ))
+                await self.acks.publish(
+                    acks, index, usage.subject(event.kind, event.model), event_encoder.encode(event),
+                    usage.msg_id(event),
+                )
             except Exception as exc:  # not connected: this one (and likely the rest) is retried
-                sent.append(exc)
-        waiting = [f for _, f in (x for x in sent if isinstance(x, tuple)) if not f.done()]
-        if waiting:
-            await asyncio.wait(waiting, timeout=2.0)
-        results: list[object] = []
-        for event, x in zip(batch, sent, strict=True):
-            if not isinstance(x, tuple):
-                results.append(x)
-                continue
-            token, f = x
-            if not f.done():
-                self.acks.forget(token)
-                f.cancel()
-                results.append(TimeoutError("no JetStream acknowledgement within 2 s"))
-            elif f.cancelled():
-                results.append(TimeoutError("publish cancelled"))
-            elif (error := f.exception()) is not None:
-                results.append(error)
-            else:
+                acks.results[index] = exc
+        if acks.left:
+            await asyncio.wait((acks.done,), timeout=2.0)
+            self.acks.forget(acks)
+        results: list[object] = list(acks.results)
+        for event, result in zip(batch, results, strict=True):
+            if result is None:
                 counter = self._published.get(event.kind)
                 (counter or PUBLISHED.labels(event.kind)).inc()
-                results.append(None)
         return results
 
     async def drain(self, grace_s: float) -> None:
