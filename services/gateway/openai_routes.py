@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -105,18 +104,26 @@ _CHAT_FORMAT = re.compile(r"^response_format\.schema")
 CHAT_PARAMS = ((_CHAT_TOOLS, r"tools[\1].function."), (_CHAT_FORMAT, "response_format.json_schema.schema"))
 
 
-@contextlib.contextmanager
-def engine_params(*rules: tuple[re.Pattern[str], str]) -> Iterator[None]:
-    """An engine names a field of the bus request (tools[0].parameters...): as this API's request names it."""
-    try:
-        yield
-    except InferBusError as exc:
-        for pattern, replacement in rules:
-            if exc.param is not None and pattern.match(exc.param):
+class engine_params:  # used as a function: `with engine_params(...)`
+    """An engine names a field of the bus request (tools[0].parameters...): as this API's request names it.
+    A class, not a contextlib generator: entered once per chat request."""
+
+    __slots__ = ("rules",)
+
+    def __init__(self, *rules: tuple[re.Pattern[str], str]) -> None:
+        self.rules = rules
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if not isinstance(exc, InferBusError) or exc.param is None:
+            return
+        for pattern, replacement in self.rules:
+            if pattern.match(exc.param):
                 new = pattern.sub(replacement, exc.param)
                 exc.message, exc.param = exc.message.replace(exc.param, new), new
                 break
-        raise
 
 
 # Called with the finished outcome before the last event (or the whole body) goes out: the Responses API
