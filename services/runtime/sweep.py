@@ -121,8 +121,17 @@ class Mailbox(Generic[T]):
                 if precise:
                     async with asyncio.timeout(wait_s):
                         await waiter
-                else:
-                    await timeouts.wait(waiter, wait_s)
+                else:  # the sweep entry inline, keyed by the mailbox: no coroutine or closure per wait (per token)
+                    timeouts.at(self, timeouts.loop.time() + wait_s, self._time_out)
+                    try:
+                        await waiter
+                    finally:
+                        timeouts.cancel(self)
             finally:
                 self.waiter = None
         return self.items.popleft()
+
+    def _time_out(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(TimeoutError())
