@@ -174,7 +174,7 @@ async def test_bundles_keep_a_paced_stream_streaming(nc: bus.Connection, one_slo
 
 
 async def test_bundles_coalesce_a_fast_stream(infra: EmbeddedStack, nc: bus.Connection) -> None:
-    """Tokens that each take a loop turn but come faster than one per 0.5 ms share messages."""
+    """Tokens that each take a loop turn but come faster than one per `ReplyStream.COALESCE_S` share messages."""
     proc = start_worker(infra, "bench-burst", engine_options={"tokens_per_s": 1e12})
     try:
         await wait_worker(nc, "bench-burst", proc)
