@@ -115,11 +115,9 @@ class ReplyStream:
 
     def _flush_nowait(self) -> bool:
         """Send what is pending without awaiting (from a loop callback: no task); False if it must be awaited."""
-        if self.nc.is_closed:
-            self._pending = []
-        elif not publish_nowait(self.nc, self.reply, self._packed()):
+        if not self.nc.is_closed and not publish_nowait(self.nc, self.reply, self._packed()):
             return False
-        self._pending = []
+        self._pending = []  # sent, or dropped with the connection (as `flush` does)
         self._reset()
         self._last_flush = asyncio.get_running_loop().time()
         return True
