@@ -193,9 +193,11 @@ class OpenAIFormat:
         """A text piece as this shape's choice content."""
         raise NotImplementedError
 
-    def _text_chunk(self, text: str) -> bytes:
-        """`_chunk(self._content(text))` of choice 0 (a plain token: most of a stream's events). The event's bytes
-        are made once, with a marker where the text goes; each token's encoded text is put in its place."""
+    def _text_chunk(self, text: str, index: int) -> bytes:
+        """`_chunk(self._content(text), index=index)`: a plain token, most of a stream's events. Choice 0's event
+        bytes are made once, with a marker where the text goes; each token's encoded text is put in its place."""
+        if index:
+            return self._chunk(self._content(text), index=index)
         parts = self._text
         if parts is None:
             head, marker, tail = self._chunk(self._content(_MARK)).partition(_ENCODED_MARK)
@@ -236,13 +238,11 @@ class ChatFormat(OpenAIFormat):
     def delta(self, chunk: Delta) -> bytes:
         index = chunk.index if type(chunk) is ChoiceDelta else 0
         if chunk.tool_calls is None and chunk.logprobs is None:
-            if not chunk.text:
-                return b""
-            return self._text_chunk(chunk.text) if index == 0 else self._chunk(self._content(chunk.text), index=index)
+            return self._text_chunk(chunk.text, index) if chunk.text else b""
         out = b""
         if chunk.text or chunk.logprobs:
             logprobs = chat_logprobs(chunk.logprobs) if chunk.logprobs else None
-            out += self._chunk({"delta": {"content": chunk.text}}, logprobs=logprobs, index=index)
+            out += self._chunk(self._content(chunk.text), logprobs=logprobs, index=index)
         if chunk.tool_calls:
             out += self._chunk({"delta": {"tool_calls": merged(chunk.tool_calls)}}, index=index)
         return out
@@ -281,12 +281,10 @@ class CompletionFormat(OpenAIFormat):
     def delta(self, chunk: Delta) -> bytes:
         index = chunk.index if type(chunk) is ChoiceDelta else 0
         if chunk.logprobs is None:
-            if not chunk.text:
-                return b""
-            return self._text_chunk(chunk.text) if index == 0 else self._chunk(self._content(chunk.text), index=index)
+            return self._text_chunk(chunk.text, index) if chunk.text else b""
         logprobs = completion_logprobs(chunk.logprobs, self.offsets[index])
         self.offsets[index] += len(chunk.text)
-        return self._chunk({"text": chunk.text}, logprobs=logprobs, index=index)
+        return self._chunk(self._content(chunk.text), logprobs=logprobs, index=index)
 
     def _content(self, text: str) -> dict[str, Any]:
         return {"text": text}

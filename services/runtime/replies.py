@@ -10,7 +10,7 @@ import msgspec
 
 from contracts import headers as h
 from contracts.llm import Accepted, Bundle, Heartbeat
-from services.runtime.bus import Connection, Msg, publish_nowait
+from services.runtime.bus import Connection, Msg, publish, publish_nowait
 from services.runtime.sweep import sweep
 
 
@@ -63,8 +63,7 @@ class ReplyStream:
         if terminal:
             self.closed = True
         if not self.bundle:
-            if not publish_nowait(self.nc, self.reply, data):
-                await self.nc.publish(self.reply, data)
+            await publish(self.nc, self.reply, data)
             return
         if not self._pending:
             self._first_seq = chunk.seq
@@ -131,9 +130,7 @@ class ReplyStream:
         data = self._packed()
         self._pending = []
         self._last_flush = asyncio.get_running_loop().time()
-        # Either way the message is in the connection's outbound buffer before this yields: order is kept.
-        if not publish_nowait(self.nc, self.reply, data):
-            await self.nc.publish(self.reply, data)
+        await publish(self.nc, self.reply, data)  # in the outbound buffer before it yields: order is kept
 
 
 _flushing: set[asyncio.Future[None]] = set()  # flushes scheduled from callbacks, kept until done

@@ -132,6 +132,5 @@ class Mailbox(Generic[T]):
         return self.items.popleft()
 
     def _time_out(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(TimeoutError())
+        if self.waiter is not None:
+            _time_out(self.waiter)

@@ -156,9 +156,11 @@ def servers(url: str) -> list[str]:
 _NEWLINES = str.maketrans("\r\n", "  ")
 
 
-async def publish(nc: Client, subject: str, payload: bytes, *, reply: str = "", headers: dict[str, str]) -> None:
-    """`nc.publish` with headers, without nats-py's per-header regex checks (our header names are constants;
-    values have CR/LF replaced so none can inject a header). Falls back to nats-py when not connected."""
+async def publish(
+    nc: Client, subject: str, payload: bytes, *, reply: str = "", headers: dict[str, str] | None = None
+) -> None:
+    """`nc.publish` through `publish_nowait` (without nats-py's per-header regex checks: our header names are
+    constants; values have CR/LF replaced so none can inject a header); nats-py's own path where only it may send."""
     if not publish_nowait(nc, subject, payload, reply=reply, headers=headers):
         await nc.publish(subject, payload, reply=reply, headers=headers)
 
