@@ -45,6 +45,7 @@ from contracts.speech import (
     asr_encoder,
 )
 from services.runtime import bus
+from services.runtime.bus import direct
 from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env
 from services.speech.wer import wer, words
 from tests.conftest import ADMIN_KEY, Gateway, usage_event
@@ -659,14 +660,18 @@ async def test_form_errors(gateway: Gateway, tiny: dict[str, Any], speech: Speec
 async def raw_stream(
     nc: bus.Connection, subject: str, payload: bytes, limit: float = 30
 ) -> list[tuple[float, AsrChunk]]:
+    """Every chunk of one stream, with the time it reached this connection: stamped in the read loop, so the
+    chunks of streams read together keep the order they arrived in (a stamp taken when this task next ran
+    could put a chunk that came second first)."""
     inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
+    arrived: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+    sub = await direct.subscribe(nc, inbox, lambda msg: arrived.put_nowait((time.monotonic(), msg.data)))
     await nc.publish(subject, payload, reply=inbox)
     out: list[tuple[float, AsrChunk]] = []
     try:
         while not out or not isinstance(out[-1][1], Transcript | ErrorChunk):
-            msg = await sub.next_msg(timeout=limit)
-            out.append((time.monotonic(), asr_chunk_decoder.decode(msg.data)))
+            at, data = await asyncio.wait_for(arrived.get(), limit)
+            out.append((at, asr_chunk_decoder.decode(data)))
     finally:
         await sub.unsubscribe()
     return out
