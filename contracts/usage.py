@@ -1,15 +1,21 @@
 """Usage events: what a worker did for one attempt at a request, published durably to the JetStream USAGE stream.
 
-The worker that did the work publishes one event per attempt it accepted, whatever the outcome
-(finished, failed part way, cancelled because the client left), with `Nats-Msg-Id` = `msg_id(event)`
-(request id and attempt) so JetStream drops a re-publish inside its duplicate window; the metering
-service writes it to PostgreSQL keyed on (request id, attempt), so a redelivery is never counted twice
-and a retry on another worker is counted as the attempt it was. Decoding validates every field: an
-event that fails is never written, it goes to the dead-letter stream.
+The worker that did the work makes one event per attempt it accepted, whatever the outcome (finished,
+failed part way, cancelled because the client left). A USAGE message holds one event (a msgpack map,
+`Nats-Msg-Id` = `msg_id(event)`: request id and attempt) or, when a worker publishes a burst, up to
+`MAX_MESSAGE_EVENTS` events of one subject (a msgpack array of them, `Nats-Msg-Id` = `batch_msg_id`,
+derived from theirs), so JetStream drops a re-publish inside its duplicate window either way; `parts`
+splits a message into its encoded events. The metering service writes each event to PostgreSQL keyed
+on (request id, attempt), so a redelivery (or an event published again in another message) is never
+counted twice and a retry on another worker is counted as the attempt it was. Decoding validates every
+field: an event that fails is never written, it goes to the dead-letter stream (alone: the other events
+of its message are written).
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from typing import Annotated, Final
 
 import msgspec
@@ -87,6 +93,42 @@ def msg_id(event: UsageEvent) -> str:
 
 event_encoder = msgspec.msgpack.Encoder()
 event_decoder = msgspec.msgpack.Decoder(UsageEvent)  # raises msgspec.ValidationError outside the bounds
+
+# A worker's message carries at most this many events (and stays under the server's max payload).
+MAX_MESSAGE_EVENTS: Final = 128
+_ARRAY_MARKERS: Final = frozenset({*range(0x90, 0xA0), 0xDC, 0xDD})  # fixarray, array 16, array 32
+_array_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])
+
+
+def msgpack_array(items: list[bytes]) -> bytes:
+    """A msgpack array of already-encoded items."""
+    n = len(items)
+    if n < 16:
+        head = bytes([0x90 | n])
+    elif n < 1 << 16:
+        head = b"\xdc" + struct.pack(">H", n)
+    else:
+        head = b"\xdd" + struct.pack(">I", n)
+    return head + b"".join(items)
+
+
+def batch_msg_id(events: list[UsageEvent]) -> str:
+    """The `Nats-Msg-Id` of a message of several events: the same events in the same order, the same id."""
+    digest = hashlib.blake2b("\n".join(map(msg_id, events)).encode(), digest_size=16).hexdigest()
+    return f"batch:{len(events)}:{digest}"
+
+
+def parts(data: bytes) -> list[bytes]:
+    """The encoded events of one USAGE message: the message itself (one event), or each of its array's items.
+    Raises msgspec.DecodeError when an array is not decodable as one."""
+    if data[:1] and data[0] in _ARRAY_MARKERS:
+        return [bytes(raw) for raw in _array_decoder.decode(data)]
+    return [data]
+
+
+def events_of(data: bytes) -> list[UsageEvent]:
+    """Every event of one USAGE message, validated (raises msgspec.DecodeError / ValidationError)."""
+    return [event_decoder.decode(part) for part in parts(data)]
 
 
 # ---- the metering service's admin requests (JSON, answered with contracts.control.Reply) -------
@@ -195,6 +237,7 @@ class DeadLetter(Struct, frozen=True, kw_only=True):
     deliveries: int
     size: int  # bytes; the message itself is kept in USAGE_DLQ as it was
     request_id: str | None = None  # when it could be read
+    part: int | None = None  # one event of a worker's batch message: its place (0-based); None: the whole message
 
 
 class DeadLetterReport(Struct, frozen=True, kw_only=True):

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from contracts import usage
-from contracts.usage import UsageEvent, event_decoder
+from contracts.usage import UsageEvent
 from services.runtime import bus
 from services.runtime.bus import DeliverPolicy
 from services.runtime.embedded import free_port
@@ -189,9 +189,9 @@ async def usage_event(nc: bus.Connection, kind: str, model: str, request_id: str
                 msg = await sub.next_msg(timeout=left)
             except bus.errors.TimeoutError:
                 break
-            event = event_decoder.decode(msg.data)
-            if event.request_id == request_id:
-                return event
+            for event in usage.events_of(msg.data):  # one event, or a worker's batch of them
+                if event.request_id == request_id:
+                    return event
     finally:
         await sub.unsubscribe()
     raise LookupError(f"no usage event for {request_id}")

@@ -31,7 +31,7 @@ from contracts.usage import UsageEvent, event_encoder
 from services.runtime import bus
 from services.runtime.local import SECRETS_ENV, EmbeddedStack, ServiceProcess, settings_env, wait_worker
 from services.runtime.streaming import StreamClient
-from services.runtime.usage import Spool, read_spool
+from services.runtime.usage import Spool, UsagePublisher, UsageSettings, ensure_stream, read_spool
 from tests.conftest import SLOW_MODEL, Gateway, SlowWorker, Workers, stack_in_tempdir, start_worker, worker_stats
 from tests.test_metering import admin, own_ledger, own_postgres, run_cli, start_metering, until, wait_metering
 
@@ -288,6 +288,62 @@ async def test_poison_events_are_dead_lettered_and_good_ones_land_once(
     await until(settled, "the consumer to have nothing unacknowledged")
 
 
+async def test_a_bad_event_in_a_workers_batch_goes_aside_alone(
+    ledger: Ledger, nc: bus.Connection, infra: EmbeddedStack
+) -> None:
+    """A message of several events (what a worker sends under load) with events the ledger cannot take: those
+    events alone go to the dead letters, each as a message of its own; the rest are written, exactly once even
+    when the whole message arrives a second time under another id."""
+    model = "batchpoison-" + secrets.token_hex(4)
+    js = nc.jetstream()
+    subject = usage.subject("llm", model)
+    good = [good_event(f"{model}-good-{i}", model, i) for i in range(20)]
+    bad = {
+        3: (event_encoder.encode(msgspec.structs.replace(good[0], request_id=f"{model}-nan", finished_at=math.nan)),
+            "invalid", f"{model}-nan"),
+        9: (event_encoder.encode(msgspec.structs.replace(good[0], request_id=f"{model}-nul\x00")), "refused",
+            f"{model}-nul?"),
+        15: (msgspec.msgpack.encode(5), "invalid", None),  # valid msgpack, not an event
+    }
+    parts = [event_encoder.encode(e) for e in good]
+    for index, (data, _, _) in sorted(bad.items()):
+        parts.insert(index, data)
+    payload = usage.msgpack_array(parts)
+    assert usage.parts(payload) == parts
+    first = await js.publish(subject, payload, headers={"Nats-Msg-Id": usage.batch_msg_id(good)})
+    again = await js.publish(subject, payload, headers={"Nats-Msg-Id": usage.batch_msg_id(good) + "-again"})
+
+    async def all_good() -> list[asyncpg.Record] | None:
+        rows = await ledger.pool.fetch("SELECT request_id, prompt_tokens FROM usage_events WHERE model = $1", model)
+        return list(rows) if len(rows) >= len(good) else None
+
+    async def dead_lettered() -> list[dict[str, Any]] | None:
+        rc, out, err = await cli(infra, "usage", "dead-letters", "--json", "--limit", "1000")
+        assert rc == 0, err
+        mine = [d for d in msgspec.json.decode(out)["letters"]
+                if d["consumer"] == ledger.durable and d["subject"] == subject]
+        return mine if len(mine) >= 2 * len(bad) else None
+
+    letters = await until(dead_lettered, "the bad events of both messages in the dead-letter stream")
+    rows = await until(all_good, "every good event in the ledger")
+    assert sorted((r["request_id"], r["prompt_tokens"]) for r in rows) == sorted(
+        (e.request_id, e.prompt_tokens) for e in good
+    )  # the second copy of the message wrote nothing twice
+    assert len(letters) == 2 * len(bad)
+    assert {d["stream_seq"] for d in letters} == {first.seq, again.seq}
+    for d in letters:
+        data, reason, rid = bad[d["part"]]
+        assert (d["reason"], d.get("request_id")) == (reason, rid), d
+        assert d["detail"].startswith(f"event {d['part'] + 1} of {len(parts)} in the message")
+        kept = await js.get_msg(usage.DLQ_STREAM, d["seq"])
+        assert kept.data == data and kept.subject == usage.dlq_subject(subject)
+
+    async def settled() -> bool:  # both messages acked once their events were written or moved
+        return (await js.consumer_info(usage.STREAM, ledger.durable)).num_ack_pending == 0
+
+    await until(settled, "the consumer to have nothing unacknowledged")
+
+
 # ---- usage events survive a JetStream outage and a worker crash --------------------------------
 
 
@@ -470,3 +526,45 @@ def test_spool_adopts_only_files_of_publishers_that_are_gone(tmp_path: Path) -> 
     assert heir.path.stat().st_size == 0
     heir.close(keep=False)
     assert not list(tmp_path.glob("*.spool"))
+
+
+async def test_a_burst_of_usage_events_travels_in_few_messages(nc: bus.Connection, tmp_path: Path) -> None:
+    """What a worker's publisher sends: a burst as one message per subject of at most `max_events` events (its id
+    derived from theirs), a lone event as itself; every event once, in order, each acknowledged."""
+    js = nc.jetstream()
+    await ensure_stream(js)
+    tag = secrets.token_hex(4)
+    models = [f"burst-a-{tag}", f"burst-b-{tag}"]
+    publisher = UsagePublisher(js, UsageSettings(usage_spool_dir=str(tmp_path)), max_events=16)
+    publisher.start()
+    burst = [good_event(f"{models[i % 2]}-{i}", models[i % 2], i) for i in range(50)]
+    for event in burst:  # one loop turn: one burst
+        publisher.publish(event)
+    await publisher.drain(10)
+    assert (publisher.published, publisher.unacked) == (50, 0)
+    publisher = UsagePublisher(js, UsageSettings(usage_spool_dir=str(tmp_path)), max_events=16)
+    publisher.start()
+    lone = good_event(f"{models[0]}-lone", models[0], 99)
+    publisher.publish(lone)
+    await publisher.drain(10)
+
+    async def messages(model: str, count: int) -> list[tuple[list[UsageEvent], str]]:
+        sub = await js.subscribe(usage.subject("llm", model), ordered_consumer=True)
+        try:
+            out: list[tuple[list[UsageEvent], str]] = []
+            while sum(len(events) for events, _ in out) < count:
+                msg = await sub.next_msg(timeout=10)
+                out.append((usage.events_of(msg.data), (msg.headers or {}).get("Nats-Msg-Id", "")))
+            return out
+        finally:
+            await sub.unsubscribe()
+
+    a = await messages(models[0], 26)
+    assert [len(events) for events, _ in a] == [16, 9, 1]
+    assert [e for events, _ in a for e in events] == [*burst[0::2], lone]
+    assert [msg_id for _, msg_id in a] == [usage.batch_msg_id(a[0][0]), usage.batch_msg_id(a[1][0]),
+                                           usage.msg_id(lone)]
+    b = await messages(models[1], 25)
+    assert [len(events) for events, _ in b] == [16, 9]
+    assert [e for events, _ in b for e in events] == burst[1::2]
+    assert not await asyncio.to_thread(lambda: list(tmp_path.glob("*.spool")))  # all acknowledged: no spool file left

@@ -14,9 +14,8 @@ import nats.errors
 import pytest
 
 from contracts import headers as h
-from contracts import subjects
+from contracts import subjects, usage
 from contracts.llm import Accepted, Delta, ErrorChunk, Final, GenerateRequest, Message, chunk_decoder, request_encoder
-from contracts.usage import event_decoder
 from services.runtime import bus, natsauth
 from services.runtime.local import EmbeddedStack
 from services.runtime.metrics import url as metrics_url
@@ -160,7 +159,7 @@ async def test_forged_identity_headers_change_nothing(
     arrived = asyncio.Event()
 
     async def on_event(msg: Any) -> None:
-        events.append(event_decoder.decode(msg.data))
+        events.extend(usage.events_of(msg.data))
         arrived.set()
 
     sub = await nc.subscribe("usage.>", cb=on_event)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from openai import AsyncOpenAI
 
-from contracts.usage import UsageEvent, event_decoder
+from contracts import usage
+from contracts.usage import UsageEvent
 from services.runtime import bus
 from services.runtime.local import EmbeddedStack, ServiceProcess
 from tests.conftest import ADMIN_KEY, Gateway, start_worker
@@ -323,9 +324,7 @@ async def test_dictation_bills_each_second_of_audio_once(
     events: list[UsageEvent] = []
 
     async def heard(msg: Any) -> None:
-        event = event_decoder.decode(msg.data)
-        if event.key_id == key_id:
-            events.append(event)
+        events.extend(e for e in usage.events_of(msg.data) if e.key_id == key_id)
 
     sub = await nc.subscribe("usage.asr.>", cb=heard)
     pcm = speech_pcm("The quick brown fox jumps over the lazy dog, and then it runs far away into the green forest.")

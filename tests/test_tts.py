@@ -18,11 +18,11 @@ import openai
 import pytest
 from nats.js.api import DeliverPolicy
 
-from contracts import subjects
+from contracts import subjects, usage
 from contracts.errors import InferBusError
 from contracts.llm import Accepted, ErrorChunk, Heartbeat
 from contracts.speech import AUDIO_CHUNK, AudioChunk, SpeechDone, SpeechRequest, asr_encoder, tts_chunk_decoder
-from contracts.usage import UsageEvent, event_decoder
+from contracts.usage import UsageEvent
 from services.runtime import bus
 from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env
 from services.runtime.streaming import StreamClient
@@ -152,9 +152,9 @@ async def _usage_event(nc: bus.Connection, request_id: str) -> UsageEvent:
     )
     try:
         while True:
-            event = event_decoder.decode((await sub.next_msg(timeout=10)).data)
-            if event.request_id == request_id:
-                return event
+            for event in usage.events_of((await sub.next_msg(timeout=10)).data):
+                if event.request_id == request_id:
+                    return event
     finally:
         await sub.unsubscribe()
 

@@ -8,8 +8,9 @@ therefore uses up no deliveries. A process that dies mid-batch leaves it unacked
 it after `ack_wait`; the ledger's (request id, attempt) key makes the second write a no-op.
 
 One bad message never holds up the others: an undecodable message or an event outside the bounds
-(contracts.usage) is moved to the dead-letter stream at decode; a batch the database refuses (a data
-error, not an outage) is split in halves until the event it refuses is alone, and that one is moved;
+(contracts.usage) is moved to the dead-letter stream at decode (of a worker's message of several events,
+only that event is copied there, the rest are written); a batch the database refuses (a data error, not
+an outage) is split in halves until the event it refuses is alone, and that one is moved;
 a message on its last delivery (`max_deliver`) that still fails is moved; and one JetStream stopped
 delivering (every delivery crashed the consumer) is copied there from its advisory.
 """
@@ -188,24 +189,50 @@ class Consumer:
                 self._batches.task_done()
 
     async def write(self, msgs: list[Msg]) -> None:
-        events: list[UsageEvent] = []
-        good: list[Msg] = []
+        units: list[_Unit] = []
         for msg in msgs:
+            unit = await self._decode(msg)
+            if unit is not None:
+                units.append(unit)
+        if units:
+            await self._commit(units)
+
+    async def _decode(self, msg: Msg) -> _Unit | None:
+        """The message's valid events; what is not one is moved to the dead letters (a whole message, or one event
+        of a worker's batch). None when nothing is left to write (the message is settled, or left for redelivery)."""
+        try:
+            parts = usage.parts(msg.data)
+        except msgspec.DecodeError as exc:
+            await self._reject(msg, "undecodable", str(exc))
+            return None
+        if len(parts) == 1 and parts[0] is msg.data:  # one event, the message itself
             try:
-                event = event_decoder.decode(msg.data)
+                return _Unit(msg, [event_decoder.decode(msg.data)], [0], parts, batch=False)
             except msgspec.ValidationError as exc:  # a usage event, but outside the bounds
                 await self._reject(msg, "invalid", str(exc), request_id_of(msg.data))
-                continue
             except msgspec.DecodeError as exc:
                 await self._reject(msg, "undecodable", str(exc))
+            return None
+        unit = _Unit(msg, [], [], parts, batch=True)
+        for index, part in enumerate(parts):
+            try:
+                unit.events.append(event_decoder.decode(part))
+                unit.indices.append(index)
                 continue
-            events.append(event)
-            good.append(msg)
-        if events:
-            await self._commit(good, events)
+            except msgspec.ValidationError as exc:
+                reason, detail, rid = "invalid", str(exc), request_id_of(part)
+            except msgspec.DecodeError as exc:
+                reason, detail, rid = "undecodable", str(exc), None
+            if not await self._reject_part(msg, index, len(parts), part, reason, detail, rid):
+                return None  # left unacked: redelivered, and this event moved then
+        if not unit.events:  # every event moved aside: nothing to write
+            await self._ack([msg])
+            return None
+        return unit
 
-    async def _commit(self, msgs: list[Msg], events: list[UsageEvent]) -> None:
-        """Write and ack `events`, waiting out a database outage; isolate what the database refuses."""
+    async def _commit(self, units: list[_Unit]) -> None:
+        """Write and ack the units' events, waiting out a database outage; isolate what the database refuses."""
+        events = units[0].events if len(units) == 1 else [e for unit in units for e in unit.events]
         while True:
             started = time.perf_counter()
             try:
@@ -213,27 +240,60 @@ class Consumer:
             except asyncio.CancelledError:
                 raise
             except REFUSED as exc:
-                await self._isolate(msgs, events, exc)
+                await self._isolate(units, exc)
                 return
             except Exception as exc:  # PostgreSQL down, restarting, timing out: keep the batch, try again
-                await self._wait_for_database(msgs, exc)
+                await self._wait_for_database([unit.msg for unit in units], exc)
                 continue
             break
         elapsed = time.perf_counter() - started
-        await self._ack(msgs)
+        await self._ack([unit.msg for unit in units])
         if self.backoff:
             self.logger.info("ledger_write_recovered", pg_errors=self.pg_errors)
             self.backoff = 0.0
             BACKOFF.set(0)
         self._count(written, elapsed)
 
-    async def _isolate(self, msgs: list[Msg], events: list[UsageEvent], exc: Exception) -> None:
-        if len(events) == 1:
-            await self._reject(msgs[0], "refused", f"{type(exc).__name__}: {exc}", events[0].request_id)
+    async def _isolate(self, units: list[_Unit], exc: Exception) -> None:
+        if len(units) > 1:
+            half = len(units) // 2
+            await self._commit(units[:half])
+            await self._commit(units[half:])
             return
-        half = len(events) // 2
-        await self._commit(msgs[:half], events[:half])
-        await self._commit(msgs[half:], events[half:])
+        unit = units[0]
+        if not unit.batch:
+            await self._reject(unit.msg, "refused", f"{type(exc).__name__}: {exc}", unit.events[0].request_id)
+            return
+        # A worker's batch: write its events in halves down to the one the database refuses, which alone is moved;
+        # the message is acked once every event of it is written or moved.
+        if await self._settle_parts(unit, list(zip(unit.indices, unit.events, strict=True)), exc):
+            await self._ack([unit.msg])
+
+    async def _settle_parts(self, unit: _Unit, parts: list[tuple[int, UsageEvent]], exc: Exception) -> bool:
+        """Write `parts` of a refused batch message, moving the events the database refuses; False when one could
+        not be moved (the message is then left unacked and comes back)."""
+        if len(parts) == 1:
+            index, event = parts[0]
+            return await self._reject_part(unit.msg, index, len(unit.parts), unit.parts[index], "refused",
+                                           f"{type(exc).__name__}: {exc}", event.request_id)
+        half = len(parts) // 2
+        settled = True
+        for piece in (parts[:half], parts[half:]):
+            while True:
+                started = time.perf_counter()
+                try:
+                    written = await ledger.write(self.pool, [e for _, e in piece], limit_s=self.write_timeout_s)
+                except asyncio.CancelledError:
+                    raise
+                except REFUSED as refused:
+                    settled = await self._settle_parts(unit, piece, refused) and settled
+                    break
+                except Exception as outage:
+                    await self._wait_for_database([unit.msg], outage)
+                    continue
+                self._count(written, time.perf_counter() - started)
+                break
+        return settled
 
     def _count(self, written: ledger.Written, elapsed: float) -> None:
         self.batches += 1
@@ -289,3 +349,26 @@ class Consumer:
         self.poison += 1
         POISON.inc()
         await self.dead_letters.move(msg, reason, detail, request_id)
+
+    async def _reject_part(
+        self, msg: Msg, index: int, size: int, data: bytes, reason: str, detail: str, request_id: str | None
+    ) -> bool:
+        """Copy one event of a batch message to the dead letters (the message itself is acked with the rest)."""
+        self.poison += 1
+        POISON.inc()
+        return await self.dead_letters.copy_part(msg, index, size, data, reason, detail, request_id)
+
+
+class _Unit:
+    """One USAGE message and the valid events in it (their places among the message's encoded `parts`: `indices`)."""
+
+    __slots__ = ("batch", "events", "indices", "msg", "parts")
+
+    def __init__(
+        self, msg: Msg, events: list[UsageEvent], indices: list[int], parts: list[bytes], *, batch: bool
+    ) -> None:
+        self.msg = msg
+        self.events = events
+        self.indices = indices
+        self.parts = parts
+        self.batch = batch  # a worker's batch (a msgpack array), not one event

@@ -3,7 +3,9 @@
 A message goes to USAGE_DLQ (subject `usage_dlq.<kind>.<model>`, body as it was, the reason in
 headers) and only then is terminated on USAGE, so nothing is lost between the two: if the move fails
 the message stays unacked and comes back. `Nats-Msg-Id` = consumer and USAGE sequence, so moving the
-same delivery twice (a crash between the two steps) stores it once.
+same delivery twice (a crash between the two steps) stores it once. One bad event of a worker's batch
+message is copied alone (its body that event, `Inferbus-Dlq-Part` its place, the id suffixed with it)
+and the message is acked once its other events are written.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ SEQ: Final = "Inferbus-Dlq-Stream-Seq"
 CONSUMER: Final = "Inferbus-Dlq-Consumer"
 DELIVERIES: Final = "Inferbus-Dlq-Deliveries"
 REQUEST_ID: Final = "Inferbus-Dlq-Request-Id"
+PART: Final = "Inferbus-Dlq-Part"  # the event's place in a worker's batch message (0-based); absent: the whole message
 DETAIL_MAX: Final = 500
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -93,6 +96,16 @@ class DeadLetters:
             self.logger.warning("term_failed", error=repr(exc), stream_seq=seq)
         return True
 
+    async def copy_part(
+        self, msg: bus.Msg, index: int, size: int, data: bytes, reason: str, detail: str, request_id: str | None = None
+    ) -> bool:
+        """Copy event `index` (of `size`) of a worker's batch message to the dead-letter stream, as a message of its
+        own; the batch message is not terminated (its other events are written). False when the copy failed."""
+        meta = msg.metadata
+        seq = meta.sequence.stream
+        return await self._store(msg.subject, data, seq, meta.num_delivered, reason,
+                                 f"event {index + 1} of {size} in the message: {detail}", request_id, part=index)
+
     async def on_max_deliveries(self, advisory: bus.Msg) -> bool:
         """JetStream gave up on a message (no delivery ended in an ack or a term: a crash each time): keep it.
 
@@ -138,11 +151,12 @@ class DeadLetters:
                     await msg.nak(delay=1)
 
     async def _store(
-        self, subject: str, data: bytes, seq: int, deliveries: int, reason: str, detail: str, request_id: str | None
+        self, subject: str, data: bytes, seq: int, deliveries: int, reason: str, detail: str, request_id: str | None,
+        part: int | None = None,
     ) -> bool:
         detail = printable(" ".join(detail.split()))[:DETAIL_MAX]  # a header value is one line
         headers = {
-            "Nats-Msg-Id": f"{self.consumer}:{seq}",
+            "Nats-Msg-Id": f"{self.consumer}:{seq}" if part is None else f"{self.consumer}:{seq}:{part}",
             REASON: reason,
             DETAIL: detail,
             SUBJECT: subject,
@@ -152,6 +166,8 @@ class DeadLetters:
         }
         if request_id:
             headers[REQUEST_ID] = printable(request_id)
+        if part is not None:
+            headers[PART] = str(part)
         try:
             ack = await self.js.publish(usage.dlq_subject(subject), data, headers=headers, timeout=5.0)
         except Exception as exc:
@@ -199,4 +215,5 @@ def _letter(seq: int, when: dt.datetime | None, headers: dict[str, Any], size: i
         deliveries=int(headers.get(DELIVERIES, 0)),
         size=size,
         request_id=headers.get(REQUEST_ID),
+        part=int(headers[PART]) if PART in headers else None,
     )

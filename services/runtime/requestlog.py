@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import struct
 import time
 from collections import deque
 from typing import Any, NamedTuple
@@ -23,6 +22,7 @@ from prometheus_client import Counter, Gauge
 
 from contracts import requestlog, subjects
 from contracts.requestlog import RequestRecord, records_encoder
+from contracts.usage import msgpack_array
 from services.runtime import bus
 from services.runtime import logging as log
 
@@ -52,18 +52,6 @@ class Envelope(NamedTuple):
     payload: bytes
     msg_id: str
     records: int
-
-
-def msgpack_list(items: list[bytes]) -> bytes:
-    """A msgpack array of already-encoded items."""
-    n = len(items)
-    if n < 16:
-        head = bytes([0x90 | n])
-    elif n < 1 << 16:
-        head = b"\xdc" + struct.pack(">H", n)
-    else:
-        head = b"\xdd" + struct.pack(">I", n)
-    return head + b"".join(items)
 
 
 def fit(record: RequestRecord) -> RequestRecord:
@@ -210,7 +198,7 @@ class RequestLogPublisher:
 
     def _envelope(self, subject: str, items: list[bytes]) -> Envelope:
         self._sent += 1
-        return Envelope(subject, msgpack_list(items), f"{self._origin}:{self._sent}", len(items))
+        return Envelope(subject, msgpack_array(items), f"{self._origin}:{self._sent}", len(items))
 
     async def _send(self, envelopes: list[Envelope]) -> tuple[list[Envelope], BaseException | None]:
         """Publish without waiting in between, then collect the acks under one timer: (the failed, an error)."""

@@ -5,7 +5,10 @@ JetStream is away and however often the worker restarts, unless the spool's disk
 - Publishing never sits on the reply path: `publish` appends the event to this process's spool file
   (written at once, so a crash of the process loses nothing; fsync'd by the background task, one
   flush per batch, before the batch is published) and to an in-memory queue that a background task
-  publishes with `Nats-Msg-Id` = request id and attempt, retrying with backoff.
+  publishes. A lone event travels as one message (`Nats-Msg-Id` = request id and attempt); a burst goes
+  as one message per subject of up to `MAX_MESSAGE_EVENTS` events (contracts.usage): under load one
+  JetStream store and acknowledgement per burst, not per request. A message JetStream did not
+  acknowledge is sent again as it was (same events, same id), with backoff.
 - The queue is bounded: past `usage_max_pending` unacknowledged events the worker admits no new
   requests (`overloaded`, and it reports itself not ready) until JetStream acknowledges some; the
   requests already running still finish and their events are kept. Nothing is ever dropped.
@@ -29,13 +32,13 @@ import zlib
 from collections import deque
 from collections.abc import Collection, Iterable
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
 import msgspec
 from prometheus_client import Counter, Gauge
 
 from contracts import subjects, usage
-from contracts.usage import UsageEvent, event_decoder, event_encoder
+from contracts.usage import UsageEvent, event_decoder, event_encoder, msgpack_array
 from services.runtime import bus, settings
 from services.runtime import logging as log
 from services.runtime.bus import direct
@@ -168,6 +171,48 @@ _ACK = msgspec.json.Decoder(_PubAck)
 MSG_ID: Final = "Nats-Msg-Id"
 
 
+class Envelope(NamedTuple):
+    """One USAGE message: its events, sent again as they are until JetStream acknowledges it."""
+
+    subject: str
+    payload: bytes
+    msg_id: str
+    events: list[UsageEvent]
+
+
+HEADROOM: Final = 1024  # bytes of a message left for its headers under the server's max payload
+
+
+def pack(events: list[UsageEvent], max_payload: int, max_events: int = usage.MAX_MESSAGE_EVENTS) -> list[Envelope]:
+    """The messages that carry `events`: one per subject (in the order they first appear), split at `max_events`
+    events or where a message would pass `max_payload`; a message of one event is that event alone."""
+    limit = max(max_payload - HEADROOM, 4096)
+    by_subject: dict[str, list[tuple[UsageEvent, bytes]]] = {}
+    for event in events:
+        by_subject.setdefault(usage.subject(event.kind, event.model), []).append((event, event_encoder.encode(event)))
+    envelopes: list[Envelope] = []
+
+    def close(subject: str, chunk: list[tuple[UsageEvent, bytes]]) -> None:
+        if len(chunk) == 1:
+            event, encoded = chunk[0]
+            envelopes.append(Envelope(subject, encoded, usage.msg_id(event), [event]))
+        elif chunk:
+            batch = [event for event, _ in chunk]
+            envelopes.append(Envelope(subject, msgpack_array([b for _, b in chunk]), usage.batch_msg_id(batch), batch))
+
+    for subject, items in by_subject.items():
+        chunk: list[tuple[UsageEvent, bytes]] = []
+        size = 5  # the array's head
+        for item in items:
+            if chunk and (len(chunk) >= max_events or size + len(item[1]) > limit):
+                close(subject, chunk)
+                chunk, size = [], 5
+            chunk.append(item)
+            size += len(item[1])
+        close(subject, chunk)
+    return envelopes
+
+
 class UsagePublisher:
     def __init__(
         self,
@@ -175,6 +220,7 @@ class UsagePublisher:
         cfg: UsageSettings | None = None,
         *,
         window: int = 64,
+        max_events: int = usage.MAX_MESSAGE_EVENTS,
         max_backoff_s: float = 2.0,
         group_commit_s: float = 0.01,
     ) -> None:
@@ -182,7 +228,8 @@ class UsagePublisher:
         self.js = js
         self.acks = Acks(js._nc)
         self._published = {kind: PUBLISHED.labels(kind) for kind in subjects.KINDS}  # bound once
-        self.window = window  # publishes in flight at once
+        self.window = window  # messages in flight at once
+        self.max_events = max_events  # events per message
         self.max_backoff_s = max_backoff_s
         # Group commit: under load, one spool fsync (and one burst of publishes) per this long, not per event.
         self.group_commit_s = group_commit_s
@@ -191,7 +238,7 @@ class UsagePublisher:
         directory = cfg.spool_directory()
         self.spool = Spool(directory) if directory is not None else None
         self.pending: deque[UsageEvent] = deque()
-        self.in_flight = 0
+        self.outbox: list[Envelope] = []  # packed, not yet acknowledged: sent again as they are
         self.published = 0
         self.replayed = 0
         self._wake = asyncio.Event()
@@ -216,7 +263,7 @@ class UsagePublisher:
 
     @property
     def unacked(self) -> int:
-        return len(self.pending) + self.in_flight
+        return len(self.pending) + sum(len(e.events) for e in self.outbox)
 
     @property
     def full(self) -> bool:
@@ -246,37 +293,38 @@ class UsagePublisher:
     async def _run(self) -> None:
         backoff = 0.05
         while True:
-            if not self.pending:
-                self._idle.set()
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            if self.spool is not None and self.spool.dirty:
-                wait = self._last_sync + self.group_commit_s - time.monotonic()
-                if wait > 0 and len(self.pending) < self.window:
-                    await asyncio.sleep(wait)  # gather the events that arrive meanwhile into this commit
-                self._last_sync = time.monotonic()
-                try:
-                    await asyncio.to_thread(self.spool.sync)
-                except OSError as exc:  # the events are still in the kernel's hands, and in memory
-                    SPOOL_ERRORS.inc()
-                    self.logger.error("usage_spool_sync_failed", error=repr(exc))
-            batch = [self.pending.popleft() for _ in range(min(len(self.pending), self.window))]
-            self.in_flight = len(batch)
-            results = await self._send_all(batch)
-            failed = [e for e, r in zip(batch, results, strict=True) if isinstance(r, BaseException)]
-            self.published += len(batch) - len(failed)
-            self.pending.extendleft(reversed(failed))  # JetStream or NATS unreachable: keep them in front
-            self.in_flight = 0
+            if not self.outbox:
+                if not self.pending:
+                    self._idle.set()
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                if self.spool is not None and self.spool.dirty:
+                    wait = self._last_sync + self.group_commit_s - time.monotonic()
+                    if wait > 0 and len(self.pending) < self.window * self.max_events:
+                        await asyncio.sleep(wait)  # gather the events that arrive meanwhile into this commit
+                    self._last_sync = time.monotonic()
+                    try:
+                        await asyncio.to_thread(self.spool.sync)
+                    except OSError as exc:  # the events are still in the kernel's hands, and in memory
+                        SPOOL_ERRORS.inc()
+                        self.logger.error("usage_spool_sync_failed", error=repr(exc))
+                batch = [self.pending.popleft() for _ in range(min(len(self.pending), self.window * self.max_events))]
+                self.outbox = pack(batch, self.acks.nc.max_payload, self.max_events)
+            sent = self.outbox[: self.window]
+            results = await self._send_all(sent)
+            failed = [e for e, r in zip(sent, results, strict=True) if isinstance(r, BaseException)]
+            self.published += sum(len(e.events) for e, r in zip(sent, results, strict=True) if r is None)
+            self.outbox = failed + self.outbox[self.window :]  # JetStream or NATS unreachable: sent again first
             if self.spool is not None:
                 self._settle()
             self._gauge()
             if failed:
-                RETRIES.inc(len(failed))
+                RETRIES.inc(sum(len(e.events) for e in failed))
                 self.logger.warning(
                     "usage_publish_retry",
-                    failed=len(failed),
-                    pending=len(self.pending),
+                    failed=sum(len(e.events) for e in failed),
+                    pending=self.unacked,
                     error=repr(next(r for r in results if isinstance(r, BaseException))),
                 )
                 await asyncio.sleep(backoff)
@@ -287,30 +335,28 @@ class UsagePublisher:
     def _settle(self) -> None:
         assert self.spool is not None
         try:
-            self.spool.settle(self.pending)
+            self.spool.settle([e for envelope in self.outbox for e in envelope.events] + list(self.pending)
+                              if self.outbox or self.pending else ())
         except OSError as exc:  # the file keeps events already acknowledged: replayed, then deduplicated
             self.logger.warning("usage_spool_settle_failed", error=repr(exc))
 
-    async def _send_all(self, batch: list[UsageEvent]) -> list[object]:
-        """Publish the batch without waiting in between, then wait for its acks under one timer (per event:
-        None once JetStream stored it, or the exception that stands for its ack)."""
-        acks = AckBatch(len(batch))
-        for index, event in enumerate(batch):
+    async def _send_all(self, envelopes: list[Envelope]) -> list[object]:
+        """Publish the messages without waiting in between, then wait for their acks under one timer (per
+        message: None once JetStream stored it, or the exception that stands for its ack)."""
+        acks = AckBatch(len(envelopes))
+        for index, envelope in enumerate(envelopes):
             try:
-                await self.acks.publish(
-                    acks, index, usage.subject(event.kind, event.model), event_encoder.encode(event),
-                    usage.msg_id(event),
-                )
+                await self.acks.publish(acks, index, envelope.subject, envelope.payload, envelope.msg_id)
             except Exception as exc:  # not connected: this one (and likely the rest) is retried
                 acks.results[index] = exc
         if acks.left:
             await asyncio.wait((acks.done,), timeout=2.0)
             self.acks.forget(acks)
         results: list[object] = list(acks.results)
-        for event, result in zip(batch, results, strict=True):
-            if result is None:
-                counter = self._published.get(event.kind)
-                (counter or PUBLISHED.labels(event.kind)).inc()
+        for envelope, result in zip(envelopes, results, strict=True):
+            if result is None:  # a message's events share a subject, so a kind
+                kind = envelope.events[0].kind
+                (self._published.get(kind) or PUBLISHED.labels(kind)).inc(len(envelope.events))
         return results
 
     async def drain(self, grace_s: float) -> None:
