@@ -49,7 +49,7 @@ from services.runtime.local import EmbeddedStack, ServiceProcess, settings_env, 
 ADMIN_KEY = "ib-bench-admin-" + secrets.token_hex(16)
 RESULTS_PATH = Path(os.environ.get("INFERBUS_BENCH_RESULTS") or ROOT / "bench" / "RESULTS.md")
 MODEL, NO_BATCH, INT8 = "all-minilm-l6-v2", "all-minilm-l6-v2-unbatched", "all-minilm-l6-v2-int8"
-LANES2 = "all-minilm-l6-v2-lanes2"  # fp32 with engine option lanes=2 (the default is 1 for fp32)
+LANES1 = "all-minilm-l6-v2-lanes1"  # fp32 with engine option lanes=1 (the default is 2 on 2 cores or more)
 SPIN = "all-minilm-l6-v2-spin"  # fp32 with engine option spin=true (threads spin between operators)
 FULL = {"window_s": 10.0, "runs": 3}
 QUICK = {"window_s": 3.0, "runs": 1}
@@ -84,7 +84,7 @@ def start(infra: EmbeddedStack, procs: list[ServiceProcess]) -> tuple[ServicePro
     port = free_port()
     env = infra.env(INFERBUS_PORT=str(port), INFERBUS_ADMIN_KEY=ADMIN_KEY)
     procs.append(ServiceProcess("gateway", "services.gateway", env, infra.root))
-    workers = ((MODEL, 32, {}), (NO_BATCH, 1, {}), (INT8, 32, {"precision": "int8"}), (LANES2, 32, {"lanes": 2}),
+    workers = ((MODEL, 32, {}), (NO_BATCH, 1, {}), (INT8, 32, {"precision": "int8"}), (LANES1, 32, {"lanes": 1}),
                (SPIN, 32, {"spin": True}))
     for model, batch, options in workers:
         env = infra.env(**settings_env(model=model, version="v1", engine="sentence-transformers", max_batch=batch,
@@ -131,7 +131,7 @@ async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServicePr
     try:
         await wait_http(url, gateway)
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN_KEY}"}, connector=conn) as http:
-            for model in (MODEL, NO_BATCH, INT8, LANES2, SPIN):
+            for model in (MODEL, NO_BATCH, INT8, LANES1, SPIN):
                 await wait_routable(http, url, model, procs)
             worker = procs[1]
             await post(http, url, MODEL, SENTENCES[:32])  # warm: connection pool, first batch
@@ -139,18 +139,30 @@ async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServicePr
             say(f"1. batch 32: in-process vs through the gateway, {runs} x {window:.0f} s windows each, alternating")
             local: list[float] = []
             remote: list[float] = []
+            one_lane: list[float] = []
             meter = CpuMeter({"gateway": gateway.pid, "worker": worker.pid, "nats": infra.nats_pid})
-            for _ in range(runs):
+
+            def batch32(model: str) -> Callable[[int], Awaitable[int]]:
+                return lambda i: post(http, url, model, [SENTENCES[(i * 32 + k) % 256] for k in range(32)])
+
+            for run in range(runs):
                 local.append(await rate(window, 1, lambda i: in_process(engine, i, 32)))
+                if run % 2:  # the one-lane worker's windows alternate sides around the default's
+                    one_lane.append(await rate(window, 2, batch32(LANES1)))
                 with meter:
-                    remote.append(await rate(window, 2, lambda i: post(
-                        http, url, MODEL, [SENTENCES[(i * 32 + k) % 256] for k in range(32)])))
+                    remote.append(await rate(window, 2, batch32(MODEL)))
+                if not run % 2:
+                    one_lane.append(await rate(window, 2, batch32(LANES1)))
             lo, re = statistics.median(local), statistics.median(remote)
             res.add("1", "in-process engine, batch 32 (embeddings/s)", f"{lo:.0f}")
             res.add("1", "gateway -> NATS -> worker, 32 inputs per request, 2 in flight (embeddings/s)", f"{re:.0f}")
             res.add("1", "gateway / in-process", f"{re / lo:.2f}x", ">= 0.9x", re / lo >= 0.9)
+            lane = statistics.median(one_lane)
+            res.add("1", "the same through a worker with lanes 1 (one pass at a time) (embeddings/s)",
+                    f"{lane:.0f} ({lane / lo:.2f}x in-process; default / lanes 1: {re / lane:.2f}x)")
             res.note(f"1: in-process windows {', '.join(f'{x:.0f}' for x in local)}/s; gateway windows "
-                     f"{', '.join(f'{x:.0f}' for x in remote)}/s; {meter.summary()} (last window)")
+                     f"{', '.join(f'{x:.0f}' for x in remote)}/s (lanes 1: {', '.join(f'{x:.0f}' for x in one_lane)}"
+                     f"/s); {meter.summary()} (last window)")
             async def sentences(model: str, clients: int) -> float:
                 """Embeddings/s of one-sentence requests from `clients` clients: the median of `runs` windows."""
                 return statistics.median([await rate(window, clients, lambda i: post(
@@ -169,9 +181,9 @@ async def bench(cfg: dict[str, Any], infra: EmbeddedStack, procs: list[ServicePr
             res.add("2", "32 clients, batching off (max_batch 1) (embeddings/s)", f"{off:.0f}")
             res.add("2", "gain: 32 clients batched / 1 client", f"{many / one:.1f}x", ">= 4x", many / one >= 4)
             res.add("2", "gain: batching on / off at 32 clients", f"{many / off:.1f}x")
-            lanes2 = await sentences(LANES2, 32)
-            res.add("2", "32 clients, fp32 with lanes 2 (two passes at once) (embeddings/s)",
-                    f"{lanes2:.0f} ({lanes2 / many:.2f}x one lane)")
+            lanes1 = await sentences(LANES1, 32)
+            res.add("2", "32 clients, fp32 with lanes 1 (one pass at a time) (embeddings/s)",
+                    f"{lanes1:.0f} (default / lanes 1: {many / lanes1:.2f}x)")
             one_spin, many_spin = await sentences(SPIN, 1), await sentences(SPIN, 32)
             res.add("2", "fp32 with spin on (threads spin between operators): 1 client / 32 clients (embeddings/s)",
                     f"{one_spin:.0f} / {many_spin:.0f} (default, threads sleeping: {one:.0f} / {many:.0f})")
@@ -225,10 +237,11 @@ def write_results(res: Results, quick: bool, outcome: harness.Outcome) -> str:
         "Sentences: ~18-token English sentences; vectors asked as base64 (what the openai SDK asks for).",
         "Engine: all-MiniLM-L6-v2 on onnxruntime (CPU, threads = cores, graph exported at load), mean pooling, "
         "normalized; the worker batches up to 32 inputs: an input that finds it idle runs at once, and while it "
-        "is busy a batch waits at most 2 ms to fill. A third worker (`all-minilm-l6-v2-int8`) runs the same model "
-        "with engine option precision=int8 (weights int8 per output channel, onnxruntime dynamic quantization; "
-        "its default lanes 2: up to two passes of 16 at once, each on its own one-thread session, a pass that "
-        "finds it idle on both threads); a fourth (`all-minilm-l6-v2-lanes2`) runs fp32 with lanes 2, a fifth "
+        "is busy a batch waits at most 2 ms to fill; default lanes 2: up to two passes of 16 at once, each on its "
+        "own one-thread session (one copy of the weights), a pass that finds it idle on both threads. A third "
+        "worker (`all-minilm-l6-v2-int8`) runs the same model with engine option precision=int8 (weights int8 per "
+        "output channel, onnxruntime dynamic quantization); a fourth (`all-minilm-l6-v2-lanes1`) runs fp32 with "
+        "lanes 1 (one pass at a time on both threads), a fifth "
         "(`all-minilm-l6-v2-spin`) fp32 with spin on (its threads spin between a pass's operators).",
         *harness.noise(CpuMeter.others, outcome),
         f"Cores: {os.cpu_count()}; the gateway, the worker, nats-server and this client share them.",

@@ -12,15 +12,17 @@ semantic-cache lookup waits for) and "torch" (transformers' AutoModel, any encod
 Engine option `precision` (onnxruntime only): "fp32" (the default: the reference's vectors) or "int8"
 (weights int8, about twice the embeddings/s on CPUs with integer dot products, vectors at cosine ~0.99 to
 fp32's: see bert_onnx.int8).
-Engine option `lanes` (onnxruntime; default 2 for int8 on 2 cores or more, else 1): passes that run at once
-under load, each on its own session with a share of the threads. A pass that finds the engine idle runs on a
-session with every thread (a lone request's latency); passes that overlap run one per lane. Measured on 2 cores,
-MiniLM, batches of 16: two one-thread passes at once do 1.24x (fp32) and 1.25x (int8) the embeddings/s of one
+Engine option `lanes` (onnxruntime; default 2 on 2 cores or more, else 1): passes that run at once under load,
+each on its own session with a share of the threads. A pass that finds the engine idle runs on a session with
+every thread (a lone request's latency); passes that overlap run one per lane. Measured on 2 cores, MiniLM,
+batches of 16: two one-thread passes at once do 1.24x (fp32) and 1.25x (int8) the embeddings/s of one
 two-thread pass after another: fewer thread hand-offs per operator, and the event loop's work between passes
-(replies, the next batch gathering) overlaps a pass instead of idling the cores. Through the gateway, 32
-one-sentence clients, fp32: 323 embeddings/s with two lanes vs 281 with one (bench embed; another run: 330 vs
-299). Each lane's session holds its own copy of the weights and packed matrices: +214 MiB RSS for two fp32
-lanes, none measurable for int8; hence fp32's default of one lane.
+(replies, the next batch gathering) overlaps a pass instead of idling the cores. Through the gateway, fp32, side
+by side (a probe like bench embed's, one run): 32 inputs per request with 2 in flight 266 embeddings/s with two
+lanes vs 237 with one (in-process batch 32: 240); 32 one-sentence clients 191 vs 174; one client 65 vs 66.
+The sessions share one copy of the weights (bert_onnx.shared_weights): fp32 with two lanes takes ~105 MiB more
+RSS than with one (the lanes' packed matrices and buffers), not the ~195 MiB of a copy each, which had kept
+fp32 at one lane until then.
 Engine option `spin` (onnxruntime, default false): the all-threads session's helper threads spin between the
 operators of a pass rather than sleep (see bert_onnx.Session): a lone request's pass is faster, but the spinning
 competes with the worker's event loop and its neighbours, so it is an option, not the default.
@@ -74,7 +76,7 @@ class SentenceTransformersEngine:
         self.spin = spin
         self._cores = len(os.sched_getaffinity(0))
         if lanes is None:
-            lanes = min(2, self._cores) if precision == "int8" else 1
+            lanes = min(2, self._cores)
         self.lanes = 1 if runtime != "onnxruntime" else max(1, lanes)
         self._lane_sessions: list[Any] = []  # onnxruntime, lanes > 1: free sessions of threads // lanes threads
         self._passes = 0  # passes running
@@ -84,6 +86,7 @@ class SentenceTransformersEngine:
         self.threads = threads
         self.runtime = runtime
         self._session: Any = None  # onnxruntime
+        self._weights: dict[str, Any] | None = None  # onnxruntime, lanes > 1: the weights every session reads
         self.dim = 0
         self.window = 0
         self._model: Any = None
@@ -111,10 +114,13 @@ class SentenceTransformersEngine:
             if self.precision == "int8":
                 progress("quantizing the weights to int8", 0.6)
                 graph = bert_onnx.int8(graph)
-            self._session = bert_onnx.Session(graph, self.threads, spin=self.spin)
+            if self.lanes > 1:  # the sessions read one copy of the weights
+                self._weights = bert_onnx.shared_weights(graph)
+            self._session = bert_onnx.Session(graph, self.threads, spin=self.spin, weights=self._weights)
             if self.lanes > 1:
                 share = max(1, (self.threads or self._cores) // self.lanes)
-                self._lane_sessions = [bert_onnx.Session(graph, share) for _ in range(self.lanes)]
+                self._lane_sessions = [bert_onnx.Session(graph, share, weights=self._weights)
+                                       for _ in range(self.lanes)]
         else:
             progress("importing torch and transformers", 0.1)
             import torch
@@ -209,6 +215,7 @@ class SentenceTransformersEngine:
     async def close(self) -> None:
         self._model = self._session = None
         self._lane_sessions = []
+        self._weights = None  # after the sessions that read them
 
 
 def _id(tokenizer: Any, token: Any) -> int:
