@@ -238,7 +238,8 @@ class UsagePublisher:
         directory = cfg.spool_directory()
         self.spool = Spool(directory) if directory is not None else None
         self.pending: deque[UsageEvent] = deque()
-        self.outbox: list[Envelope] = []  # packed, not yet acknowledged: sent again as they are
+        self._outbox: list[Envelope] = []  # packed, not yet acknowledged: sent again as they are
+        self._outboxed = 0  # events in it (`full` is asked per request)
         self.published = 0
         self.replayed = 0
         self._wake = asyncio.Event()
@@ -263,7 +264,16 @@ class UsagePublisher:
 
     @property
     def unacked(self) -> int:
-        return len(self.pending) + sum(len(e.events) for e in self.outbox)
+        return len(self.pending) + self._outboxed
+
+    @property
+    def outbox(self) -> list[Envelope]:
+        return self._outbox
+
+    @outbox.setter
+    def outbox(self, envelopes: list[Envelope]) -> None:
+        self._outbox = envelopes
+        self._outboxed = sum(len(e.events) for e in envelopes)
 
     @property
     def full(self) -> bool:

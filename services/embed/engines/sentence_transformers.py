@@ -20,9 +20,9 @@ two-thread pass after another: fewer thread hand-offs per operator, and the even
 (replies, the next batch gathering) overlaps a pass instead of idling the cores. Through the gateway, fp32, side
 by side (a probe like bench embed's, one run): 32 inputs per request with 2 in flight 266 embeddings/s with two
 lanes vs 237 with one (in-process batch 32: 240); 32 one-sentence clients 191 vs 174; one client 65 vs 66.
-The sessions share one copy of the weights (bert_onnx.shared_weights): fp32 with two lanes takes ~105 MiB more
-RSS than with one (the lanes' packed matrices and buffers), not the ~195 MiB of a copy each, which had kept
-fp32 at one lane until then.
+The sessions share one copy of the weights (bert_onnx.shared_weights): fp32 with two lanes takes ~130 MiB more
+RSS than with one once every session has run (the lanes' packed matrices and activation buffers: the engine at
+613 vs 484 MiB over the bare process), not the ~230 MiB of a copy each (715), which had kept fp32 at one lane.
 Engine option `spin` (onnxruntime, default false): the all-threads session's helper threads spin between the
 operators of a pass rather than sleep (see bert_onnx.Session): a lone request's pass is faster, but the spinning
 competes with the worker's event loop and its neighbours, so it is an option, not the default.
