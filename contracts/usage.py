@@ -120,10 +120,16 @@ def batch_msg_id(events: list[UsageEvent]) -> str:
 
 def parts(data: bytes) -> list[bytes]:
     """The encoded events of one USAGE message: the message itself (one event), or each of its array's items.
-    Raises msgspec.DecodeError when an array is not decodable as one."""
-    if data[:1] and data[0] in _ARRAY_MARKERS:
-        return [bytes(raw) for raw in _array_decoder.decode(data)]
-    return [data]
+    Raises msgspec.DecodeError when an array is not decodable as one, or is empty."""
+    if not data[:1] or data[0] not in _ARRAY_MARKERS:
+        return [data]
+    try:
+        items = _array_decoder.decode(data)
+    except RecursionError:  # arrays nested thousands deep: msgspec gives up by recursing too far
+        raise msgspec.DecodeError("arrays nested too deep to be a message of usage events") from None
+    if not items:
+        raise msgspec.DecodeError("an empty array is no usage event")
+    return [bytes(raw) for raw in items]
 
 
 def events_of(data: bytes) -> list[UsageEvent]:

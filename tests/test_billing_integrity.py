@@ -31,7 +31,15 @@ from contracts.usage import UsageEvent, event_encoder
 from services.runtime import bus
 from services.runtime.local import SECRETS_ENV, EmbeddedStack, ServiceProcess, settings_env, wait_worker
 from services.runtime.streaming import StreamClient
-from services.runtime.usage import Spool, UsagePublisher, UsageSettings, ensure_stream, read_spool
+from services.runtime.usage import (
+    HEADROOM,
+    Spool,
+    UsagePublisher,
+    UsageSettings,
+    ensure_stream,
+    pack,
+    read_spool,
+)
 from tests.conftest import SLOW_MODEL, Gateway, SlowWorker, Workers, stack_in_tempdir, start_worker, worker_stats
 from tests.test_metering import admin, own_ledger, own_postgres, run_cli, start_metering, until, wait_metering
 
@@ -312,6 +320,11 @@ async def test_a_bad_event_in_a_workers_batch_goes_aside_alone(
     assert usage.parts(payload) == parts
     first = await js.publish(subject, payload, headers={"Nats-Msg-Id": usage.batch_msg_id(good)})
     again = await js.publish(subject, payload, headers={"Nats-Msg-Id": usage.batch_msg_id(good) + "-again"})
+    nested, empty = b"\x91" * 5000 + b"\x00", usage.msgpack_array([])  # no events at all: moved whole
+    for data in (nested, empty):
+        with pytest.raises(msgspec.DecodeError):
+            usage.parts(data)
+        await js.publish(subject, data, headers={"Nats-Msg-Id": f"{model}-{len(data)}"})
 
     async def all_good() -> list[asyncpg.Record] | None:
         rows = await ledger.pool.fetch("SELECT request_id, prompt_tokens FROM usage_events WHERE model = $1", model)
@@ -322,14 +335,24 @@ async def test_a_bad_event_in_a_workers_batch_goes_aside_alone(
         assert rc == 0, err
         mine = [d for d in msgspec.json.decode(out)["letters"]
                 if d["consumer"] == ledger.durable and d["subject"] == subject]
-        return mine if len(mine) >= 2 * len(bad) else None
+        return mine if len(mine) >= 2 * len(bad) + 2 else None
 
     letters = await until(dead_lettered, "the bad events of both messages in the dead-letter stream")
     rows = await until(all_good, "every good event in the ledger")
     assert sorted((r["request_id"], r["prompt_tokens"]) for r in rows) == sorted(
         (e.request_id, e.prompt_tokens) for e in good
-    )  # the second copy of the message wrote nothing twice
-    assert len(letters) == 2 * len(bad)
+    )
+    rollup = await ledger.pool.fetchrow(  # the second copy of the message counted nothing twice
+        "SELECT sum(requests) AS n, sum(prompt_tokens) AS p FROM usage_rollups"
+        " WHERE granularity = 'day' AND model = $1",
+        model,
+    )
+    assert rollup is not None and (rollup["n"], rollup["p"]) == (len(good), sum(e.prompt_tokens for e in good))
+    assert len(letters) == 2 * len(bad) + 2
+    whole = [d for d in letters if d.get("part") is None]
+    assert sorted((d["reason"], d["size"]) for d in whole) == [("undecodable", len(empty)),
+                                                                 ("undecodable", len(nested))]
+    letters = [d for d in letters if d.get("part") is not None]
     assert {d["stream_seq"] for d in letters} == {first.seq, again.seq}
     for d in letters:
         data, reason, rid = bad[d["part"]]
@@ -555,6 +578,7 @@ async def test_a_burst_of_usage_events_travels_in_few_messages(nc: bus.Connectio
             while sum(len(events) for events, _ in out) < count:
                 msg = await sub.next_msg(timeout=10)
                 out.append((usage.events_of(msg.data), (msg.headers or {}).get("Nats-Msg-Id", "")))
+            assert msg.metadata.num_pending == 0  # and no other message stored there (a copy, say)
             return out
         finally:
             await sub.unsubscribe()
@@ -568,3 +592,25 @@ async def test_a_burst_of_usage_events_travels_in_few_messages(nc: bus.Connectio
     assert [len(events) for events, _ in b] == [16, 9]
     assert [e for events, _ in b for e in events] == burst[1::2]
     assert not await asyncio.to_thread(lambda: list(tmp_path.glob("*.spool")))  # all acknowledged: no spool file left
+
+
+def test_pack_splits_by_subject_count_and_payload() -> None:
+    """A worker's messages: per subject in the order the subjects first come, at most `max_events` events and
+    under the max payload each, a lone event as itself; `parts` gives back exactly the events packed."""
+    events = [good_event(f"pack-{i}", "pack-a" if i % 3 else "pack-b", i) for i in range(40)]
+    envelopes = pack(events, 1 << 20, max_events=8)
+    assert [(e.subject, len(e.events)) for e in envelopes] == [
+        (usage.subject("llm", "pack-b"), 8), (usage.subject("llm", "pack-b"), 6),
+        (usage.subject("llm", "pack-a"), 8), (usage.subject("llm", "pack-a"), 8), (usage.subject("llm", "pack-a"), 8),
+        (usage.subject("llm", "pack-a"), 2),
+    ]
+    for envelope in envelopes:
+        assert usage.events_of(envelope.payload) == envelope.events
+        assert envelope.msg_id == usage.batch_msg_id(envelope.events)
+    assert sorted(e.request_id for env in envelopes for e in env.events) == sorted(e.request_id for e in events)
+    size = len(event_encoder.encode(events[1]))
+    small = pack([e for e in events if e.model == "pack-a"], HEADROOM + 3 * size + 5, max_events=128)
+    assert [len(e.events) for e in small][:2] == [3, 3] and all(len(e.payload) <= 3 * size + 5 for e in small)
+    (alone,) = pack(events[:1], 1 << 20)
+    assert alone.payload == event_encoder.encode(events[0]) and alone.msg_id == usage.msg_id(events[0])
+    assert usage.parts(alone.payload) == [alone.payload]

@@ -42,7 +42,8 @@ TOKENS = Counter("inferbus_metering_tokens_total", "Billed tokens written to the
 COST = Counter("inferbus_metering_cost_usd_total", "Billed cost written to the ledger (USD)", ["kind", "model"])
 BATCHES = Counter("inferbus_metering_batches_total", "Batches committed to PostgreSQL")
 PG_ERRORS = Counter("inferbus_metering_pg_errors_total", "Batches PostgreSQL failed to commit (not acked)")
-POISON = Counter("inferbus_metering_poison_total", "Messages on the USAGE stream that are not valid usage events")
+POISON = Counter("inferbus_metering_poison_total",
+                 "Messages on the USAGE stream, or events of a worker's message, that are not valid usage events")
 BATCH_SECONDS = Histogram(
     "inferbus_metering_batch_seconds",
     "Time to commit one batch",
@@ -189,13 +190,21 @@ class Consumer:
                 self._batches.task_done()
 
     async def write(self, msgs: list[Msg]) -> None:
-        units: list[_Unit] = []
+        """Commit a fetch's valid events in transactions of at most `batch_size` events (whole messages each: a
+        worker's message may carry many), acking each transaction's messages after it."""
+        chunk: list[_Unit] = []
+        size = 0
         for msg in msgs:
             unit = await self._decode(msg)
-            if unit is not None:
-                units.append(unit)
-        if units:
-            await self._commit(units)
+            if unit is None:
+                continue
+            if chunk and size + len(unit.events) > self.batch_size:
+                await self._commit(chunk)
+                chunk, size = [], 0
+            chunk.append(unit)
+            size += len(unit.events)
+        if chunk:
+            await self._commit(chunk)
 
     async def _decode(self, msg: Msg) -> _Unit | None:
         """The message's valid events; what is not one is moved to the dead letters (a whole message, or one event
@@ -224,9 +233,10 @@ class Consumer:
             except msgspec.DecodeError as exc:
                 reason, detail, rid = "undecodable", str(exc), None
             if not await self._reject_part(msg, index, len(parts), part, reason, detail, rid):
-                return None  # left unacked: redelivered, and this event moved then
-        if not unit.events:  # every event moved aside: nothing to write
-            await self._ack([msg])
+                unit.hold = True  # its good events are written; the message comes back for this one
+        if not unit.events:  # every event moved aside (or left for the redelivery): nothing to write
+            if not unit.hold:
+                await self._ack([msg])
             return None
         return unit
 
@@ -247,12 +257,15 @@ class Consumer:
                 continue
             break
         elapsed = time.perf_counter() - started
-        await self._ack([unit.msg for unit in units])
+        await self._ack([unit.msg for unit in units if not unit.hold])
+        self._recovered()
+        self._count(written, elapsed)
+
+    def _recovered(self) -> None:
         if self.backoff:
             self.logger.info("ledger_write_recovered", pg_errors=self.pg_errors)
             self.backoff = 0.0
             BACKOFF.set(0)
-        self._count(written, elapsed)
 
     async def _isolate(self, units: list[_Unit], exc: Exception) -> None:
         if len(units) > 1:
@@ -266,7 +279,7 @@ class Consumer:
             return
         # A worker's batch: write its events in halves down to the one the database refuses, which alone is moved;
         # the message is acked once every event of it is written or moved.
-        if await self._settle_parts(unit, list(zip(unit.indices, unit.events, strict=True)), exc):
+        if await self._settle_parts(unit, list(zip(unit.indices, unit.events, strict=True)), exc) and not unit.hold:
             await self._ack([unit.msg])
 
     async def _settle_parts(self, unit: _Unit, parts: list[tuple[int, UsageEvent]], exc: Exception) -> bool:
@@ -291,6 +304,7 @@ class Consumer:
                 except Exception as outage:
                     await self._wait_for_database([unit.msg], outage)
                     continue
+                self._recovered()
                 self._count(written, time.perf_counter() - started)
                 break
         return settled
@@ -362,7 +376,7 @@ class Consumer:
 class _Unit:
     """One USAGE message and the valid events in it (their places among the message's encoded `parts`: `indices`)."""
 
-    __slots__ = ("batch", "events", "indices", "msg", "parts")
+    __slots__ = ("batch", "events", "hold", "indices", "msg", "parts")
 
     def __init__(
         self, msg: Msg, events: list[UsageEvent], indices: list[int], parts: list[bytes], *, batch: bool
@@ -372,3 +386,5 @@ class _Unit:
         self.indices = indices
         self.parts = parts
         self.batch = batch  # a worker's batch (a msgpack array), not one event
+        self.hold = False  # a bad event of it could not be moved: not acked, so it comes back (its good events
+        # are written now, and again as duplicates the ledger's key drops)

@@ -29,7 +29,9 @@ QUEUE = "metering"
 
 class MeteringSettings(settings.CommonSettings, kw_only=True, forbid_unknown_fields=True):
     durable: str = "metering"  # the JetStream consumer: every replica shares it
-    batch_size: int = 1000  # events per fetch and per PostgreSQL transaction, at most
+    # Messages per fetch, and events per PostgreSQL transaction, at most (a worker's message may carry up to
+    # contracts.usage.MAX_MESSAGE_EVENTS events: a fetch's events are committed in transactions of this many).
+    batch_size: int = 1000
     batch_timeout_s: float = 0.05  # a batch is written when full or after this long
     ack_wait_s: float = 30.0  # an unacked batch (a replica died mid-write) is redelivered after this
     max_ack_pending: int = 20_000

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import itertools
 import os
 import re
 import secrets
@@ -30,7 +31,7 @@ import struct
 import time
 import zlib
 from collections import deque
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Final, NamedTuple
 
@@ -44,7 +45,7 @@ from services.runtime import logging as log
 from services.runtime.bus import direct
 
 PUBLISHED = Counter("inferbus_usage_published_total", "Usage events acknowledged by JetStream", ["kind"])
-RETRIES = Counter("inferbus_usage_publish_retries_total", "Usage publishes that failed and were retried")
+RETRIES = Counter("inferbus_usage_publish_retries_total", "Usage events whose publish failed and was retried")
 PENDING = Gauge("inferbus_usage_pending", "Usage events waiting for a JetStream acknowledgement")
 REPLAYED = Counter("inferbus_usage_replayed_total", "Usage events found in a spool file at start and re-published")
 SPOOL_ERRORS = Counter("inferbus_usage_spool_errors_total", "Spool file writes or flushes that failed")
@@ -77,7 +78,7 @@ async def ensure_stream(js: bus.JetStreamContext) -> None:
         subjects=[usage.SUBJECTS],
         duplicate_window=usage.DUPLICATE_WINDOW_S,
         max_age=usage.MAX_AGE_S,
-        description="InferBus usage events (dedup on Nats-Msg-Id = request id and attempt)",
+        description="InferBus usage events, one or a worker's burst per message (dedup on Nats-Msg-Id)",
     )
     await bus.ensure_stream(js, config)
 
@@ -186,7 +187,7 @@ HEADROOM: Final = 1024  # bytes of a message left for its headers under the serv
 def pack(events: list[UsageEvent], max_payload: int, max_events: int = usage.MAX_MESSAGE_EVENTS) -> list[Envelope]:
     """The messages that carry `events`: one per subject (in the order they first appear), split at `max_events`
     events or where a message would pass `max_payload`; a message of one event is that event alone."""
-    limit = max(max_payload - HEADROOM, 4096)
+    limit = max_payload - HEADROOM  # a lone event goes alone whatever its size
     by_subject: dict[str, list[tuple[UsageEvent, bytes]]] = {}
     for event in events:
         by_subject.setdefault(usage.subject(event.kind, event.model), []).append((event, event_encoder.encode(event)))
@@ -211,6 +212,26 @@ def pack(events: list[UsageEvent], max_payload: int, max_events: int = usage.MAX
             size += len(item[1])
         close(subject, chunk)
     return envelopes
+
+
+class _Unacked:
+    """The events JetStream has not acknowledged (the outbox's, then the queued ones), without copying them."""
+
+    __slots__ = ("publisher",)
+
+    def __init__(self, publisher: UsagePublisher) -> None:
+        self.publisher = publisher
+
+    def __len__(self) -> int:
+        return self.publisher.unacked
+
+    def __iter__(self) -> Iterator[UsageEvent]:
+        for envelope in self.publisher.outbox:
+            yield from envelope.events
+        yield from self.publisher.pending
+
+    def __contains__(self, event: object) -> bool:
+        return any(e is event for e in self)
 
 
 class UsagePublisher:
@@ -319,8 +340,17 @@ class UsagePublisher:
                     except OSError as exc:  # the events are still in the kernel's hands, and in memory
                         SPOOL_ERRORS.inc()
                         self.logger.error("usage_spool_sync_failed", error=repr(exc))
-                batch = [self.pending.popleft() for _ in range(min(len(self.pending), self.window * self.max_events))]
-                self.outbox = pack(batch, self.acks.nc.max_payload, self.max_events)
+                count = min(len(self.pending), self.window * self.max_events)
+                try:
+                    self.outbox = pack(list(itertools.islice(self.pending, count)), self.acks.nc.max_payload,
+                                       self.max_events)
+                except Exception:  # a bug: the events stay queued (and spooled); try again after a back-off
+                    self.logger.exception("usage_pack_failed", events=count)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self.max_backoff_s)
+                    continue
+                for _ in range(count):
+                    self.pending.popleft()
             sent = self.outbox[: self.window]
             results = await self._send_all(sent)
             failed = [e for e, r in zip(sent, results, strict=True) if isinstance(r, BaseException)]
@@ -345,8 +375,7 @@ class UsagePublisher:
     def _settle(self) -> None:
         assert self.spool is not None
         try:
-            self.spool.settle([e for envelope in self.outbox for e in envelope.events] + list(self.pending)
-                              if self.outbox or self.pending else ())
+            self.spool.settle(_Unacked(self))
         except OSError as exc:  # the file keeps events already acknowledged: replayed, then deduplicated
             self.logger.warning("usage_spool_settle_failed", error=repr(exc))
 
@@ -378,7 +407,7 @@ class UsagePublisher:
             self.logger.error(
                 "usage_events_spooled" if self.spool is not None else "usage_events_unpublished",
                 count=self.unacked,
-                request_ids=[e.request_id for e in self.pending][:50],
+                request_ids=[e.request_id for e in itertools.islice(_Unacked(self), 50)],
             )
         if self._task is not None:
             self._task.cancel()
