@@ -8,6 +8,7 @@ this module's request ids). The spool test takes JetStream away, so it runs on a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import os
 import secrets
@@ -23,6 +24,7 @@ import aiohttp
 import asyncpg
 import msgspec
 import pytest
+from nats.js.api import DiscardPolicy
 
 from contracts import subjects, usage
 from contracts.errors import InferBusError
@@ -365,6 +367,56 @@ async def test_a_bad_event_in_a_workers_batch_goes_aside_alone(
         return (await js.consumer_info(usage.STREAM, ledger.durable)).num_ack_pending == 0
 
     await until(settled, "the consumer to have nothing unacknowledged")
+
+
+async def test_a_batch_whose_bad_event_cannot_be_moved_still_writes_its_good_ones(
+    ledger: Ledger, nc: bus.Connection
+) -> None:
+    """The dead-letter stream refuses writes (full, discard new): a worker's message with one bad event has its
+    good events written at once and comes back unacked until the bad one can be moved; then it is acked, and the
+    redeliveries counted nothing twice."""
+    model = "dlqdown-" + secrets.token_hex(4)
+    js = nc.jetstream()
+    subject = usage.subject("llm", model)
+    good = [good_event(f"{model}-good-{i}", model, i) for i in range(10)]
+    bad = event_encoder.encode(msgspec.structs.replace(good[0], request_id=f"{model}-nan", finished_at=math.nan))
+    await js.publish(usage.dlq_subject(subject), b"filler")  # the stream holds at least one message
+    config = (await js.stream_info(usage.DLQ_STREAM)).config
+    held = (await js.stream_info(usage.DLQ_STREAM)).state.messages
+    await js.update_stream(dataclasses.replace(config, max_msgs=held, discard=DiscardPolicy.NEW))
+    try:
+        with pytest.raises(bus.js_errors.APIError):  # the stream is full: a move fails
+            await js.publish(usage.dlq_subject(subject), b"refused")
+        before = (await js.consumer_info(usage.STREAM, ledger.durable)).num_redelivered
+        await js.publish(subject, usage.msgpack_array([*map(event_encoder.encode, good), bad]),
+                         headers={"Nats-Msg-Id": usage.batch_msg_id(good)})
+
+        async def all_good() -> list[asyncpg.Record] | None:
+            rows = await ledger.pool.fetch("SELECT request_id FROM usage_events WHERE model = $1", model)
+            return list(rows) if len(rows) >= len(good) else None
+
+        await until(all_good, "the good events in the ledger while the dead letters refuse writes")
+
+        async def came_back() -> bool:  # not acked: JetStream delivers it again
+            return (await js.consumer_info(usage.STREAM, ledger.durable)).num_redelivered > before
+
+        await until(came_back, "the message delivered again")
+    finally:
+        await js.update_stream(config)
+
+    async def moved() -> bool:
+        info = await js.consumer_info(usage.STREAM, ledger.durable)
+        return info.num_ack_pending == 0 and (await js.stream_info(usage.DLQ_STREAM)).state.messages > held
+
+    await until(moved, "the bad event moved and the message acked")
+    last = await js.get_last_msg(usage.DLQ_STREAM, usage.dlq_subject(subject))
+    assert last.data == bad and (last.headers or {}).get("Inferbus-Dlq-Part") == str(len(good))
+    rollup = await ledger.pool.fetchrow(
+        "SELECT sum(requests) AS n, sum(prompt_tokens) AS p FROM usage_rollups"
+        " WHERE granularity = 'day' AND model = $1",
+        model,
+    )
+    assert rollup is not None and (rollup["n"], rollup["p"]) == (len(good), sum(e.prompt_tokens for e in good))
 
 
 # ---- usage events survive a JetStream outage and a worker crash --------------------------------
