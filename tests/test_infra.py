@@ -182,6 +182,14 @@ def test_cluster_config_has_the_embedded_accounts_and_parses(tmp_path: Path) -> 
            **{f"NATS_ROUTE_{i}": f"nats-route://route:pw@127.0.0.1:{6221 + i}" for i in (1, 2, 3)}}
     result = run(_nats_binary(), "-t", "-c", str(tmp_path / "cluster.conf"), env=env)
     assert result.returncode == 0 and "is valid" in result.stdout + result.stderr, result.stderr
+    # What `inferbus config secrets` makes parses; a password that starts like a number or a date (which
+    # token_urlsafe could make: "-z...", "123-z...") stops nats-server, so the generator starts with a letter.
+    for password, valid in ((config.new_route_password(), True), (config.new_route_password(), True),
+                            ("-zK4abc", False), ("123-zK4", False)):
+        assert config.new_route_password()[0].isalpha()
+        env["NATS_ROUTE_PASSWORD"] = password
+        result = run(_nats_binary(), "-t", "-c", str(tmp_path / "cluster.conf"), env=env)
+        assert (result.returncode == 0) == valid, (password, result.stderr)
     del env["NATS_ROUTE_PASSWORD"]
     assert run(_nats_binary(), "-t", "-c", str(tmp_path / "cluster.conf"), env=env).returncode != 0
 

@@ -185,11 +185,19 @@ def nats_auth(secrets_: Secrets) -> str:
 
 
 def route_password(secrets_: Secrets) -> str:
-    """The cluster routes' shared secret, made once beside the other identities (nats-route.json)."""
+    """The cluster routes' shared secret, made once beside the other identities (nats-route.json).
+
+    A letter, then hex: cluster.conf takes it as `$NATS_ROUTE_PASSWORD`, and nats-server parses a variable's value
+    as a config value, so one that starts like a number or a date ("-z...", "123-z...", shapes `token_urlsafe` can
+    make) stopped the server with a parse error (a test cluster failed to start that way)."""
     path = secrets_.credentials("route")
     if not path.exists():
-        _private(path, json.dumps({"user": "route", "password": secrets.token_urlsafe(24)}))
+        _private(path, json.dumps({"user": "route", "password": new_route_password()}))
     return str(json.loads(path.read_text())["password"])
+
+
+def new_route_password() -> str:
+    return "r" + secrets.token_hex(24)
 
 
 def write_secrets(d: Deployment) -> list[str]:
