@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Annotated, Final
+from collections.abc import Callable
+from typing import Annotated, Final, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct
@@ -94,6 +95,8 @@ def msg_id(event: UsageEvent) -> str:
 event_encoder = msgspec.msgpack.Encoder()
 event_decoder = msgspec.msgpack.Decoder(UsageEvent)  # raises msgspec.ValidationError outside the bounds
 
+T = TypeVar("T")
+
 # A worker's message carries at most this many events (and stays under the server's max payload).
 MAX_MESSAGE_EVENTS: Final = 128
 _ARRAY_MARKERS: Final = frozenset({*range(0x90, 0xA0), 0xDC, 0xDD})  # fixarray, array 16, array 32
@@ -110,6 +113,27 @@ def msgpack_array(items: list[bytes]) -> bytes:
     else:
         head = b"\xdd" + struct.pack(">I", n)
     return head + b"".join(items)
+
+
+ARRAY_HEAD: Final = 5  # the most bytes a msgpack array's head takes
+
+
+def array_chunks(items: list[T], size: Callable[[T], int], limit: int, most: int = 0) -> list[list[T]]:
+    """`items` in order, cut into runs whose msgpack array (`msgpack_array`) stays within `limit` bytes and `most`
+    items (0: any number); an item too big for `limit` alone is a run of its own."""
+    chunks: list[list[T]] = []
+    chunk: list[T] = []
+    total = ARRAY_HEAD
+    for item in items:
+        n = size(item)
+        if chunk and ((most and len(chunk) >= most) or total + n > limit):
+            chunks.append(chunk)
+            chunk, total = [], ARRAY_HEAD
+        chunk.append(item)
+        total += n
+    if chunk:
+        chunks.append(chunk)
+    return chunks
 
 
 def batch_msg_id(events: list[UsageEvent]) -> str:

@@ -33,7 +33,6 @@ from services.runtime import bus
 from services.runtime.local import SECRETS_ENV, EmbeddedStack, ServiceProcess, settings_env, wait_worker
 from services.runtime.streaming import StreamClient
 from services.runtime.usage import (
-    HEADROOM,
     Spool,
     UsagePublisher,
     UsageSettings,
@@ -660,7 +659,7 @@ def test_pack_splits_by_subject_count_and_payload() -> None:
         assert envelope.msg_id == usage.batch_msg_id(envelope.events)
     assert sorted(e.request_id for env in envelopes for e in env.events) == sorted(e.request_id for e in events)
     size = len(event_encoder.encode(events[1]))
-    small = pack([e for e in events if e.model == "pack-a"], HEADROOM + 3 * size + 5, max_events=128)
+    small = pack([e for e in events if e.model == "pack-a"], bus.HEADROOM + 3 * size + 5, max_events=128)
     assert [len(e.events) for e in small][:2] == [3, 3] and all(len(e.payload) <= 3 * size + 5 for e in small)
     (alone,) = pack(events[:1], 1 << 20)
     assert alone.payload == event_encoder.encode(events[0]) and alone.msg_id == usage.msg_id(events[0])

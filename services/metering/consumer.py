@@ -243,6 +243,15 @@ class Consumer:
     async def _commit(self, units: list[_Unit]) -> None:
         """Write and ack the units' events, waiting out a database outage; isolate what the database refuses."""
         events = units[0].events if len(units) == 1 else [e for unit in units for e in unit.events]
+        refused = await self._write(events, [unit.msg for unit in units])
+        if refused is not None:
+            await self._isolate(units, refused)
+            return
+        await self._ack([unit.msg for unit in units if not unit.hold])
+
+    async def _write(self, events: list[UsageEvent], msgs: list[Msg]) -> Exception | None:
+        """Write `events` in one transaction, waiting out a database outage (`msgs` kept in progress meanwhile);
+        None once committed, or the database's refusal of them (what is in them, not an outage)."""
         while True:
             started = time.perf_counter()
             try:
@@ -250,16 +259,14 @@ class Consumer:
             except asyncio.CancelledError:
                 raise
             except REFUSED as exc:
-                await self._isolate(units, exc)
-                return
+                refusal: Exception = exc  # asyncpg's exceptions are untyped
+                return refusal
             except Exception as exc:  # PostgreSQL down, restarting, timing out: keep the batch, try again
-                await self._wait_for_database([unit.msg for unit in units], exc)
+                await self._wait_for_database(msgs, exc)
                 continue
-            break
-        elapsed = time.perf_counter() - started
-        await self._ack([unit.msg for unit in units if not unit.hold])
-        self._recovered()
-        self._count(written, elapsed)
+            self._recovered()
+            self._count(written, time.perf_counter() - started)
+            return None
 
     def _recovered(self) -> None:
         if self.backoff:
@@ -292,21 +299,9 @@ class Consumer:
         half = len(parts) // 2
         settled = True
         for piece in (parts[:half], parts[half:]):
-            while True:
-                started = time.perf_counter()
-                try:
-                    written = await ledger.write(self.pool, [e for _, e in piece], limit_s=self.write_timeout_s)
-                except asyncio.CancelledError:
-                    raise
-                except REFUSED as refused:
-                    settled = await self._settle_parts(unit, piece, refused) and settled
-                    break
-                except Exception as outage:
-                    await self._wait_for_database([unit.msg], outage)
-                    continue
-                self._recovered()
-                self._count(written, time.perf_counter() - started)
-                break
+            refused = await self._write([e for _, e in piece], [unit.msg])
+            if refused is not None:
+                settled = await self._settle_parts(unit, piece, refused) and settled
         return settled
 
     def _count(self, written: ledger.Written, elapsed: float) -> None:

@@ -22,7 +22,7 @@ from prometheus_client import Counter, Gauge
 
 from contracts import requestlog, subjects
 from contracts.requestlog import RequestRecord, records_encoder
-from contracts.usage import msgpack_array
+from contracts.usage import array_chunks, msgpack_array
 from services.runtime import bus
 from services.runtime import logging as log
 
@@ -30,7 +30,6 @@ PUBLISHED = Counter("inferbus_requestlog_published_total", "Request log records 
 DROPPED = Counter("inferbus_requestlog_dropped_total", "Request log records dropped (buffer full, or invalid)")
 RETRIES = Counter("inferbus_requestlog_publish_retries_total", "Request log messages that failed and were retried")
 PENDING = Gauge("inferbus_requestlog_pending", "Request log records waiting for a JetStream acknowledgement")
-HEADROOM = 1024  # bytes of a message left for its headers under the server's max payload
 WARN_EVERY_S = 10.0
 
 
@@ -175,7 +174,7 @@ class RequestLogPublisher:
 
     def _pack(self, records: list[RequestRecord]) -> list[Envelope]:
         """One message per kind, split where a message would pass the server's max payload."""
-        limit = max(self.nc.max_payload - HEADROOM, 4096)
+        limit = max(self.nc.max_payload - bus.HEADROOM, 4096)
         by_subject: dict[str, list[bytes]] = {}
         for record in records:
             encoded = records_encoder.encode(fit(record))
@@ -183,18 +182,8 @@ class RequestLogPublisher:
                 record = msgspec.structs.replace(record, request_body=None, response_body=None, bodies_truncated=True)
                 encoded = records_encoder.encode(record)
             by_subject.setdefault(subjects.request_log(record.kind), []).append(encoded)
-        envelopes: list[Envelope] = []
-        for subject, items in by_subject.items():
-            chunk: list[bytes] = []
-            size = 5
-            for item in items:
-                if chunk and size + len(item) > limit:
-                    envelopes.append(self._envelope(subject, chunk))
-                    chunk, size = [], 5
-                chunk.append(item)
-                size += len(item)
-            envelopes.append(self._envelope(subject, chunk))
-        return envelopes
+        return [self._envelope(subject, chunk)
+                for subject, items in by_subject.items() for chunk in array_chunks(items, len, limit)]
 
     def _envelope(self, subject: str, items: list[bytes]) -> Envelope:
         self._sent += 1

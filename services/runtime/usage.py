@@ -181,36 +181,22 @@ class Envelope(NamedTuple):
     events: list[UsageEvent]
 
 
-HEADROOM: Final = 1024  # bytes of a message left for its headers under the server's max payload
-
-
 def pack(events: list[UsageEvent], max_payload: int, max_events: int = usage.MAX_MESSAGE_EVENTS) -> list[Envelope]:
     """The messages that carry `events`: one per subject (in the order they first appear), split at `max_events`
     events or where a message would pass `max_payload`; a message of one event is that event alone."""
-    limit = max_payload - HEADROOM  # a lone event goes alone whatever its size
     by_subject: dict[str, list[tuple[UsageEvent, bytes]]] = {}
     for event in events:
         by_subject.setdefault(usage.subject(event.kind, event.model), []).append((event, event_encoder.encode(event)))
     envelopes: list[Envelope] = []
-
-    def close(subject: str, chunk: list[tuple[UsageEvent, bytes]]) -> None:
-        if len(chunk) == 1:
-            event, encoded = chunk[0]
-            envelopes.append(Envelope(subject, encoded, usage.msg_id(event), [event]))
-        elif chunk:
-            batch = [event for event, _ in chunk]
-            envelopes.append(Envelope(subject, msgpack_array([b for _, b in chunk]), usage.batch_msg_id(batch), batch))
-
     for subject, items in by_subject.items():
-        chunk: list[tuple[UsageEvent, bytes]] = []
-        size = 5  # the array's head
-        for item in items:
-            if chunk and (len(chunk) >= max_events or size + len(item[1]) > limit):
-                close(subject, chunk)
-                chunk, size = [], 5
-            chunk.append(item)
-            size += len(item[1])
-        close(subject, chunk)
+        # a lone event goes alone whatever its size
+        for chunk in usage.array_chunks(items, lambda item: len(item[1]), max_payload - bus.HEADROOM, max_events):
+            batch = [event for event, _ in chunk]
+            if len(chunk) == 1:
+                envelopes.append(Envelope(subject, chunk[0][1], usage.msg_id(batch[0]), batch))
+            else:
+                envelopes.append(Envelope(subject, msgpack_array([b for _, b in chunk]), usage.batch_msg_id(batch),
+                                          batch))
     return envelopes
 
 

@@ -42,9 +42,10 @@ from services.runtime import logging as log
 from services.runtime.natsauth import inbox_prefix, read_credentials
 
 Connection = Client
+HEADROOM = 1024  # bytes of a message left for its headers under the server's max payload
 __all__ = [
-    "AckPolicy", "Connection", "ConsumerConfig", "DeliverPolicy", "DiscardPolicy", "EndpointStats", "Identity",
-    "JetStreamContext", "KeyValue", "KeyValueConfig", "MicroRequest", "MicroService", "Msg", "ObjectStore",
+    "HEADROOM", "AckPolicy", "Connection", "ConsumerConfig", "DeliverPolicy", "DiscardPolicy", "EndpointStats",
+    "Identity", "JetStreamContext", "KeyValue", "KeyValueConfig", "MicroRequest", "MicroService", "Msg", "ObjectStore",
     "ObjectStoreConfig", "RetentionPolicy", "StorageType", "StreamConfig", "connect", "discover", "errors",
     "js_errors", "micro", "service_stats", "stats_data",
 ]
