@@ -56,6 +56,7 @@ async def serve(
 
     gpu.export()  # GPU utilization and memory on /metrics, where there is an NVIDIA GPU
     await engine.load(progress)
+    service.settle()  # the loaded engine too, before the first request
     await worker.start()
     logger.info(
         "worker_ready",

@@ -5,6 +5,7 @@ and stops when told."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import pytest
@@ -80,3 +81,28 @@ async def test_burst_edges(count: int) -> None:
     _fed(engine, req, sink)
     await sink.ended
     assert sink.items == await _generated(engine, req)
+
+
+@pytest.mark.parametrize("options", [{}, {"tokens_per_s": 20_000}, {"prefill_s": 0.001}])
+async def test_a_fed_answer_leaves_nothing_for_the_cyclic_collector(options: dict[str, Any]) -> None:
+    """Every request's feed is freed by reference count (services run with a high collector threshold, so
+    cycles made per request would pile up between collections): no piece or callback of it is garbage."""
+    engine = BenchmarkEngine(**options)
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds unreachable stays in gc.garbage to be looked at
+    try:
+        for _ in range(10):
+            sink = Sink()
+            _fed(engine, _req(BURST + 3), sink)
+            await sink.ended
+            assert len(sink.items) == BURST + 3
+        del sink
+        gc.collect()
+        ours = [o for o in gc.garbage if isinstance(o, Piece)
+                or "BenchmarkEngine" in getattr(o, "__qualname__", "") or "_Feed" in type(o).__qualname__]
+        assert ours == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()

@@ -25,6 +25,9 @@ class BenchmarkEngine:
     async def load(self, progress: Progress) -> None:
         progress("benchmark engine ready (no model)", 1.0)
 
+    async def close(self) -> None:
+        return None
+
     def prepare(self, request: GenerateRequest) -> Prepared:
         text = request.prompt if request.prompt is not None else " ".join(m.content for m in request.messages or [])
         return Prepared(prompt=None, prompt_tokens=len(text.split()))
@@ -48,52 +51,57 @@ class BenchmarkEngine:
         """`generate`'s pieces from loop callbacks (what the worker uses): a short unpaced answer is all there
         before this returns, with no task, generator or loop iteration of its own; paced tokens come one per
         callback at their times (a loop turn each, as `generate`'s sleeps)."""
-        loop = asyncio.get_running_loop()
-        count = request.max_tokens
-        rate = self.tokens_per_s
-        start = loop.time() + self.prefill_s
-        made = 0
-        handle: asyncio.Handle | None = None
-        token, last = Piece(self.token_text, 1, None), Piece(self.token_text, 1, "length")  # immutable: shared
+        return _Feed(self, request.max_tokens, put, done).stop
 
-        def piece() -> Piece:
-            nonlocal made
-            made += 1
-            return last if made == count else token
 
-        def paced() -> None:
-            nonlocal handle
-            handle = None
-            put(piece())
-            if made < count:
-                handle = loop.call_at(start + (made + 1) / rate, paced)
-            else:
-                done()
+class _Feed:
+    """One request's pieces from loop callbacks. An object, not closures that call themselves again: a nested
+    function that schedules itself is a reference cycle, garbage for the cyclic collector after every request;
+    this is freed by reference count once its last callback ran."""
 
-        def burst() -> None:
-            nonlocal handle
-            handle = None
-            for _ in range(min(BURST, count - made)):
-                put(piece())
-            if made < count:
-                handle = loop.call_soon(burst)
-            else:
-                done()
+    __slots__ = ("count", "done", "handle", "last", "loop", "made", "put", "rate", "start", "token")
 
+    def __init__(self, engine: BenchmarkEngine, count: int, put: Put, done: Callable[[], None]) -> None:
+        self.loop = loop = asyncio.get_running_loop()
+        self.count = count
+        self.put, self.done = put, done
+        self.rate = rate = engine.tokens_per_s
+        self.start = loop.time() + engine.prefill_s
+        self.made = 0
+        self.handle: asyncio.Handle | None = None
+        # Immutable: shared by every piece of the answer.
+        self.token, self.last = Piece(engine.token_text, 1, None), Piece(engine.token_text, 1, "length")
         if count <= 0:
             done()
         elif rate > 0:
-            handle = loop.call_at(start + 1 / rate, paced)
-        elif self.prefill_s > 0:
-            handle = loop.call_at(start, burst)
+            self.handle = loop.call_at(self.start + 1 / rate, self._paced)
+        elif engine.prefill_s > 0:
+            self.handle = loop.call_at(self.start, self._burst)
         else:
-            burst()
+            self._burst()
 
-        def stop() -> None:
-            if handle is not None:
-                handle.cancel()
+    def _piece(self) -> Piece:
+        self.made += 1
+        return self.last if self.made == self.count else self.token
 
-        return stop
+    def _paced(self) -> None:
+        self.handle = None
+        self.put(self._piece())
+        if self.made < self.count:
+            self.handle = self.loop.call_at(self.start + (self.made + 1) / self.rate, self._paced)
+        else:
+            self.done()
 
-    async def close(self) -> None:
-        return None
+    def _burst(self) -> None:
+        self.handle = None
+        for _ in range(min(BURST, self.count - self.made)):
+            self.put(self._piece())
+        if self.made < self.count:
+            self.handle = self.loop.call_soon(self._burst)
+        else:
+            self.done()
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
