@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Final
 
@@ -23,6 +24,7 @@ def _kind(kind: str) -> str:
     return kind
 
 
+@functools.lru_cache(maxsize=4096)  # asked for on every request, for a handful of workers
 def infer(kind: str, model: str, version: str | None = None, worker_id: str | None = None) -> str:
     parts = ["infer", _kind(kind), token(model)]
     if version is not None:

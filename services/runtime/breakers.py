@@ -16,6 +16,7 @@ state changes (a local write, a watched KV entry), never on the request path.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import time
 from collections import deque
@@ -53,6 +54,7 @@ _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(BreakerState)
 
 
+@functools.lru_cache(maxsize=4096)  # asked for on every request's outcome
 def breaker_key(kind: str, model: str, version: str) -> str:
     return ".".join((kind, _KV_UNSAFE.sub("_", model), _KV_UNSAFE.sub("_", version)))
 

@@ -29,6 +29,7 @@ import re
 import secrets
 import struct
 import time
+import weakref
 import zlib
 from collections import deque
 from collections.abc import Collection, Iterable, Iterator
@@ -267,6 +268,10 @@ class UsagePublisher:
                 self.replayed = len(replayed)
                 REPLAYED.inc(len(replayed))
                 self._queue(replayed)
+        # Read at scrape time: nothing to set per event on the request path.
+        this = weakref.ref(self)
+        PENDING.set_function(lambda: p.unacked if (p := this()) is not None else 0)
+        FULL.set_function(lambda: 1 if (p := this()) is not None and p.full else 0)
         self._task = asyncio.create_task(self._run())
 
     @property
@@ -299,13 +304,8 @@ class UsagePublisher:
     def _queue(self, events: Iterable[UsageEvent]) -> None:
         self.pending.extend(events)
         if self.pending:
-            self._gauge()
             self._idle.clear()
             self._wake.set()
-
-    def _gauge(self) -> None:
-        PENDING.set(self.unacked)
-        FULL.set(1 if self.full else 0)
 
     async def _run(self) -> None:
         backoff = 0.05
@@ -344,7 +344,6 @@ class UsagePublisher:
             self.outbox = failed + self.outbox[self.window :]  # JetStream or NATS unreachable: sent again first
             if self.spool is not None:
                 self._settle()
-            self._gauge()
             if failed:
                 RETRIES.inc(sum(len(e.events) for e in failed))
                 self.logger.warning(

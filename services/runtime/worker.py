@@ -154,7 +154,7 @@ class Worker(Generic[RequestT, TallyT]):
         self._subs: list[Any] = []
         self._labels = (settings.model, settings.version)
         # Children bound once: a label lookup per request per metric shows in profiles.
-        self._in_flight = self.metrics.in_flight.labels(*self._labels)
+        self.metrics.in_flight.labels(*self._labels).set_function(lambda: len(self.active))  # read at scrape time
         self._duration = self.metrics.duration.labels(*self._labels)
         self._by_outcome: dict[str, Any] = {}
         self.logger = log.get(self.kind)
@@ -338,7 +338,6 @@ class Worker(Generic[RequestT, TallyT]):
         self.active[rid] = task
         cancel_token = subjects.token(rid)
         self._cancel_tokens.setdefault(cancel_token, set()).add(rid)
-        self._in_flight.inc()
         outcome = "ok"
         tally = self._new_tally()
         left = deadline_in(msg)
@@ -381,7 +380,6 @@ class Worker(Generic[RequestT, TallyT]):
                 if not self._cancel_tokens[cancel_token]:
                     del self._cancel_tokens[cancel_token]
                 self.served += 1
-                self._in_flight.dec()
                 counter = self._by_outcome.get(outcome)
                 if counter is None:
                     counter = self._by_outcome[outcome] = self.metrics.requests.labels(*self._labels, outcome)
