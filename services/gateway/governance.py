@@ -61,6 +61,16 @@ from services.runtime.sweep import sweep
 DECISIONS = Counter("inferbus_gateway_limit_decisions_total", "Admission decisions", ["decision", "limit"])
 LIMITER_DOWN = Counter("inferbus_gateway_limiter_unavailable_total", "Requests while Redis was unreachable", ["mode"])
 SPEND = Counter("inferbus_gateway_settled_total", "Settled usage per tenant", ["tenant", "unit"])
+ADMITTED = DECISIONS.labels("admitted", "-")  # bound once: a label lookup per request showed in profiles
+_spent: dict[tuple[str, str], Any] = {}
+
+
+def _spend(tenant_id: str, unit: str) -> Any:
+    """SPEND's child for a tenant and unit, looked up once (prometheus_client's `labels` is per call)."""
+    child = _spent.get((tenant_id, unit))
+    if child is None:
+        child = _spent[(tenant_id, unit)] = SPEND.labels(tenant_id, unit)
+    return child
 
 NO_LIMITS = Limits()
 NO_BUDGET = Budget()
@@ -454,7 +464,7 @@ class Governor:
         sent = [(rate, rate.cost - take) for rate, take in zip(grant.rates, taken, strict=True) if take < rate.cost]
         covered = {r.key: self._view(r.key, None) for r, take in zip(grant.rates, taken, strict=True) if take == r.cost}
         if not (sent or grant.slots or grant.caps):  # every limit covered by leases: no round trip
-            DECISIONS.labels("admitted", "-").inc()
+            ADMITTED.inc()
             return grant._replace(headers=_headers(grant.rates, [covered[r.key] for r in grant.rates]))
         if not self._settle_loaded:  # so a settle queued later never meets NOSCRIPT (and runs out of order)
             try:
@@ -504,7 +514,7 @@ class Governor:
             self._release_uncertain()
         if int(denied) == 0:
             self._leased(sent, out)
-            DECISIONS.labels("admitted", "-").inc()
+            ADMITTED.inc()
             return grant._replace(headers=self._headers_after(grant.rates, sent, out, covered))
         self._give_back(grant.rates, taken)
         headers = self._headers_after(grant.rates, sent, out, covered)
@@ -727,16 +737,16 @@ class Governor:
         elif grant.audio:
             seconds = self._audio_spent.pop(grant.request_id, 0.0)
             used, usd = audio_tokens(seconds), self.prices.media_usd(model, seconds, grant.batch)
-            SPEND.labels(grant.tenant_id, "audio_seconds").inc(seconds)
+            _spend(grant.tenant_id, "audio_seconds").inc(seconds)
         else:
             prompt = prompt_tokens if prompt_tokens is not None else grant.prompt_estimate
             used = prompt + completion_tokens
             usd = self.prices.estimate_usd(model, prompt, completion_tokens, grant.batch)
-            SPEND.labels(grant.tenant_id, "tokens").inc(used)
+            _spend(grant.tenant_id, "tokens").inc(used)
         if not (grant.rates or grant.slots or grant.caps):
             return None
         delta_tokens = used - grant.estimate_tokens
-        SPEND.labels(grant.tenant_id, "usd").inc(usd)
+        _spend(grant.tenant_id, "usd").inc(usd)
         # Token rates are corrected by the difference; one this gateway holds a lease on is corrected there.
         rates: list[Rate] = []
         for r in grant.rates:
