@@ -33,9 +33,39 @@ def test_nats_py_uses_our_parser() -> None:
     assert bus.Connection._parse_header_lines is bus.parse_header_lines  # bus.Connection: nats-py's Client
 
 
+SEPARATORS = st.sampled_from([b":", b": ", b"", b":\t", b" : ", b"\x0b:\x0c"])
+# Bytes that matter to a header line: blanks, CR and LF, separators, what str.isspace calls whitespace.
+TRICKY = st.lists(st.sampled_from([b" ", b"\t", b"\r", b"\n", b"\x0b", b"\x0c", b"\x1c", b"\x1f", b":", b"a", b"Z",
+                                   b"-", b"\xff", b"\xc3\xa9", b"\x00"]), max_size=8).map(b"".join)
+
+
 @settings(max_examples=400, deadline=None)
-@given(st.lists(st.tuples(st.binary(max_size=12), st.sampled_from([b":", b": ", b"", b":\t", b" : "]),
-                          st.binary(max_size=16)), max_size=6))
+@given(st.lists(st.tuples(st.binary(max_size=12), SEPARATORS, st.binary(max_size=16)), max_size=6))
 def test_any_header_block_parses_as_nats_py_parses_it(lines: list[tuple[bytes, bytes, bytes]]) -> None:
     raw = b"\r\n".join(name + sep + value for name, sep, value in lines) + b"\r\n\r\n"
+    assert bus.parse_header_lines(raw) == nats_parse(raw)
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.lists(st.tuples(st.one_of(TRICKY, st.text(alphabet="abcXYZ-_0123456789", max_size=10).map(str.encode)),
+                          SEPARATORS, TRICKY), max_size=6), st.sampled_from([b"\r\n\r\n", b"\r\n", b"", b" "]))
+def test_ascii_and_awkward_header_blocks_parse_as_nats_py_parses_them(lines: list[tuple[bytes, bytes, bytes]],
+                                                                      end: bytes) -> None:
+    """Mostly plain ASCII lines with blanks, bare CR or LF and odd bytes where they hurt most."""
+    raw = b"\r\n".join(name + sep + value for name, sep, value in lines) + end
+    assert bus.parse_header_lines(raw) == nats_parse(raw)
+
+
+PLAIN = st.lists(st.sampled_from([b" ", b"\t", b"\x0b", b"\x0c", b"\x1c", b"\x1f", b":", b"a", b"Z", b"-", b"\x00",
+                                  b"\x7f"]), max_size=8).map(b"".join)
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.lists(st.tuples(PLAIN, SEPARATORS, PLAIN), max_size=6), st.sampled_from([b"\r\n\r\n", b"\r\n", b""]))
+def test_plain_ascii_header_blocks_parse_as_nats_py_parses_them(lines: list[tuple[bytes, bytes, bytes]],
+                                                                end: bytes) -> None:
+    """ASCII with CR and LF only as line ends (what our services send): blanks of every kind around names and
+    values, whitespace inside names, empty names and values."""
+    raw = b"\r\n".join(name + sep + value for name, sep, value in lines) + end
+    assert raw.isascii() and raw.count(b"\r") == raw.count(b"\n") == raw.count(b"\r\n")
     assert bus.parse_header_lines(raw) == nats_parse(raw)
