@@ -36,7 +36,14 @@ if str(ROOT) not in sys.path:
 import aiohttp  # noqa: E402
 
 from bench import fleet, harness  # noqa: E402
-from bench.bench_floor import ADMIN_KEY, STREAM_OPTIONS, check, create_limits_key, script  # noqa: E402
+from bench.bench_floor import (  # noqa: E402
+    ADMIN_KEY,
+    STREAM_OPTIONS,
+    check,
+    create_limits_key,
+    fingerprint,
+    script,
+)
 from bench.bench_spine import machine  # noqa: E402
 from bench.harness import TreeMeter, say, wrk  # noqa: E402
 from services.runtime import bus  # noqa: E402
@@ -69,18 +76,6 @@ def checkout(spec: str, keep: list[Path]) -> Path:
                    capture_output=True, text=True)
     keep.append(folder)
     return folder
-
-
-def describe(tree: Path) -> str:
-    """`tree`'s git commit, marked when its services/ or contracts/ differ from it."""
-    try:
-        commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                check=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--", "services", "contracts"],
-                               capture_output=True, check=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return str(tree)
-    return f"{commit} + uncommitted changes" if dirty else commit
 
 
 def start(infra: EmbeddedStack, procs: list[ServiceProcess], name: str, tree: Path, stream: bool
@@ -141,15 +136,16 @@ async def compare(args: argparse.Namespace, trees: dict[str, Path], infra: Embed
 
 
 def table(args: argparse.Namespace, versions: dict[str, Version], samples: dict[str, list[Sample]]) -> str:
-    lines = [f"\nSide by side: {args.mode}, c={args.concurrency}, {args.key} key, {args.rounds} rounds of "
+    lines = [*(f"- {name}: {fingerprint(v.tree)}" for name, v in versions.items()),
+             f"\nSide by side: {args.mode}, c={args.concurrency}, {args.key} key, {args.rounds} rounds of "
              f"{args.seconds} s per version\n",
-             "| Version | Code | req/s median (mean) | p50 | CPU ms/request: gateway, worker, nats = total | errors |",
-             "|---|---|---|---|---|---|"]
-    for name, v in versions.items():
+             "| Version | req/s median (mean) | p50 | CPU ms/request: gateway, worker, nats = total | errors |",
+             "|---|---|---|---|---|"]
+    for name in versions:
         rows = samples[name]
         cpu = {p: statistics.mean(s.cpu_ms[p] for s in rows) for p in rows[0].cpu_ms}
         parts = ", ".join(f"{c:.3f}" for c in cpu.values())
-        lines.append(f"| {name} | {describe(v.tree)} | {statistics.median(s.rps for s in rows):,.0f} "
+        lines.append(f"| {name} | {statistics.median(s.rps for s in rows):,.0f} "
                      f"({statistics.mean(s.rps for s in rows):,.0f}) | "
                      f"{statistics.median(s.p50 for s in rows) * 1000:.2f} ms | {parts} = {sum(cpu.values()):.3f} | "
                      f"{sum(s.errors for s in rows)} |")

@@ -228,9 +228,10 @@ def loop_of(pid: int) -> str:
     return "asyncio"
 
 
-def fingerprint() -> str:
-    """Which code ran: the git commit of the tree the services import from and a hash of its Python sources."""
-    tree = Path(sys.modules["services"].__path__[0]).parent
+def fingerprint(tree: Path | None = None) -> str:
+    """Which code ran: the git commit of `tree` (default: the tree the services import from) and a hash of its
+    Python sources."""
+    tree = tree or Path(sys.modules["services"].__path__[0]).parent
     h = hashlib.sha256()
     for p in sorted([*(tree / "services").rglob("*.py"), *(tree / "contracts").rglob("*.py")]):
         h.update(p.read_bytes())
