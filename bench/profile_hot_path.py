@@ -3,7 +3,7 @@
 bench/bench_floor.py.
 
     python bench/profile_hot_path.py [--seconds 20] [--concurrency 64] [--mode json|stream] [--key admin|limits]
-                                     [--rate 200] [--out DIR] [--label NAME]
+                                     [--rate 200] [--lines] [--out DIR] [--label NAME]
 
 Starts the embedded stack (secure bus, PostgreSQL, Redis), the gateway and the benchmark-engine workers
 exactly as bench_floor.py does, warms up, then runs wrk (`--concurrency` connections, non-streaming
@@ -12,6 +12,10 @@ exactly as bench_floor.py does, warms up, then runs wrk (`--concurrency` connect
 mode. Prints, per process, its CPU use during the window and the top functions by self time (the leaf frame
 of each sample) and by inclusive time (every frame on the sampled stack, once), as % of the process's
 samples (py-spy drops samples where the process sits idle in the kernel, e.g. in epoll_wait).
+With --lines, py-spy keeps each frame's current line (no --function) and the summary adds a third table: our
+own lines (services/, contracts/), each sample charged to the deepest of them on its stack, so the library
+calls a line makes count to it; what runs under no frame of ours (the event loop, aiohttp, nats-py's reads)
+is one row.
 
 Keeps the raw stacks (`<process>.txt`, one `frame;frame;...;leaf count` line per distinct stack; flamegraph.pl
 and speedscope read them) and the summary (`summary.md`) under --out (default: a new folder under /tmp).
@@ -90,6 +94,30 @@ def frame_name(frame: str) -> str:
     return f"{m['func']} ({short(m['file'])})"
 
 
+def frame_line(frame: str) -> str | None:
+    """`func (file:line)` for a frame of our own code (services/, contracts/), else None."""
+    m = FRAME.match(frame)
+    if not m or not m["line"]:
+        return None
+    file = short(m["file"])
+    return f"{m['func']} ({file}:{m['line']})" if file.startswith(("services/", "contracts/")) else None
+
+
+def our_lines(raw: Path) -> list[tuple[str, int]]:
+    """Top lines of our code, each sample charged to the deepest frame of ours on its stack (--lines)."""
+    charged: Counter[str] = Counter()
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        ours = [name for f in stack.split(";") if f and (name := frame_line(f))]
+        deepest = ours[-1] if ours else ""
+        if deepest.startswith("run (services/runtime/service.py:"):  # the loop itself: under no frame of ours
+            deepest = ""
+        charged[deepest or "(under no frame of ours: event loop, aiohttp, nats-py)"] += int(count)
+    return charged.most_common(TOP)
+
+
 def summarize(raw: Path) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]]]:
     """(samples, top self, top inclusive) from py-spy's raw (collapsed stacks) output."""
     self_time: Counter[str] = Counter()
@@ -143,7 +171,7 @@ async def profile(args: argparse.Namespace, infra: EmbeddedStack, procs: list[Se
     spies = {
         name: await asyncio.create_subprocess_exec(
             spy, "record", "--pid", str(pid), "--duration", str(args.seconds), "--rate", str(args.rate),
-            "--nonblocking", "--function", "--format", "raw", "-o", str(out / f"{name}.txt"),
+            "--nonblocking", *([] if args.lines else ["--function"]), "--format", "raw", "-o", str(out / f"{name}.txt"),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )
         for name, pid in targets.items()
@@ -161,7 +189,8 @@ async def profile(args: argparse.Namespace, infra: EmbeddedStack, procs: list[Se
     say("cores busy during the profile: " + ", ".join(f"{n} {c:.2f}" for n, c in cores.items()))
     parts += [
         f"- Profile: `python bench/profile_hot_path.py --seconds {args.seconds} --concurrency {args.concurrency} "
-        f"--mode {args.mode} --key {args.key} --rate {args.rate}" + (f" --label {args.label}" if args.label else "")
+        f"--mode {args.mode} --key {args.key} --rate {args.rate}" + (" --lines" if args.lines else "")
+        + (f" --label {args.label}" if args.label else "")
         + "`",
         *([f"- Note: {args.note}"] if args.note else []),
         f"- Code under test: {fingerprint()}; event loops: gateway {loop_of(platform.gateway.pid)}, "
@@ -183,6 +212,10 @@ async def profile(args: argparse.Namespace, infra: EmbeddedStack, procs: list[Se
         parts.append(table(f"Top {TOP} by self time ({name})", total, top_self))
         parts.append(table(f"Top {TOP} by inclusive time ({name}; event-loop and entry frames left out)", total,
                            top_incl))
+        if args.lines:
+            parts.append(table(f"Top {TOP} of our lines ({name}; each sample charged to the deepest line of ours on "
+                               "its stack)", total, our_lines(out / f"{name}.txt")).replace("Function (file)",
+                                                                                             "Line (file:line)"))
 
 
 def main() -> int:
@@ -193,6 +226,8 @@ def main() -> int:
                         help="non-streaming max_tokens 16 (json, default) or streaming 32 chunks")
     parser.add_argument("--key", choices=("admin", "limits"), default="admin", help="the API key (default admin)")
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second (default 200)")
+    parser.add_argument("--lines", action="store_true",
+                        help="sample lines, not functions, and add a table of our own lines")
     parser.add_argument("--out", default="", help="folder for the raw stacks and the summary (default: new, /tmp)")
     parser.add_argument("--note", default="", help="free text for the summary's header (e.g. which code ran)")
     parser.add_argument("--label", default="", help="also write section floor-profile-LABEL of bench/RESULTS.md")
