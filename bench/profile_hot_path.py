@@ -103,33 +103,36 @@ def frame_line(frame: str) -> str | None:
     return f"{m['func']} ({file}:{m['line']})" if file.startswith(("services/", "contracts/")) else None
 
 
-def our_lines(raw: Path) -> list[tuple[str, int]]:
-    """Top lines of our code, each sample charged to the deepest frame of ours on its stack (--lines)."""
-    charged: Counter[str] = Counter()
+def read_stacks(raw: Path) -> list[tuple[list[str], int]]:
+    """py-spy's raw output (collapsed stacks): each distinct stack's frames, outermost first, and its samples."""
+    stacks = []
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        ours = [name for f in stack.split(";") if f and (name := frame_line(f))]
+        if stack and count.isdigit():
+            stacks.append(([f for f in stack.split(";") if f], int(count)))
+    return stacks
+
+
+def our_lines(stacks: list[tuple[list[str], int]]) -> list[tuple[str, int]]:
+    """Top lines of our code, each sample charged to the deepest frame of ours on its stack (--lines)."""
+    charged: Counter[str] = Counter()
+    for frames, n in stacks:
+        ours = [name for f in frames if (name := frame_line(f))]
         deepest = ours[-1] if ours else ""
         if deepest.startswith("run (services/runtime/service.py:"):  # the loop itself: under no frame of ours
             deepest = ""
-        charged[deepest or "(under no frame of ours: event loop, aiohttp, nats-py)"] += int(count)
+        charged[deepest or "(under no frame of ours: event loop, aiohttp, nats-py)"] += n
     return charged.most_common(TOP)
 
 
-def summarize(raw: Path) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]]]:
-    """(samples, top self, top inclusive) from py-spy's raw (collapsed stacks) output."""
+def summarize(stacks: list[tuple[list[str], int]]) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]]]:
+    """(samples, top self, top inclusive) from the stacks."""
     self_time: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
-    for line in raw.read_text(errors="replace").splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        n = int(count)
+    for raw_frames, n in stacks:
         total += n
-        frames = [frame_name(f) for f in stack.split(";") if f]
+        frames = [frame_name(f) for f in raw_frames]
         if not frames:
             continue
         self_time[frames[-1]] += n
@@ -139,8 +142,8 @@ def summarize(raw: Path) -> tuple[int, list[tuple[str, int]], list[tuple[str, in
     return total, self_time.most_common(TOP), inclusive.most_common(TOP)
 
 
-def table(title: str, total: int, rows: list[tuple[str, int]]) -> str:
-    lines = [f"{title}", "", "| # | Function (file) | Samples | % |", "|---|---|---|---|"]
+def table(title: str, total: int, rows: list[tuple[str, int]], column: str = "Function (file)") -> str:
+    lines = [f"{title}", "", f"| # | {column} | Samples | % |", "|---|---|---|---|"]
     for i, (name, n) in enumerate(rows, 1):
         lines.append(f"| {i} | `{name}` | {n} | {100 * n / total:.1f} % |" if total else f"| {i} | `{name}` | {n} | |")
     return "\n".join(lines) + "\n"
@@ -171,7 +174,8 @@ async def profile(args: argparse.Namespace, infra: EmbeddedStack, procs: list[Se
     spies = {
         name: await asyncio.create_subprocess_exec(
             spy, "record", "--pid", str(pid), "--duration", str(args.seconds), "--rate", str(args.rate),
-            "--nonblocking", *([] if args.lines else ["--function"]), "--format", "raw", "-o", str(out / f"{name}.txt"),
+            "--nonblocking", *([] if args.lines else ["--function"]), "--format", "raw",
+            "-o", str(out / f"{name}.txt"),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )
         for name, pid in targets.items()
@@ -204,7 +208,8 @@ async def profile(args: argparse.Namespace, infra: EmbeddedStack, procs: list[Se
         "",
     ]
     for name in targets:
-        total, top_self, top_incl = summarize(out / f"{name}.txt")
+        stacks = read_stacks(out / f"{name}.txt")
+        total, top_self, top_incl = summarize(stacks)
         say(f"{name}: {total} samples (non-idle)")
         busy = cores["gateway" if name == "gateway" else ("stream worker" if stream else "worker")]
         parts.append(f"### {name} (pid {targets[name]}, {busy:.2f} cores busy, {total} non-idle samples at "
@@ -214,8 +219,7 @@ async def profile(args: argparse.Namespace, infra: EmbeddedStack, procs: list[Se
                            top_incl))
         if args.lines:
             parts.append(table(f"Top {TOP} of our lines ({name}; each sample charged to the deepest line of ours on "
-                               "its stack)", total, our_lines(out / f"{name}.txt")).replace("Function (file)",
-                                                                                             "Line (file:line)"))
+                               "its stack)", total, our_lines(stacks), "Line (file:line)"))
 
 
 def main() -> int:
